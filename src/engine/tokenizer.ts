@@ -227,7 +227,8 @@ export function createClipTokenizer(
     for (const match of cleaned.matchAll(PRETOKENIZE)) {
       let mapped = '';
       for (const b of UTF8.encode(match[0])) mapped += BYTE_ENCODER[b];
-      out.push(...bpe(mapped));
+      // A loop, not push(...ids): spreading a huge word's ids could overflow the argument limit.
+      for (const tokenId of bpe(mapped)) out.push(tokenId);
     }
   };
 
