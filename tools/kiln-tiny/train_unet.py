@@ -1,0 +1,160 @@
+"""Stage 2: joint training of the SD (kiln-tiny) and SDXL (kiln-tiny-xl) text encoders + UNets on the
+precomputed VAE latents (ckpt/latents.pt). The two UNets share their body; each has its own
+conditioning interface (SD: te last_hidden_state; XL: concat(te1 hidden_states[-2], te2 hidden_states[-2])
++ pooled text_embeds + time_ids). te1 of XL = the SD text encoder (shared weights).
+Epsilon prediction, SD scaled_linear betas (0.00085..0.012, 1000 steps), min-SNR-5 weighting,
+10% caption dropout: SD uses the encoding of "", XL uses zeros (force_zeros_for_empty_prompt)."""
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import world  # noqa
+import pipeline as P  # noqa
+from models import TextEncoder, UNet, VAEDecoder, nparams  # noqa
+
+BODY = ['t_mlp', 'inp', 'd1', 'down', 'm1', 'a1', 'm2', 'a2', 'm3', 'up', 'u1', 'out_n', 'out']
+CFG = dict(d=128, layers=2, d2=128, layers2=2, proj2=128, c1=64, c2=128, dc=128, e=256)
+
+
+def build(cfg=CFG):
+    lut, nrows = world.build_lut()
+    te = TextEncoder(lut, nrows, d=cfg['d'], layers=cfg['layers'])
+    te2 = TextEncoder(lut, nrows, d=cfg['d2'], layers=cfg['layers2'], proj_dim=cfg['proj2'])
+    unet = UNet(cfg['d'], cfg['c1'], cfg['c2'], cfg['dc'], cfg['e'])
+    unet_xl = UNet(cfg['d'] + cfg['d2'], cfg['c1'], cfg['c2'], cfg['dc'], cfg['e'], xl_pooled_dim=cfg['proj2'])
+    for n in BODY:
+        setattr(unet_xl, n, getattr(unet, n))
+    return torch.nn.ModuleDict(dict(te=te, te2=te2, unet=unet, unet_xl=unet_xl))
+
+
+def evaluate(m, dec, sf, n=40, seed=4321, method='ddim', which=('sd', 'xl')):
+    items = world.eval_set(n, seed)
+    caps = [c for c, _, _ in items]
+    seeds = list(range(seed, seed + n))
+    res = {}
+    with torch.no_grad():
+        if 'sd' in which:
+            cond = dict(encoder_hidden_states=P.encode_sd(m['te'], caps))
+            unc = dict(encoder_hidden_states=P.encode_sd(m['te'], [''] * n))
+            lat = P.sample(m['unet'], cond, unc, seeds, method=method)
+            res['sd'] = world.score_set(P.decode(dec, lat, sf), items)
+        if 'xl' in which:
+            ctx, pooled = P.encode_xl(m['te'], m['te2'], caps)
+            tid = torch.tensor([P.TIME_IDS] * n)
+            cond = dict(encoder_hidden_states=ctx, text_embeds=pooled, time_ids=tid)
+            unc = dict(encoder_hidden_states=torch.zeros_like(ctx), text_embeds=torch.zeros_like(pooled), time_ids=tid)
+            lat = P.sample(m['unet_xl'], cond, unc, seeds, method=method)
+            res['xl'] = world.score_set(P.decode(dec, lat, sf), items)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--steps', type=int, default=100000)
+    ap.add_argument('--minutes', type=float, default=60, help='stop after this wall time')
+    ap.add_argument('--batch', type=int, default=64)
+    ap.add_argument('--lr', type=float, default=1e-3)
+    ap.add_argument('--ema', type=float, default=0.998)
+    ap.add_argument('--eval_every', type=int, default=400)
+    ap.add_argument('--threads', type=int, default=2)
+    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--resume', default='')
+    ap.add_argument('--ckpt', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ckpt'))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+
+    L = torch.load(os.path.join(args.ckpt, 'latents.pt'))
+    sf = L['scaling_factor']
+    lat = L['latents'] * sf
+    vae = torch.load(os.path.join(args.ckpt, 'vae.pt'))
+    dec = VAEDecoder()
+    dec.load_state_dict(vae['dec'])
+    dec.eval()
+
+    m = build()
+    ema = copy.deepcopy(m)
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    params = list({id(p): p for p in m.parameters()}.values())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    step0 = 0
+    if args.resume:
+        ck = torch.load(args.resume)
+        m.load_state_dict(ck['model'])
+        ema.load_state_dict(ck['ema'])
+        opt.load_state_dict(ck['opt'])
+        step0 = ck['step']
+    print('params te', nparams(m['te']), 'te2', nparams(m['te2']), 'unet', nparams(m['unet']),
+          'unet_xl', nparams(m['unet_xl']), 'scaling_factor', sf, flush=True)
+
+    ac = P.ALPHAS_CUMPROD.float()
+    snr = ac / (1 - ac)
+    w_t = torch.clamp(snr, max=5.0) / snr
+    tid = torch.tensor([P.TIME_IDS] * args.batch)
+    B, H = args.batch, args.batch // 2
+    t0 = time.time()
+    ema_pairs = list(zip(ema.parameters(), m.parameters()))
+    run = 0.0
+    step = step0
+    for step in range(step0, args.steps):
+        idx, caps = world.sample_batch(rng, B, p_drop=0.1)
+        x0 = lat[torch.from_numpy(idx)]
+        ids1 = P.ids_tensor(caps, world.EOS)
+        ids2 = P.ids_tensor(caps[H:], 0)
+        t = torch.randint(0, 1000, (B,))
+        noise = torch.randn_like(x0)
+        a = ac[t][:, None, None, None]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        last, _, hs1 = m['te'](ids1)
+        eps_sd = m['unet'](xt[:H], t[:H], last[:H])
+        _, pooled, hs2 = m['te2'](ids2)
+        ctx = torch.cat([hs1[-2][H:], hs2[-2]], dim=-1)
+        keep = torch.tensor([0.0 if c == '' else 1.0 for c in caps[H:]])
+        ctx = ctx * keep[:, None, None]
+        pooled = pooled * keep[:, None]
+        eps_xl = m['unet_xl'](xt[H:], t[H:], ctx, pooled, tid[H:])
+        eps = torch.cat([eps_sd, eps_xl])
+        loss = (w_t[t] * (eps - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        lr = args.lr * min(1.0, (step + 1) / 100)
+        for g in opt.param_groups:
+            g['lr'] = lr
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        d = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in ema_pairs:
+                pe.mul_(d).add_(pm.detach(), alpha=1 - d)
+        run = 0.98 * run + 0.02 * loss.item() if step > step0 else loss.item()
+        el = time.time() - t0
+        if step % 25 == 0:
+            print(f'step {step} loss {run:.4f} {el:.0f}s', flush=True)
+        done = el > args.minutes * 60 or step == args.steps - 1
+        if (step + 1) % 200 == 0 or done:
+            ck = dict(model=m.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step + 1,
+                      cfg=CFG, scaling_factor=sf)
+            torch.save(ck, os.path.join(args.ckpt, 'unet.pt.tmp'))
+            os.replace(os.path.join(args.ckpt, 'unet.pt.tmp'), os.path.join(args.ckpt, 'unet.pt'))
+        if (step + 1) % args.eval_every == 0 or done:
+            te0 = time.time()
+            ema.eval()
+            r = evaluate(ema, dec, sf)
+            print(f'EVAL step {step + 1}: {json.dumps(r)} ({time.time() - te0:.0f}s)', flush=True)
+            t0 += time.time() - te0
+        if done:
+            break
+    print('done', step + 1, flush=True)
+
+
+if __name__ == '__main__':
+    main()
