@@ -1,0 +1,173 @@
+/**
+ * EulerDiscreteScheduler: Euler's method on the Karras-sigma ODE (Karras et al. 2022, Algorithm 2
+ * without churn), as diffusers implements it. Deterministic: s_churn is fixed at 0, so no noise.
+ */
+import type { Rng } from '../rng.js';
+import {
+  ConfigReader,
+  FINAL_SIGMAS,
+  SPACINGS,
+  checkBeginIndex,
+  checkSameLength,
+  checkSteps,
+  f32,
+  firstTrainSigma,
+  indexForTimestep,
+  interpIndex,
+  karrasSigmas,
+  makeNoiseTable,
+  npLinspace,
+  readBase,
+  sigmaToT,
+  spacedTimesteps,
+  type NoiseTable,
+} from './common.js';
+import type {
+  FinalSigmasType,
+  ResolvedSchedulerConfig,
+  Scheduler,
+  SchedulerConfig,
+  TimestepSpacing,
+} from './types.js';
+
+export interface EulerDiscreteConfig extends ResolvedSchedulerConfig {
+  readonly timestep_spacing: TimestepSpacing;
+  readonly steps_offset: number;
+  readonly interpolation_type: 'linear';
+  readonly use_karras_sigmas: boolean;
+  readonly sigma_min: number | null;
+  readonly sigma_max: number | null;
+  readonly final_sigmas_type: FinalSigmasType;
+  readonly rescale_betas_zero_snr: boolean;
+}
+
+export class EulerDiscreteScheduler implements Scheduler {
+  readonly name = 'EulerDiscreteScheduler';
+  readonly order = 1;
+  readonly config: EulerDiscreteConfig;
+  timesteps: number[];
+  /** float32 sigmas, one per timestep plus the final one. */
+  sigmas: number[];
+  private readonly table: NoiseTable;
+  private stepIdx: number | null = null;
+  private beginIdx: number | null = null;
+
+  constructor(raw: SchedulerConfig = {}) {
+    const r = new ConfigReader(raw, this.name);
+    // Not implemented: continuous-time v-prediction (EDM), exponential and beta sigma ramps.
+    r.unsupportedIfSet('timestep_type', 'discrete');
+    r.unsupportedIfSet('use_exponential_sigmas');
+    r.unsupportedIfSet('use_beta_sigmas');
+    this.config = {
+      ...readBase(r, { beta_start: 0.0001, beta_end: 0.02, beta_schedule: 'linear' }),
+      timestep_spacing: r.choice('timestep_spacing', 'linspace', SPACINGS),
+      steps_offset: r.int('steps_offset', 0),
+      interpolation_type: r.choice('interpolation_type', 'linear', ['linear'] as const),
+      use_karras_sigmas: r.bool('use_karras_sigmas', false),
+      sigma_min: r.optionalNumber('sigma_min'),
+      sigma_max: r.optionalNumber('sigma_max'),
+      final_sigmas_type: r.choice('final_sigmas_type', 'zero', FINAL_SIGMAS),
+      rescale_betas_zero_snr: r.bool('rescale_betas_zero_snr', false),
+    };
+    this.table = makeNoiseTable(this.config, this.config.rescale_betas_zero_snr, true);
+    // Before setTimesteps diffusers exposes the full training schedule.
+    const n = this.config.num_train_timesteps;
+    this.timesteps = npLinspace(0, n - 1, n).reverse().map(f32);
+    this.sigmas = [...this.table.sigmas].reverse().concat(0);
+  }
+
+  /** Max sigma, or sqrt(max^2 + 1) for `leading` spacing (diffusers' quirk, kept for parity). */
+  get initNoiseSigma(): number {
+    const max = Math.max(...this.sigmas);
+    const s = this.config.timestep_spacing;
+    return s === 'linspace' || s === 'trailing' ? max : f32(Math.sqrt(f32(f32(max * max) + 1)));
+  }
+
+  get stepIndex(): number | null {
+    return this.stepIdx;
+  }
+
+  get beginIndex(): number | null {
+    return this.beginIdx;
+  }
+
+  setBeginIndex(index: number): void {
+    checkBeginIndex(index, this.timesteps.length);
+    this.beginIdx = index;
+  }
+
+  setTimesteps(numInferenceSteps: number): void {
+    checkSteps(numInferenceSteps);
+    const cfg = this.config;
+    let timesteps = spacedTimesteps(
+      cfg.timestep_spacing,
+      cfg.num_train_timesteps,
+      numInferenceSteps,
+      cfg.steps_offset,
+      false,
+    ).map(f32);
+    let sigmas = timesteps.map((t) => interpIndex(t, this.table.sigmas));
+    if (cfg.use_karras_sigmas) {
+      sigmas = karrasSigmas(cfg.sigma_min ?? sigmas.at(-1)!, cfg.sigma_max ?? sigmas[0]!, numInferenceSteps);
+      timesteps = sigmas.map((s) => f32(sigmaToT(s, this.table.logSigmas)));
+    }
+    const last = cfg.final_sigmas_type === 'sigma_min' ? firstTrainSigma(this.table) : 0;
+    this.sigmas = sigmas.concat(last).map(f32);
+    this.timesteps = timesteps;
+    this.stepIdx = null;
+    this.beginIdx = null;
+  }
+
+  private ensureStepIndex(t: number): number {
+    if (this.stepIdx === null) this.stepIdx = this.beginIdx ?? indexForTimestep(this.timesteps, t, 'throw');
+    return this.stepIdx;
+  }
+
+  scaleModelInput(sample: Float32Array, t: number): Float32Array {
+    const sigma = this.sigmas[this.ensureStepIndex(t)]!;
+    const scale = f32(Math.sqrt(f32(f32(sigma * sigma) + 1)));
+    return sample.map((x) => x / scale);
+  }
+
+  step(modelOutput: Float32Array, t: number, sample: Float32Array, _rng?: Rng): Float32Array {
+    checkSameLength(modelOutput, sample, 'EulerDiscreteScheduler.step');
+    const i = this.ensureStepIndex(t);
+    if (i + 1 >= this.sigmas.length) throw new RangeError('step called past the end of the schedule');
+    const sigma = this.sigmas[i]!;
+    const dt = f32(this.sigmas[i + 1]! - sigma);
+    const out = new Float32Array(sample.length);
+    const pred = this.config.prediction_type;
+    // Rounded to float32 where torch rounds, so long runs track diffusers' numbers closely.
+    const vOut = -sigma / Math.sqrt(sigma * sigma + 1);
+    const vSkip = 1 / (sigma * sigma + 1);
+    for (let k = 0; k < out.length; k++) {
+      const x = sample[k]!;
+      const m = modelOutput[k]!;
+      const x0 = pred === 'epsilon' ? f32(x - f32(sigma * m)) : pred === 'v_prediction' ? m * vOut + x * vSkip : m;
+      out[k] = x + f32(f32(f32(x - x0) / sigma) * dt);
+    }
+    this.stepIdx = i + 1;
+    return out;
+  }
+
+  addNoise(original: Float32Array, noise: Float32Array, t: number): Float32Array {
+    checkSameLength(original, noise, 'EulerDiscreteScheduler.addNoise');
+    const sigma = this.sigmas[noiseIndex(this.timesteps, t, this.beginIdx, this.stepIdx)]!;
+    return original.map((x, k) => x + f32(noise[k]! * sigma));
+  }
+}
+
+/**
+ * Which sigma add_noise uses, as diffusers: the timestep's index when no begin index is set,
+ * else the current step (inpainting, after the first step) or the begin index (img2img start).
+ */
+export function noiseIndex(
+  timesteps: readonly number[],
+  t: number,
+  beginIdx: number | null,
+  stepIdx: number | null,
+  missing: 'throw' | 'last' = 'throw',
+): number {
+  if (beginIdx === null) return indexForTimestep(timesteps, t, missing);
+  return stepIdx ?? beginIdx;
+}
