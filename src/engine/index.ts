@@ -1,0 +1,29 @@
+/**
+ * `kiln/engine`: the diffusion engine as a library.
+ */
+export { Engine, type EngineOptions } from './engine.js';
+export { DiffusionModel, detectLayout, type ModelLayout, type ModelFamily, type Distillation, type ModelDefaults } from './model.js';
+export {
+  generate,
+  denoise,
+  resolveSettings,
+  guidanceEmbedding,
+  MAX_STEPS,
+  MAX_GUIDANCE,
+  type GenerateOptions,
+  type GenerateResult,
+  type EffectiveSettings,
+  type Progress,
+  type Timings,
+} from './pipeline.js';
+export { encodePrompts, chunkPrompt, applyTokenWeights, type TextConditioning } from './conditioning.js';
+export { loadClipTokenizer, createClipTokenizer, type ClipTokenizer } from './tokenizer.js';
+export { parsePromptWeights, type WeightedFragment } from './prompt-weights.js';
+export * from './schedulers/index.js';
+export { createRng, randomSeed, MAX_SEED, type Rng } from './rng.js';
+export { QUALITY_NAMES, DEFAULT_QUALITY, DEFAULT_SIZES, DEFAULT_STEPS, parseSize, qualityTier, type QualityTier } from './presets.js';
+export { decodeLatents, encodeImageToLatents, type RgbImage } from './vae.js';
+export { encodeImage, encodeGeneratedPng, insertPngText, readPngText, parametersText, OUTPUT_FORMATS, type OutputFormat } from './image-codec.js';
+export { locateModel, listInstalledModels, kilnHome, builtinModelsDir, modelSearchDirs, defaultModelName, REFERENCE_DEFAULT_MODEL, BUILTIN_DEFAULT_MODEL } from './locate.js';
+export { OnnxModel, type Device } from './onnx.js';
+export * from './errors.js';

@@ -1,0 +1,68 @@
+/**
+ * Finding a model folder from what a user typed: a path, or a name looked up in the model
+ * folders (Kiln's home first, then the models shipped in the package).
+ */
+import { existsSync, readdirSync, statSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { ModelNotFoundError } from './errors.js';
+
+/** Kiln's data folder: `$KILN_HOME`, else `$XDG_DATA_HOME/kiln`, else `~/.local/share/kiln`. */
+export function kilnHome(env: NodeJS.ProcessEnv = process.env): string {
+  if (env.KILN_HOME) return resolve(env.KILN_HOME);
+  const xdg = env.XDG_DATA_HOME || join(homedir(), '.local', 'share');
+  return join(xdg, 'kiln');
+}
+
+/** The `models/` folder shipped with the package (kiln-tiny lives there). */
+export function builtinModelsDir(): string {
+  // src/engine/locate.ts and dist/engine/locate.js are both two levels below the package root.
+  return resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', 'models');
+}
+
+export function modelSearchDirs(home: string = kilnHome()): string[] {
+  return [join(home, 'models'), builtinModelsDir()];
+}
+
+const isModelDir = (dir: string) => existsSync(join(dir, 'model_index.json'));
+
+/** Resolves a model name or folder path to a folder, or throws ModelNotFoundError. */
+export function locateModel(nameOrPath: string, searchDirs: string[] = modelSearchDirs()): string {
+  const asPath = resolve(nameOrPath);
+  if (/[\\/]/.test(nameOrPath) || nameOrPath.startsWith('.')) {
+    if (existsSync(asPath)) return asPath;
+    throw new ModelNotFoundError(`model folder ${asPath} does not exist`, nameOrPath);
+  }
+  for (const dir of searchDirs) {
+    const candidate = join(dir, nameOrPath);
+    if (isModelDir(candidate)) return candidate;
+  }
+  if (existsSync(asPath) && statSync(asPath).isDirectory()) return asPath;
+  throw new ModelNotFoundError(
+    `model "${nameOrPath}" is not installed (looked in ${searchDirs.join(', ')}); ` +
+      `install it with \`kiln pull ${nameOrPath}\` or pass a model folder path`,
+    nameOrPath,
+  );
+}
+
+/** Installed model names (folder names that hold a model_index.json), first match wins. */
+export function listInstalledModels(searchDirs: string[] = modelSearchDirs()): { name: string; dir: string }[] {
+  const seen = new Map<string, string>();
+  for (const dir of searchDirs) {
+    if (!existsSync(dir)) continue;
+    for (const name of readdirSync(dir).sort()) {
+      const candidate = join(dir, name);
+      if (!seen.has(name) && isModelDir(candidate)) seen.set(name, candidate);
+    }
+  }
+  return [...seen].map(([name, dir]) => ({ name, dir }));
+}
+
+/** The reference's default model when installed, else the built-in kiln-tiny-xl. */
+export const REFERENCE_DEFAULT_MODEL = 'be-stable-diffusion-xl-base-1.0';
+export const BUILTIN_DEFAULT_MODEL = 'kiln-tiny-xl';
+
+export function defaultModelName(searchDirs: string[] = modelSearchDirs()): string {
+  return searchDirs.some((d) => isModelDir(join(d, REFERENCE_DEFAULT_MODEL))) ? REFERENCE_DEFAULT_MODEL : BUILTIN_DEFAULT_MODEL;
+}

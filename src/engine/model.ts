@@ -1,0 +1,286 @@
+/**
+ * Loading a diffusers/Optimum ONNX model folder: what family it is, its configs, and one
+ * ONNX Runtime session per sub-model (created once, reused for every request).
+ *
+ * Layout (as on the Hub):
+ *   model_index.json, scheduler/scheduler_config.json, tokenizer/ (+ tokenizer_2/),
+ *   text_encoder/ (+ text_encoder_2/), unet/, vae_decoder/, vae_encoder/ (img2img only),
+ *   each ONNX folder holding model.onnx with its external-data file beside it.
+ * The family is read from the files, never from the folder's name.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { basename, join, resolve } from 'node:path';
+import { ModelLoadError } from './errors.js';
+import { OnnxModel, type Device, type RunStats } from './onnx.js';
+import { loadClipTokenizer, type ClipTokenizer } from './tokenizer.js';
+import type { SchedulerConfig } from './schedulers/index.js';
+import { DEFAULT_STEPS, type StepsByTier } from './presets.js';
+
+export type ModelFamily = 'sd1' | 'sd2' | 'sdxl';
+export type Distillation = 'lcm' | 'turbo' | null;
+
+/** What a folder is, read from its files without loading any session. */
+export interface ModelLayout {
+  dir: string;
+  family: ModelFamily;
+  distillation: Distillation;
+  /** Human label: `SD 1.x`, `SD 2.x`, `SDXL`, `LCM`, `SDXL Turbo`, ... */
+  label: string;
+  pipelineClass: string | undefined;
+  schedulerClass: string;
+  schedulerConfig: SchedulerConfig;
+  vaeScalingFactor: number;
+  vaeForceUpcast: boolean;
+  hasVaeEncoder: boolean;
+  defaults: ModelDefaults;
+}
+
+/** Generation defaults; a model folder may override them in an optional `kiln.json`. */
+export interface ModelDefaults {
+  steps: StepsByTier;
+  guidanceScale: number;
+  /** Scheduler to use when the request names none (alias or diffusers class name). */
+  scheduler: string | undefined;
+}
+
+const SD_SCALING_FACTOR = 0.18215;
+
+function readJson(path: string, label: string): Record<string, unknown> {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch {
+    throw new ModelLoadError(`missing file ${label}`, path);
+  }
+  try {
+    const value = JSON.parse(text) as unknown;
+    if (value && typeof value === 'object' && !Array.isArray(value)) return value as Record<string, unknown>;
+  } catch {
+    // fall through
+  }
+  throw new ModelLoadError(`${label} is not a JSON object`, path);
+}
+
+function readOptionalJson(path: string, label: string): Record<string, unknown> | undefined {
+  return existsSync(path) ? readJson(path, label) : undefined;
+}
+
+/** Inspects a folder and says what model it holds, or throws one clear ModelLoadError. */
+export function detectLayout(dirArg: string): ModelLayout {
+  const dir = resolve(dirArg);
+  if (!existsSync(dir)) throw new ModelLoadError(`model folder ${dir} does not exist`, dir);
+  const required = [
+    'model_index.json',
+    'scheduler/scheduler_config.json',
+    'tokenizer/vocab.json',
+    'tokenizer/merges.txt',
+    'text_encoder/model.onnx',
+    'unet/model.onnx',
+    'vae_decoder/model.onnx',
+  ];
+  const index = readJson(join(dir, 'model_index.json'), `model_index.json in ${dir}`);
+  const hasSecondEncoder = existsSync(join(dir, 'text_encoder_2')) || 'text_encoder_2' in index;
+  if (hasSecondEncoder) required.push('tokenizer_2/vocab.json', 'tokenizer_2/merges.txt', 'text_encoder_2/model.onnx');
+  const missing = required.filter((p) => !existsSync(join(dir, p)));
+  if (missing.length) {
+    throw new ModelLoadError(
+      `model folder ${dir} is not a usable diffusers ONNX layout: missing ${missing.join(', ')}`,
+      join(dir, missing[0]!),
+    );
+  }
+
+  const schedulerConfig = readJson(join(dir, 'scheduler/scheduler_config.json'), 'scheduler/scheduler_config.json');
+  const schedulerClass = typeof schedulerConfig._class_name === 'string' ? schedulerConfig._class_name : 'PNDMScheduler';
+  const unetConfig = readOptionalJson(join(dir, 'unet/config.json'), 'unet/config.json') ?? {};
+  const vaeConfig =
+    readOptionalJson(join(dir, 'vae_decoder/config.json'), 'vae_decoder/config.json') ??
+    readOptionalJson(join(dir, 'vae/config.json'), 'vae/config.json') ??
+    {};
+  const textConfig = readOptionalJson(join(dir, 'text_encoder/config.json'), 'text_encoder/config.json') ?? {};
+
+  const family: ModelFamily = hasSecondEncoder
+    ? 'sdxl'
+    : textConfig.hidden_size === 1024 || unetConfig.cross_attention_dim === 1024 || schedulerConfig.prediction_type === 'v_prediction'
+      ? 'sd2'
+      : 'sd1';
+
+  // LCM: a guidance-embedding UNet (confirmed later from the session's `timestep_cond` input).
+  // Turbo: adversarially distilled models ship an Euler scheduler with trailing spacing.
+  let distillation: Distillation = null;
+  if (schedulerClass === 'LCMScheduler' || typeof unetConfig.time_cond_proj_dim === 'number') distillation = 'lcm';
+  else if (
+    schedulerConfig.timestep_spacing === 'trailing' &&
+    /^Euler(Ancestral)?DiscreteScheduler$/.test(schedulerClass)
+  ) {
+    distillation = 'turbo';
+  }
+
+  const scaling = typeof vaeConfig.scaling_factor === 'number' ? vaeConfig.scaling_factor : SD_SCALING_FACTOR;
+  const familyLabel = { sd1: 'SD 1.x', sd2: 'SD 2.x', sdxl: 'SDXL' }[family];
+  const label =
+    distillation === 'lcm' ? (family === 'sdxl' ? 'LCM (SDXL)' : 'LCM') : distillation === 'turbo' ? `${family === 'sdxl' ? 'SDXL' : 'SD'} Turbo` : familyLabel;
+
+  return {
+    dir,
+    family,
+    distillation,
+    label,
+    pipelineClass: typeof index._class_name === 'string' ? index._class_name : undefined,
+    schedulerClass,
+    schedulerConfig,
+    vaeScalingFactor: scaling,
+    vaeForceUpcast: vaeConfig.force_upcast === true,
+    hasVaeEncoder: existsSync(join(dir, 'vae_encoder/model.onnx')),
+    defaults: readDefaults(dir, family, distillation),
+  };
+}
+
+function readDefaults(dir: string, family: ModelFamily, distillation: Distillation): ModelDefaults {
+  const base: ModelDefaults = {
+    steps: { ...(distillation ? DEFAULT_STEPS.distilled : DEFAULT_STEPS.full) },
+    // Turbo runs without CFG; LCM's guidance goes in through its embedding (w = g - 1).
+    guidanceScale: distillation === 'turbo' ? 0 : distillation === 'lcm' ? 8 : family === 'sdxl' ? 7 : 7.5,
+    scheduler: undefined,
+  };
+  const own = readOptionalJson(join(dir, 'kiln.json'), 'kiln.json');
+  if (!own) return base;
+  const steps = own.steps as Partial<StepsByTier> | undefined;
+  if (steps && typeof steps === 'object') {
+    for (const tier of ['draft', 'smooth', 'hd'] as const) {
+      const n = steps[tier];
+      if (Number.isInteger(n) && (n as number) > 0) base.steps[tier] = n as number;
+    }
+  }
+  if (typeof own.guidance_scale === 'number') base.guidanceScale = own.guidance_scale;
+  if (typeof own.scheduler === 'string') base.scheduler = own.scheduler;
+  return base;
+}
+
+export interface LoadOptions {
+  device?: Device;
+  /** Name the model is known by (defaults to the folder name). */
+  name?: string;
+  stats?: RunStats;
+}
+
+/** A loaded model: its layout, tokenizers and live sessions. */
+export class DiffusionModel {
+  private vaeEncoderPromise: Promise<OnnxModel> | undefined;
+
+  private constructor(
+    readonly name: string,
+    readonly layout: ModelLayout,
+    readonly device: Device,
+    readonly tokenizer: ClipTokenizer,
+    readonly tokenizer2: ClipTokenizer | undefined,
+    readonly textEncoder: OnnxModel,
+    readonly textEncoder2: OnnxModel | undefined,
+    readonly unet: OnnxModel,
+    readonly vaeDecoder: OnnxModel,
+    readonly stats: RunStats,
+  ) {}
+
+  static async load(dir: string, options: LoadOptions = {}): Promise<DiffusionModel> {
+    const layout = detectLayout(dir);
+    const device = options.device ?? 'cpu';
+    const stats = options.stats ?? { sessionRunMs: 0, runs: 0 };
+    const sessionOptions = { device, stats };
+    const root = layout.dir;
+    const isXL = layout.family === 'sdxl';
+    const [tokenizer, tokenizer2] = await Promise.all([
+      loadClipTokenizer(join(root, 'tokenizer')),
+      isXL ? loadClipTokenizer(join(root, 'tokenizer_2')) : Promise.resolve(undefined),
+    ]);
+    // Sequential: loading several large sessions at once would multiply peak memory.
+    const textEncoder = await OnnxModel.load(join(root, 'text_encoder/model.onnx'), root, sessionOptions);
+    const textEncoder2 = isXL ? await OnnxModel.load(join(root, 'text_encoder_2/model.onnx'), root, sessionOptions) : undefined;
+    const unet = await OnnxModel.load(join(root, 'unet/model.onnx'), root, sessionOptions);
+    const vaeDecoder = await OnnxModel.load(join(root, 'vae_decoder/model.onnx'), root, sessionOptions);
+
+    const model = new DiffusionModel(
+      options.name ?? basename(root),
+      layout,
+      device,
+      tokenizer,
+      tokenizer2,
+      textEncoder,
+      textEncoder2,
+      unet,
+      vaeDecoder,
+      stats,
+    );
+    model.validate();
+    return model;
+  }
+
+  /** Checks every contract the pipeline relies on, so a bad folder fails at load, not mid-request. */
+  private validate(): void {
+    const need = (m: OnnxModel, kind: 'input' | 'output', name: string, why = '') => {
+      const ok = kind === 'input' ? m.hasInput(name) : m.hasOutput(name);
+      if (!ok) {
+        const have = kind === 'input' ? [...m.inputs.keys()] : [...m.outputs.keys()];
+        throw new ModelLoadError(`${m.label} in ${this.layout.dir} has no ${kind} "${name}"${why} (it has: ${have.join(', ')})`);
+      }
+    };
+    need(this.textEncoder, 'input', 'input_ids');
+    need(this.unet, 'input', 'sample');
+    need(this.unet, 'input', 'timestep');
+    need(this.unet, 'input', 'encoder_hidden_states');
+    this.unetOutputName(); // throws when ambiguous
+    need(this.vaeDecoder, 'input', 'latent_sample');
+    this.vaeDecoderOutputName();
+    if (this.layout.family === 'sdxl') {
+      const te2 = this.textEncoder2!;
+      need(te2, 'input', 'input_ids');
+      need(te2, 'output', 'text_embeds', ' (the pooled embedding SDXL needs)');
+      need(this.unet, 'input', 'text_embeds', ' (SDXL UNets take the pooled embedding)');
+      need(this.unet, 'input', 'time_ids', ' (SDXL UNets take size conditioning)');
+    } else {
+      need(this.textEncoder, 'output', 'last_hidden_state');
+    }
+    if (this.layout.distillation === 'lcm' && !this.unet.hasInput('timestep_cond')) {
+      // An LCM scheduler on a plain UNet (e.g. LCM-LoRA fused without the embedding) still works:
+      // it is then treated as a CFG model.
+      this.layout.distillation = this.layout.schedulerClass === 'LCMScheduler' ? 'lcm' : null;
+    }
+    if (this.unet.hasInput('timestep_cond')) this.layout.distillation = 'lcm';
+  }
+
+  /** The UNet's noise-prediction output: `out_sample` (diffusers/optimum) or the only output. */
+  unetOutputName(): string {
+    return pickOutput(this.unet, ['out_sample', 'noise_pred', 'sample']);
+  }
+
+  vaeDecoderOutputName(): string {
+    return pickOutput(this.vaeDecoder, ['sample']);
+  }
+
+  get isXL(): boolean {
+    return this.layout.family === 'sdxl';
+  }
+
+  /** The VAE encoder, loaded on first use (only img2img and inpainting need it). */
+  vaeEncoder(): Promise<OnnxModel> {
+    if (!this.layout.hasVaeEncoder) {
+      return Promise.reject(new ModelLoadError(`model ${this.name} has no vae_encoder/model.onnx (needed for image edits)`));
+    }
+    this.vaeEncoderPromise ??= OnnxModel.load(join(this.layout.dir, 'vae_encoder/model.onnx'), this.layout.dir, {
+      device: this.device,
+      stats: this.stats,
+    });
+    return this.vaeEncoderPromise;
+  }
+
+  async release(): Promise<void> {
+    const sessions = [this.textEncoder, this.textEncoder2, this.unet, this.vaeDecoder];
+    if (this.vaeEncoderPromise) sessions.push(await this.vaeEncoderPromise.catch(() => undefined));
+    await Promise.all(sessions.map((s) => s?.release()));
+  }
+}
+
+function pickOutput(model: OnnxModel, preferred: string[]): string {
+  for (const name of preferred) if (model.hasOutput(name)) return name;
+  const names = [...model.outputs.keys()];
+  if (names.length === 1) return names[0]!;
+  throw new ModelLoadError(`${model.label} has none of the outputs ${preferred.join(', ')} (it has: ${names.join(', ')})`);
+}

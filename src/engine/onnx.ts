@@ -1,0 +1,211 @@
+/**
+ * One ONNX sub-model (text encoder, UNet, VAE part) behind a small typed wrapper.
+ *
+ * Real model files disagree on dtypes and ranks (int32 or int64 ids; int64, float32 or float16
+ * timesteps of rank 0, 1 or B; fp16 or fp32 I/O), so nothing here is hard-coded: the wrapper
+ * reads each input's declared type from the session and converts our float32/number feeds to
+ * it, and converts every float output back to float32. Outputs are selected by name.
+ */
+import { existsSync } from 'node:fs';
+import { basename, dirname, join, relative } from 'node:path';
+import ort from 'onnxruntime-node';
+import { DeviceUnavailableError, ModelLoadError } from './errors.js';
+import { float16BitsToFloat32, float32ToFloat16Bits } from './float16.js';
+
+export type Device = 'cpu' | 'cuda';
+
+export interface TensorInfo {
+  name: string;
+  type: ort.Tensor.Type;
+  /** Declared shape: numbers for fixed dims, strings (or -1) for symbolic ones; [] for scalars. */
+  shape: ReadonlyArray<number | string>;
+}
+
+/** A float tensor on the JS side: always float32 here, whatever the graph uses. */
+export interface FloatTensor {
+  data: Float32Array;
+  dims: number[];
+}
+
+/** What a caller may feed: float data (converted to the input's float type) or integer data. */
+export type Feed =
+  | { data: Float32Array; dims: number[] }
+  | { ints: ArrayLike<number>; dims: number[] };
+
+export interface RunStats {
+  /** Milliseconds spent inside session.run, summed over all sub-models. */
+  sessionRunMs: number;
+  runs: number;
+}
+
+export interface SessionOptions {
+  device?: Device;
+  /** Shared counter of time spent in session.run, for benchmarks. */
+  stats?: RunStats;
+}
+
+export class OnnxModel {
+  readonly inputs: ReadonlyMap<string, TensorInfo>;
+  readonly outputs: ReadonlyMap<string, TensorInfo>;
+
+  private constructor(
+    /** Path relative to the model folder, for messages (`unet/model.onnx`). */
+    readonly label: string,
+    private readonly session: ort.InferenceSession,
+    private readonly stats: RunStats | undefined,
+  ) {
+    this.inputs = toInfoMap(session.inputMetadata);
+    this.outputs = toInfoMap(session.outputMetadata);
+  }
+
+  static async load(path: string, modelRoot: string, options: SessionOptions = {}): Promise<OnnxModel> {
+    const label = relative(modelRoot, path) || basename(path);
+    if (!existsSync(path)) {
+      throw new ModelLoadError(`missing file ${label} in model folder ${modelRoot}`, path);
+    }
+    const device = options.device ?? 'cpu';
+    let session: ort.InferenceSession;
+    try {
+      session = await ort.InferenceSession.create(path, {
+        executionProviders: device === 'cuda' ? ['cuda'] : ['cpu'],
+        graphOptimizationLevel: 'all',
+      });
+    } catch (err) {
+      const detail = firstLine(err);
+      if (device === 'cuda' && /cuda|provider|backend/i.test(detail)) {
+        throw new DeviceUnavailableError(
+          `the CUDA execution provider is not available (${detail}). ` +
+            'Install it with `ONNXRUNTIME_NODE_INSTALL=cuda12 npm rebuild onnxruntime-node` on a host with CUDA 12, or use --device cpu.',
+        );
+      }
+      throw new ModelLoadError(`cannot load ${label} from ${dirname(path)}: ${explainLoadFailure(detail, path)}`, path);
+    }
+    return new OnnxModel(label, session, options.stats);
+  }
+
+  hasInput(name: string): boolean {
+    return this.inputs.has(name);
+  }
+
+  hasOutput(name: string): boolean {
+    return this.outputs.has(name);
+  }
+
+  input(name: string): TensorInfo {
+    const info = this.inputs.get(name);
+    if (!info) throw new ModelLoadError(`${this.label} has no input named "${name}" (inputs: ${[...this.inputs.keys()].join(', ')})`);
+    return info;
+  }
+
+  /** Names of outputs matching a pattern, e.g. /^hidden_states\.\d+$/. */
+  outputNames(pattern: RegExp): string[] {
+    return [...this.outputs.keys()].filter((n) => pattern.test(n));
+  }
+
+  /**
+   * Runs the graph. Feeds are converted to each input's declared dtype; the outputs asked for
+   * are returned as float32.
+   */
+  async run(feeds: Record<string, Feed>, outputNames: string[]): Promise<Record<string, FloatTensor>> {
+    const ortFeeds: Record<string, ort.Tensor> = {};
+    for (const [name, feed] of Object.entries(feeds)) {
+      ortFeeds[name] = toOrtTensor(this.input(name), feed);
+    }
+    for (const name of outputNames) {
+      if (!this.outputs.has(name)) {
+        throw new ModelLoadError(`${this.label} has no output named "${name}" (outputs: ${[...this.outputs.keys()].join(', ')})`);
+      }
+    }
+    const started = performance.now();
+    const result = await this.session.run(ortFeeds, outputNames);
+    if (this.stats) {
+      this.stats.sessionRunMs += performance.now() - started;
+      this.stats.runs++;
+    }
+    const out: Record<string, FloatTensor> = {};
+    for (const name of outputNames) {
+      const tensor = result[name] as ort.Tensor;
+      out[name] = { data: toFloat32(tensor), dims: [...tensor.dims] };
+      tensor.dispose?.();
+    }
+    return out;
+  }
+
+  async release(): Promise<void> {
+    await this.session.release();
+  }
+}
+
+function toInfoMap(metadata: readonly ort.InferenceSession.ValueMetadata[]): Map<string, TensorInfo> {
+  const map = new Map<string, TensorInfo>();
+  for (const m of metadata) {
+    if (m.isTensor) map.set(m.name, { name: m.name, type: m.type, shape: m.shape });
+  }
+  return map;
+}
+
+function toOrtTensor(info: TensorInfo, feed: Feed): ort.Tensor {
+  const count = feed.dims.reduce((a, b) => a * b, 1);
+  const values = 'data' in feed ? feed.data : feed.ints;
+  if (values.length !== count) {
+    throw new Error(`feed "${info.name}" has ${values.length} values for dims [${feed.dims}]`);
+  }
+  switch (info.type) {
+    case 'float32':
+      return new ort.Tensor('float32', 'data' in feed ? feed.data : Float32Array.from(feed.ints), feed.dims);
+    case 'float16':
+      return new ort.Tensor('float16', float32ToFloat16Bits('data' in feed ? feed.data : Float32Array.from(feed.ints)), feed.dims);
+    case 'float64':
+      return new ort.Tensor('float64', Float64Array.from(values), feed.dims);
+    case 'int64': {
+      const out = new BigInt64Array(count);
+      for (let i = 0; i < count; i++) out[i] = BigInt(Math.trunc(values[i]!));
+      return new ort.Tensor('int64', out, feed.dims);
+    }
+    case 'int32': {
+      const out = new Int32Array(count);
+      for (let i = 0; i < count; i++) out[i] = Math.trunc(values[i]!);
+      return new ort.Tensor('int32', out, feed.dims);
+    }
+    default:
+      throw new ModelLoadError(`input "${info.name}" has unsupported type ${info.type}`);
+  }
+}
+
+function toFloat32(tensor: ort.Tensor): Float32Array {
+  switch (tensor.type) {
+    case 'float32':
+      // Copy: the native buffer may be reused or released by the session.
+      return new Float32Array(tensor.data as Float32Array);
+    case 'float16':
+      return float16BitsToFloat32(tensor.data as Uint16Array);
+    case 'float64':
+      return Float32Array.from(tensor.data as Float64Array);
+    default:
+      throw new Error(`output has non-float type ${tensor.type}`);
+  }
+}
+
+/**
+ * Shape of a timestep feed as the graph declares it: rank 0 (`[]`), a fixed `[1]`, or one per
+ * batch row (`[B]`, symbolic).
+ */
+export function timestepDims(info: TensorInfo, batch: number): number[] {
+  if (info.shape.length === 0) return [];
+  const first = info.shape[0];
+  return typeof first === 'number' && first === 1 ? [1] : [batch];
+}
+
+function firstLine(err: unknown): string {
+  const text = err instanceof Error ? err.message : String(err);
+  return text.split('\n')[0]!.trim();
+}
+
+/** ORT's messages for missing external data are long; say which file was expected. */
+function explainLoadFailure(detail: string, modelPath: string): string {
+  const m = /(?:external data|initializer).*?(?:file|path)[^\w/.-]*([^\s'"]+)/i.exec(detail);
+  if (m && !existsSync(join(dirname(modelPath), basename(m[1]!)))) {
+    return `its external-data file ${basename(m[1]!)} is missing beside it (${detail})`;
+  }
+  return detail;
+}
