@@ -1,0 +1,330 @@
+/**
+ * Text-to-image, built on the one denoising loop every pipeline shares.
+ *
+ * Per request: resolve settings (size, steps from quality, scheduler, guidance) -> seeded
+ * latent noise -> text conditioning -> denoise -> VAE decode. Classifier-free guidance runs
+ * uncond and cond as one batch-2 UNet call per step; LCM feeds guidance through
+ * `timestep_cond` and runs batch 1; Turbo (guidance 0) runs batch 1.
+ */
+import { createScheduler, schedulerClassFor, isSupportedScheduler, SCHEDULER_NAMES, type Scheduler } from './schedulers/index.js';
+import { encodePrompts, type TextConditioning } from './conditioning.js';
+import { decodeLatents, type RgbImage } from './vae.js';
+import type { DiffusionModel } from './model.js';
+import { timestepDims, type Feed } from './onnx.js';
+import { createRng, MAX_SEED, type Rng } from './rng.js';
+import { DEFAULT_QUALITY, DEFAULT_SIZES, parseSize, qualityTier } from './presets.js';
+import { GenerationCancelledError, InvalidOptionError } from './errors.js';
+
+export const MAX_STEPS = 150;
+export const MAX_GUIDANCE = 30;
+const LATENT_CHANNELS = 4;
+const VAE_FACTOR = 8;
+
+export interface Progress {
+  stage: 'encode' | 'denoise' | 'decode';
+  /** Steps done so far (denoise), 0 before the first. */
+  step: number;
+  totalSteps: number;
+}
+
+export interface GenerateOptions {
+  prompt: string;
+  negativePrompt?: string;
+  /** The request's `n`: an integer 0..2^32-1. */
+  seed: number;
+  /** `WxH`, one of `allowedSizes` (default 256/512/1024 square). */
+  size?: string;
+  allowedSizes?: readonly string[];
+  quality?: string;
+  /** Overrides the quality preset's step count. */
+  steps?: number;
+  /** Alias (`euler`, `dpmpp_2m`, ...) or diffusers class name. */
+  scheduler?: string;
+  guidanceScale?: number;
+  onProgress?: (progress: Progress) => void;
+  signal?: AbortSignal;
+}
+
+/** Settings as actually used: reported back to callers and written into the PNG. */
+export interface EffectiveSettings {
+  model: string;
+  prompt: string;
+  negativePrompt: string;
+  seed: number;
+  width: number;
+  height: number;
+  steps: number;
+  scheduler: string;
+  guidanceScale: number;
+  quality: string;
+}
+
+export interface Timings {
+  /** Tokenizing (part of encodeMs). */
+  tokenizeMs: number;
+  /** Tokenizing and running the text encoder(s). */
+  encodeMs: number;
+  /** One entry per denoising step: the UNet call(s) of that step. */
+  unetMs: number[];
+  schedulerMs: number;
+  decodeMs: number;
+  totalMs: number;
+  /** Time inside session.run over the whole generation. */
+  sessionRunMs: number;
+}
+
+export interface GenerateResult {
+  image: RgbImage;
+  settings: EffectiveSettings;
+  timings: Timings;
+  /** Number of UNet evaluations (one per step, CFG batched). */
+  unetCalls: number;
+}
+
+/** Validates options against the model and fills defaults. Throws InvalidOptionError. */
+export function resolveSettings(model: DiffusionModel, options: GenerateOptions): EffectiveSettings {
+  if (typeof options.prompt !== 'string') throw new InvalidOptionError('prompt must be a string', 'prompt');
+  if (!Number.isInteger(options.seed) || options.seed < 0 || options.seed > MAX_SEED) {
+    throw new InvalidOptionError(`seed must be an integer from 0 to ${MAX_SEED}`, 'seed');
+  }
+  const { width, height } = parseSize(options.size ?? '512x512', options.allowedSizes ?? DEFAULT_SIZES);
+  const quality = options.quality ?? DEFAULT_QUALITY;
+  const tier = qualityTier(quality);
+  const defaults = model.layout.defaults;
+  const steps = options.steps ?? defaults.steps[tier];
+  if (!Number.isInteger(steps) || steps < 1 || steps > MAX_STEPS) {
+    throw new InvalidOptionError(`steps must be an integer from 1 to ${MAX_STEPS}`, 'steps');
+  }
+  const guidanceScale = options.guidanceScale ?? defaults.guidanceScale;
+  if (!Number.isFinite(guidanceScale) || guidanceScale < 0 || guidanceScale > MAX_GUIDANCE) {
+    throw new InvalidOptionError(`guidance_scale must be a number from 0 to ${MAX_GUIDANCE}`, 'guidance_scale');
+  }
+  return {
+    model: model.name,
+    prompt: options.prompt,
+    negativePrompt: options.negativePrompt ?? '',
+    seed: options.seed,
+    width,
+    height,
+    steps,
+    scheduler: pickScheduler(model, options.scheduler),
+    guidanceScale,
+    quality,
+  };
+}
+
+/**
+ * Request's scheduler, else the model's own (kiln.json, then its config class), else Euler.
+ * Aliases are kept as given: some pin options (`dpmpp_2m_karras` turns on Karras sigmas).
+ */
+function pickScheduler(model: DiffusionModel, requested: string | undefined): string {
+  if (requested !== undefined) {
+    if (!schedulerClassFor(requested)) {
+      throw new InvalidOptionError(
+        `unknown scheduler "${requested}"; allowed: ${SCHEDULER_NAMES.join(', ')} (or a diffusers class name)`,
+        'scheduler',
+      );
+    }
+    return requested;
+  }
+  const own = model.layout.defaults.scheduler;
+  if (own && schedulerClassFor(own)) return own;
+  if (isSupportedScheduler(model.layout.schedulerClass)) return model.layout.schedulerClass;
+  // e.g. SD 1.5's PNDMScheduler: keep its betas and spacing, step with Euler.
+  return 'EulerDiscreteScheduler';
+}
+
+export function makeScheduler(model: DiffusionModel, settings: EffectiveSettings): Scheduler {
+  try {
+    return createScheduler(settings.scheduler, model.layout.schedulerConfig);
+  } catch (err) {
+    throw new InvalidOptionError(err instanceof Error ? err.message : String(err), 'scheduler');
+  }
+}
+
+/** Whether this model/guidance runs classifier-free guidance as a batch of two. */
+export function usesCfg(model: DiffusionModel, guidanceScale: number): boolean {
+  return model.layout.distillation !== 'lcm' && guidanceScale > 1;
+}
+
+export interface DenoiseArgs {
+  model: DiffusionModel;
+  scheduler: Scheduler;
+  /** Starting latents [1,4,h,w] (noise, or noised image latents for img2img). */
+  latents: Float32Array;
+  latentDims: number[];
+  /** The timesteps to run (all of scheduler.timesteps, or a tail of them for img2img). */
+  timesteps: number[];
+  cond: TextConditioning;
+  uncond?: TextConditioning;
+  guidanceScale: number;
+  /** Image size, for SDXL's time_ids. */
+  width: number;
+  height: number;
+  rng: Rng;
+  signal?: AbortSignal;
+  onStep?: (step: number, total: number) => void;
+  /** Hook after each scheduler step (inpainting blends known latents back in here). */
+  afterStep?: (latents: Float32Array, stepIndex: number, t: number) => Float32Array;
+  timings: Timings;
+}
+
+/** The denoising loop shared by txt2img, img2img, inpainting and ControlNet pipelines. */
+export async function denoise(args: DenoiseArgs): Promise<{ latents: Float32Array; unetCalls: number }> {
+  const { model, scheduler, cond, uncond, guidanceScale, timings } = args;
+  const cfg = uncond !== undefined;
+  const batch = cfg ? 2 : 1;
+  const unet = model.unet;
+  const outName = model.unetOutputName();
+  const size = args.latents.length;
+
+  // Feeds that do not change between steps.
+  const staticFeeds: Record<string, Feed> = {
+    encoder_hidden_states: batched(cfg ? [uncond.hidden.data, cond.hidden.data] : [cond.hidden.data], cond.hidden.dims),
+  };
+  if (unet.hasInput('text_embeds')) {
+    if (!cond.pooled) throw new Error('SDXL UNet needs a pooled text embedding');
+    staticFeeds.text_embeds = batched(cfg ? [uncond.pooled!.data, cond.pooled.data] : [cond.pooled.data], cond.pooled.dims);
+  }
+  if (unet.hasInput('time_ids')) {
+    const info = unet.input('time_ids');
+    const width = typeof info.shape[1] === 'number' && info.shape[1] > 0 ? info.shape[1] : 6;
+    // [orig_h, orig_w, crop_top, crop_left, target_h, target_w]; the refiner's 5-wide form
+    // ends in an aesthetic score instead (6.0 positive, 2.5 negative as diffusers).
+    const row = (positive: boolean) =>
+      width === 5 ? [args.height, args.width, 0, 0, positive ? 6 : 2.5] : [args.height, args.width, 0, 0, args.height, args.width];
+    const rows = cfg ? [...row(false), ...row(true)] : row(true);
+    staticFeeds.time_ids = { data: Float32Array.from(rows), dims: [batch, width] };
+  }
+  if (unet.hasInput('timestep_cond')) {
+    const info = unet.input('timestep_cond');
+    const dim = typeof info.shape[1] === 'number' && info.shape[1] > 0 ? info.shape[1] : 256;
+    const emb = guidanceEmbedding(guidanceScale, dim);
+    staticFeeds.timestep_cond = batched(Array(batch).fill(emb), [1, dim]);
+  }
+  const timestepInfo = unet.input('timestep');
+  const sampleDims = [batch, ...args.latentDims.slice(1)];
+
+  let latents = args.latents;
+  let unetCalls = 0;
+  const total = args.timesteps.length;
+  for (let i = 0; i < total; i++) {
+    throwIfAborted(args.signal);
+    const t = args.timesteps[i]!;
+
+    let started = performance.now();
+    const scaled = scheduler.scaleModelInput(latents, t);
+    const sample = cfg ? batched([scaled, scaled], args.latentDims).data : scaled;
+    timings.schedulerMs += performance.now() - started;
+
+    const tDims = timestepDims(timestepInfo, batch);
+    const tCount = tDims.reduce((a, b) => a * b, 1);
+    started = performance.now();
+    const out = await unet.run(
+      {
+        ...staticFeeds,
+        sample: { data: sample, dims: sampleDims },
+        timestep: { data: new Float32Array(tCount).fill(t), dims: tDims },
+      },
+      [outName],
+    );
+    timings.unetMs.push(performance.now() - started);
+    unetCalls++;
+
+    started = performance.now();
+    const pred = out[outName]!.data;
+    let noise: Float32Array;
+    if (cfg) {
+      noise = new Float32Array(size);
+      for (let k = 0; k < size; k++) {
+        const u = pred[k]!;
+        noise[k] = u + guidanceScale * (pred[size + k]! - u);
+      }
+    } else {
+      noise = pred;
+    }
+    latents = scheduler.step(noise, t, latents, args.rng);
+    if (args.afterStep) latents = args.afterStep(latents, i, t);
+    timings.schedulerMs += performance.now() - started;
+    args.onStep?.(i + 1, total);
+  }
+  return { latents, unetCalls };
+}
+
+/** Text-to-image for one prompt and seed. */
+export async function generate(model: DiffusionModel, options: GenerateOptions): Promise<GenerateResult> {
+  const t0 = performance.now();
+  const runMsBefore = model.stats.sessionRunMs;
+  const settings = resolveSettings(model, options);
+  const scheduler = makeScheduler(model, settings);
+  const timings: Timings = { tokenizeMs: 0, encodeMs: 0, unetMs: [], schedulerMs: 0, decodeMs: 0, totalMs: 0, sessionRunMs: 0 };
+  const { onProgress, signal } = options;
+  throwIfAborted(signal);
+
+  const rng = createRng(settings.seed);
+  const h = settings.height / VAE_FACTOR;
+  const w = settings.width / VAE_FACTOR;
+  const latentDims = [1, LATENT_CHANNELS, h, w];
+  scheduler.setTimesteps(settings.steps);
+  const noise = rng.normals(LATENT_CHANNELS * h * w);
+  const sigma = scheduler.initNoiseSigma;
+  for (let i = 0; i < noise.length; i++) noise[i]! *= sigma;
+
+  onProgress?.({ stage: 'encode', step: 0, totalSteps: settings.steps });
+  let started = performance.now();
+  const cfg = usesCfg(model, settings.guidanceScale);
+  const { cond, uncond } = await encodePrompts(model, settings.prompt, settings.negativePrompt, cfg, timings);
+  timings.encodeMs = performance.now() - started;
+
+  const { latents, unetCalls } = await denoise({
+    model,
+    scheduler,
+    latents: noise,
+    latentDims,
+    timesteps: scheduler.timesteps,
+    cond,
+    uncond,
+    guidanceScale: settings.guidanceScale,
+    width: settings.width,
+    height: settings.height,
+    rng: rng.fork(),
+    signal,
+    onStep: (step, total) => onProgress?.({ stage: 'denoise', step, totalSteps: total }),
+    timings,
+  });
+
+  throwIfAborted(signal);
+  onProgress?.({ stage: 'decode', step: settings.steps, totalSteps: settings.steps });
+  started = performance.now();
+  const image = await decodeLatents(model, latents, latentDims);
+  timings.decodeMs = performance.now() - started;
+  timings.totalMs = performance.now() - t0;
+  timings.sessionRunMs = model.stats.sessionRunMs - runMsBefore;
+  return { image, settings, timings, unetCalls };
+}
+
+/** LCM's guidance embedding: sinusoidal features of w = 1000·(g − 1), sin half then cos half. */
+export function guidanceEmbedding(guidanceScale: number, dim: number): Float32Array {
+  const w = (guidanceScale - 1) * 1000;
+  const half = dim / 2;
+  const emb = new Float32Array(dim);
+  for (let k = 0; k < half; k++) {
+    const freq = Math.exp((-k * Math.log(10000)) / (half - 1));
+    emb[k] = Math.sin(w * freq);
+    emb[half + k] = Math.cos(w * freq);
+  }
+  return emb;
+}
+
+/** Stacks equal-sized rows into one batch tensor; `dims` is one row's dims with batch 1. */
+function batched(rows: Float32Array[], dims: number[]): { data: Float32Array; dims: number[] } {
+  if (rows.length === 1) return { data: rows[0]!, dims };
+  const rowSize = rows[0]!.length;
+  const data = new Float32Array(rowSize * rows.length);
+  rows.forEach((r, i) => data.set(r, i * rowSize));
+  return { data, dims: [rows.length * dims[0]!, ...dims.slice(1)] };
+}
+
+function throwIfAborted(signal: AbortSignal | undefined): void {
+  if (signal?.aborted) throw new GenerationCancelledError(signal.reason);
+}

@@ -1,0 +1,74 @@
+/**
+ * The VAE ends of the pipeline: latents -> RGB pixels (decode) and pixels -> latents (encode).
+ */
+import type { DiffusionModel } from './model.js';
+import { NumericalError } from './errors.js';
+import type { Rng } from './rng.js';
+
+/** An 8-bit RGB image, row-major, 3 bytes per pixel. */
+export interface RgbImage {
+  width: number;
+  height: number;
+  pixels: Uint8Array;
+}
+
+/** Decodes latents [1,4,h,w] (already denoised, *not* divided by the scaling factor). */
+export async function decodeLatents(model: DiffusionModel, latents: Float32Array, dims: number[]): Promise<RgbImage> {
+  const scale = model.layout.vaeScalingFactor;
+  const scaled = new Float32Array(latents.length);
+  for (let i = 0; i < latents.length; i++) scaled[i] = latents[i]! / scale;
+  const outName = model.vaeDecoderOutputName();
+  const out = await model.vaeDecoder.run({ latent_sample: { data: scaled, dims } }, [outName]);
+  const { data, dims: outDims } = out[outName]!;
+  const [, channels, height, width] = outDims as [number, number, number, number];
+  if (channels !== 3) throw new NumericalError(`${model.vaeDecoder.label} returned ${channels} channels, expected 3`);
+  const plane = width * height;
+  const pixels = new Uint8Array(plane * 3);
+  for (let i = 0; i < plane; i++) {
+    for (let c = 0; c < 3; c++) {
+      const v = data[c * plane + i]!;
+      if (!Number.isFinite(v)) {
+        throw new NumericalError(
+          `the VAE decoder produced non-finite values${model.layout.vaeForceUpcast ? ' (this VAE needs fp32; an fp16 SDXL VAE needs the fp16-fix weights)' : ''}`,
+        );
+      }
+      // [-1, 1] -> [0, 255], rounded as diffusers does.
+      const x = Math.min(1, Math.max(0, v / 2 + 0.5));
+      pixels[i * 3 + c] = Math.round(x * 255);
+    }
+  }
+  return { width, height, pixels };
+}
+
+/**
+ * Encodes an RGB image to scaled latents [1,4,h,w]. Handles both encoder forms: an in-graph
+ * sample (`latent_sample`) and `latent_parameters` (mean ‖ logvar), where the sample is drawn
+ * from our seeded `rng` so img2img stays deterministic.
+ */
+export async function encodeImageToLatents(model: DiffusionModel, image: RgbImage, rng: Rng): Promise<{ latents: Float32Array; dims: number[] }> {
+  const encoder = await model.vaeEncoder();
+  const { width, height, pixels } = image;
+  const plane = width * height;
+  const input = new Float32Array(plane * 3);
+  for (let i = 0; i < plane; i++) {
+    for (let c = 0; c < 3; c++) input[c * plane + i] = (pixels[i * 3 + c]! / 255) * 2 - 1;
+  }
+  const outName = encoder.hasOutput('latent_parameters') ? 'latent_parameters' : encoder.hasOutput('latent_sample') ? 'latent_sample' : [...encoder.outputs.keys()][0]!;
+  const out = await encoder.run({ sample: { data: input, dims: [1, 3, height, width] } }, [outName]);
+  const { data, dims } = out[outName]!;
+  const scale = model.layout.vaeScalingFactor;
+  if (outName === 'latent_parameters' || dims[1] === 8) {
+    const [, , h, w] = dims as [number, number, number, number];
+    const half = 4 * h * w;
+    const latents = new Float32Array(half);
+    for (let i = 0; i < half; i++) {
+      const mean = data[i]!;
+      const logvar = Math.min(20, Math.max(-30, data[half + i]!));
+      latents[i] = (mean + Math.exp(0.5 * logvar) * rng.normal()) * scale;
+    }
+    return { latents, dims: [1, 4, h, w] };
+  }
+  const latents = new Float32Array(data.length);
+  for (let i = 0; i < data.length; i++) latents[i] = data[i]! * scale;
+  return { latents, dims };
+}
