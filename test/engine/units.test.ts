@@ -1,0 +1,88 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import sharp from 'sharp';
+import { fromFloat16Bits, toFloat16Bits, float32ToFloat16Bits, float16BitsToFloat32 } from '../../src/engine/float16.js';
+import { encodeImage, insertPngText, readPngText } from '../../src/engine/image-codec.js';
+import { guidanceEmbedding } from '../../src/engine/pipeline.js';
+import { applyTokenWeights } from '../../src/engine/conditioning.js';
+import { parseSize, qualityTier, QUALITY_NAMES } from '../../src/engine/presets.js';
+import { InvalidOptionError } from '../../src/engine/errors.js';
+
+test('float16: exact values, rounding, overflow, subnormals, NaN', () => {
+  assert.equal(toFloat16Bits(1), 0x3c00);
+  assert.equal(toFloat16Bits(-2), 0xc000);
+  assert.equal(toFloat16Bits(65504), 0x7bff); // largest finite half
+  assert.equal(toFloat16Bits(70000), 0x7c00); // overflow -> +Inf
+  assert.equal(toFloat16Bits(2 ** -24), 0x0001); // smallest subnormal
+  assert.equal(toFloat16Bits(0.1), 0x2e66); // round to nearest
+  assert.equal(toFloat16Bits(1 + 2 ** -11), 0x3c00); // tie rounds to even
+  assert.equal(toFloat16Bits(1 + 3 * 2 ** -11), 0x3c02);
+  assert.ok(Number.isNaN(fromFloat16Bits(toFloat16Bits(NaN))));
+  assert.equal(fromFloat16Bits(0x3555), 0.333251953125);
+  const xs = Float32Array.from([0, 0.5, -3.25, 1024, 1e-5]);
+  const back = float16BitsToFloat32(float32ToFloat16Bits(xs));
+  for (let i = 0; i < xs.length; i++) assert.ok(Math.abs(back[i]! - xs[i]!) <= Math.abs(xs[i]!) * 1e-3 + 1e-7);
+});
+
+test('PNG text chunks survive sharp decoding and read back', async () => {
+  const image = { width: 8, height: 4, pixels: new Uint8Array(8 * 4 * 3).fill(200) };
+  const png = await encodeImage(image, { format: 'png', text: { parameters: 'a cat\nSteps: 3, Seed: 42' } });
+  assert.deepEqual(readPngText(png), { parameters: 'a cat\nSteps: 3, Seed: 42' });
+  const meta = await sharp(png).metadata(); // a CRC error would make libpng refuse the file
+  assert.equal(meta.width, 8);
+  assert.equal(meta.height, 4);
+  const raw = await sharp(png).raw().toBuffer();
+  assert.equal(raw[0], 200);
+  assert.throws(() => insertPngText(Buffer.from('not a png'), { a: 'b' }));
+});
+
+test('jpeg and webp outputs', async () => {
+  const image = { width: 16, height: 16, pixels: new Uint8Array(16 * 16 * 3).fill(90) };
+  assert.equal((await sharp(await encodeImage(image, { format: 'jpeg', quality: 50 })).metadata()).format, 'jpeg');
+  assert.equal((await sharp(await encodeImage(image, { format: 'webp' })).metadata()).format, 'webp');
+});
+
+test('LCM guidance embedding matches diffusers get_guidance_scale_embedding', () => {
+  const emb = guidanceEmbedding(8, 256);
+  assert.equal(emb.length, 256);
+  // k = 0: sin(7000), cos(7000); k = 127: frequency 1e-4 -> sin(0.7), cos(0.7)
+  assert.ok(Math.abs(emb[0]! - Math.sin(7000)) < 1e-6);
+  assert.ok(Math.abs(emb[128]! - Math.cos(7000)) < 1e-6);
+  assert.ok(Math.abs(emb[127]! - Math.sin(0.7)) < 1e-6);
+  assert.ok(Math.abs(emb[255]! - Math.cos(0.7)) < 1e-6);
+  // guidance 1 -> w = 0 -> sin half zero, cos half one
+  const flat = guidanceEmbedding(1, 8);
+  assert.deepEqual(Array.from(flat), [0, 0, 0, 0, 1, 1, 1, 1]);
+});
+
+test('token weights scale tokens and keep the mean; all-ones is a no-op', () => {
+  const dim = 2;
+  const hidden = Float32Array.from([1, 1, 2, 2, 3, 3]);
+  const untouched = Float32Array.from(hidden);
+  applyTokenWeights(hidden, [1, 1, 1], dim);
+  assert.deepEqual(hidden, untouched);
+  applyTokenWeights(hidden, [1, 2, 1], dim);
+  const mean = (a: Float32Array) => a.reduce((s, x) => s + x, 0) / a.length;
+  assert.ok(Math.abs(mean(hidden) - mean(untouched)) < 1e-6);
+  // the weighted token grew relative to its neighbours: ratio 2·2/1 = 4
+  assert.ok(Math.abs(hidden[2]! / hidden[0]! - 4) < 1e-5);
+});
+
+test('quality names map to tiers; unknown names list the allowed ones', () => {
+  assert.equal(qualityTier(undefined), 'smooth');
+  assert.equal(qualityTier('standard'), 'smooth');
+  assert.equal(qualityTier('HD'), 'hd');
+  assert.equal(qualityTier('low'), 'draft');
+  assert.throws(
+    () => qualityTier('ultra'),
+    (err: unknown) => err instanceof InvalidOptionError && err.param === 'quality' && QUALITY_NAMES.every((n) => err.message.includes(n)),
+  );
+});
+
+test('sizes: the three squares by default, others refused with the list', () => {
+  assert.deepEqual(parseSize('512x512'), { width: 512, height: 512 });
+  assert.deepEqual(parseSize('1024x1024'), { width: 1024, height: 1024 });
+  for (const bad of ['640x480', '512', 'x', '0x0', '256X256x']) {
+    assert.throws(() => parseSize(bad), (e: unknown) => e instanceof InvalidOptionError && e.param === 'size' && /256x256/.test(e.message));
+  }
+});
