@@ -1,0 +1,67 @@
+/**
+ * `kiln generate`: one image from the command line, with a progress bar on a terminal.
+ */
+import { writeFile } from 'node:fs/promises';
+import { SingleBar, Presets } from 'cli-progress';
+import { Engine } from '../engine/engine.js';
+import { defaultModelName } from '../engine/locate.js';
+import { randomSeed } from '../engine/rng.js';
+import { encodeGeneratedPng } from '../engine/image-codec.js';
+import type { Device } from '../engine/onnx.js';
+import { generate, type Progress } from '../engine/pipeline.js';
+
+export interface GenerateFlags {
+  model?: string;
+  prompt: string;
+  negative?: string;
+  seed?: number;
+  size: string;
+  quality: string;
+  scheduler?: string;
+  steps?: number;
+  guidance?: number;
+  device: Device;
+  out?: string;
+}
+
+export async function generateCommand(flags: GenerateFlags): Promise<void> {
+  const engine = new Engine({ device: flags.device });
+  const modelName = flags.model ?? defaultModelName(engine.searchDirs);
+  const seed = flags.seed ?? randomSeed();
+  const started = performance.now();
+  const bar = process.stderr.isTTY
+    ? new SingleBar({ format: ' {stage} |{bar}| {value}/{total} steps | {duration_formatted}', hideCursor: true }, Presets.shades_classic)
+    : undefined;
+  try {
+    const model = await engine.model(modelName);
+    const onProgress = (p: Progress) => {
+      if (!bar) return;
+      if (p.stage === 'encode') bar.start(p.totalSteps, 0, { stage: 'encode ' });
+      else bar.update(p.step, { stage: p.stage === 'decode' ? 'decode ' : 'denoise' });
+    };
+    const result = await generate(model, {
+      prompt: flags.prompt,
+      negativePrompt: flags.negative,
+      seed,
+      size: flags.size,
+      quality: flags.quality,
+      scheduler: flags.scheduler,
+      steps: flags.steps,
+      guidanceScale: flags.guidance,
+      onProgress,
+    });
+    bar?.stop();
+    const png = await encodeGeneratedPng(result.image, result.settings);
+    const out = flags.out ?? `kiln-${seed}.png`;
+    await writeFile(out, png);
+    const s = result.settings;
+    const seconds = ((performance.now() - started) / 1000).toFixed(2);
+    process.stdout.write(
+      `${out}: ${s.width}x${s.height} model=${s.model} seed=${s.seed} steps=${s.steps} scheduler=${s.scheduler} ` +
+        `guidance=${s.guidanceScale} time=${seconds}s (generation ${(result.timings.totalMs / 1000).toFixed(2)}s)\n`,
+    );
+  } finally {
+    bar?.stop();
+    await engine.close();
+  }
+}

@@ -1,0 +1,46 @@
+/**
+ * The `kiln` command.
+ */
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { generateCommand } from './generate.js';
+import { formatCliError } from './errors.js';
+
+const program = new Command();
+program
+  .name('kiln')
+  .description('Self-hosted, OpenAI-compatible image generation (Block Entropy images API) on ONNX Runtime')
+  .showHelpAfterError();
+
+export function parseInteger(value: string): number {
+  if (!/^\d+$/.test(value.trim())) throw new InvalidArgumentError('expected a non-negative integer');
+  return Number(value);
+}
+
+export function parseNumber(value: string): number {
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isFinite(n)) throw new InvalidArgumentError('expected a number');
+  return n;
+}
+
+program
+  .command('generate')
+  .description('generate one image from a prompt and write it as PNG')
+  .option('-m, --model <name|dir>', 'installed model name or model folder (default: the default model)')
+  .requiredOption('-p, --prompt <text>', 'what to draw; inline weights like (ball)0.5 or word++ work')
+  .option('--negative <text>', 'negative prompt')
+  .option('-s, --seed <n>', 'seed (the API\'s n); random when absent', parseInteger)
+  .option('--size <WxH>', 'image size: 256x256, 512x512 or 1024x1024', '512x512')
+  .option('-q, --quality <name>', 'draft|low, smooth|standard|medium|auto, hd|high', 'smooth')
+  .option('--scheduler <name>', 'euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras, dpm_single, unipc, lcm')
+  .option('--steps <n>', 'denoising steps (overrides quality)', parseInteger)
+  .option('--guidance <x>', 'classifier-free guidance scale', parseNumber)
+  .addOption(new Option('--device <device>', 'execution provider').choices(['cpu', 'cuda']).default('cpu'))
+  .option('-o, --out <file>', 'output PNG path (default: kiln-<seed>.png)')
+  .action(generateCommand);
+
+try {
+  await program.parseAsync(process.argv);
+} catch (err) {
+  process.stderr.write(`kiln: ${formatCliError(err)}\n`);
+  process.exitCode = 1;
+}
