@@ -1,0 +1,113 @@
+/**
+ * scheduler_config.json files as shipped on the Hugging Face Hub (copied key for key).
+ */
+import type { SchedulerConfig } from '../../src/engine/schedulers/index.js';
+
+/** runwayml/stable-diffusion-v1-5 */
+export const SD15_PNDM: SchedulerConfig = {
+  _class_name: 'PNDMScheduler',
+  _diffusers_version: '0.6.0',
+  beta_end: 0.012,
+  beta_schedule: 'scaled_linear',
+  beta_start: 0.00085,
+  num_train_timesteps: 1000,
+  set_alpha_to_one: false,
+  skip_prk_steps: true,
+  steps_offset: 1,
+  trained_betas: null,
+  clip_sample: false,
+};
+
+/** stabilityai/stable-diffusion-2-1 (v-prediction) */
+export const SD21_DDIM: SchedulerConfig = {
+  _class_name: 'DDIMScheduler',
+  _diffusers_version: '0.8.0',
+  beta_end: 0.012,
+  beta_schedule: 'scaled_linear',
+  beta_start: 0.00085,
+  clip_sample: false,
+  num_train_timesteps: 1000,
+  prediction_type: 'v_prediction',
+  set_alpha_to_one: false,
+  skip_prk_steps: true,
+  steps_offset: 1,
+  trained_betas: null,
+};
+
+/** stabilityai/stable-diffusion-xl-base-1.0 */
+export const SDXL_EULER: SchedulerConfig = {
+  _class_name: 'EulerDiscreteScheduler',
+  _diffusers_version: '0.19.0.dev0',
+  beta_end: 0.012,
+  beta_schedule: 'scaled_linear',
+  beta_start: 0.00085,
+  clip_sample: false,
+  interpolation_type: 'linear',
+  num_train_timesteps: 1000,
+  prediction_type: 'epsilon',
+  sample_max_value: 1.0,
+  set_alpha_to_one: false,
+  skip_prk_steps: true,
+  steps_offset: 1,
+  timestep_spacing: 'leading',
+  trained_betas: null,
+  use_karras_sigmas: false,
+};
+
+/** stabilityai/sd-turbo */
+export const SD_TURBO_EULER: SchedulerConfig = {
+  _class_name: 'EulerDiscreteScheduler',
+  _diffusers_version: '0.24.0.dev0',
+  beta_end: 0.012,
+  beta_schedule: 'scaled_linear',
+  beta_start: 0.00085,
+  clip_sample: false,
+  interpolation_type: 'linear',
+  num_train_timesteps: 1000,
+  prediction_type: 'epsilon',
+  sample_max_value: 1.0,
+  set_alpha_to_one: false,
+  skip_prk_steps: true,
+  steps_offset: 1,
+  timestep_spacing: 'trailing',
+  trained_betas: null,
+  use_karras_sigmas: false,
+};
+
+/** stabilityai/sdxl-turbo */
+export const SDXL_TURBO_EULER_A: SchedulerConfig = {
+  ...SD_TURBO_EULER,
+  _class_name: 'EulerAncestralDiscreteScheduler',
+};
+
+/** SimianLuo/LCM_Dreamshaper_v7 */
+export const LCM_DREAMSHAPER: SchedulerConfig = {
+  _class_name: 'LCMScheduler',
+  _diffusers_version: '0.22.0.dev0',
+  beta_end: 0.012,
+  beta_schedule: 'scaled_linear',
+  beta_start: 0.00085,
+  clip_sample: false,
+  clip_sample_range: 1.0,
+  dynamic_thresholding_ratio: 0.995,
+  num_train_timesteps: 1000,
+  original_inference_steps: 50,
+  prediction_type: 'epsilon',
+  rescale_betas_zero_snr: false,
+  sample_max_value: 1.0,
+  set_alpha_to_one: true,
+  steps_offset: 1,
+  thresholding: false,
+  timestep_scaling: 10.0,
+  timestep_spacing: 'leading',
+  trained_betas: null,
+};
+
+export const REAL_CONFIGS: Record<string, SchedulerConfig> = {
+  SD15_PNDM,
+  SD21_DDIM,
+  SDXL_EULER,
+  SD_TURBO_EULER,
+  SDXL_TURBO_EULER_A,
+  LCM_DREAMSHAPER,
+};
