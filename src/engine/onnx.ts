@@ -7,6 +7,7 @@
  * it, and converts every float output back to float32. Outputs are selected by name.
  */
 import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { basename, dirname, join, relative } from 'node:path';
 import ort from 'onnxruntime-node';
 import { DeviceUnavailableError, ModelLoadError } from './errors.js';
@@ -64,6 +65,7 @@ export class OnnxModel {
       throw new ModelLoadError(`missing file ${label} in model folder ${modelRoot}`, path);
     }
     const device = options.device ?? 'cpu';
+    if (device === 'cuda') assertCudaProviderInstalled();
     let session: ort.InferenceSession;
     try {
       session = await ort.InferenceSession.create(path, {
@@ -74,8 +76,7 @@ export class OnnxModel {
       const detail = firstLine(err);
       if (device === 'cuda' && /cuda|provider|backend/i.test(detail)) {
         throw new DeviceUnavailableError(
-          `the CUDA execution provider is not available (${detail}). ` +
-            'Install it with `ONNXRUNTIME_NODE_INSTALL=cuda12 npm rebuild onnxruntime-node` on a host with CUDA 12, or use --device cpu.',
+          `the CUDA execution provider is not available (${detail}). ${CUDA_HINT}`,
         );
       }
       throw new ModelLoadError(`cannot load ${label} from ${dirname(path)}: ${explainLoadFailure(detail, path)}`, path);
@@ -133,6 +134,27 @@ export class OnnxModel {
 
   async release(): Promise<void> {
     await this.session.release();
+  }
+}
+
+const CUDA_HINT =
+  'Install it with `ONNXRUNTIME_NODE_INSTALL=cuda12 npm rebuild onnxruntime-node` on a host with CUDA 12, or use --device cpu.';
+
+/**
+ * onnxruntime-node ships the CPU provider only; the CUDA provider library is fetched at install
+ * time on GPU hosts. Checking for it first gives one clear error instead of ORT's loader noise.
+ */
+export function cudaProviderInstalled(): boolean {
+  if (process.platform !== 'linux' && process.platform !== 'win32') return false;
+  const binding = dirname(createRequire(import.meta.url).resolve('onnxruntime-node'));
+  const lib = process.platform === 'win32' ? 'onnxruntime_providers_cuda.dll' : 'libonnxruntime_providers_cuda.so';
+  const dir = join(binding, '..', 'bin', 'napi-v6', process.platform, process.arch);
+  return existsSync(join(dir, lib));
+}
+
+function assertCudaProviderInstalled(): void {
+  if (!cudaProviderInstalled()) {
+    throw new DeviceUnavailableError(`the CUDA execution provider is not installed. ${CUDA_HINT}`);
   }
 }
 

@@ -13,8 +13,8 @@ import { ensureFixture, FIXTURE_VARIANTS, type FixtureVariant } from '../../tool
 import { DiffusionModel, detectLayout } from '../../src/engine/model.js';
 import { generate, type GenerateOptions } from '../../src/engine/pipeline.js';
 import { encodeGeneratedPng, readPngText } from '../../src/engine/image-codec.js';
-import { GenerationCancelledError, InvalidOptionError, ModelLoadError } from '../../src/engine/errors.js';
-import { OnnxModel, type Feed } from '../../src/engine/onnx.js';
+import { DeviceUnavailableError, GenerationCancelledError, InvalidOptionError, ModelLoadError } from '../../src/engine/errors.js';
+import { OnnxModel, cudaProviderInstalled, type Feed } from '../../src/engine/onnx.js';
 
 const loaded: DiffusionModel[] = [];
 after(async () => {
@@ -237,6 +237,14 @@ describe('broken model folders', () => {
     rmSync(join(dir, 'tokenizer_2'), { recursive: true });
     assert.throws(() => detectLayout(dir), (err: unknown) => err instanceof ModelLoadError && /tokenizer_2\/vocab\.json/.test(err.message));
     assert.throws(() => detectLayout(scratch), (err: unknown) => err instanceof ModelLoadError && /model_index\.json/.test(err.message));
+  });
+
+  test('--device cuda fails clearly where the CUDA provider is not installed', { skip: cudaProviderInstalled() && 'CUDA provider present' }, async () => {
+    await assert.rejects(DiffusionModel.load(await ensureFixture('sd15-optimum'), { device: 'cuda' }), (err: unknown) => {
+      assert.ok(err instanceof DeviceUnavailableError, String(err));
+      assert.match(err.message, /ONNXRUNTIME_NODE_INSTALL=cuda12/);
+      return true;
+    });
   });
 
   test('a UNet without the inputs the family needs is refused at load', async () => {
