@@ -45,7 +45,8 @@ export interface SchedulerConfig {
   solver_type?: string | null;
   algorithm_type?: string | null;
   euler_at_final?: boolean | null;
-  lambda_min_clipped?: number | null;
+  /** Python's -inf has no JSON spelling; the strings "-inf"/"-Infinity" are accepted too. */
+  lambda_min_clipped?: number | string | null;
   use_lu_lambdas?: boolean | null;
   /** UniPC. */
   predict_x0?: boolean | null;
