@@ -11,6 +11,8 @@ import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 import * as ort from 'onnxruntime-node';
 import {
   ALL_FIXTURE_VARIANTS,
@@ -233,6 +235,8 @@ function feedsFor(
   }
   return feeds;
 }
+
+const execFileAsync = promisify(execFile);
 
 const tmpRoot = mkdtempSync(join(tmpdir(), 'kiln-fixtures-'));
 after(() => rmSync(tmpRoot, { recursive: true, force: true }));
@@ -550,6 +554,18 @@ describe('float16 helpers', () => {
 });
 
 describe('ensureFixture', () => {
+  test('two processes racing on an empty cache both get the same complete folder', async () => {
+    const cache = join(tmpRoot, 'race-cache');
+    const script = `import { ensureFixture } from './tools/fixtures/variants.ts'; process.stdout.write(await ensureFixture('sd15-legacy'));`;
+    const run = () =>
+      execFileAsync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { env: { ...process.env, KILN_FIXTURE_CACHE: cache } });
+    const [a, b] = await Promise.all([run(), run()]);
+    assert.equal(a.stdout, b.stdout);
+    assert.deepEqual(readdirSync(cache), [`sd15-legacy-${builderVersionHash()}`]);
+    const s = await open(join(a.stdout, 'unet', 'model.onnx'));
+    await s.run(feedsFor(s, 'unet'));
+  });
+
   test('caches under .cache/fixtures/<variant>-<hash>, and racing callers get one folder', async () => {
     const prev = process.env.KILN_FIXTURE_CACHE;
     process.env.KILN_FIXTURE_CACHE = join(tmpRoot, 'cache');
