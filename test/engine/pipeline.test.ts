@@ -10,6 +10,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
 import { ensureFixture, FIXTURE_VARIANTS, type FixtureVariant } from '../../tools/fixtures/variants.js';
+
+// Every layout variant the engine serves (the SDXL refiner, text_encoder_2 only, is not one yet).
+const SERVED_VARIANTS: FixtureVariant[] = [...FIXTURE_VARIANTS, 'sdxl-turbo'];
 import { DiffusionModel, detectLayout } from '../../src/engine/model.js';
 import { generate, type GenerateOptions } from '../../src/engine/pipeline.js';
 import { encodeGeneratedPng, readPngText } from '../../src/engine/image-codec.js';
@@ -46,13 +49,15 @@ async function png(model: DiffusionModel, options: Partial<GenerateOptions> = {}
   return encodeGeneratedPng(result.image, result.settings);
 }
 
-const EXPECTED_FAMILY: Partial<Record<FixtureVariant, string>> = { sdxl: 'sdxl', lcm: 'sd1', 'sd-turbo': 'sd2' };
+const EXPECTED_FAMILY: Partial<Record<FixtureVariant, string>> = { sdxl: 'sdxl', 'sdxl-turbo': 'sdxl', lcm: 'sd1', 'sd-turbo': 'sd2' };
+const EXPECTED_DISTILLATION: Partial<Record<FixtureVariant, string>> = { lcm: 'lcm', 'sd-turbo': 'turbo', 'sdxl-turbo': 'turbo' };
 
-for (const variant of FIXTURE_VARIANTS) {
+for (const variant of SERVED_VARIANTS) {
   describe(`fixture ${variant}`, () => {
     test('size, determinism (same seed same bytes, other seed other bytes), prompt sensitivity', async () => {
       const model = await load(variant);
       assert.equal(model.layout.family, EXPECTED_FAMILY[variant] ?? 'sd1');
+      assert.equal(model.layout.distillation, EXPECTED_DISTILLATION[variant] ?? null);
       const a = await png(model);
       const b = await png(model);
       const c = await png(model, { seed: 43 });
