@@ -78,7 +78,9 @@ export function parametersText(s: EffectiveSettings): string {
   if (s.negativePrompt) lines.push(`Negative prompt: ${s.negativePrompt}`);
   lines.push(
     `Steps: ${s.steps}, Sampler: ${s.scheduler}, CFG scale: ${s.guidanceScale}, Seed: ${s.seed}, ` +
-      `Size: ${s.width}x${s.height}, Model: ${s.model}, Quality: ${s.quality}, Generator: kiln`,
+      `Size: ${s.width}x${s.height}, Model: ${s.model}, Quality: ${s.quality}, ` +
+      (s.strength !== undefined ? `Denoising strength: ${s.strength}, ` : '') +
+      'Generator: kiln',
   );
   return lines.join('\n');
 }

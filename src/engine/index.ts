@@ -3,8 +3,10 @@
  */
 export { Engine, type EngineOptions } from './engine.js';
 export { DiffusionModel, detectLayout, type ModelLayout, type ModelFamily, type Distillation, type ModelDefaults } from './model.js';
+export { img2img, prepareInitImage, DEFAULT_STRENGTH, type Img2ImgOptions } from './img2img.js';
 export {
   generate,
+  runDiffusion,
   denoise,
   resolveSettings,
   guidanceEmbedding,

@@ -57,6 +57,8 @@ export interface EffectiveSettings {
   scheduler: string;
   guidanceScale: number;
   quality: string;
+  /** img2img/inpainting: how much of the input is re-noised (0..1]. */
+  strength?: number;
 }
 
 export interface Timings {
@@ -251,26 +253,45 @@ export async function denoise(args: DenoiseArgs): Promise<{ latents: Float32Arra
   return { latents, unetCalls };
 }
 
-/** Text-to-image for one prompt and seed. */
-export async function generate(model: DiffusionModel, options: GenerateOptions): Promise<GenerateResult> {
+/** Where denoising starts: latents and the timesteps still to run (all, or a tail for img2img). */
+export interface LatentStart {
+  latents: Float32Array;
+  timesteps: number[];
+}
+
+export interface StartContext {
+  settings: EffectiveSettings;
+  scheduler: Scheduler;
+  /** Seeded stream for the starting latents (noise, VAE sampling). */
+  rng: Rng;
+  latentDims: number[];
+}
+
+/**
+ * Runs one generation: settings -> scheduler -> starting latents (from `start`) -> text
+ * conditioning -> the shared denoising loop -> VAE decode. txt2img and img2img differ only
+ * in `start`; inpainting adds `afterStep`.
+ */
+export async function runDiffusion(
+  model: DiffusionModel,
+  options: GenerateOptions,
+  start: (ctx: StartContext) => Promise<LatentStart> | LatentStart,
+  extra: { settings?: Partial<EffectiveSettings>; afterStep?: DenoiseArgs['afterStep'] } = {},
+): Promise<GenerateResult> {
   const t0 = performance.now();
   const runMsBefore = model.stats.sessionRunMs;
-  const settings = resolveSettings(model, options);
+  const settings = { ...resolveSettings(model, options), ...extra.settings };
   const scheduler = makeScheduler(model, settings);
   const timings: Timings = { tokenizeMs: 0, encodeMs: 0, unetMs: [], schedulerMs: 0, decodeMs: 0, totalMs: 0, sessionRunMs: 0 };
   const { onProgress, signal } = options;
   throwIfAborted(signal);
 
   const rng = createRng(settings.seed);
-  const h = settings.height / VAE_FACTOR;
-  const w = settings.width / VAE_FACTOR;
-  const latentDims = [1, LATENT_CHANNELS, h, w];
+  const latentDims = [1, LATENT_CHANNELS, settings.height / VAE_FACTOR, settings.width / VAE_FACTOR];
   scheduler.setTimesteps(settings.steps);
-  const noise = rng.normals(LATENT_CHANNELS * h * w);
-  const sigma = scheduler.initNoiseSigma;
-  for (let i = 0; i < noise.length; i++) noise[i]! *= sigma;
+  const begin = await start({ settings, scheduler, rng, latentDims });
 
-  onProgress?.({ stage: 'encode', step: 0, totalSteps: settings.steps });
+  onProgress?.({ stage: 'encode', step: 0, totalSteps: begin.timesteps.length });
   let started = performance.now();
   const cfg = usesCfg(model, settings.guidanceScale);
   const { cond, uncond } = await encodePrompts(model, settings.prompt, settings.negativePrompt, cfg, timings);
@@ -279,9 +300,9 @@ export async function generate(model: DiffusionModel, options: GenerateOptions):
   const { latents, unetCalls } = await denoise({
     model,
     scheduler,
-    latents: noise,
+    latents: begin.latents,
     latentDims,
-    timesteps: scheduler.timesteps,
+    timesteps: begin.timesteps,
     cond,
     uncond,
     guidanceScale: settings.guidanceScale,
@@ -290,17 +311,28 @@ export async function generate(model: DiffusionModel, options: GenerateOptions):
     rng: rng.fork(),
     signal,
     onStep: (step, total) => onProgress?.({ stage: 'denoise', step, totalSteps: total }),
+    afterStep: extra.afterStep,
     timings,
   });
 
   throwIfAborted(signal);
-  onProgress?.({ stage: 'decode', step: settings.steps, totalSteps: settings.steps });
+  onProgress?.({ stage: 'decode', step: begin.timesteps.length, totalSteps: begin.timesteps.length });
   started = performance.now();
   const image = await decodeLatents(model, latents, latentDims);
   timings.decodeMs = performance.now() - started;
   timings.totalMs = performance.now() - t0;
   timings.sessionRunMs = model.stats.sessionRunMs - runMsBefore;
   return { image, settings, timings, unetCalls };
+}
+
+/** Text-to-image for one prompt and seed: denoising starts from seeded Gaussian noise. */
+export function generate(model: DiffusionModel, options: GenerateOptions): Promise<GenerateResult> {
+  return runDiffusion(model, options, ({ scheduler, rng, latentDims }) => {
+    const latents = rng.normals(latentDims.reduce((a, b) => a * b, 1));
+    const sigma = scheduler.initNoiseSigma;
+    for (let i = 0; i < latents.length; i++) latents[i]! *= sigma;
+    return { latents, timesteps: scheduler.timesteps };
+  });
 }
 
 /** LCM's guidance embedding: sinusoidal features of w = 1000·(g − 1), sin half then cos half. */
