@@ -4,6 +4,8 @@
 export { Engine, type EngineOptions } from './engine.js';
 export { DiffusionModel, detectLayout, type ModelLayout, type ModelFamily, type Distillation, type ModelDefaults } from './model.js';
 export { img2img, prepareInitImage, DEFAULT_STRENGTH, type Img2ImgOptions } from './img2img.js';
+export { inpaint, prepareMask, checkMaskMatchesImage, latentMask, type InpaintOptions } from './inpaint.js';
+export { replaceRandomNormalLike } from './seeded-sampling.js';
 export {
   generate,
   runDiffusion,

@@ -9,12 +9,14 @@
  * The family is read from the files, never from the folder's name.
  */
 import { existsSync, readFileSync } from 'node:fs';
+import { readFile, writeFile } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 import { ModelLoadError } from './errors.js';
 import { OnnxModel, type Device, type RunStats } from './onnx.js';
 import { loadClipTokenizer, type ClipTokenizer } from './tokenizer.js';
 import type { SchedulerConfig } from './schedulers/index.js';
 import { DEFAULT_STEPS, type StepsByTier } from './presets.js';
+import { replaceRandomNormalLike } from './seeded-sampling.js';
 
 export type ModelFamily = 'sd1' | 'sd2' | 'sdxl';
 export type Distillation = 'lcm' | 'turbo' | null;
@@ -164,8 +166,18 @@ export interface LoadOptions {
 }
 
 /** A loaded model: its layout, tokenizers and live sessions. */
+/** A VAE encoder session and the noise inputs that replaced its in-graph sampling, if any. */
+export interface VaeEncoder {
+  model: OnnxModel;
+  noiseInputs: string[];
+}
+
+/** Kiln's convention for an inpainting UNet shipped beside a model's own UNet. */
+export const INPAINT_UNET_PATH = 'inpaint_unet/model.onnx';
+
 export class DiffusionModel {
-  private vaeEncoderPromise: Promise<OnnxModel> | undefined;
+  private vaeEncoderPromise: Promise<VaeEncoder> | undefined;
+  private inpaintUnetPromise: Promise<OnnxModel | undefined> | undefined;
 
   private constructor(
     readonly name: string,
@@ -248,7 +260,7 @@ export class DiffusionModel {
 
   /** The UNet's noise-prediction output: `out_sample` (diffusers/optimum) or the only output. */
   unetOutputName(): string {
-    return pickOutput(this.unet, ['out_sample', 'noise_pred', 'sample']);
+    return unetOutputName(this.unet);
   }
 
   vaeDecoderOutputName(): string {
@@ -259,23 +271,68 @@ export class DiffusionModel {
     return this.layout.family === 'sdxl';
   }
 
-  /** The VAE encoder, loaded on first use (only img2img and inpainting need it). */
-  vaeEncoder(): Promise<OnnxModel> {
+  /**
+   * The VAE encoder, loaded on first use (only img2img and inpainting need it). An encoder
+   * that samples inside the graph is patched so that its noise comes from Kiln's seeded RNG.
+   */
+  vaeEncoder(): Promise<VaeEncoder> {
     if (!this.layout.hasVaeEncoder) {
       return Promise.reject(new ModelLoadError(`model ${this.name} has no vae_encoder/model.onnx (needed for image edits)`));
     }
-    this.vaeEncoderPromise ??= OnnxModel.load(join(this.layout.dir, 'vae_encoder/model.onnx'), this.layout.dir, {
-      device: this.device,
-      stats: this.stats,
-    });
+    this.vaeEncoderPromise ??= this.loadVaeEncoder();
     return this.vaeEncoderPromise;
+  }
+
+  private async loadVaeEncoder(): Promise<VaeEncoder> {
+    const root = this.layout.dir;
+    const path = join(root, 'vae_encoder/model.onnx');
+    const options = { device: this.device, stats: this.stats };
+    const patched = replaceRandomNormalLike(await readFile(path));
+    if (!patched) return { model: await OnnxModel.load(path, root, options), noiseInputs: [] };
+    let model: OnnxModel;
+    if (patched.externalData) {
+      // External-data locations are relative to the graph file: the patched graph sits beside it.
+      const seededPath = join(root, 'vae_encoder/model.kiln-seeded.onnx');
+      await writeFile(seededPath, patched.bytes);
+      model = await OnnxModel.load(seededPath, root, options);
+    } else {
+      model = await OnnxModel.fromBytes(patched.bytes, 'vae_encoder/model.onnx', path, options);
+    }
+    return { model, noiseInputs: patched.noiseInputs };
+  }
+
+  /** Whether a UNet takes the 9-channel inpainting input (latents, mask, masked-image latents). */
+  static isInpaintingUnet(unet: OnnxModel): boolean {
+    return unet.input('sample').shape[1] === 9;
+  }
+
+  /**
+   * The dedicated inpainting UNet, if the folder has one: the model's own UNet when it is a
+   * 9-channel inpainting model, else `inpaint_unet/model.onnx` beside it (loaded on first use).
+   */
+  inpaintUnet(): Promise<OnnxModel | undefined> {
+    if (DiffusionModel.isInpaintingUnet(this.unet)) return Promise.resolve(this.unet);
+    const path = join(this.layout.dir, INPAINT_UNET_PATH);
+    this.inpaintUnetPromise ??= existsSync(path)
+      ? OnnxModel.load(path, this.layout.dir, { device: this.device, stats: this.stats })
+      : Promise.resolve(undefined);
+    return this.inpaintUnetPromise;
   }
 
   async release(): Promise<void> {
     const sessions = [this.textEncoder, this.textEncoder2, this.unet, this.vaeDecoder];
-    if (this.vaeEncoderPromise) sessions.push(await this.vaeEncoderPromise.catch(() => undefined));
+    if (this.vaeEncoderPromise) sessions.push((await this.vaeEncoderPromise.catch(() => undefined))?.model);
+    if (this.inpaintUnetPromise) {
+      const inpaint = await this.inpaintUnetPromise.catch(() => undefined);
+      if (inpaint !== this.unet) sessions.push(inpaint);
+    }
     await Promise.all(sessions.map((s) => s?.release()));
   }
+}
+
+/** A UNet's noise-prediction output: `out_sample` (diffusers/optimum) or its only output. */
+export function unetOutputName(unet: OnnxModel): string {
+  return pickOutput(unet, ['out_sample', 'noise_pred', 'sample']);
 }
 
 function pickOutput(model: OnnxModel, preferred: string[]): string {

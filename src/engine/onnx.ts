@@ -64,14 +64,27 @@ export class OnnxModel {
     if (!existsSync(path)) {
       throw new ModelLoadError(`missing file ${label} in model folder ${modelRoot}`, path);
     }
+    return OnnxModel.create(path, label, path, options);
+  }
+
+  /** A session from graph bytes held in memory (a patched graph without external data). */
+  static fromBytes(bytes: Uint8Array, label: string, sourcePath: string, options: SessionOptions = {}): Promise<OnnxModel> {
+    return OnnxModel.create(bytes, label, sourcePath, options);
+  }
+
+  private static async create(source: string | Uint8Array, label: string, path: string, options: SessionOptions): Promise<OnnxModel> {
     const device = options.device ?? 'cpu';
     if (device === 'cuda') assertCudaProviderInstalled();
     let session: ort.InferenceSession;
     try {
-      session = await ort.InferenceSession.create(path, {
+      const sessionOptions: ort.InferenceSession.SessionOptions = {
         executionProviders: device === 'cuda' ? ['cuda'] : ['cpu'],
         graphOptimizationLevel: 'all',
-      });
+      };
+      session =
+        typeof source === 'string'
+          ? await ort.InferenceSession.create(source, sessionOptions)
+          : await ort.InferenceSession.create(source, sessionOptions);
     } catch (err) {
       const detail = firstLine(err);
       if (device === 'cuda' && /cuda|provider|backend/i.test(detail)) {

@@ -9,11 +9,11 @@
 import { createScheduler, schedulerClassFor, isSupportedScheduler, SCHEDULER_NAMES, type Scheduler } from './schedulers/index.js';
 import { encodePrompts, type TextConditioning } from './conditioning.js';
 import { decodeLatents, type RgbImage } from './vae.js';
-import type { DiffusionModel } from './model.js';
-import { timestepDims, type Feed } from './onnx.js';
+import { unetOutputName, type DiffusionModel } from './model.js';
+import { timestepDims, type Feed, type OnnxModel } from './onnx.js';
 import { createRng, MAX_SEED, type Rng } from './rng.js';
 import { DEFAULT_QUALITY, DEFAULT_SIZES, parseSize, qualityTier } from './presets.js';
-import { GenerationCancelledError, InvalidOptionError } from './errors.js';
+import { GenerationCancelledError, InvalidOptionError, ModelLoadError } from './errors.js';
 
 export const MAX_STEPS = 150;
 export const MAX_GUIDANCE = 30;
@@ -168,6 +168,13 @@ export interface DenoiseArgs {
   onStep?: (step: number, total: number) => void;
   /** Hook after each scheduler step (inpainting blends known latents back in here). */
   afterStep?: (latents: Float32Array, stepIndex: number, t: number) => Float32Array;
+  /** The UNet to run (default: the model's; inpainting may bring a 9-channel one). */
+  unet?: OnnxModel;
+  /**
+   * Extra input channels appended to every sample row (an inpainting UNet's mask and masked
+   * image latents: 5·h·w values), constant over the steps.
+   */
+  extraChannels?: Float32Array;
   timings: Timings;
 }
 
@@ -176,8 +183,8 @@ export async function denoise(args: DenoiseArgs): Promise<{ latents: Float32Arra
   const { model, scheduler, cond, uncond, guidanceScale, timings } = args;
   const cfg = uncond !== undefined;
   const batch = cfg ? 2 : 1;
-  const unet = model.unet;
-  const outName = model.unetOutputName();
+  const unet = args.unet ?? model.unet;
+  const outName = unetOutputName(unet);
   const size = args.latents.length;
 
   // Feeds that do not change between steps.
@@ -205,7 +212,18 @@ export async function denoise(args: DenoiseArgs): Promise<{ latents: Float32Arra
     staticFeeds.timestep_cond = batched(Array(batch).fill(emb), [1, dim]);
   }
   const timestepInfo = unet.input('timestep');
-  const sampleDims = [batch, ...args.latentDims.slice(1)];
+  const [, channels, h, w] = args.latentDims as [number, number, number, number];
+  const extra = args.extraChannels;
+  const sampleChannels = channels + (extra ? extra.length / (h * w) : 0);
+  const sampleDims = [batch, sampleChannels, h, w];
+  const expected = unet.input('sample').shape[1];
+  if (typeof expected === 'number' && expected > 0 && expected !== sampleChannels) {
+    throw new ModelLoadError(
+      expected === 9
+        ? `${unet.label} is an inpainting UNet (9 input channels): use it through image edits with a mask`
+        : `${unet.label} takes ${expected} sample channels, the pipeline feeds ${sampleChannels}`,
+    );
+  }
 
   let latents = args.latents;
   let unetCalls = 0;
@@ -216,7 +234,8 @@ export async function denoise(args: DenoiseArgs): Promise<{ latents: Float32Arra
 
     let started = performance.now();
     const scaled = scheduler.scaleModelInput(latents, t);
-    const sample = cfg ? batched([scaled, scaled], args.latentDims).data : scaled;
+    const row = extra ? concat(scaled, extra) : scaled;
+    const sample = cfg ? concat(row, row) : row;
     timings.schedulerMs += performance.now() - started;
 
     const tDims = timestepDims(timestepInfo, batch);
@@ -276,7 +295,14 @@ export async function runDiffusion(
   model: DiffusionModel,
   options: GenerateOptions,
   start: (ctx: StartContext) => Promise<LatentStart> | LatentStart,
-  extra: { settings?: Partial<EffectiveSettings>; afterStep?: DenoiseArgs['afterStep'] } = {},
+  extra: {
+    settings?: Partial<EffectiveSettings>;
+    afterStep?: DenoiseArgs['afterStep'];
+    extraChannels?: Float32Array;
+    unet?: OnnxModel;
+    /** Post-processing of the decoded picture (inpainting pastes the unmasked input back). */
+    afterDecode?: (image: RgbImage) => RgbImage;
+  } = {},
 ): Promise<GenerateResult> {
   const t0 = performance.now();
   const runMsBefore = model.stats.sessionRunMs;
@@ -312,13 +338,16 @@ export async function runDiffusion(
     signal,
     onStep: (step, total) => onProgress?.({ stage: 'denoise', step, totalSteps: total }),
     afterStep: extra.afterStep,
+    extraChannels: extra.extraChannels,
+    unet: extra.unet,
     timings,
   });
 
   throwIfAborted(signal);
   onProgress?.({ stage: 'decode', step: begin.timesteps.length, totalSteps: begin.timesteps.length });
   started = performance.now();
-  const image = await decodeLatents(model, latents, latentDims);
+  const decoded = await decodeLatents(model, latents, latentDims);
+  const image = extra.afterDecode ? extra.afterDecode(decoded) : decoded;
   timings.decodeMs = performance.now() - started;
   timings.totalMs = performance.now() - t0;
   timings.sessionRunMs = model.stats.sessionRunMs - runMsBefore;
@@ -346,6 +375,13 @@ export function guidanceEmbedding(guidanceScale: number, dim: number): Float32Ar
     emb[half + k] = Math.cos(w * freq);
   }
   return emb;
+}
+
+function concat(a: Float32Array, b: Float32Array): Float32Array {
+  const out = new Float32Array(a.length + b.length);
+  out.set(a);
+  out.set(b, a.length);
+  return out;
 }
 
 /** Stacks equal-sized rows into one batch tensor; `dims` is one row's dims with batch 1. */

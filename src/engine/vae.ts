@@ -4,6 +4,7 @@
 import type { DiffusionModel } from './model.js';
 import { NumericalError } from './errors.js';
 import type { Rng } from './rng.js';
+import type { Feed } from './onnx.js';
 
 /** An 8-bit RGB image, row-major, 3 bytes per pixel. */
 export interface RgbImage {
@@ -41,20 +42,31 @@ export async function decodeLatents(model: DiffusionModel, latents: Float32Array
 }
 
 /**
- * Encodes an RGB image to scaled latents [1,4,h,w]. Handles both encoder forms: an in-graph
- * sample (`latent_sample`) and `latent_parameters` (mean ‖ logvar), where the sample is drawn
- * from our seeded `rng` so img2img stays deterministic.
+ * Encodes an RGB image to scaled latents [1,4,h,w]. Both encoder forms are deterministic:
+ * `latent_parameters` (mean ‖ logvar) is sampled here from `rng`; an in-graph sample
+ * (`latent_sample`) has had its RandomNormalLike replaced by a noise input fed from `rng`.
+ * With `rng` null the latent is the distribution's mean (its mode).
  */
-export async function encodeImageToLatents(model: DiffusionModel, image: RgbImage, rng: Rng): Promise<{ latents: Float32Array; dims: number[] }> {
-  const encoder = await model.vaeEncoder();
+export async function encodeImageToLatents(
+  model: DiffusionModel,
+  image: RgbImage,
+  rng: Rng | null,
+): Promise<{ latents: Float32Array; dims: number[] }> {
+  const { model: encoder, noiseInputs } = await model.vaeEncoder();
   const { width, height, pixels } = image;
   const plane = width * height;
   const input = new Float32Array(plane * 3);
   for (let i = 0; i < plane; i++) {
     for (let c = 0; c < 3; c++) input[c * plane + i] = (pixels[i * 3 + c]! / 255) * 2 - 1;
   }
+  const latentDims = [1, 4, height / 8, width / 8];
+  const latentSize = latentDims.reduce((a, b) => a * b, 1);
+  const feeds: Record<string, Feed> = { sample: { data: input, dims: [1, 3, height, width] } };
+  for (const name of noiseInputs) {
+    feeds[name] = { data: rng ? rng.normals(latentSize) : new Float32Array(latentSize), dims: latentDims };
+  }
   const outName = encoder.hasOutput('latent_parameters') ? 'latent_parameters' : encoder.hasOutput('latent_sample') ? 'latent_sample' : [...encoder.outputs.keys()][0]!;
-  const out = await encoder.run({ sample: { data: input, dims: [1, 3, height, width] } }, [outName]);
+  const out = await encoder.run(feeds, [outName]);
   const { data, dims } = out[outName]!;
   const scale = model.layout.vaeScalingFactor;
   if (outName === 'latent_parameters' || dims[1] === 8) {
@@ -64,7 +76,7 @@ export async function encodeImageToLatents(model: DiffusionModel, image: RgbImag
     for (let i = 0; i < half; i++) {
       const mean = data[i]!;
       const logvar = Math.min(20, Math.max(-30, data[half + i]!));
-      latents[i] = (mean + Math.exp(0.5 * logvar) * rng.normal()) * scale;
+      latents[i] = (rng ? mean + Math.exp(0.5 * logvar) * rng.normal() : mean) * scale;
     }
     return { latents, dims: [1, 4, h, w] };
   }
