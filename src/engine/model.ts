@@ -174,10 +174,13 @@ export interface VaeEncoder {
 
 /** Kiln's convention for an inpainting UNet shipped beside a model's own UNet. */
 export const INPAINT_UNET_PATH = 'inpaint_unet/model.onnx';
+/** The UNet that takes ControlNet residuals (TensorStack's split layout keeps it here). */
+export const CONTROL_UNET_PATH = 'controlnet/model.onnx';
 
 export class DiffusionModel {
   private vaeEncoderPromise: Promise<VaeEncoder> | undefined;
   private inpaintUnetPromise: Promise<OnnxModel | undefined> | undefined;
+  private controlUnetPromise: Promise<OnnxModel | undefined> | undefined;
 
   private constructor(
     readonly name: string,
@@ -319,8 +322,18 @@ export class DiffusionModel {
     return this.inpaintUnetPromise;
   }
 
+  /** The residual-taking UNet of the split ControlNet layout, if the folder has one. */
+  controlUnet(): Promise<OnnxModel | undefined> {
+    const path = join(this.layout.dir, CONTROL_UNET_PATH);
+    this.controlUnetPromise ??= existsSync(path)
+      ? OnnxModel.load(path, this.layout.dir, { device: this.device, stats: this.stats })
+      : Promise.resolve(undefined);
+    return this.controlUnetPromise;
+  }
+
   async release(): Promise<void> {
     const sessions = [this.textEncoder, this.textEncoder2, this.unet, this.vaeDecoder];
+    if (this.controlUnetPromise) sessions.push(await this.controlUnetPromise.catch(() => undefined));
     if (this.vaeEncoderPromise) sessions.push((await this.vaeEncoderPromise.catch(() => undefined))?.model);
     if (this.inpaintUnetPromise) {
       const inpaint = await this.inpaintUnetPromise.catch(() => undefined);

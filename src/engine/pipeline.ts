@@ -10,7 +10,7 @@ import { createScheduler, schedulerClassFor, isSupportedScheduler, SCHEDULER_NAM
 import { encodePrompts, type TextConditioning } from './conditioning.js';
 import { decodeLatents, type RgbImage } from './vae.js';
 import { unetOutputName, type DiffusionModel } from './model.js';
-import { timestepDims, type Feed, type OnnxModel } from './onnx.js';
+import { timestepDims, type Feed, type OnnxModel, type TensorInfo } from './onnx.js';
 import { createRng, MAX_SEED, type Rng } from './rng.js';
 import { DEFAULT_QUALITY, DEFAULT_SIZES, parseSize, qualityTier } from './presets.js';
 import { GenerationCancelledError, InvalidOptionError, ModelLoadError } from './errors.js';
@@ -168,6 +168,8 @@ export interface DenoiseArgs {
   onStep?: (step: number, total: number) => void;
   /** Hook after each scheduler step (inpainting blends known latents back in here). */
   afterStep?: (latents: Float32Array, stepIndex: number, t: number) => Float32Array;
+  /** ControlNet conditioning: its residuals feed a residual-taking UNet (`unet`). */
+  control?: ControlInput;
   /** The UNet to run (default: the model's; inpainting may bring a 9-channel one). */
   unet?: OnnxModel;
   /**
@@ -176,6 +178,54 @@ export interface DenoiseArgs {
    */
   extraChannels?: Float32Array;
   timings: Timings;
+}
+
+export interface ControlInput {
+  /** The ControlNet graph (split layout: residuals out by name). */
+  net: OnnxModel;
+  /** The conditioning picture [1,3,H,W], RGB in [0, 1]. */
+  image: Float32Array;
+  imageDims: number[];
+  /** ControlNet conditioning scale (1.0 for `cn`). */
+  scale: number;
+}
+
+const RESIDUAL_OUTPUT = /^(down_block_\d+|mid_block)_additional_residual$/;
+
+function timestepFeed(info: TensorInfo, batch: number, t: number): Feed {
+  const dims = timestepDims(info, batch);
+  return { data: new Float32Array(dims.reduce((a, b) => a * b, 1)).fill(t), dims };
+}
+
+/**
+ * Runs the ControlNet on this step's UNet feeds and returns its residuals by name, scaled by
+ * the conditioning scale (inside the graph when it takes `conditioning_scale`, else here).
+ */
+async function controlResiduals(control: ControlInput, unetFeeds: Record<string, Feed>, batch: number, t: number): Promise<Record<string, Feed>> {
+  const { net } = control;
+  const feeds: Record<string, Feed> = {};
+  for (const name of net.inputs.keys()) {
+    if (name === 'timestep') feeds[name] = timestepFeed(net.input(name), batch, t);
+    else if (name === 'controlnet_cond') {
+      const rows = Array<Float32Array>(batch).fill(control.image);
+      feeds[name] = batched(rows, control.imageDims);
+    } else if (name === 'conditioning_scale') {
+      const dims = net.input(name).shape.length === 0 ? [] : [1];
+      feeds[name] = { data: Float32Array.of(control.scale), dims };
+    } else if (unetFeeds[name]) feeds[name] = unetFeeds[name]!;
+    else throw new ModelLoadError(`${net.label} takes an input "${name}" that Kiln cannot provide`);
+  }
+  const names = net.outputNames(RESIDUAL_OUTPUT);
+  if (!names.length) throw new ModelLoadError(`${net.label} has no *_additional_residual outputs`);
+  const out = await net.run(feeds, names);
+  const scaleHere = !net.hasInput('conditioning_scale') && control.scale !== 1;
+  const residuals: Record<string, Feed> = {};
+  for (const name of names) {
+    const { data, dims } = out[name]!;
+    if (scaleHere) for (let i = 0; i < data.length; i++) data[i]! *= control.scale;
+    residuals[name] = { data, dims };
+  }
+  return residuals;
 }
 
 /** The denoising loop shared by txt2img, img2img, inpainting and ControlNet pipelines. */
@@ -238,17 +288,14 @@ export async function denoise(args: DenoiseArgs): Promise<{ latents: Float32Arra
     const sample = cfg ? concat(row, row) : row;
     timings.schedulerMs += performance.now() - started;
 
-    const tDims = timestepDims(timestepInfo, batch);
-    const tCount = tDims.reduce((a, b) => a * b, 1);
     started = performance.now();
-    const out = await unet.run(
-      {
-        ...staticFeeds,
-        sample: { data: sample, dims: sampleDims },
-        timestep: { data: new Float32Array(tCount).fill(t), dims: tDims },
-      },
-      [outName],
-    );
+    const stepFeeds: Record<string, Feed> = {
+      ...staticFeeds,
+      sample: { data: sample, dims: sampleDims },
+      timestep: timestepFeed(timestepInfo, batch, t),
+    };
+    const residuals = args.control ? await controlResiduals(args.control, stepFeeds, batch, t) : {};
+    const out = await unet.run({ ...stepFeeds, ...residuals }, [outName]);
     timings.unetMs.push(performance.now() - started);
     unetCalls++;
 
@@ -300,6 +347,7 @@ export async function runDiffusion(
     afterStep?: DenoiseArgs['afterStep'];
     extraChannels?: Float32Array;
     unet?: OnnxModel;
+    control?: ControlInput;
     /** Post-processing of the decoded picture (inpainting pastes the unmasked input back). */
     afterDecode?: (image: RgbImage) => RgbImage;
   } = {},
@@ -340,6 +388,7 @@ export async function runDiffusion(
     afterStep: extra.afterStep,
     extraChannels: extra.extraChannels,
     unet: extra.unet,
+    control: extra.control,
     timings,
   });
 
@@ -354,14 +403,17 @@ export async function runDiffusion(
   return { image, settings, timings, unetCalls };
 }
 
-/** Text-to-image for one prompt and seed: denoising starts from seeded Gaussian noise. */
+/** Text-to-image's start: seeded Gaussian noise at the scheduler's initial sigma, all steps. */
+export function noiseStart({ scheduler, rng, latentDims }: StartContext): LatentStart {
+  const latents = rng.normals(latentDims.reduce((a, b) => a * b, 1));
+  const sigma = scheduler.initNoiseSigma;
+  for (let i = 0; i < latents.length; i++) latents[i]! *= sigma;
+  return { latents, timesteps: scheduler.timesteps };
+}
+
+/** Text-to-image for one prompt and seed. */
 export function generate(model: DiffusionModel, options: GenerateOptions): Promise<GenerateResult> {
-  return runDiffusion(model, options, ({ scheduler, rng, latentDims }) => {
-    const latents = rng.normals(latentDims.reduce((a, b) => a * b, 1));
-    const sigma = scheduler.initNoiseSigma;
-    for (let i = 0; i < latents.length; i++) latents[i]! *= sigma;
-    return { latents, timesteps: scheduler.timesteps };
-  });
+  return runDiffusion(model, options, noiseStart);
 }
 
 /** LCM's guidance embedding: sinusoidal features of w = 1000·(g − 1), sin half then cos half. */
