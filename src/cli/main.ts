@@ -4,6 +4,7 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { generateCommand } from './generate.js';
 import { formatCliError } from './errors.js';
+import { registerServeCommand } from './serve.js';
 
 const program = new Command();
 program
@@ -37,6 +38,8 @@ program
   .addOption(new Option('--device <device>', 'execution provider').choices(['cpu', 'cuda']).default('cpu'))
   .option('-o, --out <file>', 'output PNG path (default: kiln-<seed>.png)')
   .action(generateCommand);
+
+registerServeCommand(program);
 
 try {
   await program.parseAsync(process.argv);

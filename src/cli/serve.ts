@@ -1,0 +1,126 @@
+/**
+ * `kiln serve`: the HTTP API (src/server), with graceful shutdown on SIGTERM/SIGINT.
+ */
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { kilnHome } from '../engine/locate.js';
+import type { Device } from '../engine/onnx.js';
+import { createServer } from '../server/app.js';
+
+export interface ServeFlags {
+  host: string;
+  port: number;
+  home?: string;
+  defaultModel?: string;
+  apiKey?: string[];
+  publicUrl?: string;
+  urlTtl: number;
+  maxQueue: number;
+  workers: number;
+  timeout: number;
+  shutdownTimeout: number;
+  device: Device;
+  logLevel: string;
+  preload: boolean;
+}
+
+/** `90`, `90s`, `500ms`, `2m`, `1h` -> milliseconds (a bare number is seconds). */
+export function parseDuration(value: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$/i.exec(value);
+  if (!m) throw new InvalidArgumentError('expected a duration such as 500ms, 30s, 10m or 1h');
+  const unit = (m[2] ?? 's').toLowerCase();
+  const ms = Number(m[1]) * { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[unit as 'ms' | 's' | 'm' | 'h'];
+  if (!(ms > 0)) throw new InvalidArgumentError('expected a positive duration');
+  return Math.round(ms);
+}
+
+function parseCount(value: string): number {
+  if (!/^\s*\d+\s*$/.test(value)) throw new InvalidArgumentError('expected a non-negative integer');
+  return Number(value);
+}
+
+function parsePort(value: string): number {
+  const n = parseCount(value);
+  if (n > 65535) throw new InvalidArgumentError('expected a port from 0 to 65535');
+  return n;
+}
+
+function collect(value: string, previous: string[] = []): string[] {
+  return [...previous, value];
+}
+
+function parseUrl(value: string): string {
+  try {
+    const url = new URL(value);
+    if (url.protocol !== 'http:' && url.protocol !== 'https:') throw new Error();
+    return value.replace(/\/+$/, '');
+  } catch {
+    throw new InvalidArgumentError('expected an http(s) URL, e.g. https://images.example.com');
+  }
+}
+
+export async function serveCommand(flags: ServeFlags): Promise<void> {
+  const envKeys = (process.env.KILN_API_KEYS ?? '')
+    .split(',')
+    .map((k) => k.trim())
+    .filter(Boolean);
+  const apiKeys = [...(flags.apiKey ?? []), ...envKeys];
+  const server = await createServer({
+    home: flags.home ?? kilnHome(),
+    host: flags.host,
+    port: flags.port,
+    publicUrl: flags.publicUrl,
+    defaultModel: flags.defaultModel,
+    apiKeys,
+    urlTtlMs: flags.urlTtl,
+    maxQueue: flags.maxQueue,
+    workers: flags.workers,
+    requestTimeoutMs: flags.timeout,
+    shutdownTimeoutMs: flags.shutdownTimeout,
+    device: flags.device,
+    logger: flags.logLevel,
+    preload: flags.preload,
+  });
+  let stopping = false;
+  const stop = (signal: NodeJS.Signals) => {
+    if (stopping) {
+      server.app.log.warn(`${signal} again: exiting now`);
+      process.exit(1);
+    }
+    stopping = true;
+    server.app.log.info(`${signal}: shutting down (running jobs get ${Math.round(flags.shutdownTimeout / 1000)} s)`);
+    server.close().then(
+      () => process.exit(0),
+      (err: unknown) => {
+        server.app.log.error({ err }, 'shutdown failed');
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGTERM', stop);
+  process.on('SIGINT', stop);
+  const url = await server.listen();
+  server.app.log.info(
+    `kiln serving the images API at ${url}/v1 (image URLs at ${server.publicUrl}, ${apiKeys.length ? `${apiKeys.length} API key(s)` : 'no API key required'})`,
+  );
+}
+
+export function registerServeCommand(program: Command): void {
+  program
+    .command('serve')
+    .description("serve Block Entropy's OpenAI-compatible images API (POST /v1/images/generations, /v1/images/edits)")
+    .option('--host <host>', 'address to bind (loopback unless told otherwise)', '127.0.0.1')
+    .option('--port <port>', 'port to listen on (0: any free port)', parsePort, 1234)
+    .option('--home <dir>', "Kiln's home folder: models/, images/, the URL secret (default $KILN_HOME or ~/.local/share/kiln)")
+    .option('--default-model <name|dir>', 'model for requests that name none (default: be-stable-diffusion-xl-base-1.0 if installed, else kiln-tiny-xl)')
+    .option('--api-key <key>', 'require this bearer key on /v1/* (repeatable; also KILN_API_KEYS=k1,k2)', collect)
+    .option('--public-url <url>', 'base URL clients reach this server at, for image URLs (behind a reverse proxy)', parseUrl)
+    .option('--url-ttl <duration>', 'lifetime of image URLs and their files', parseDuration, 3_600_000)
+    .option('--max-queue <n>', 'requests that may wait for a worker; more are answered 429', parseCount, 16)
+    .option('--workers <n>', 'inference worker threads (jobs run at once)', parseCount, 1)
+    .option('--timeout <duration>', 'per-request limit, waiting included (answered 504 past it)', parseDuration, 300_000)
+    .option('--shutdown-timeout <duration>', 'on SIGTERM, how long running jobs may take before they are cancelled', parseDuration, 30_000)
+    .addOption(new Option('--device <device>', 'execution provider').choices(['cpu', 'cuda']).default('cpu'))
+    .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'))
+    .option('--no-preload', 'do not load the default model at start')
+    .action(serveCommand);
+}

@@ -1,0 +1,211 @@
+/**
+ * The in-process queue: a bounded FIFO in front of a JobRunner's slots. Waiting jobs live in
+ * memory; a cancelled waiting job is simply dropped, a cancelled running one is aborted through
+ * its AbortSignal (the engine stops at its next step) and keeps its runner slot until it has.
+ */
+import { EventEmitter } from 'node:events';
+import { randomBytes } from 'node:crypto';
+import type { Progress } from '../engine/pipeline.js';
+import {
+  JobCancelledError,
+  JobTimeoutError,
+  QueueClosedError,
+  QueueFullError,
+  type JobEvents,
+  type JobHandle,
+  type JobOutput,
+  type JobQueue,
+  type JobRunner,
+  type JobSpec,
+  type JobState,
+  type QueueEvents,
+  type QueueStats,
+  type SubmitOptions,
+} from './types.js';
+
+export interface InProcessQueueOptions {
+  /** Most jobs that may wait for a slot (0: only as many as run at once are accepted). */
+  maxQueued: number;
+  /** Jobs run at once (default: the runner's slots). */
+  concurrency?: number;
+}
+
+class Job implements JobHandle {
+  readonly id = `job_${randomBytes(9).toString('base64url')}`;
+  readonly events = new EventEmitter<JobEvents>();
+  readonly controller = new AbortController();
+  readonly result: Promise<JobOutput>;
+  readonly submittedAt = performance.now();
+  startedAt: number | undefined;
+  state: JobState = 'queued';
+  timer: NodeJS.Timeout | undefined;
+  progress: Progress | undefined;
+  resolve!: (output: JobOutput) => void;
+  reject!: (err: unknown) => void;
+
+  constructor(
+    readonly spec: JobSpec,
+    private readonly onCancel: (job: Job, reason: Error) => void,
+  ) {
+    this.result = new Promise<JobOutput>((resolve, reject) => {
+      this.resolve = resolve;
+      this.reject = reject;
+    });
+    // Nobody may be listening any more (client gone); never let that be an unhandled rejection.
+    this.result.catch(() => {});
+  }
+
+  get queuedMs(): number | undefined {
+    return this.startedAt === undefined ? undefined : this.startedAt - this.submittedAt;
+  }
+
+  setState(state: JobState): void {
+    this.state = state;
+    this.events.emit('state', state);
+  }
+
+  cancel(reason: Error = new JobCancelledError()): void {
+    if (this.state === 'queued' || this.state === 'running') this.onCancel(this, reason);
+  }
+}
+
+export class InProcessQueue implements JobQueue {
+  readonly events = new EventEmitter<QueueEvents>();
+  private readonly waiting: Job[] = [];
+  private readonly running = new Set<Job>();
+  private readonly concurrency: number;
+  private readonly maxQueued: number;
+  private closed = false;
+  private idleWaiters: (() => void)[] = [];
+  /** Moving average of run times, for retry-after. */
+  private avgRunMs = 10_000;
+
+  constructor(
+    private readonly runner: JobRunner,
+    options: InProcessQueueOptions,
+  ) {
+    this.concurrency = Math.max(1, options.concurrency ?? runner.slots);
+    this.maxQueued = Math.max(0, options.maxQueued);
+  }
+
+  submit(spec: JobSpec, options: SubmitOptions = {}): JobHandle {
+    if (this.closed) throw new QueueClosedError();
+    const startsNow = this.running.size < this.concurrency && this.waiting.length === 0;
+    if (!startsNow && this.waiting.length >= this.maxQueued) throw new QueueFullError(this.estimatedWaitSeconds());
+    const job = new Job(spec, (j, reason) => this.cancelJob(j, reason));
+    if (options.timeoutMs !== undefined && options.timeoutMs > 0) {
+      job.timer = setTimeout(() => job.cancel(new JobTimeoutError(options.timeoutMs!)), options.timeoutMs);
+      job.timer.unref();
+    }
+    this.waiting.push(job);
+    this.pump();
+    return job;
+  }
+
+  stats(): QueueStats {
+    return { active: this.running.size, queued: this.waiting.length, maxQueued: this.maxQueued, concurrency: this.concurrency };
+  }
+
+  estimatedWaitSeconds(): number {
+    const ahead = this.waiting.length + this.running.size;
+    return Math.max(1, Math.ceil(((ahead / this.concurrency) * this.avgRunMs) / 1000));
+  }
+
+  async close(deadlineMs: number): Promise<void> {
+    this.closed = true;
+    if (this.isIdle()) return;
+    let timer: NodeJS.Timeout | undefined;
+    const deadline = new Promise<'deadline'>((resolve) => {
+      timer = setTimeout(() => resolve('deadline'), Math.max(0, deadlineMs));
+    });
+    const outcome = await Promise.race([this.whenIdle(), deadline]);
+    clearTimeout(timer);
+    if (outcome === 'deadline') {
+      const reason = () => new JobCancelledError('the server shut down before the image was ready', 'shutdown');
+      for (const job of [...this.waiting]) job.cancel(reason());
+      for (const job of [...this.running]) job.cancel(reason());
+      // Running jobs stop at their next step; the runner's own close() bounds a stuck one.
+      await Promise.race([this.whenIdle(), new Promise((r) => setTimeout(r, 5_000).unref())]);
+    }
+  }
+
+  private isIdle(): boolean {
+    return this.waiting.length === 0 && this.running.size === 0;
+  }
+
+  private whenIdle(): Promise<'idle'> {
+    if (this.isIdle()) return Promise.resolve('idle');
+    return new Promise((resolve) => this.idleWaiters.push(() => resolve('idle')));
+  }
+
+  private cancelJob(job: Job, reason: Error): void {
+    if (job.state === 'queued') {
+      const i = this.waiting.indexOf(job);
+      if (i >= 0) this.waiting.splice(i, 1);
+      this.finish(job, 'cancelled', reason);
+      this.checkIdle();
+    } else if (job.state === 'running' && !job.controller.signal.aborted) {
+      // The runner rejects once the engine has stopped; the slot stays taken until then.
+      job.controller.abort(reason);
+    }
+  }
+
+  private pump(): void {
+    while (this.running.size < this.concurrency && this.waiting.length > 0) {
+      const job = this.waiting.shift()!;
+      this.start(job);
+    }
+  }
+
+  private start(job: Job): void {
+    this.running.add(job);
+    job.startedAt = performance.now();
+    job.setState('running');
+    const onProgress = (progress: Progress) => {
+      job.progress = progress;
+      job.events.emit('progress', progress);
+    };
+    let run: Promise<JobOutput>;
+    try {
+      run = this.runner.run(job.spec, { signal: job.controller.signal, onProgress });
+    } catch (err) {
+      run = Promise.reject(err);
+    }
+    run.then(
+      (output) => {
+        this.running.delete(job);
+        const runMs = performance.now() - job.startedAt!;
+        this.avgRunMs = this.avgRunMs * 0.7 + runMs * 0.3;
+        this.finish(job, 'done', output);
+        this.pump();
+        this.checkIdle();
+      },
+      (err: unknown) => {
+        this.running.delete(job);
+        const aborted = job.controller.signal.aborted;
+        this.finish(job, aborted ? 'cancelled' : 'failed', aborted ? job.controller.signal.reason : err);
+        this.pump();
+        this.checkIdle();
+      },
+    );
+  }
+
+  private finish(job: Job, state: 'done' | 'failed' | 'cancelled', value: unknown): void {
+    clearTimeout(job.timer);
+    job.setState(state);
+    const now = performance.now();
+    const queuedMs = (job.startedAt ?? now) - job.submittedAt;
+    const runMs = job.startedAt === undefined ? 0 : now - job.startedAt;
+    const outcome = state === 'cancelled' && value instanceof JobTimeoutError ? 'timeout' : state;
+    if (state === 'done') job.resolve(value as JobOutput);
+    else job.reject(value);
+    this.events.emit('finished', { job, kind: job.spec.kind, outcome, queuedMs, runMs });
+  }
+
+  private checkIdle(): void {
+    if (!this.isIdle()) return;
+    const waiters = this.idleWaiters;
+    this.idleWaiters = [];
+    for (const w of waiters) w();
+  }
+}

@@ -1,0 +1,153 @@
+/**
+ * The job queue's contract: what the HTTP routes submit and what they get back. The routes
+ * only see `JobQueue` and `JobHandle`, so a distributed queue (Redis, ...) can replace the
+ * in-process one without touching them. Who actually runs a job is a `JobRunner`.
+ */
+import type { EventEmitter } from 'node:events';
+import type { EffectiveSettings, Progress, Timings } from '../engine/pipeline.js';
+import type { OutputFormat } from '../engine/image-codec.js';
+
+/** Plain, serializable generation options (the engine's GenerateOptions minus callbacks). */
+export interface JobOptions {
+  prompt: string;
+  negativePrompt?: string;
+  seed: number;
+  size: string;
+  quality?: string;
+  steps?: number;
+  scheduler?: string;
+  guidanceScale?: number;
+}
+
+export interface JobSpec {
+  kind: 'generate' | 'edit';
+  /** An installed model name, or a folder the operator configured. */
+  model: string;
+  options: JobOptions;
+  /** Edits: the validated input PNG(s); the first is the init image. */
+  images?: Uint8Array[];
+  /** Edits: img2img strength (0 < s <= 1). */
+  strength?: number;
+  output: { format: OutputFormat; quality?: number };
+}
+
+export interface JobOutput {
+  /** The encoded image (PNG with its parameters chunk, or JPEG/WebP). */
+  bytes: Buffer;
+  contentType: string;
+  format: OutputFormat;
+  settings: EffectiveSettings & { strength?: number };
+  timings: Timings;
+}
+
+export type JobState = 'queued' | 'running' | 'done' | 'failed' | 'cancelled';
+
+export interface JobEvents {
+  /** Per stage and per denoising step, as the engine reports it. */
+  progress: [Progress];
+  state: [JobState];
+}
+
+export interface JobHandle {
+  readonly id: string;
+  readonly state: JobState;
+  /** Milliseconds spent waiting before a runner picked the job up (set once it starts). */
+  readonly queuedMs: number | undefined;
+  /** The last progress event (stage and step), if any. */
+  readonly progress: Progress | undefined;
+  /** Resolves with the image; rejects with the engine's error, JobCancelledError or JobTimeoutError. */
+  readonly result: Promise<JobOutput>;
+  readonly events: EventEmitter<JobEvents>;
+  /** Queued: removed from the queue. Running: stopped at the engine's next step. */
+  cancel(reason?: Error): void;
+}
+
+export interface SubmitOptions {
+  /** Total time allowed, waiting included; past it the job is cancelled with JobTimeoutError. */
+  timeoutMs?: number;
+  /** For logs. */
+  requestId?: string;
+}
+
+export interface QueueStats {
+  /** Jobs being run now. */
+  active: number;
+  /** Jobs waiting for a runner. */
+  queued: number;
+  /** Most jobs that may wait. */
+  maxQueued: number;
+  /** Jobs run at once. */
+  concurrency: number;
+}
+
+export interface JobQueue {
+  /** Throws QueueFullError when `maxQueued` jobs wait already, QueueClosedError after close(). */
+  submit(spec: JobSpec, options?: SubmitOptions): JobHandle;
+  stats(): QueueStats;
+  /** A rough wait in seconds for a new job (for `retry-after`). */
+  estimatedWaitSeconds(): number;
+  /** Emits 'finished' (handle, outcome, durations) for metrics. */
+  readonly events: EventEmitter<QueueEvents>;
+  /**
+   * Stops accepting jobs, lets queued and running ones finish for up to `deadlineMs`, then
+   * cancels what is left (JobCancelledError with a shutdown reason). Resolves when none is left.
+   */
+  close(deadlineMs: number): Promise<void>;
+}
+
+export interface JobFinished {
+  job: JobHandle;
+  kind: JobSpec['kind'];
+  outcome: 'done' | 'failed' | 'cancelled' | 'timeout';
+  queuedMs: number;
+  runMs: number;
+}
+
+export interface QueueEvents {
+  finished: [JobFinished];
+}
+
+export interface RunContext {
+  signal: AbortSignal;
+  onProgress: (progress: Progress) => void;
+}
+
+/** Runs jobs (a pool of engine worker threads, a remote GPU box, a fake in tests). */
+export interface JobRunner {
+  /** How many jobs it can run at once. */
+  readonly slots: number;
+  run(spec: JobSpec, context: RunContext): Promise<JobOutput>;
+  close(): Promise<void>;
+}
+
+export class QueueFullError extends Error {
+  override name = 'QueueFullError';
+  constructor(readonly retryAfterSeconds: number) {
+    super('the server is busy: its queue is full; retry later');
+  }
+}
+
+export class QueueClosedError extends Error {
+  override name = 'QueueClosedError';
+  constructor() {
+    super('the server is shutting down and accepts no new work');
+  }
+}
+
+/** Why a job was cancelled: the client went away, the server shuts down, or the caller said so. */
+export class JobCancelledError extends Error {
+  override name = 'JobCancelledError';
+  constructor(
+    message = 'the job was cancelled',
+    readonly reason: 'client' | 'shutdown' | 'caller' = 'caller',
+  ) {
+    super(message);
+  }
+}
+
+export class JobTimeoutError extends Error {
+  override name = 'JobTimeoutError';
+  constructor(readonly timeoutMs: number) {
+    super(`the image was not ready within the server's limit of ${Math.round(timeoutMs / 1000)} s`);
+  }
+}

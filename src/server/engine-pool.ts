@@ -1,0 +1,183 @@
+/**
+ * A JobRunner over inference worker threads, each owning its own Engine (engine-worker.ts).
+ * A worker that dies (native crash, out of memory) fails its job and is replaced.
+ */
+import { Worker } from 'node:worker_threads';
+import { EventEmitter } from 'node:events';
+import type { Device } from '../engine/onnx.js';
+import { GenerationCancelledError } from '../engine/errors.js';
+import type { JobOutput, JobRunner, JobSpec, RunContext } from '../queue/types.js';
+import { deserializeError, type FromWorker, type ToWorker, type WorkerInit } from './engine-protocol.js';
+
+export interface EnginePoolOptions {
+  /** Worker threads (jobs run at once). Default 1: one job already uses every core. */
+  size?: number;
+  searchDirs: string[];
+  device?: Device;
+  /** Worker lifecycle messages (crashes, preload results). */
+  onEvent?: (event: { type: 'crash' | 'preloaded'; message: string; error?: Error }) => void;
+}
+
+interface Pending {
+  id: number;
+  context: RunContext;
+  resolve: (output: JobOutput) => void;
+  reject: (err: unknown) => void;
+}
+
+/** Starts the worker entry: the .ts source under tsx (tests, `npm run`), the .js build under dist. */
+function startWorker(init: WorkerInit): Worker {
+  const here = import.meta.url;
+  if (here.endsWith('.ts')) {
+    // Node 20 does not apply --import loaders to worker threads (nodejs/node#47747), so the
+    // worker registers tsx itself before importing the TypeScript entry.
+    const tsx = import.meta.resolve('tsx/esm/api');
+    const entry = new URL('./engine-worker.ts', here).href;
+    const code = `import(${JSON.stringify(tsx)}).then((m) => { m.register(); return import(${JSON.stringify(entry)}); });`;
+    return new Worker(code, { eval: true, workerData: init, execArgv: [] });
+  }
+  return new Worker(new URL('./engine-worker.js', here), { workerData: init });
+}
+
+class WorkerSlot {
+  worker!: Worker;
+  cancelCell!: Int32Array;
+  pending: Pending | undefined;
+  exited = false;
+
+  constructor(private readonly pool: EnginePool) {
+    this.spawn();
+  }
+
+  spawn(): void {
+    const shared = new SharedArrayBuffer(4);
+    this.cancelCell = new Int32Array(shared);
+    this.exited = false;
+    this.worker = startWorker({ searchDirs: this.pool.options.searchDirs, device: this.pool.options.device ?? 'cpu', cancel: shared });
+    this.worker.on('message', (msg: FromWorker) => this.onMessage(msg));
+    this.worker.on('error', (err) => this.onExit(err));
+    this.worker.on('exit', (code) => this.onExit(new Error(`the inference worker exited with code ${code}`)));
+  }
+
+  post(msg: ToWorker): void {
+    if (!this.exited) this.worker.postMessage(msg);
+  }
+
+  run(id: number, spec: JobSpec, context: RunContext): Promise<JobOutput> {
+    return new Promise<JobOutput>((resolve, reject) => {
+      this.pending = { id, context, resolve, reject };
+      const onAbort = () => {
+        Atomics.store(this.cancelCell, 0, id);
+        this.post({ type: 'cancel', id });
+      };
+      if (context.signal.aborted) onAbort();
+      else context.signal.addEventListener('abort', onAbort, { once: true });
+      this.post({ type: 'run', id, spec });
+    });
+  }
+
+  private onMessage(msg: FromWorker): void {
+    const p = this.pending;
+    switch (msg.type) {
+      case 'progress':
+        if (p?.id === msg.id) p.context.onProgress(msg.progress);
+        break;
+      case 'done':
+        if (p?.id === msg.id) {
+          this.pending = undefined;
+          p.resolve({
+            bytes: Buffer.from(msg.bytes),
+            contentType: msg.contentType,
+            format: msg.format,
+            settings: msg.settings,
+            timings: msg.timings,
+          });
+          this.pool.release(this);
+        }
+        break;
+      case 'failed':
+        if (p?.id === msg.id) {
+          this.pending = undefined;
+          p.reject(msg.cancelled ? new GenerationCancelledError() : deserializeError(msg.error));
+          this.pool.release(this);
+        }
+        break;
+      case 'preloaded':
+        this.pool.options.onEvent?.({
+          type: 'preloaded',
+          message: msg.error ? `could not preload ${msg.model}: ${msg.error.message}` : `preloaded ${msg.model}`,
+          error: msg.error ? deserializeError(msg.error) : undefined,
+        });
+        break;
+      case 'ready':
+        break;
+    }
+  }
+
+  private onExit(err: Error): void {
+    if (this.exited) return;
+    this.exited = true;
+    const p = this.pending;
+    this.pending = undefined;
+    if (this.pool.closing) {
+      p?.reject(new GenerationCancelledError(new Error('the server is shutting down')));
+      return;
+    }
+    this.pool.options.onEvent?.({ type: 'crash', message: `inference worker failed: ${err.message}; starting a new one`, error: err });
+    p?.reject(new Error(`the inference worker failed while generating: ${err.message}`));
+    this.worker.removeAllListeners();
+    this.spawn();
+    this.pool.release(this);
+  }
+}
+
+export class EnginePool extends EventEmitter implements JobRunner {
+  readonly slots: number;
+  closing = false;
+  private readonly workers: WorkerSlot[] = [];
+  private readonly idle: WorkerSlot[] = [];
+  private nextId = 1;
+
+  constructor(readonly options: EnginePoolOptions) {
+    super();
+    this.slots = Math.max(1, options.size ?? 1);
+    for (let i = 0; i < this.slots; i++) {
+      const slot = new WorkerSlot(this);
+      this.workers.push(slot);
+      this.idle.push(slot);
+    }
+  }
+
+  run(spec: JobSpec, context: RunContext): Promise<JobOutput> {
+    if (this.closing) return Promise.reject(new GenerationCancelledError(new Error('the server is shutting down')));
+    const slot = this.idle.shift();
+    // The queue never runs more jobs than there are slots.
+    if (!slot) return Promise.reject(new Error('no idle inference worker (more jobs than slots)'));
+    const id = this.nextId++;
+    return slot.run(id, spec, context);
+  }
+
+  /** Loads a model in every worker ahead of the first request (errors are reported, not thrown). */
+  preload(model: string): void {
+    for (const w of this.workers) w.post({ type: 'preload', model });
+  }
+
+  /** @internal */
+  release(slot: WorkerSlot): void {
+    if (!this.idle.includes(slot)) this.idle.push(slot);
+  }
+
+  async close(): Promise<void> {
+    this.closing = true;
+    await Promise.all(
+      this.workers.map(async (w) => {
+        if (w.exited) return;
+        const exited = new Promise((resolve) => w.worker.once('exit', resolve));
+        w.post({ type: 'close' });
+        const timer = setTimeout(() => void w.worker.terminate(), 3_000);
+        await exited;
+        clearTimeout(timer);
+      }),
+    );
+  }
+}

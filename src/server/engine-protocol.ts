@@ -1,0 +1,98 @@
+/**
+ * Messages between the server (EnginePool) and its inference worker threads (engine-worker.ts).
+ *
+ *   server -> worker   run {id, spec}   cancel {id}   preload {model}   close
+ *   worker -> server   ready   progress {id, progress}   done {id, bytes, ...}   failed {id, error}
+ *                      preloaded {model, error?}
+ *
+ * A worker runs one job at a time. Besides `cancel`, the server writes the id of a job to stop
+ * into the shared Int32 cell `cancel` (workerData), which the worker reads at every step.
+ */
+import type { Device } from '../engine/onnx.js';
+import type { EffectiveSettings, Progress, Timings } from '../engine/pipeline.js';
+import type { OutputFormat } from '../engine/image-codec.js';
+import type { JobSpec } from '../queue/types.js';
+import {
+  DeviceUnavailableError,
+  GenerationCancelledError,
+  InvalidOptionError,
+  ModelLoadError,
+  ModelNotFoundError,
+  NumericalError,
+} from '../engine/errors.js';
+
+export interface WorkerInit {
+  searchDirs: string[];
+  device: Device;
+  /** SharedArrayBuffer of one Int32: the id of the job to stop. */
+  cancel: SharedArrayBuffer;
+}
+
+export type ToWorker =
+  | { type: 'run'; id: number; spec: JobSpec }
+  | { type: 'cancel'; id: number }
+  | { type: 'preload'; model: string }
+  | { type: 'close' };
+
+export interface SerializedError {
+  name: string;
+  message: string;
+  param?: string;
+  model?: string;
+  path?: string;
+  stack?: string;
+}
+
+export type FromWorker =
+  | { type: 'ready' }
+  | { type: 'progress'; id: number; progress: Progress }
+  | {
+      type: 'done';
+      id: number;
+      bytes: ArrayBuffer;
+      contentType: string;
+      format: OutputFormat;
+      settings: EffectiveSettings;
+      timings: Timings;
+    }
+  | { type: 'failed'; id: number; error: SerializedError; cancelled: boolean }
+  | { type: 'preloaded'; model: string; error?: SerializedError };
+
+export function serializeError(err: unknown): SerializedError {
+  if (!(err instanceof Error)) return { name: 'Error', message: String(err) };
+  const out: SerializedError = { name: err.name, message: err.message, stack: err.stack };
+  if (err instanceof InvalidOptionError) out.param = err.param;
+  if (err instanceof ModelNotFoundError) out.model = err.model;
+  if (err instanceof ModelLoadError && err.path) out.path = err.path;
+  return out;
+}
+
+/** Rebuilds the engine's error classes so the server maps them like local ones. */
+export function deserializeError(e: SerializedError): Error {
+  let err: Error;
+  switch (e.name) {
+    case 'InvalidOptionError':
+      err = new InvalidOptionError(e.message, e.param ?? 'unknown');
+      break;
+    case 'ModelNotFoundError':
+      err = new ModelNotFoundError(e.message, e.model ?? '');
+      break;
+    case 'ModelLoadError':
+      err = new ModelLoadError(e.message, e.path);
+      break;
+    case 'DeviceUnavailableError':
+      err = new DeviceUnavailableError(e.message);
+      break;
+    case 'NumericalError':
+      err = new NumericalError(e.message);
+      break;
+    case 'AbortError':
+      err = new GenerationCancelledError(new Error(e.message));
+      break;
+    default:
+      err = new Error(e.message);
+      err.name = e.name;
+  }
+  if (e.stack) err.stack = `${err.name}: ${err.message} (in the inference worker)\n${e.stack.split('\n').slice(1).join('\n')}`;
+  return err;
+}

@@ -1,0 +1,262 @@
+/**
+ * The request fields of the images endpoints: one table drives both validation (JSON bodies and
+ * multipart forms) and the OpenAPI schema, so the two cannot drift apart.
+ */
+import { MAX_SEED } from '../engine/rng.js';
+import { MAX_GUIDANCE, MAX_STEPS } from '../engine/pipeline.js';
+import { DEFAULT_QUALITY, DEFAULT_SIZES, QUALITY_NAMES, qualityTier } from '../engine/presets.js';
+import { SCHEDULER_NAMES, schedulerClassFor } from '../engine/schedulers/index.js';
+import { OUTPUT_FORMATS, type OutputFormat } from '../engine/image-codec.js';
+import { ApiError } from './errors.js';
+
+/** Longest prompt (and negative prompt) accepted, in characters (Unicode code points). */
+export const MAX_PROMPT_CHARS = 4000;
+export const DEFAULT_SIZE = '1024x1024';
+export const RESPONSE_FORMATS = ['url', 'b64_json'] as const;
+export type ResponseFormat = (typeof RESPONSE_FORMATS)[number];
+export const DEFAULT_STRENGTH = 0.75;
+
+type Endpoint = 'generations' | 'edits';
+
+interface FieldSpec {
+  type: 'string' | 'integer' | 'number' | 'boolean';
+  description: string;
+  required?: boolean;
+  enum?: readonly string[];
+  minimum?: number;
+  maximum?: number;
+  exclusiveMinimum?: number;
+  minLength?: number;
+  maxLength?: number;
+  /** Only on these endpoints (default: both). */
+  only?: Endpoint;
+}
+
+export const FIELDS: Record<string, FieldSpec> = {
+  prompt: {
+    type: 'string',
+    required: true,
+    minLength: 1,
+    maxLength: MAX_PROMPT_CHARS,
+    description: `What to draw; inline weights like \`(ball)0.5\` or \`word++\` work. At most ${MAX_PROMPT_CHARS} characters.`,
+  },
+  model: { type: 'string', maxLength: 256, description: 'An installed model name (GET /v1/models); default: the server\'s default model.' },
+  n: { type: 'integer', minimum: 0, maximum: MAX_SEED, description: 'The seed of the generator (one image per request). Random when absent; reported back.' },
+  seed: { type: 'integer', minimum: 0, maximum: MAX_SEED, description: 'Extension: the seed; wins over `n`.' },
+  quality: { type: 'string', enum: QUALITY_NAMES, description: `Step-count preset; default \`${DEFAULT_QUALITY}\`.` },
+  response_format: { type: 'string', enum: RESPONSE_FORMATS, description: '`url` (default) or `b64_json`.' },
+  size: { type: 'string', enum: DEFAULT_SIZES, description: `Image size; default ${DEFAULT_SIZE}.` },
+  user: { type: 'string', maxLength: 256, description: 'End-user id (`cn` on edits asks for ControlNet pose mode, not available yet).' },
+  negprompt: { type: 'string', maxLength: MAX_PROMPT_CHARS, description: 'Extension: negative prompt (Block Entropy\'s name).' },
+  negative_prompt: { type: 'string', maxLength: MAX_PROMPT_CHARS, description: 'Extension: negative prompt; wins over `negprompt`.' },
+  steps: { type: 'integer', minimum: 1, maximum: MAX_STEPS, description: 'Extension: denoising steps (overrides `quality`).' },
+  guidance_scale: { type: 'number', minimum: 0, maximum: MAX_GUIDANCE, description: 'Extension: classifier-free guidance scale.' },
+  scheduler: {
+    type: 'string',
+    maxLength: 64,
+    description: `Extension: ${SCHEDULER_NAMES.join(', ')}, or a diffusers scheduler class name.`,
+  },
+  output_format: { type: 'string', enum: OUTPUT_FORMATS, description: 'Extension (as OpenAI\'s GPT image models): `png` (default), `jpeg`, `webp`.' },
+  output_compression: { type: 'integer', minimum: 0, maximum: 100, description: 'JPEG/WebP quality 0-100 (default 90); ignored for PNG.' },
+  strength: {
+    type: 'number',
+    exclusiveMinimum: 0,
+    maximum: 1,
+    only: 'edits',
+    description: `Extension: how much of the input is redrawn, 0 < strength <= 1 (default ${DEFAULT_STRENGTH}).`,
+  },
+  stream: { type: 'boolean', description: 'Streaming is not supported; only `false` is accepted.' },
+};
+
+/** Validated, defaulted parameters of one images request. */
+export interface ImageParams {
+  prompt: string;
+  model?: string;
+  seed?: number;
+  quality: string;
+  responseFormat: ResponseFormat;
+  size: string;
+  user?: string;
+  negativePrompt?: string;
+  steps?: number;
+  guidanceScale?: number;
+  scheduler?: string;
+  outputFormat: OutputFormat;
+  outputCompression?: number;
+  strength?: number;
+}
+
+function describe(value: unknown): string {
+  if (value === null) return 'null';
+  if (Array.isArray(value)) return 'an array';
+  if (typeof value === 'number') return Number.isInteger(value) ? 'an integer' : 'a decimal number';
+  if (typeof value === 'object') return 'an object';
+  if (typeof value === 'string') return 'a string';
+  if (typeof value === 'boolean') return 'a boolean';
+  return typeof value;
+}
+
+const ARTICLE: Record<FieldSpec['type'], string> = { string: 'a string', integer: 'an integer', number: 'a number', boolean: 'a boolean' };
+
+function show(value: unknown): string {
+  const s = typeof value === 'string' ? value : JSON.stringify(value);
+  return s.length > 60 ? `${s.slice(0, 57)}...` : s;
+}
+
+/** Turns a form value (always text) into the field's type; undefined for "not given". */
+function fromForm(name: string, spec: FieldSpec, raw: string): unknown {
+  if (raw === 'null') return null;
+  if (raw === '' && !spec.required) return undefined;
+  switch (spec.type) {
+    case 'string':
+      return raw;
+    case 'integer':
+      return /^\s*[+-]?\d{1,20}\s*$/.test(raw) ? Number(raw) : raw;
+    case 'number': {
+      const n = Number(raw);
+      return raw.trim() !== '' && Number.isFinite(n) ? n : raw;
+    }
+    case 'boolean':
+      return raw === 'true' ? true : raw === 'false' ? false : raw;
+  }
+  throw new ApiError(400, `Invalid field '${name}'.`, name, 'invalid_value');
+}
+
+function checkField(name: string, spec: FieldSpec, value: unknown): void {
+  const typeOk =
+    spec.type === 'string'
+      ? typeof value === 'string'
+      : spec.type === 'integer'
+        ? typeof value === 'number' && Number.isInteger(value)
+        : spec.type === 'number'
+          ? typeof value === 'number' && Number.isFinite(value)
+          : typeof value === 'boolean';
+  if (!typeOk) {
+    throw new ApiError(400, `Invalid type for '${name}': expected ${ARTICLE[spec.type]}, but got ${describe(value)} instead.`, name, 'invalid_type');
+  }
+  if (typeof value === 'string') {
+    const length = [...value].length;
+    if (spec.minLength !== undefined && value.trim().length < spec.minLength) {
+      throw new ApiError(400, `Invalid '${name}': empty string. Expected a non-empty string.`, name, 'empty_string');
+    }
+    if (spec.maxLength !== undefined && length > spec.maxLength) {
+      throw new ApiError(
+        400,
+        `Invalid '${name}': string too long. Expected a string with maximum length ${spec.maxLength}, but got a string with length ${length} instead.`,
+        name,
+        'string_above_max_length',
+      );
+    }
+    if (spec.enum && !spec.enum.includes(name === 'quality' ? value.toLowerCase() : value)) {
+      throw new ApiError(
+        400,
+        `Invalid value for '${name}': '${show(value)}'. Supported values are: ${spec.enum.map((v) => `'${v}'`).join(', ')}.`,
+        name,
+        'invalid_value',
+      );
+    }
+  }
+  if (typeof value === 'number') {
+    const kind = spec.type === 'integer' ? 'integer' : 'decimal';
+    if (spec.minimum !== undefined && value < spec.minimum) {
+      throw new ApiError(
+        400,
+        `Invalid '${name}': ${kind} below minimum value. Expected a value >= ${spec.minimum}, but got ${value} instead.`,
+        name,
+        `${kind}_below_min_value`,
+      );
+    }
+    if (spec.exclusiveMinimum !== undefined && value <= spec.exclusiveMinimum) {
+      throw new ApiError(
+        400,
+        `Invalid '${name}': ${kind} below minimum value. Expected a value > ${spec.exclusiveMinimum}, but got ${value} instead.`,
+        name,
+        `${kind}_below_min_value`,
+      );
+    }
+    if (spec.maximum !== undefined && value > spec.maximum) {
+      throw new ApiError(
+        400,
+        `Invalid '${name}': ${kind} above maximum value. Expected a value <= ${spec.maximum}, but got ${value} instead.`,
+        name,
+        `${kind}_above_max_value`,
+      );
+    }
+  }
+}
+
+/**
+ * Validates a request's fields (a parsed JSON body, or a form's text fields) and fills the
+ * defaults. Unknown fields are ignored (clients send OpenAI-only ones such as `style`).
+ * Throws ApiError(400) naming the field.
+ */
+export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 'form'): ImageParams {
+  if (input === null || typeof input !== 'object' || Array.isArray(input)) {
+    throw new ApiError(400, `The request body must be a JSON object, but got ${describe(input)}.`, null, 'invalid_type');
+  }
+  const raw = input as Record<string, unknown>;
+  const values: Record<string, unknown> = {};
+  for (const [name, spec] of Object.entries(FIELDS)) {
+    if (spec.only && spec.only !== endpoint) continue;
+    let value = Object.hasOwn(raw, name) ? raw[name] : undefined;
+    if (source === 'form' && value !== undefined) {
+      if (typeof value !== 'string') throw new ApiError(400, `Field '${name}' must be given once, as text.`, name, 'invalid_type');
+      value = fromForm(name, spec, value);
+    }
+    if (value === undefined || value === null) {
+      if (spec.required) throw new ApiError(400, `Missing required parameter: '${name}'.`, name, 'missing_required_parameter');
+      continue;
+    }
+    checkField(name, spec, value);
+    values[name] = value;
+  }
+  if (values.stream === true) {
+    throw new ApiError(400, 'Streaming is not supported by this server; leave `stream` unset or false.', 'stream', 'unsupported_value');
+  }
+  const quality = (values.quality as string | undefined) ?? DEFAULT_QUALITY;
+  qualityTier(quality); // enum-checked already; keeps the engine's rule the one truth
+  const scheduler = values.scheduler as string | undefined;
+  if (scheduler !== undefined && !schedulerClassFor(scheduler)) {
+    throw new ApiError(
+      400,
+      `Invalid value for 'scheduler': '${show(scheduler)}'. Supported values are: ${SCHEDULER_NAMES.join(', ')}, or a diffusers scheduler class name.`,
+      'scheduler',
+      'invalid_value',
+    );
+  }
+  return {
+    prompt: values.prompt as string,
+    model: values.model as string | undefined,
+    seed: (values.seed ?? values.n) as number | undefined,
+    quality,
+    responseFormat: (values.response_format as ResponseFormat | undefined) ?? 'url',
+    size: (values.size as string | undefined) ?? DEFAULT_SIZE,
+    user: values.user as string | undefined,
+    negativePrompt: (values.negative_prompt ?? values.negprompt) as string | undefined,
+    steps: values.steps as number | undefined,
+    guidanceScale: values.guidance_scale as number | undefined,
+    scheduler,
+    outputFormat: (values.output_format as OutputFormat | undefined) ?? 'png',
+    outputCompression: values.output_compression as number | undefined,
+    strength: values.strength as number | undefined,
+  };
+}
+
+/** The JSON Schema of an endpoint's fields (for the OpenAPI document). */
+export function paramsSchema(endpoint: Endpoint, source: 'json' | 'form'): Record<string, unknown> {
+  const properties: Record<string, unknown> = {};
+  const required: string[] = [];
+  for (const [name, spec] of Object.entries(FIELDS)) {
+    if (spec.only && spec.only !== endpoint) continue;
+    const { type, description, enum: values, minimum, maximum, exclusiveMinimum, minLength, maxLength } = spec;
+    const prop: Record<string, unknown> = { type: spec.required || source === 'form' ? type : [type, 'null'], description };
+    if (values) prop.enum = source === 'form' || spec.required ? [...values] : [...values, null];
+    Object.assign(
+      prop,
+      Object.fromEntries(Object.entries({ minimum, maximum, exclusiveMinimum, minLength, maxLength }).filter(([, v]) => v !== undefined)),
+    );
+    properties[name] = prop;
+    if (spec.required) required.push(name);
+  }
+  return { type: 'object', required, properties, additionalProperties: true };
+}
