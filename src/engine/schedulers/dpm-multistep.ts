@@ -14,7 +14,6 @@ import {
   FINAL_SIGMAS,
   SPACINGS,
   alphaSigma,
-  checkBeginIndex,
   checkSameLength,
   checkSteps,
   f32,
@@ -29,7 +28,7 @@ import {
   spacedTimestepsPlusOne,
   type NoiseTable,
 } from './common.js';
-import { noiseIndex } from './euler.js';
+import { IndexedScheduler } from './step-index.js';
 import type {
   FinalSigmasType,
   ResolvedSchedulerConfig,
@@ -103,7 +102,7 @@ export function rejectUnsupportedDpmOptions(r: ConfigReader): void {
   r.unsupportedIfSet('use_dynamic_shifting');
 }
 
-export class DPMSolverMultistepScheduler implements Scheduler {
+export class DPMSolverMultistepScheduler extends IndexedScheduler implements Scheduler {
   readonly name = 'DPMSolverMultistepScheduler';
   readonly order = 1;
   readonly config: DPMSolverMultistepConfig;
@@ -117,10 +116,9 @@ export class DPMSolverMultistepScheduler implements Scheduler {
   private modelOutputs: (Float32Array | null)[];
   private lowerOrderNums = 0;
   private numInferenceSteps: number | null = null;
-  private stepIdx: number | null = null;
-  private beginIdx: number | null = null;
 
   constructor(raw: SchedulerConfig = {}) {
+    super('last');
     const r = new ConfigReader(raw, this.name);
     rejectUnsupportedDpmOptions(r);
     const cfg: DPMSolverMultistepConfig = {
@@ -156,19 +154,6 @@ export class DPMSolverMultistepScheduler implements Scheduler {
     this.modelOutputs = new Array(cfg.solver_order).fill(null);
   }
 
-  get stepIndex(): number | null {
-    return this.stepIdx;
-  }
-
-  get beginIndex(): number | null {
-    return this.beginIdx;
-  }
-
-  setBeginIndex(index: number): void {
-    checkBeginIndex(index, this.timesteps.length);
-    this.beginIdx = index;
-  }
-
   setTimesteps(numInferenceSteps: number): void {
     checkSteps(numInferenceSteps);
     const cfg = this.config;
@@ -198,8 +183,7 @@ export class DPMSolverMultistepScheduler implements Scheduler {
     this.numInferenceSteps = timesteps.length;
     this.modelOutputs = new Array(cfg.solver_order).fill(null);
     this.lowerOrderNums = 0;
-    this.stepIdx = null;
-    this.beginIdx = null;
+    this.resetStepIndex();
   }
 
   scaleModelInput(sample: Float32Array, _t: number): Float32Array {
@@ -210,8 +194,7 @@ export class DPMSolverMultistepScheduler implements Scheduler {
     checkSameLength(modelOutput, sample, 'DPMSolverMultistepScheduler.step');
     if (this.numInferenceSteps === null) throw new Error(`${this.name}.step: call setTimesteps first`);
     const cfg = this.config;
-    if (this.stepIdx === null) this.stepIdx = this.beginIdx ?? noiseIndex(this.timesteps, t, null, null, 'last');
-    const i = this.stepIdx;
+    const i = this.currentStepIndex(t);
     const n = this.timesteps.length;
     if (i >= n) throw new RangeError('step called past the end of the schedule');
 
@@ -243,7 +226,7 @@ export class DPMSolverMultistepScheduler implements Scheduler {
 
   addNoise(original: Float32Array, noise: Float32Array, t: number): Float32Array {
     checkSameLength(original, noise, 'DPMSolverMultistepScheduler.addNoise');
-    const s = this.sigmas[noiseIndex(this.timesteps, t, this.beginIdx, this.stepIdx, 'last')]!;
+    const s = this.sigmas[this.noiseIndex(t)]!;
     const { alpha, sigma } = alphaSigma(s);
     return original.map((x, k) => alpha * x + sigma * noise[k]!);
   }

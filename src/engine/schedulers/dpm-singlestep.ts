@@ -13,7 +13,6 @@ import {
   ConfigReader,
   FINAL_SIGMAS,
   alphaSigma,
-  checkBeginIndex,
   checkSameLength,
   checkSteps,
   f32,
@@ -34,7 +33,7 @@ import {
   rejectUnsupportedDpmOptions,
   type DpmSolverType,
 } from './dpm-multistep.js';
-import { noiseIndex } from './euler.js';
+import { IndexedScheduler } from './step-index.js';
 import type { FinalSigmasType, ResolvedSchedulerConfig, Scheduler, SchedulerConfig } from './types.js';
 
 export interface DPMSolverSinglestepConfig extends ResolvedSchedulerConfig {
@@ -68,7 +67,7 @@ export function singlestepOrders(steps: number, order: number, lowerOrderFinal: 
   return orders;
 }
 
-export class DPMSolverSinglestepScheduler implements Scheduler {
+export class DPMSolverSinglestepScheduler extends IndexedScheduler implements Scheduler {
   readonly name = 'DPMSolverSinglestepScheduler';
   readonly order = 1;
   config: DPMSolverSinglestepConfig;
@@ -84,10 +83,9 @@ export class DPMSolverSinglestepScheduler implements Scheduler {
   /** The sample the current multi-step update started from. */
   private anchor: Float32Array | null = null;
   private numInferenceSteps: number | null = null;
-  private stepIdx: number | null = null;
-  private beginIdx: number | null = null;
 
   constructor(raw: SchedulerConfig = {}) {
+    super('last');
     const r = new ConfigReader(raw, this.name);
     rejectUnsupportedDpmOptions(r);
     const cfg: DPMSolverSinglestepConfig = {
@@ -113,19 +111,6 @@ export class DPMSolverSinglestepScheduler implements Scheduler {
     this.sigmas = [...this.table.sigmas];
     this.modelOutputs = new Array(cfg.solver_order).fill(null);
     this.orderList = singlestepOrders(n, cfg.solver_order, cfg.lower_order_final, cfg.final_sigmas_type === 'zero');
-  }
-
-  get stepIndex(): number | null {
-    return this.stepIdx;
-  }
-
-  get beginIndex(): number | null {
-    return this.beginIdx;
-  }
-
-  setBeginIndex(index: number): void {
-    checkBeginIndex(index, this.timesteps.length);
-    this.beginIdx = index;
   }
 
   setTimesteps(numInferenceSteps: number): void {
@@ -164,8 +149,7 @@ export class DPMSolverSinglestepScheduler implements Scheduler {
       this.config.lower_order_final,
       this.config.final_sigmas_type === 'zero',
     );
-    this.stepIdx = null;
-    this.beginIdx = null;
+    this.resetStepIndex();
   }
 
   scaleModelInput(sample: Float32Array, _t: number): Float32Array {
@@ -176,8 +160,7 @@ export class DPMSolverSinglestepScheduler implements Scheduler {
     checkSameLength(modelOutput, sample, 'DPMSolverSinglestepScheduler.step');
     if (this.numInferenceSteps === null) throw new Error(`${this.name}.step: call setTimesteps first`);
     const cfg = this.config;
-    if (this.stepIdx === null) this.stepIdx = this.beginIdx ?? noiseIndex(this.timesteps, t, null, null, 'last');
-    const i = this.stepIdx;
+    const i = this.currentStepIndex(t);
     if (i >= this.timesteps.length) throw new RangeError('step called past the end of the schedule');
 
     const converted = convertDpmOutput(cfg.algorithm_type, cfg.prediction_type, this.sigmas[i]!, modelOutput, sample);
@@ -203,7 +186,7 @@ export class DPMSolverSinglestepScheduler implements Scheduler {
 
   addNoise(original: Float32Array, noise: Float32Array, t: number): Float32Array {
     checkSameLength(original, noise, 'DPMSolverSinglestepScheduler.addNoise');
-    const s = this.sigmas[noiseIndex(this.timesteps, t, this.beginIdx, this.stepIdx, 'last')]!;
+    const s = this.sigmas[this.noiseIndex(t)]!;
     const { alpha, sigma } = alphaSigma(s);
     return original.map((x, k) => alpha * x + sigma * noise[k]!);
   }

@@ -9,7 +9,6 @@ import type { Rng } from '../rng.js';
 import {
   ConfigReader,
   SPACINGS,
-  checkBeginIndex,
   checkSameLength,
   checkSteps,
   f32,
@@ -20,7 +19,7 @@ import {
   spacedTimesteps,
   type NoiseTable,
 } from './common.js';
-import { noiseIndex } from './euler.js';
+import { IndexedScheduler } from './step-index.js';
 import type { ResolvedSchedulerConfig, Scheduler, SchedulerConfig, TimestepSpacing } from './types.js';
 
 export interface EulerAncestralDiscreteConfig extends ResolvedSchedulerConfig {
@@ -37,7 +36,7 @@ export function ancestralSigmas(sigmaFrom: number, sigmaTo: number): { up: numbe
   return { up, down };
 }
 
-export class EulerAncestralDiscreteScheduler implements Scheduler {
+export class EulerAncestralDiscreteScheduler extends IndexedScheduler implements Scheduler {
   readonly name = 'EulerAncestralDiscreteScheduler';
   readonly order = 1;
   readonly config: EulerAncestralDiscreteConfig;
@@ -45,10 +44,9 @@ export class EulerAncestralDiscreteScheduler implements Scheduler {
   /** float32 sigmas, one per timestep plus the final 0. */
   sigmas: number[];
   private readonly table: NoiseTable;
-  private stepIdx: number | null = null;
-  private beginIdx: number | null = null;
 
   constructor(raw: SchedulerConfig = {}) {
+    super('throw');
     const r = new ConfigReader(raw, this.name);
     // diffusers raises NotImplementedError for `sample` prediction here; we refuse it up front.
     const base = readBase(r, { beta_start: 0.0001, beta_end: 0.02, beta_schedule: 'linear' }, [
@@ -74,19 +72,6 @@ export class EulerAncestralDiscreteScheduler implements Scheduler {
     return s === 'linspace' || s === 'trailing' ? max : f32(Math.sqrt(f32(f32(max * max) + 1)));
   }
 
-  get stepIndex(): number | null {
-    return this.stepIdx;
-  }
-
-  get beginIndex(): number | null {
-    return this.beginIdx;
-  }
-
-  setBeginIndex(index: number): void {
-    checkBeginIndex(index, this.timesteps.length);
-    this.beginIdx = index;
-  }
-
   setTimesteps(numInferenceSteps: number): void {
     checkSteps(numInferenceSteps);
     const cfg = this.config;
@@ -98,24 +83,18 @@ export class EulerAncestralDiscreteScheduler implements Scheduler {
       false,
     ).map(f32);
     this.sigmas = this.timesteps.map((t) => interpIndex(t, this.table.sigmas)).concat(0).map(f32);
-    this.stepIdx = null;
-    this.beginIdx = null;
-  }
-
-  private ensureStepIndex(t: number): number {
-    if (this.stepIdx === null) this.stepIdx = this.beginIdx ?? noiseIndex(this.timesteps, t, null, null);
-    return this.stepIdx;
+    this.resetStepIndex();
   }
 
   scaleModelInput(sample: Float32Array, t: number): Float32Array {
-    const sigma = this.sigmas[this.ensureStepIndex(t)]!;
+    const sigma = this.sigmas[this.currentStepIndex(t)]!;
     const scale = f32(Math.sqrt(f32(f32(sigma * sigma) + 1)));
     return sample.map((x) => x / scale);
   }
 
   step(modelOutput: Float32Array, t: number, sample: Float32Array, rng?: Rng): Float32Array {
     checkSameLength(modelOutput, sample, 'EulerAncestralDiscreteScheduler.step');
-    const i = this.ensureStepIndex(t);
+    const i = this.currentStepIndex(t);
     if (i + 1 >= this.sigmas.length) throw new RangeError('step called past the end of the schedule');
     const sigma = this.sigmas[i]!;
     const { up, down } = ancestralSigmas(sigma, this.sigmas[i + 1]!);
@@ -141,7 +120,7 @@ export class EulerAncestralDiscreteScheduler implements Scheduler {
 
   addNoise(original: Float32Array, noise: Float32Array, t: number): Float32Array {
     checkSameLength(original, noise, 'EulerAncestralDiscreteScheduler.addNoise');
-    const sigma = this.sigmas[noiseIndex(this.timesteps, t, this.beginIdx, this.stepIdx)]!;
+    const sigma = this.sigmas[this.noiseIndex(t)]!;
     return original.map((x, k) => x + f32(noise[k]! * sigma));
   }
 }

@@ -7,12 +7,10 @@ import {
   ConfigReader,
   FINAL_SIGMAS,
   SPACINGS,
-  checkBeginIndex,
   checkSameLength,
   checkSteps,
   f32,
   firstTrainSigma,
-  indexForTimestep,
   interpIndex,
   karrasSigmas,
   makeNoiseTable,
@@ -22,6 +20,7 @@ import {
   spacedTimesteps,
   type NoiseTable,
 } from './common.js';
+import { IndexedScheduler } from './step-index.js';
 import type {
   FinalSigmasType,
   ResolvedSchedulerConfig,
@@ -41,7 +40,7 @@ export interface EulerDiscreteConfig extends ResolvedSchedulerConfig {
   readonly rescale_betas_zero_snr: boolean;
 }
 
-export class EulerDiscreteScheduler implements Scheduler {
+export class EulerDiscreteScheduler extends IndexedScheduler implements Scheduler {
   readonly name = 'EulerDiscreteScheduler';
   readonly order = 1;
   readonly config: EulerDiscreteConfig;
@@ -49,10 +48,9 @@ export class EulerDiscreteScheduler implements Scheduler {
   /** float32 sigmas, one per timestep plus the final one. */
   sigmas: number[];
   private readonly table: NoiseTable;
-  private stepIdx: number | null = null;
-  private beginIdx: number | null = null;
 
   constructor(raw: SchedulerConfig = {}) {
+    super('throw');
     const r = new ConfigReader(raw, this.name);
     // Not implemented: continuous-time v-prediction (EDM), exponential and beta sigma ramps.
     r.unsupportedIfSet('timestep_type', 'discrete');
@@ -83,19 +81,6 @@ export class EulerDiscreteScheduler implements Scheduler {
     return s === 'linspace' || s === 'trailing' ? max : f32(Math.sqrt(f32(f32(max * max) + 1)));
   }
 
-  get stepIndex(): number | null {
-    return this.stepIdx;
-  }
-
-  get beginIndex(): number | null {
-    return this.beginIdx;
-  }
-
-  setBeginIndex(index: number): void {
-    checkBeginIndex(index, this.timesteps.length);
-    this.beginIdx = index;
-  }
-
   setTimesteps(numInferenceSteps: number): void {
     checkSteps(numInferenceSteps);
     const cfg = this.config;
@@ -114,24 +99,18 @@ export class EulerDiscreteScheduler implements Scheduler {
     const last = cfg.final_sigmas_type === 'sigma_min' ? firstTrainSigma(this.table) : 0;
     this.sigmas = sigmas.concat(last).map(f32);
     this.timesteps = timesteps;
-    this.stepIdx = null;
-    this.beginIdx = null;
-  }
-
-  private ensureStepIndex(t: number): number {
-    if (this.stepIdx === null) this.stepIdx = this.beginIdx ?? indexForTimestep(this.timesteps, t, 'throw');
-    return this.stepIdx;
+    this.resetStepIndex();
   }
 
   scaleModelInput(sample: Float32Array, t: number): Float32Array {
-    const sigma = this.sigmas[this.ensureStepIndex(t)]!;
+    const sigma = this.sigmas[this.currentStepIndex(t)]!;
     const scale = f32(Math.sqrt(f32(f32(sigma * sigma) + 1)));
     return sample.map((x) => x / scale);
   }
 
   step(modelOutput: Float32Array, t: number, sample: Float32Array, _rng?: Rng): Float32Array {
     checkSameLength(modelOutput, sample, 'EulerDiscreteScheduler.step');
-    const i = this.ensureStepIndex(t);
+    const i = this.currentStepIndex(t);
     if (i + 1 >= this.sigmas.length) throw new RangeError('step called past the end of the schedule');
     const sigma = this.sigmas[i]!;
     const dt = f32(this.sigmas[i + 1]! - sigma);
@@ -152,22 +131,7 @@ export class EulerDiscreteScheduler implements Scheduler {
 
   addNoise(original: Float32Array, noise: Float32Array, t: number): Float32Array {
     checkSameLength(original, noise, 'EulerDiscreteScheduler.addNoise');
-    const sigma = this.sigmas[noiseIndex(this.timesteps, t, this.beginIdx, this.stepIdx)]!;
+    const sigma = this.sigmas[this.noiseIndex(t)]!;
     return original.map((x, k) => x + f32(noise[k]! * sigma));
   }
-}
-
-/**
- * Which sigma add_noise uses, as diffusers: the timestep's index when no begin index is set,
- * else the current step (inpainting, after the first step) or the begin index (img2img start).
- */
-export function noiseIndex(
-  timesteps: readonly number[],
-  t: number,
-  beginIdx: number | null,
-  stepIdx: number | null,
-  missing: 'throw' | 'last' = 'throw',
-): number {
-  if (beginIdx === null) return indexForTimestep(timesteps, t, missing);
-  return stepIdx ?? beginIdx;
 }

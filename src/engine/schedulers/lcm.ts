@@ -12,7 +12,6 @@ import type { Rng } from '../rng.js';
 import {
   ConfigReader,
   SPACINGS,
-  checkBeginIndex,
   checkSameLength,
   checkSteps,
   checkTrainTimestep,
@@ -21,7 +20,7 @@ import {
   readBase,
 } from './common.js';
 import { ddpmAddNoise } from './ddim.js';
-import { noiseIndex } from './euler.js';
+import { IndexedScheduler } from './step-index.js';
 import type { ResolvedSchedulerConfig, Scheduler, SchedulerConfig, TimestepSpacing } from './types.js';
 
 export interface LCMConfig extends ResolvedSchedulerConfig {
@@ -39,7 +38,7 @@ export interface LCMConfig extends ResolvedSchedulerConfig {
 /** sigma_data of the consistency-model boundary condition. */
 const SIGMA_DATA = 0.5;
 
-export class LCMScheduler implements Scheduler {
+export class LCMScheduler extends IndexedScheduler implements Scheduler {
   readonly name = 'LCMScheduler';
   readonly order = 1;
   readonly config: LCMConfig;
@@ -49,10 +48,9 @@ export class LCMScheduler implements Scheduler {
   readonly alphasCumprod: Float64Array;
   private readonly finalAlphaCumprod: number;
   private numInferenceSteps: number | null = null;
-  private stepIdx: number | null = null;
-  private beginIdx: number | null = null;
 
   constructor(raw: SchedulerConfig = {}) {
+    super('throw');
     const r = new ConfigReader(raw, this.name);
     this.config = {
       ...readBase(r, { beta_start: 0.00085, beta_end: 0.012, beta_schedule: 'scaled_linear' }),
@@ -70,19 +68,6 @@ export class LCMScheduler implements Scheduler {
     this.finalAlphaCumprod = this.config.set_alpha_to_one ? 1 : this.alphasCumprod[0]!;
     const n = this.config.num_train_timesteps;
     this.timesteps = Array.from({ length: n }, (_, i) => n - 1 - i);
-  }
-
-  get stepIndex(): number | null {
-    return this.stepIdx;
-  }
-
-  get beginIndex(): number | null {
-    return this.beginIdx;
-  }
-
-  setBeginIndex(index: number): void {
-    checkBeginIndex(index, this.timesteps.length);
-    this.beginIdx = index;
   }
 
   setTimesteps(numInferenceSteps: number): void {
@@ -103,8 +88,7 @@ export class LCMScheduler implements Scheduler {
     const origin = Array.from({ length: original }, (_, i) => (original - i) * k - 1);
     this.timesteps = npLinspace(0, origin.length, numInferenceSteps, false).map((p) => origin[Math.floor(p)]!);
     this.numInferenceSteps = numInferenceSteps;
-    this.stepIdx = null;
-    this.beginIdx = null;
+    this.resetStepIndex();
   }
 
   scaleModelInput(sample: Float32Array, _t: number): Float32Array {
@@ -123,8 +107,7 @@ export class LCMScheduler implements Scheduler {
     if (this.numInferenceSteps === null) throw new Error('LCMScheduler.step: call setTimesteps first');
     const cfg = this.config;
     checkTrainTimestep(t, cfg.num_train_timesteps);
-    if (this.stepIdx === null) this.stepIdx = this.beginIdx ?? noiseIndex(this.timesteps, t, null, null);
-    const i = this.stepIdx;
+    const i = this.currentStepIndex(t);
     const prevT = i + 1 < this.timesteps.length ? this.timesteps[i + 1]! : t;
     const a = this.alphasCumprod[t]!;
     const aPrev = prevT >= 0 ? this.alphasCumprod[prevT]! : this.finalAlphaCumprod;

@@ -13,7 +13,6 @@ import {
   FINAL_SIGMAS,
   SPACINGS,
   alphaSigma,
-  checkBeginIndex,
   checkSameLength,
   checkSteps,
   f32,
@@ -29,7 +28,7 @@ import {
   spacedTimestepsPlusOne,
   type NoiseTable,
 } from './common.js';
-import { noiseIndex } from './euler.js';
+import { IndexedScheduler } from './step-index.js';
 import type {
   FinalSigmasType,
   ResolvedSchedulerConfig,
@@ -54,7 +53,7 @@ export interface UniPCMultistepConfig extends ResolvedSchedulerConfig {
   readonly rescale_betas_zero_snr: boolean;
 }
 
-export class UniPCMultistepScheduler implements Scheduler {
+export class UniPCMultistepScheduler extends IndexedScheduler implements Scheduler {
   readonly name = 'UniPCMultistepScheduler';
   readonly order = 1;
   readonly config: UniPCMultistepConfig;
@@ -69,10 +68,9 @@ export class UniPCMultistepScheduler implements Scheduler {
   /** The sample the last predictor started from (the corrector re-solves that step). */
   private lastSample: Float32Array | null = null;
   private numInferenceSteps: number | null = null;
-  private stepIdx: number | null = null;
-  private beginIdx: number | null = null;
 
   constructor(raw: SchedulerConfig = {}) {
+    super('last');
     const r = new ConfigReader(raw, this.name);
     r.unsupportedIfSet('solver_p', undefined);
     r.unsupportedIfSet('use_exponential_sigmas');
@@ -106,19 +104,6 @@ export class UniPCMultistepScheduler implements Scheduler {
     this.modelOutputs = new Array(this.config.solver_order).fill(null);
   }
 
-  get stepIndex(): number | null {
-    return this.stepIdx;
-  }
-
-  get beginIndex(): number | null {
-    return this.beginIdx;
-  }
-
-  setBeginIndex(index: number): void {
-    checkBeginIndex(index, this.timesteps.length);
-    this.beginIdx = index;
-  }
-
   setTimesteps(numInferenceSteps: number): void {
     checkSteps(numInferenceSteps);
     const cfg = this.config;
@@ -141,8 +126,7 @@ export class UniPCMultistepScheduler implements Scheduler {
     this.modelOutputs = new Array(cfg.solver_order).fill(null);
     this.lowerOrderNums = 0;
     this.lastSample = null;
-    this.stepIdx = null;
-    this.beginIdx = null;
+    this.resetStepIndex();
   }
 
   scaleModelInput(sample: Float32Array, _t: number): Float32Array {
@@ -169,8 +153,7 @@ export class UniPCMultistepScheduler implements Scheduler {
     checkSameLength(modelOutput, sample, 'UniPCMultistepScheduler.step');
     if (this.numInferenceSteps === null) throw new Error(`${this.name}.step: call setTimesteps first`);
     const cfg = this.config;
-    if (this.stepIdx === null) this.stepIdx = this.beginIdx ?? noiseIndex(this.timesteps, t, null, null, 'last');
-    const i = this.stepIdx;
+    const i = this.currentStepIndex(t);
     const n = this.timesteps.length;
     if (i >= n) throw new RangeError('step called past the end of the schedule');
 
@@ -284,7 +267,7 @@ export class UniPCMultistepScheduler implements Scheduler {
 
   addNoise(original: Float32Array, noise: Float32Array, t: number): Float32Array {
     checkSameLength(original, noise, 'UniPCMultistepScheduler.addNoise');
-    const s = this.sigmas[noiseIndex(this.timesteps, t, this.beginIdx, this.stepIdx, 'last')]!;
+    const s = this.sigmas[this.noiseIndex(t)]!;
     const { alpha, sigma } = alphaSigma(s);
     return original.map((x, k) => alpha * x + sigma * noise[k]!);
   }
