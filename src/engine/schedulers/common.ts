@@ -413,9 +413,67 @@ export function spacedTimestepsPlusOne(
   return npArange(lastTimestep, 0, -numTrain / n).map((t) => roundHalfEven(t) - 1);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The VP process in Karras sigmas (DPM-Solver, UniPC)
+
 /** alpha_t, sigma_t of the VP process at Karras sigma `s` (diffusers `_sigma_to_alpha_sigma_t`). */
 export function alphaSigma(s: number): { alpha: number; sigma: number; lambda: number } {
   const alpha = 1 / Math.sqrt(s * s + 1);
   const sigma = s * alpha;
   return { alpha, sigma, lambda: Math.log(alpha) - Math.log(sigma) };
+}
+
+/**
+ * The model output converted to what a VP solver integrates (diffusers `convert_model_output`):
+ * the data prediction x0 when `toData`, else the noise prediction epsilon, at Karras sigma `sigma`.
+ */
+export function convertModelOutput(
+  toData: boolean,
+  prediction: PredictionType,
+  sigma: number,
+  modelOutput: Float32Array,
+  sample: Float32Array,
+): Float32Array {
+  const { alpha, sigma: sigmaT } = alphaSigma(sigma);
+  const out = new Float32Array(sample.length);
+  for (let k = 0; k < out.length; k++) {
+    const x = sample[k]!;
+    const m = modelOutput[k]!;
+    if (toData) {
+      out[k] = prediction === 'epsilon' ? (x - sigmaT * m) / alpha : prediction === 'sample' ? m : alpha * x - sigmaT * m;
+    } else {
+      out[k] = prediction === 'epsilon' ? m : prediction === 'sample' ? (x - alpha * m) / sigmaT : alpha * m + sigmaT * x;
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward processes (addNoise)
+
+/** Karras form x + sigma * noise (Euler family), the product rounded to float32 as torch does. */
+export function addNoiseAtSigma(original: Float32Array, noise: Float32Array, sigma: number): Float32Array {
+  return original.map((x, k) => x + f32(noise[k]! * sigma));
+}
+
+/** VP form alpha_t x + sigma_t noise at Karras sigma `s` (DPM-Solver, UniPC). */
+export function addNoiseVp(original: Float32Array, noise: Float32Array, s: number): Float32Array {
+  const { alpha, sigma } = alphaSigma(s);
+  return original.map((x, k) => alpha * x + sigma * noise[k]!);
+}
+
+/** The DDPM forward process sqrt(acp[t]) x + sqrt(1 - acp[t]) noise (DDIM, LCM). */
+export function ddpmAddNoise(
+  alphasCumprod: Float64Array,
+  numTrain: number,
+  original: Float32Array,
+  noise: Float32Array,
+  t: number,
+): Float32Array {
+  checkSameLength(original, noise, 'addNoise');
+  checkTrainTimestep(t, numTrain);
+  const a = alphasCumprod[t]!;
+  const sa = Math.sqrt(a);
+  const sb = Math.sqrt(1 - a);
+  return original.map((x, k) => sa * x + sb * noise[k]!);
 }

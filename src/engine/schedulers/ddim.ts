@@ -12,6 +12,7 @@ import {
   checkSameLength,
   checkSteps,
   checkTrainTimestep,
+  ddpmAddNoise,
   makeNoiseTable,
   readBase,
   spacedTimesteps,
@@ -133,20 +134,4 @@ export class DDIMScheduler implements Scheduler {
   addNoise(original: Float32Array, noise: Float32Array, t: number): Float32Array {
     return ddpmAddNoise(this.alphasCumprod, this.config.num_train_timesteps, original, noise, t);
   }
-}
-
-/** The DDPM forward process sqrt(acp[t]) x + sqrt(1 - acp[t]) noise (DDIM, LCM). */
-export function ddpmAddNoise(
-  alphasCumprod: Float64Array,
-  numTrain: number,
-  original: Float32Array,
-  noise: Float32Array,
-  t: number,
-): Float32Array {
-  checkSameLength(original, noise, 'addNoise');
-  checkTrainTimestep(t, numTrain);
-  const a = alphasCumprod[t]!;
-  const sa = Math.sqrt(a);
-  const sb = Math.sqrt(1 - a);
-  return original.map((x, k) => sa * x + sb * noise[k]!);
 }

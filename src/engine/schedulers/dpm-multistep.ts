@@ -13,9 +13,11 @@ import {
   ConfigReader,
   FINAL_SIGMAS,
   SPACINGS,
+  addNoiseVp,
   alphaSigma,
   checkSameLength,
   checkSteps,
+  convertModelOutput,
   f32,
   firstTrainSigma,
   interpIndex,
@@ -78,19 +80,8 @@ export function convertDpmOutput(
   modelOutput: Float32Array,
   sample: Float32Array,
 ): Float32Array {
-  const { alpha, sigma: sigmaT } = alphaSigma(sigma);
   const dataPrediction = algorithm === 'dpmsolver++' || algorithm === 'sde-dpmsolver++';
-  const out = new Float32Array(sample.length);
-  for (let k = 0; k < out.length; k++) {
-    const x = sample[k]!;
-    const m = modelOutput[k]!;
-    if (dataPrediction) {
-      out[k] = prediction === 'epsilon' ? (x - sigmaT * m) / alpha : prediction === 'sample' ? m : alpha * x - sigmaT * m;
-    } else {
-      out[k] = prediction === 'epsilon' ? m : prediction === 'sample' ? (x - alpha * m) / sigmaT : alpha * m + sigmaT * x;
-    }
-  }
-  return out;
+  return convertModelOutput(dataPrediction, prediction, sigma, modelOutput, sample);
 }
 
 /** Reject options we do not implement (shared with the single-step solver). */
@@ -226,9 +217,7 @@ export class DPMSolverMultistepScheduler extends IndexedScheduler implements Sch
 
   addNoise(original: Float32Array, noise: Float32Array, t: number): Float32Array {
     checkSameLength(original, noise, 'DPMSolverMultistepScheduler.addNoise');
-    const s = this.sigmas[this.noiseIndex(t)]!;
-    const { alpha, sigma } = alphaSigma(s);
-    return original.map((x, k) => alpha * x + sigma * noise[k]!);
+    return addNoiseVp(original, noise, this.sigmas[this.noiseIndex(t)]!);
   }
 }
 

@@ -12,6 +12,7 @@ import type { Rng } from '../rng.js';
 import {
   ConfigReader,
   FINAL_SIGMAS,
+  addNoiseVp,
   alphaSigma,
   checkSameLength,
   checkSteps,
@@ -186,9 +187,7 @@ export class DPMSolverSinglestepScheduler extends IndexedScheduler implements Sc
 
   addNoise(original: Float32Array, noise: Float32Array, t: number): Float32Array {
     checkSameLength(original, noise, 'DPMSolverSinglestepScheduler.addNoise');
-    const s = this.sigmas[this.noiseIndex(t)]!;
-    const { alpha, sigma } = alphaSigma(s);
-    return original.map((x, k) => alpha * x + sigma * noise[k]!);
+    return addNoiseVp(original, noise, this.sigmas[this.noiseIndex(t)]!);
   }
 }
 

@@ -9,6 +9,7 @@ import type { Rng } from '../rng.js';
 import {
   ConfigReader,
   SPACINGS,
+  addNoiseAtSigma,
   checkSameLength,
   checkSteps,
   f32,
@@ -120,7 +121,6 @@ export class EulerAncestralDiscreteScheduler extends IndexedScheduler implements
 
   addNoise(original: Float32Array, noise: Float32Array, t: number): Float32Array {
     checkSameLength(original, noise, 'EulerAncestralDiscreteScheduler.addNoise');
-    const sigma = this.sigmas[this.noiseIndex(t)]!;
-    return original.map((x, k) => x + f32(noise[k]! * sigma));
+    return addNoiseAtSigma(original, noise, this.sigmas[this.noiseIndex(t)]!);
   }
 }

@@ -7,6 +7,7 @@ import {
   ConfigReader,
   FINAL_SIGMAS,
   SPACINGS,
+  addNoiseAtSigma,
   checkSameLength,
   checkSteps,
   f32,
@@ -131,7 +132,6 @@ export class EulerDiscreteScheduler extends IndexedScheduler implements Schedule
 
   addNoise(original: Float32Array, noise: Float32Array, t: number): Float32Array {
     checkSameLength(original, noise, 'EulerDiscreteScheduler.addNoise');
-    const sigma = this.sigmas[this.noiseIndex(t)]!;
-    return original.map((x, k) => x + f32(noise[k]! * sigma));
+    return addNoiseAtSigma(original, noise, this.sigmas[this.noiseIndex(t)]!);
   }
 }

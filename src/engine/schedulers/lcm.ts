@@ -15,11 +15,11 @@ import {
   checkSameLength,
   checkSteps,
   checkTrainTimestep,
+  ddpmAddNoise,
   makeNoiseTable,
   npLinspace,
   readBase,
 } from './common.js';
-import { ddpmAddNoise } from './ddim.js';
 import { IndexedScheduler } from './step-index.js';
 import type { ResolvedSchedulerConfig, Scheduler, SchedulerConfig, TimestepSpacing } from './types.js';
 

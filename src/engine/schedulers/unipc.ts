@@ -12,9 +12,11 @@ import {
   ConfigReader,
   FINAL_SIGMAS,
   SPACINGS,
+  addNoiseVp,
   alphaSigma,
   checkSameLength,
   checkSteps,
+  convertModelOutput,
   f32,
   firstTrainSigma,
   interpIndex,
@@ -133,22 +135,6 @@ export class UniPCMultistepScheduler extends IndexedScheduler implements Schedul
     return sample;
   }
 
-  private convert(modelOutput: Float32Array, sample: Float32Array, sigma: number): Float32Array {
-    const { alpha, sigma: sigmaT } = alphaSigma(sigma);
-    const pred = this.config.prediction_type;
-    const out = new Float32Array(sample.length);
-    for (let k = 0; k < out.length; k++) {
-      const x = sample[k]!;
-      const m = modelOutput[k]!;
-      if (this.config.predict_x0) {
-        out[k] = pred === 'epsilon' ? (x - sigmaT * m) / alpha : pred === 'sample' ? m : alpha * x - sigmaT * m;
-      } else {
-        out[k] = pred === 'epsilon' ? m : pred === 'sample' ? (x - alpha * m) / sigmaT : alpha * m + sigmaT * x;
-      }
-    }
-    return out;
-  }
-
   step(modelOutput: Float32Array, t: number, sample: Float32Array, _rng?: Rng): Float32Array {
     checkSameLength(modelOutput, sample, 'UniPCMultistepScheduler.step');
     if (this.numInferenceSteps === null) throw new Error(`${this.name}.step: call setTimesteps first`);
@@ -158,7 +144,7 @@ export class UniPCMultistepScheduler extends IndexedScheduler implements Schedul
     if (i >= n) throw new RangeError('step called past the end of the schedule');
 
     const useCorrector = i > 0 && !cfg.disable_corrector.includes(i - 1) && this.lastSample !== null;
-    const converted = this.convert(modelOutput, sample, this.sigmas[i]!);
+    const converted = convertModelOutput(cfg.predict_x0, cfg.prediction_type, this.sigmas[i]!, modelOutput, sample);
     let x = sample;
     if (useCorrector) x = this.correct(converted, this.lastSample!, sample, this.thisOrder, i);
 
@@ -267,8 +253,6 @@ export class UniPCMultistepScheduler extends IndexedScheduler implements Schedul
 
   addNoise(original: Float32Array, noise: Float32Array, t: number): Float32Array {
     checkSameLength(original, noise, 'UniPCMultistepScheduler.addNoise');
-    const s = this.sigmas[this.noiseIndex(t)]!;
-    const { alpha, sigma } = alphaSigma(s);
-    return original.map((x, k) => alpha * x + sigma * noise[k]!);
+    return addNoiseVp(original, noise, this.sigmas[this.noiseIndex(t)]!);
   }
 }
