@@ -17,7 +17,6 @@ import {
   alphaSigma,
   checkSameLength,
   checkSteps,
-  convertModelOutput,
   f32,
   firstTrainSigma,
   interpIndex,
@@ -30,6 +29,18 @@ import {
   spacedTimestepsPlusOne,
   type NoiseTable,
 } from './common.js';
+import {
+  convertDpmOutput,
+  firstOrderCoefficients,
+  lambdaClippedEnd,
+  readDpmAlgorithm,
+  readDpmSolverType,
+  rejectUnsupportedDpmOptions,
+  secondOrderCoefficient,
+  thirdOrderCoefficients,
+  type DpmAlgorithm,
+  type DpmSolverType,
+} from './dpm-solver.js';
 import { IndexedScheduler } from './step-index.js';
 import type {
   FinalSigmasType,
@@ -38,9 +49,6 @@ import type {
   SchedulerConfig,
   TimestepSpacing,
 } from './types.js';
-
-export type DpmAlgorithm = 'dpmsolver++' | 'dpmsolver' | 'sde-dpmsolver++' | 'sde-dpmsolver';
-export type DpmSolverType = 'midpoint' | 'heun';
 
 export interface DPMSolverMultistepConfig extends ResolvedSchedulerConfig {
   readonly solver_order: number;
@@ -58,41 +66,6 @@ export interface DPMSolverMultistepConfig extends ResolvedSchedulerConfig {
   readonly rescale_betas_zero_snr: boolean;
 }
 
-/** diffusers maps other schedulers' values onto its own when a config is shared (from_config). */
-export function readDpmAlgorithm(r: ConfigReader, allowed: readonly DpmAlgorithm[]): DpmAlgorithm {
-  const v = r.choice('algorithm_type', 'dpmsolver++', [...allowed, 'deis'] as const);
-  return v === 'deis' ? 'dpmsolver++' : v;
-}
-
-export function readDpmSolverType(r: ConfigReader): DpmSolverType {
-  const v = r.choice('solver_type', 'midpoint', ['midpoint', 'heun', 'logrho', 'bh1', 'bh2'] as const);
-  return v === 'midpoint' || v === 'heun' ? v : 'midpoint';
-}
-
-/**
- * Converts a model output to what the solver integrates: x0 for the ++ variants, epsilon for the
- * others (diffusers `convert_model_output`). Shared with the single-step solver.
- */
-export function convertDpmOutput(
-  algorithm: DpmAlgorithm,
-  prediction: ResolvedSchedulerConfig['prediction_type'],
-  sigma: number,
-  modelOutput: Float32Array,
-  sample: Float32Array,
-): Float32Array {
-  const dataPrediction = algorithm === 'dpmsolver++' || algorithm === 'sde-dpmsolver++';
-  return convertModelOutput(dataPrediction, prediction, sigma, modelOutput, sample);
-}
-
-/** Reject options we do not implement (shared with the single-step solver). */
-export function rejectUnsupportedDpmOptions(r: ConfigReader): void {
-  r.unsupportedIfSet('variance_type', undefined);
-  r.unsupportedIfSet('use_exponential_sigmas');
-  r.unsupportedIfSet('use_beta_sigmas');
-  r.unsupportedIfSet('use_flow_sigmas');
-  r.unsupportedIfSet('use_dynamic_shifting');
-}
-
 export class DPMSolverMultistepScheduler extends IndexedScheduler implements Scheduler {
   readonly name = 'DPMSolverMultistepScheduler';
   readonly order = 1;
@@ -102,8 +75,6 @@ export class DPMSolverMultistepScheduler extends IndexedScheduler implements Sch
   /** float32 sigmas, one per timestep plus the final one. */
   sigmas: number[];
   private readonly table: NoiseTable;
-  /** lambda = log(alpha_t) - log(sigma_t) per training timestep (for lambda_min_clipped). */
-  private readonly lambdas: Float64Array;
   private modelOutputs: (Float32Array | null)[];
   private lowerOrderNums = 0;
   private numInferenceSteps: number | null = null;
@@ -138,7 +109,6 @@ export class DPMSolverMultistepScheduler extends IndexedScheduler implements Sch
     }
     this.config = cfg;
     this.table = makeNoiseTable(cfg, cfg.rescale_betas_zero_snr, true);
-    this.lambdas = this.table.alphasCumprod.map((a) => f32(f32(Math.log(f32(Math.sqrt(a)))) - f32(Math.log(f32(Math.sqrt(f32(1 - a)))))));
     const n = cfg.num_train_timesteps;
     this.timesteps = npLinspace(0, n - 1, n).reverse();
     this.sigmas = [...this.table.sigmas];
@@ -149,10 +119,7 @@ export class DPMSolverMultistepScheduler extends IndexedScheduler implements Sch
     checkSteps(numInferenceSteps);
     const cfg = this.config;
     const T = cfg.num_train_timesteps;
-    // Clip the top of the schedule where lambda(t) falls below lambda_min_clipped.
-    let clipped = 0;
-    for (let i = T - 1; i >= 0 && this.lambdas[i]! < cfg.lambda_min_clipped; i--) clipped++;
-    const lastTimestep = T - clipped;
+    const lastTimestep = lambdaClippedEnd(this.table, cfg.lambda_min_clipped);
     let timesteps = spacedTimestepsPlusOne(cfg.timestep_spacing, T, lastTimestep, numInferenceSteps, cfg.steps_offset);
     const cosine = cfg.beta_schedule === 'squaredcos_cap_v2';
     const logSigmas = this.table.logSigmas;
@@ -241,25 +208,8 @@ function multistepUpdate(
   const s0 = alphaSigma(sigmas[i]!);
   const h = t.lambda - s0.lambda;
   const out = new Float32Array(sample.length);
-  const plus = algorithm === 'dpmsolver++';
-  const sdePlus = algorithm === 'sde-dpmsolver++';
-  const sde = algorithm === 'sde-dpmsolver';
-  // Coefficients: x_t = cx * x + c0 * D0 + c1 * D1 + c2 * D2 + cn * noise.
-  let cx: number;
-  let c0: number;
-  let cn = 0;
-  if (plus) {
-    cx = t.sigma / s0.sigma;
-    c0 = -t.alpha * Math.expm1(-h);
-  } else if (sdePlus) {
-    cx = (t.sigma / s0.sigma) * Math.exp(-h);
-    c0 = -t.alpha * Math.expm1(-2 * h);
-    cn = t.sigma * Math.sqrt(-Math.expm1(-2 * h));
-  } else {
-    cx = t.alpha / s0.alpha;
-    c0 = -(sde ? 2 : 1) * t.sigma * Math.expm1(h);
-    if (sde) cn = t.sigma * Math.sqrt(Math.expm1(2 * h));
-  }
+  // x_t = cx * x + c0 * D0 + c1 * D1 + c2 * D2 + cn * noise.
+  const { cx, c0, cn } = firstOrderCoefficients(algorithm, t, s0, h);
 
   if (order === 1) {
     for (let e = 0; e < out.length; e++) out[e] = cx * sample[e]! + c0 * m0[e]! + (noise ? cn * noise[e]! : 0);
@@ -272,12 +222,7 @@ function multistepUpdate(
   const r0 = h0 / h;
   if (order === 2) {
     // D1 = (m0 - m1) / r0
-    let c1: number;
-    if (plus) c1 = solverType === 'midpoint' ? 0.5 * c0 : t.alpha * (Math.expm1(-h) / h + 1);
-    else if (sdePlus) c1 = solverType === 'midpoint' ? 0.5 * c0 : t.alpha * (-Math.expm1(-2 * h) / (-2 * h) + 1);
-    else if (sde) c1 = solverType === 'midpoint' ? -t.sigma * Math.expm1(h) : -2 * t.sigma * (Math.expm1(h) / h - 1);
-    else c1 = solverType === 'midpoint' ? 0.5 * c0 : -t.sigma * (Math.expm1(h) / h - 1);
-    const c1r = c1 / r0;
+    const c1r = secondOrderCoefficient(algorithm, solverType, t, h, c0) / r0;
     for (let e = 0; e < out.length; e++) {
       const a = m0[e]!;
       out[e] = cx * sample[e]! + c0 * a + c1r * (a - m1[e]!) + (noise ? cn * noise[e]! : 0);
@@ -285,23 +230,11 @@ function multistepUpdate(
     return out;
   }
 
-  if (sde) throw new Error('third-order sde-dpmsolver is not defined (diffusers has no such update)');
+  const { c1, c2 } = thirdOrderCoefficients(algorithm, t, h);
   const m2 = outputs[k - 3]!;
   const s2 = alphaSigma(sigmas[i - 2]!);
   const h1 = s1.lambda - s2.lambda;
   const r1 = h1 / h;
-  let c1: number;
-  let c2: number;
-  if (plus) {
-    c1 = t.alpha * (Math.expm1(-h) / h + 1);
-    c2 = -t.alpha * ((Math.expm1(-h) + h) / (h * h) - 0.5);
-  } else if (sdePlus) {
-    c1 = t.alpha * (-Math.expm1(-2 * h) / (-2 * h) + 1);
-    c2 = t.alpha * ((-Math.expm1(-2 * h) - 2 * h) / (2 * h) ** 2 - 0.5);
-  } else {
-    c1 = -t.sigma * (Math.expm1(h) / h - 1);
-    c2 = -t.sigma * ((Math.expm1(h) - h) / (h * h) - 0.5);
-  }
   for (let e = 0; e < out.length; e++) {
     const a = m0[e]!;
     const b = m1[e]!;

@@ -29,11 +29,15 @@ import {
 } from './common.js';
 import {
   convertDpmOutput,
+  firstOrderCoefficients,
+  lambdaClippedEnd,
   readDpmAlgorithm,
   readDpmSolverType,
   rejectUnsupportedDpmOptions,
+  secondOrderCoefficient,
+  thirdOrderCoefficients,
   type DpmSolverType,
-} from './dpm-multistep.js';
+} from './dpm-solver.js';
 import { IndexedScheduler } from './step-index.js';
 import type { FinalSigmasType, ResolvedSchedulerConfig, Scheduler, SchedulerConfig } from './types.js';
 
@@ -79,7 +83,6 @@ export class DPMSolverSinglestepScheduler extends IndexedScheduler implements Sc
   /** Solver order at each step index. */
   orderList: number[];
   private readonly table: NoiseTable;
-  private readonly lambdas: Float64Array;
   private modelOutputs: (Float32Array | null)[];
   /** The sample the current multi-step update started from. */
   private anchor: Float32Array | null = null;
@@ -106,7 +109,6 @@ export class DPMSolverSinglestepScheduler extends IndexedScheduler implements Sc
     }
     this.config = cfg;
     this.table = makeNoiseTable(cfg, false, false);
-    this.lambdas = this.table.alphasCumprod.map((a) => f32(f32(Math.log(f32(Math.sqrt(a)))) - f32(Math.log(f32(Math.sqrt(f32(1 - a)))))));
     const n = cfg.num_train_timesteps;
     this.timesteps = npLinspace(0, n - 1, n).reverse();
     this.sigmas = [...this.table.sigmas];
@@ -117,9 +119,8 @@ export class DPMSolverSinglestepScheduler extends IndexedScheduler implements Sc
   setTimesteps(numInferenceSteps: number): void {
     checkSteps(numInferenceSteps);
     const T = this.config.num_train_timesteps;
-    let clipped = 0;
-    for (let i = T - 1; i >= 0 && this.lambdas[i]! < this.config.lambda_min_clipped; i--) clipped++;
-    let timesteps = npLinspace(0, T - 1 - clipped, numInferenceSteps + 1)
+    const lastTimestep = lambdaClippedEnd(this.table, this.config.lambda_min_clipped);
+    let timesteps = npLinspace(0, lastTimestep - 1, numInferenceSteps + 1)
       .map(roundHalfEven)
       .reverse()
       .slice(0, numInferenceSteps);
@@ -206,22 +207,7 @@ function singlestepUpdate(
   const t = alphaSigma(sigmas[i + 1]!);
   const s = alphaSigma(sigmas[i + 1 - order]!); // the anchor's sigma
   const h = t.lambda - s.lambda;
-  const plus = algorithm === 'dpmsolver++';
-  const sdePlus = algorithm === 'sde-dpmsolver++';
-  let cx: number;
-  let c0: number;
-  let cn = 0;
-  if (plus) {
-    cx = t.sigma / s.sigma;
-    c0 = -t.alpha * Math.expm1(-h);
-  } else if (sdePlus) {
-    cx = (t.sigma / s.sigma) * Math.exp(-h);
-    c0 = -t.alpha * Math.expm1(-2 * h);
-    cn = t.sigma * Math.sqrt(-Math.expm1(-2 * h));
-  } else {
-    cx = t.alpha / s.alpha;
-    c0 = -t.sigma * Math.expm1(h);
-  }
+  const { cx, c0, cn } = firstOrderCoefficients(algorithm, t, s, h);
   const out = new Float32Array(anchor.length);
   const nz = (e: number) => (noise ? cn * noise[e]! : 0);
 
@@ -237,11 +223,7 @@ function singlestepUpdate(
     const m1 = outputs[k - 2]!;
     const s0 = alphaSigma(sigmas[i]!);
     const r0 = (s0.lambda - s.lambda) / h;
-    let c1: number;
-    if (plus) c1 = solverType === 'midpoint' ? 0.5 * c0 : t.alpha * (Math.expm1(-h) / h + 1);
-    else if (sdePlus) c1 = solverType === 'midpoint' ? 0.5 * c0 : t.alpha * (-Math.expm1(-2 * h) / (-2 * h) + 1);
-    else c1 = solverType === 'midpoint' ? 0.5 * c0 : -t.sigma * (Math.expm1(h) / h - 1);
-    const c1r = c1 / r0;
+    const c1r = secondOrderCoefficient(algorithm, solverType, t, h, c0) / r0;
     for (let e = 0; e < out.length; e++) {
       const b = m1[e]!;
       out[e] = cx * anchor[e]! + c0 * b + c1r * (m0[e]! - b) + nz(e);
@@ -257,18 +239,7 @@ function singlestepUpdate(
   const s1 = alphaSigma(sigmas[i - 1]!);
   const r0 = (s0.lambda - s.lambda) / h;
   const r1 = (s1.lambda - s.lambda) / h;
-  let c1: number;
-  let c2 = 0;
-  if (plus) {
-    c1 = t.alpha * (Math.expm1(-h) / h + 1);
-    c2 = -t.alpha * ((Math.expm1(-h) + h) / (h * h) - 0.5);
-  } else if (sdePlus) {
-    c1 = t.alpha * (-Math.expm1(-2 * h) / (-2 * h) + 1);
-    c2 = t.alpha * ((-Math.expm1(-2 * h) - 2 * h) / (2 * h) ** 2 - 0.5);
-  } else {
-    c1 = -t.sigma * (Math.expm1(h) / h - 1);
-    c2 = -t.sigma * ((Math.expm1(h) - h) / (h * h) - 0.5);
-  }
+  const { c1, c2 } = thirdOrderCoefficients(algorithm, t, h);
   const midpoint = solverType === 'midpoint';
   for (let e = 0; e < out.length; e++) {
     const base = m2[e]!;
