@@ -366,6 +366,14 @@ export function checkTrainTimestep(t: number, numTrain: number): void {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Inference schedules (setTimesteps)
+
+/** All training timesteps, highest first: the schedule diffusers exposes before setTimesteps. */
+export function trainTimesteps(numTrain: number): number[] {
+  return npLinspace(0, numTrain - 1, numTrain).reverse();
+}
+
 /** The training timesteps spaced per `timestep_spacing` (Euler/Ancestral/DDIM flavour: N points). */
 export function spacedTimesteps(
   spacing: TimestepSpacing,
@@ -411,6 +419,24 @@ export function spacedTimestepsPlusOne(
     return ts;
   }
   return npArange(lastTimestep, 0, -numTrain / n).map((t) => roundHalfEven(t) - 1);
+}
+
+/** The training sigma at each (possibly fractional) timestep, interpolated linearly. */
+export function sigmasForTimesteps(table: NoiseTable, timesteps: readonly number[]): number[] {
+  return timesteps.map((t) => interpIndex(t, table.sigmas));
+}
+
+/** The fractional training timestep of each sigma (for Karras-style sigma ramps; callers round). */
+export function timestepsForSigmas(table: NoiseTable, sigmas: readonly number[]): number[] {
+  return sigmas.map((s) => sigmaToT(s, table.logSigmas));
+}
+
+/**
+ * The sigmas a scheduler stores: float32, ending with the final sigma of `final_sigmas_type`,
+ * 0 or `sigmaMin` (the smallest training sigma, or the bottom of a Karras ramp for UniPC).
+ */
+export function withFinalSigma(sigmas: readonly number[], type: FinalSigmasType, sigmaMin: number): number[] {
+  return sigmas.concat(type === 'sigma_min' ? sigmaMin : 0).map(f32);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -17,16 +17,17 @@ import {
   alphaSigma,
   checkSameLength,
   checkSteps,
-  f32,
   firstTrainSigma,
-  interpIndex,
   karrasSigmas,
   makeNoiseTable,
   npLinspace,
   readBase,
   roundHalfEven,
-  sigmaToT,
+  sigmasForTimesteps,
   spacedTimestepsPlusOne,
+  timestepsForSigmas,
+  trainTimesteps,
+  withFinalSigma,
   type NoiseTable,
 } from './common.js';
 import {
@@ -110,7 +111,7 @@ export class DPMSolverMultistepScheduler extends IndexedScheduler implements Sch
     this.config = cfg;
     this.table = makeNoiseTable(cfg, cfg.rescale_betas_zero_snr, true);
     const n = cfg.num_train_timesteps;
-    this.timesteps = npLinspace(0, n - 1, n).reverse();
+    this.timesteps = trainTimesteps(n);
     this.sigmas = [...this.table.sigmas];
     this.modelOutputs = new Array(cfg.solver_order).fill(null);
   }
@@ -121,22 +122,17 @@ export class DPMSolverMultistepScheduler extends IndexedScheduler implements Sch
     const T = cfg.num_train_timesteps;
     const lastTimestep = lambdaClippedEnd(this.table, cfg.lambda_min_clipped);
     let timesteps = spacedTimestepsPlusOne(cfg.timestep_spacing, T, lastTimestep, numInferenceSteps, cfg.steps_offset);
-    const cosine = cfg.beta_schedule === 'squaredcos_cap_v2';
-    const logSigmas = this.table.logSigmas;
     let sigmas: number[];
-    if (cfg.use_karras_sigmas) {
-      sigmas = karrasSigmas(this.table.sigmas[0]!, this.table.sigmas[T - 1]!, numInferenceSteps);
-      timesteps = sigmas.map((s) => sigmaToT(s, logSigmas)).map((t) => (cosine ? t : roundHalfEven(t)));
-    } else if (cfg.use_lu_lambdas) {
-      // Uniform in log-sigma between the ends of the training schedule (Lu et al.'s logSNR spacing).
-      const [hi, lo] = [logSigmas[T - 1]!, logSigmas[0]!];
-      sigmas = npLinspace(0, 1, numInferenceSteps).map((ramp) => Math.exp(hi + ramp * (lo - hi)));
-      timesteps = sigmas.map((s) => sigmaToT(s, logSigmas)).map((t) => (cosine ? t : roundHalfEven(t)));
+    if (cfg.use_karras_sigmas || cfg.use_lu_lambdas) {
+      sigmas = cfg.use_karras_sigmas
+        ? karrasSigmas(this.table.sigmas[0]!, this.table.sigmas[T - 1]!, numInferenceSteps)
+        : luLambdaSigmas(this.table, numInferenceSteps);
+      const cosine = cfg.beta_schedule === 'squaredcos_cap_v2';
+      timesteps = timestepsForSigmas(this.table, sigmas).map((t) => (cosine ? t : roundHalfEven(t)));
     } else {
-      sigmas = timesteps.map((t) => interpIndex(t, this.table.sigmas));
+      sigmas = sigmasForTimesteps(this.table, timesteps);
     }
-    const last = cfg.final_sigmas_type === 'sigma_min' ? firstTrainSigma(this.table) : 0;
-    this.sigmas = sigmas.concat(last).map(f32);
+    this.sigmas = withFinalSigma(sigmas, cfg.final_sigmas_type, firstTrainSigma(this.table));
     this.timesteps = timesteps;
     this.numInferenceSteps = timesteps.length;
     this.modelOutputs = new Array(cfg.solver_order).fill(null);
@@ -186,6 +182,12 @@ export class DPMSolverMultistepScheduler extends IndexedScheduler implements Sch
     checkSameLength(original, noise, 'DPMSolverMultistepScheduler.addNoise');
     return addNoiseVp(original, noise, this.sigmas[this.noiseIndex(t)]!);
   }
+}
+
+/** Lu et al.'s logSNR spacing: uniform in log-sigma between the ends of the training schedule. */
+function luLambdaSigmas(table: NoiseTable, n: number): number[] {
+  const [hi, lo] = [table.logSigmas.at(-1)!, table.logSigmas[0]!];
+  return npLinspace(0, 1, n).map((ramp) => Math.exp(hi + ramp * (lo - hi)));
 }
 
 /**

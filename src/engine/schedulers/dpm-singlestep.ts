@@ -16,15 +16,16 @@ import {
   alphaSigma,
   checkSameLength,
   checkSteps,
-  f32,
   firstTrainSigma,
-  interpIndex,
   karrasSigmas,
   makeNoiseTable,
-  npLinspace,
   readBase,
   roundHalfEven,
-  sigmaToT,
+  sigmasForTimesteps,
+  spacedTimestepsPlusOne,
+  timestepsForSigmas,
+  trainTimesteps,
+  withFinalSigma,
   type NoiseTable,
 } from './common.js';
 import {
@@ -110,7 +111,7 @@ export class DPMSolverSinglestepScheduler extends IndexedScheduler implements Sc
     this.config = cfg;
     this.table = makeNoiseTable(cfg, false, false);
     const n = cfg.num_train_timesteps;
-    this.timesteps = npLinspace(0, n - 1, n).reverse();
+    this.timesteps = trainTimesteps(n);
     this.sigmas = [...this.table.sigmas];
     this.modelOutputs = new Array(cfg.solver_order).fill(null);
     this.orderList = singlestepOrders(n, cfg.solver_order, cfg.lower_order_final, cfg.final_sigmas_type === 'zero');
@@ -120,19 +121,15 @@ export class DPMSolverSinglestepScheduler extends IndexedScheduler implements Sc
     checkSteps(numInferenceSteps);
     const T = this.config.num_train_timesteps;
     const lastTimestep = lambdaClippedEnd(this.table, this.config.lambda_min_clipped);
-    let timesteps = npLinspace(0, lastTimestep - 1, numInferenceSteps + 1)
-      .map(roundHalfEven)
-      .reverse()
-      .slice(0, numInferenceSteps);
+    let timesteps = spacedTimestepsPlusOne('linspace', T, lastTimestep, numInferenceSteps, 0); // no spacing option
     let sigmas: number[];
     if (this.config.use_karras_sigmas) {
       sigmas = karrasSigmas(this.table.sigmas[0]!, this.table.sigmas[T - 1]!, numInferenceSteps);
-      timesteps = sigmas.map((s) => roundHalfEven(sigmaToT(s, this.table.logSigmas)));
+      timesteps = timestepsForSigmas(this.table, sigmas).map(roundHalfEven);
     } else {
-      sigmas = timesteps.map((t) => interpIndex(t, this.table.sigmas));
+      sigmas = sigmasForTimesteps(this.table, timesteps);
     }
-    const last = this.config.final_sigmas_type === 'sigma_min' ? firstTrainSigma(this.table) : 0;
-    this.sigmas = sigmas.concat(last).map(f32);
+    this.sigmas = withFinalSigma(sigmas, this.config.final_sigmas_type, firstTrainSigma(this.table));
     this.timesteps = timesteps;
     this.numInferenceSteps = numInferenceSteps;
     this.modelOutputs = new Array(this.config.solver_order).fill(null);

@@ -13,11 +13,11 @@ import {
   checkSameLength,
   checkSteps,
   f32,
-  interpIndex,
   makeNoiseTable,
-  npLinspace,
   readBase,
+  sigmasForTimesteps,
   spacedTimesteps,
+  trainTimesteps,
   type NoiseTable,
 } from './common.js';
 import { IndexedScheduler } from './step-index.js';
@@ -63,7 +63,7 @@ export class EulerAncestralDiscreteScheduler extends IndexedScheduler implements
     };
     this.table = makeNoiseTable(this.config, this.config.rescale_betas_zero_snr, true);
     const n = this.config.num_train_timesteps;
-    this.timesteps = npLinspace(0, n - 1, n).reverse();
+    this.timesteps = trainTimesteps(n);
     this.sigmas = [...this.table.sigmas].reverse().concat(0);
   }
 
@@ -83,7 +83,7 @@ export class EulerAncestralDiscreteScheduler extends IndexedScheduler implements
       cfg.steps_offset,
       false,
     ).map(f32);
-    this.sigmas = this.timesteps.map((t) => interpIndex(t, this.table.sigmas)).concat(0).map(f32);
+    this.sigmas = sigmasForTimesteps(this.table, this.timesteps).concat(0).map(f32);
     this.resetStepIndex();
   }
 

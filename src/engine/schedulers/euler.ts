@@ -12,13 +12,14 @@ import {
   checkSteps,
   f32,
   firstTrainSigma,
-  interpIndex,
   karrasSigmas,
   makeNoiseTable,
-  npLinspace,
   readBase,
-  sigmaToT,
+  sigmasForTimesteps,
   spacedTimesteps,
+  timestepsForSigmas,
+  trainTimesteps,
+  withFinalSigma,
   type NoiseTable,
 } from './common.js';
 import { IndexedScheduler } from './step-index.js';
@@ -71,7 +72,7 @@ export class EulerDiscreteScheduler extends IndexedScheduler implements Schedule
     this.table = makeNoiseTable(this.config, this.config.rescale_betas_zero_snr, true);
     // Before setTimesteps diffusers exposes the full training schedule.
     const n = this.config.num_train_timesteps;
-    this.timesteps = npLinspace(0, n - 1, n).reverse().map(f32);
+    this.timesteps = trainTimesteps(n).map(f32);
     this.sigmas = [...this.table.sigmas].reverse().concat(0);
   }
 
@@ -92,13 +93,12 @@ export class EulerDiscreteScheduler extends IndexedScheduler implements Schedule
       cfg.steps_offset,
       false,
     ).map(f32);
-    let sigmas = timesteps.map((t) => interpIndex(t, this.table.sigmas));
+    let sigmas = sigmasForTimesteps(this.table, timesteps);
     if (cfg.use_karras_sigmas) {
       sigmas = karrasSigmas(cfg.sigma_min ?? sigmas.at(-1)!, cfg.sigma_max ?? sigmas[0]!, numInferenceSteps);
-      timesteps = sigmas.map((s) => f32(sigmaToT(s, this.table.logSigmas)));
+      timesteps = timestepsForSigmas(this.table, sigmas).map(f32);
     }
-    const last = cfg.final_sigmas_type === 'sigma_min' ? firstTrainSigma(this.table) : 0;
-    this.sigmas = sigmas.concat(last).map(f32);
+    this.sigmas = withFinalSigma(sigmas, cfg.final_sigmas_type, firstTrainSigma(this.table));
     this.timesteps = timesteps;
     this.resetStepIndex();
   }

@@ -17,17 +17,17 @@ import {
   checkSameLength,
   checkSteps,
   convertModelOutput,
-  f32,
   firstTrainSigma,
-  interpIndex,
   karrasSigmas,
   makeNoiseTable,
-  npLinspace,
   readBase,
   roundHalfEven,
-  sigmaToT,
+  sigmasForTimesteps,
   solveLinear,
   spacedTimestepsPlusOne,
+  timestepsForSigmas,
+  trainTimesteps,
+  withFinalSigma,
   type NoiseTable,
 } from './common.js';
 import { IndexedScheduler } from './step-index.js';
@@ -101,7 +101,7 @@ export class UniPCMultistepScheduler extends IndexedScheduler implements Schedul
     if (this.config.solver_order < 1) throw new RangeError('solver_order must be >= 1');
     this.table = makeNoiseTable(this.config, this.config.rescale_betas_zero_snr, true);
     const n = this.config.num_train_timesteps;
-    this.timesteps = npLinspace(0, n - 1, n).reverse();
+    this.timesteps = trainTimesteps(n);
     this.sigmas = [...this.table.sigmas];
     this.modelOutputs = new Array(this.config.solver_order).fill(null);
   }
@@ -112,17 +112,15 @@ export class UniPCMultistepScheduler extends IndexedScheduler implements Schedul
     const T = cfg.num_train_timesteps;
     let timesteps = spacedTimestepsPlusOne(cfg.timestep_spacing, T, T, numInferenceSteps, cfg.steps_offset);
     let sigmas: number[];
-    let last: number;
     if (cfg.use_karras_sigmas) {
       sigmas = karrasSigmas(cfg.sigma_min ?? this.table.sigmas[0]!, cfg.sigma_max ?? this.table.sigmas[T - 1]!, numInferenceSteps);
-      timesteps = sigmas.map((s) => roundHalfEven(sigmaToT(s, this.table.logSigmas)));
-      // Here "sigma_min" means the bottom of the Karras ramp, not the training schedule's.
-      last = cfg.final_sigmas_type === 'sigma_min' ? sigmas.at(-1)! : 0;
+      timesteps = timestepsForSigmas(this.table, sigmas).map(roundHalfEven);
     } else {
-      sigmas = timesteps.map((t) => interpIndex(t, this.table.sigmas));
-      last = cfg.final_sigmas_type === 'sigma_min' ? firstTrainSigma(this.table) : 0;
+      sigmas = sigmasForTimesteps(this.table, timesteps);
     }
-    this.sigmas = sigmas.concat(last).map(f32);
+    // With Karras sigmas "sigma_min" means the bottom of the ramp, not the training schedule's.
+    const sigmaMin = cfg.use_karras_sigmas ? sigmas.at(-1)! : firstTrainSigma(this.table);
+    this.sigmas = withFinalSigma(sigmas, cfg.final_sigmas_type, sigmaMin);
     this.timesteps = timesteps;
     this.numInferenceSteps = timesteps.length;
     this.modelOutputs = new Array(cfg.solver_order).fill(null);
