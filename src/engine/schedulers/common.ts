@@ -475,6 +475,21 @@ export function convertModelOutput(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Karras sigmas as the Euler family uses them (Euler, Euler ancestral)
+
+/** init_noise_sigma: the largest sigma, or sqrt(max^2 + 1) for `leading` spacing (diffusers' quirk). */
+export function karrasInitNoiseSigma(sigmas: readonly number[], spacing: TimestepSpacing): number {
+  const max = Math.max(...sigmas);
+  return spacing === 'linspace' || spacing === 'trailing' ? max : f32(Math.sqrt(f32(f32(max * max) + 1)));
+}
+
+/** The model input at sigma: sample / sqrt(sigma^2 + 1), the divisor rounded to float32 as torch does. */
+export function scaleInputAtSigma(sample: Float32Array, sigma: number): Float32Array {
+  const scale = f32(Math.sqrt(f32(f32(sigma * sigma) + 1)));
+  return sample.map((x) => x / scale);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Forward processes (addNoise)
 
 /** Karras form x + sigma * noise (Euler family), the product rounded to float32 as torch does. */

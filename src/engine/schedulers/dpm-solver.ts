@@ -92,7 +92,9 @@ export function secondOrderCoefficient(
   const midpoint = solverType === 'midpoint';
   if (algorithm === 'dpmsolver++') return midpoint ? 0.5 * c0 : t.alpha * (Math.expm1(-h) / h + 1);
   if (algorithm === 'sde-dpmsolver++') return midpoint ? 0.5 * c0 : t.alpha * (-Math.expm1(-2 * h) / (-2 * h) + 1);
-  if (algorithm === 'sde-dpmsolver') return midpoint ? -t.sigma * Math.expm1(h) : -2 * t.sigma * (Math.expm1(h) / h - 1);
+  if (algorithm === 'sde-dpmsolver') {
+    return midpoint ? -t.sigma * Math.expm1(h) : -2 * t.sigma * (Math.expm1(h) / h - 1);
+  }
   return midpoint ? 0.5 * c0 : -t.sigma * (Math.expm1(h) / h - 1);
 }
 

@@ -13,8 +13,10 @@ import {
   checkSameLength,
   checkSteps,
   f32,
+  karrasInitNoiseSigma,
   makeNoiseTable,
   readBase,
+  scaleInputAtSigma,
   sigmasForTimesteps,
   spacedTimesteps,
   trainTimesteps,
@@ -68,9 +70,7 @@ export class EulerAncestralDiscreteScheduler extends IndexedScheduler implements
   }
 
   get initNoiseSigma(): number {
-    const max = Math.max(...this.sigmas);
-    const s = this.config.timestep_spacing;
-    return s === 'linspace' || s === 'trailing' ? max : f32(Math.sqrt(f32(f32(max * max) + 1)));
+    return karrasInitNoiseSigma(this.sigmas, this.config.timestep_spacing);
   }
 
   setTimesteps(numInferenceSteps: number): void {
@@ -88,9 +88,7 @@ export class EulerAncestralDiscreteScheduler extends IndexedScheduler implements
   }
 
   scaleModelInput(sample: Float32Array, t: number): Float32Array {
-    const sigma = this.sigmas[this.currentStepIndex(t)]!;
-    const scale = f32(Math.sqrt(f32(f32(sigma * sigma) + 1)));
-    return sample.map((x) => x / scale);
+    return scaleInputAtSigma(sample, this.sigmas[this.currentStepIndex(t)]!);
   }
 
   step(modelOutput: Float32Array, t: number, sample: Float32Array, rng?: Rng): Float32Array {

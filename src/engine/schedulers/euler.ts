@@ -12,9 +12,11 @@ import {
   checkSteps,
   f32,
   firstTrainSigma,
+  karrasInitNoiseSigma,
   karrasSigmas,
   makeNoiseTable,
   readBase,
+  scaleInputAtSigma,
   sigmasForTimesteps,
   spacedTimesteps,
   timestepsForSigmas,
@@ -76,11 +78,8 @@ export class EulerDiscreteScheduler extends IndexedScheduler implements Schedule
     this.sigmas = [...this.table.sigmas].reverse().concat(0);
   }
 
-  /** Max sigma, or sqrt(max^2 + 1) for `leading` spacing (diffusers' quirk, kept for parity). */
   get initNoiseSigma(): number {
-    const max = Math.max(...this.sigmas);
-    const s = this.config.timestep_spacing;
-    return s === 'linspace' || s === 'trailing' ? max : f32(Math.sqrt(f32(f32(max * max) + 1)));
+    return karrasInitNoiseSigma(this.sigmas, this.config.timestep_spacing);
   }
 
   setTimesteps(numInferenceSteps: number): void {
@@ -104,9 +103,7 @@ export class EulerDiscreteScheduler extends IndexedScheduler implements Schedule
   }
 
   scaleModelInput(sample: Float32Array, t: number): Float32Array {
-    const sigma = this.sigmas[this.currentStepIndex(t)]!;
-    const scale = f32(Math.sqrt(f32(f32(sigma * sigma) + 1)));
-    return sample.map((x) => x / scale);
+    return scaleInputAtSigma(sample, this.sigmas[this.currentStepIndex(t)]!);
   }
 
   step(modelOutput: Float32Array, t: number, sample: Float32Array, _rng?: Rng): Float32Array {

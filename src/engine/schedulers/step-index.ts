@@ -42,7 +42,7 @@ export abstract class IndexedScheduler {
    * in the schedule (diffusers `_init_step_index`).
    */
   protected currentStepIndex(t: number): number {
-    if (this.stepIdx === null) this.stepIdx = this.beginIdx ?? indexForTimestep(this.timesteps, t, this.missingTimestep);
+    this.stepIdx ??= this.beginIdx ?? indexForTimestep(this.timesteps, t, this.missingTimestep);
     return this.stepIdx;
   }
 
