@@ -54,24 +54,11 @@ export const SDXL_EULER: SchedulerConfig = {
   use_karras_sigmas: false,
 };
 
-/** stabilityai/sd-turbo */
+/** stabilityai/sd-turbo: the SDXL file above but for these two keys. */
 export const SD_TURBO_EULER: SchedulerConfig = {
-  _class_name: 'EulerDiscreteScheduler',
+  ...SDXL_EULER,
   _diffusers_version: '0.24.0.dev0',
-  beta_end: 0.012,
-  beta_schedule: 'scaled_linear',
-  beta_start: 0.00085,
-  clip_sample: false,
-  interpolation_type: 'linear',
-  num_train_timesteps: 1000,
-  prediction_type: 'epsilon',
-  sample_max_value: 1.0,
-  set_alpha_to_one: false,
-  skip_prk_steps: true,
-  steps_offset: 1,
   timestep_spacing: 'trailing',
-  trained_betas: null,
-  use_karras_sigmas: false,
 };
 
 /** stabilityai/sdxl-turbo */
