@@ -7,6 +7,7 @@ import { homedir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ModelNotFoundError } from './errors.js';
+import { installedAliasLinks } from '../models/registry.js';
 
 /** Kiln's data folder: `$KILN_HOME`, else `$XDG_DATA_HOME/kiln`, else `~/.local/share/kiln`. */
 export function kilnHome(env: NodeJS.ProcessEnv = process.env): string {
@@ -38,6 +39,9 @@ export function locateModel(nameOrPath: string, searchDirs: string[] = modelSear
     const candidate = join(dir, nameOrPath);
     if (isModelDir(candidate)) return candidate;
   }
+  // An alias (built-in or $KILN_HOME/aliases.json) of a model installed under another name.
+  const link = aliasLinks(searchDirs).find((l) => l.alias === nameOrPath);
+  if (link) return link.dir;
   if (existsSync(asPath) && statSync(asPath).isDirectory()) return asPath;
   throw new ModelNotFoundError(
     `model "${nameOrPath}" is not installed (looked in ${searchDirs.join(', ')}); ` +
@@ -46,12 +50,12 @@ export function locateModel(nameOrPath: string, searchDirs: string[] = modelSear
   );
 }
 
-/** Installed model names (folder names that hold a model_index.json), first match wins. */
-export function listInstalledModels(searchDirs: string[] = modelSearchDirs()): { name: string; dir: string }[] {
+function modelFolders(searchDirs: string[]): { name: string; dir: string }[] {
   const seen = new Map<string, string>();
   for (const dir of searchDirs) {
     if (!existsSync(dir)) continue;
     for (const name of readdirSync(dir).sort()) {
+      if (name.startsWith('.')) continue; // never a model: temporary folders of kiln pull
       const candidate = join(dir, name);
       if (!seen.has(name) && isModelDir(candidate)) seen.set(name, candidate);
     }
@@ -59,10 +63,36 @@ export function listInstalledModels(searchDirs: string[] = modelSearchDirs()): {
   return [...seen].map(([name, dir]) => ({ name, dir }));
 }
 
+function aliasLinks(searchDirs: string[]) {
+  return installedAliasLinks(modelFolders(searchDirs), kilnHome());
+}
+
+/** An installed model, or an alias of one (`aliasOf`: the installed model's name). */
+export interface InstalledModelEntry {
+  name: string;
+  dir: string;
+  aliasOf?: string;
+}
+
+/**
+ * Installed model names (folder names that hold a model_index.json), first match wins, then
+ * the aliases (built-in and `$KILN_HOME/aliases.json`) of models installed under another
+ * name, as entries with `aliasOf`. Cheap enough to call per request: newly pulled models appear
+ * without a restart.
+ */
+export function listInstalledModels(searchDirs: string[] = modelSearchDirs()): InstalledModelEntry[] {
+  const models: InstalledModelEntry[] = modelFolders(searchDirs);
+  for (const link of installedAliasLinks(models, kilnHome())) models.push({ name: link.alias, dir: link.dir, aliasOf: link.name });
+  return models;
+}
+
 /** The reference's default model when installed, else the built-in kiln-tiny-xl. */
 export const REFERENCE_DEFAULT_MODEL = 'be-stable-diffusion-xl-base-1.0';
 export const BUILTIN_DEFAULT_MODEL = 'kiln-tiny-xl';
 
 export function defaultModelName(searchDirs: string[] = modelSearchDirs()): string {
-  return searchDirs.some((d) => isModelDir(join(d, REFERENCE_DEFAULT_MODEL))) ? REFERENCE_DEFAULT_MODEL : BUILTIN_DEFAULT_MODEL;
+  const installed =
+    searchDirs.some((d) => isModelDir(join(d, REFERENCE_DEFAULT_MODEL))) ||
+    aliasLinks(searchDirs).some((l) => l.alias === REFERENCE_DEFAULT_MODEL);
+  return installed ? REFERENCE_DEFAULT_MODEL : BUILTIN_DEFAULT_MODEL;
 }

@@ -1,0 +1,258 @@
+/**
+ * Model aliases: short names for Hub repositories, built in and extendable by the user.
+ *
+ * An alias names a repository (and optionally a revision). By default it installs the
+ * repository's diffusers ONNX layout (see select.ts) into `$KILN_HOME/models/<alias>/`. An alias
+ * can instead list explicit files, for things that are not diffusion pipelines (a ControlNet
+ * graph, the DWPose pose estimator): those files are installed, under the names given by `as`
+ * (default: their repository path), into `$KILN_HOME/models/<alias>/` or into the folder named
+ * by `dir` (relative to `$KILN_HOME`, e.g. `annotators/dwpose`). External-data files an ONNX
+ * file refers to come along automatically, beside it.
+ *
+ * The user's table is `$KILN_HOME/aliases.json`; its entries override built-in ones:
+ *
+ *   {
+ *     "my-sdxl": "someone/sdxl-onnx@v2",
+ *     "pose": { "repo": "yzd-v/DWPose", "files": ["yolox_l.onnx", "dw-ll_ucoco_384.onnx"],
+ *               "kind": "annotator", "dir": "annotators/dwpose" },
+ *     "cn": { "repo": "TensorStack/ControlNet-onnx",
+ *             "files": [{ "path": "SD/OpenPose/model.onnx", "as": "model.onnx" }], "kind": "controlnet" }
+ *   }
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { join, posix } from 'node:path';
+import { PullError } from './errors.js';
+
+/** What an installed folder holds. Only `diffusion` folders are models the engine serves. */
+export type InstallKind = 'diffusion' | 'controlnet' | 'annotator' | 'files';
+
+export interface AliasFile {
+  /** Path in the repository. */
+  path: string;
+  /** Path in the install folder (default: `path`). */
+  as?: string;
+}
+
+export interface AliasEntry {
+  repo: string;
+  /** Branch, tag or commit (default `main`). */
+  revision?: string;
+  /** Explicit files; absent means "the diffusers ONNX layout of the repository". */
+  files?: AliasFile[];
+  /** Default: `diffusion` without `files`, `files` with them. */
+  kind?: InstallKind;
+  /** Install folder relative to `$KILN_HOME`, for file aliases (default `models/<alias>`). */
+  dir?: string;
+  description?: string;
+  /** Approximate download size, for people. */
+  size?: string;
+}
+
+export const REFERENCE_DEFAULT_ALIAS = 'be-stable-diffusion-xl-base-1.0';
+
+/** The built-in aliases. Sizes are approximate, from the Hub listings in the contracts reference (§6). */
+export const BUILTIN_ALIASES: Readonly<Record<string, AliasEntry>> = Object.freeze({
+  [REFERENCE_DEFAULT_ALIAS]: {
+    repo: 'stabilityai/stable-diffusion-xl-base-1.0',
+    description: "SDXL base 1.0, the reference's default: the ONNX export (fp32, optimum) in Stability AI's official repository",
+    size: '~14 GB',
+  },
+  'stable-diffusion-v1-5': {
+    repo: 'onnx-community/stable-diffusion-v1-5-ONNX',
+    description: 'Stable Diffusion 1.5, fp32 (diffusers conversion script layout, unet weights.pb)',
+    size: '~4.3 GB',
+  },
+  'stable-diffusion-v1-5-controlnet': {
+    repo: 'TensorStack/stable-diffusion-v1-5-onnx',
+    description: 'Stable Diffusion 1.5, fp16 weights (OnnxStack), with the controlnet/ UNet that the controlnet-openpose graph plugs into',
+    size: '~4 GB',
+  },
+  'lcm-dreamshaper-v7': {
+    repo: 'SimianLuo/LCM_Dreamshaper_v7',
+    description: 'LCM Dreamshaper v7 (optimum ONNX): 4-8 step latent consistency model',
+    size: '~4.3 GB',
+  },
+  'controlnet-openpose': {
+    repo: 'TensorStack/ControlNet-onnx',
+    files: [{ path: 'SD/OpenPose/model.onnx', as: 'model.onnx' }],
+    kind: 'controlnet',
+    description: 'OpenPose ControlNet for SD 1.5 (split layout: pairs with stable-diffusion-v1-5-controlnet)',
+    size: '~740 MB',
+  },
+  'controlnet-openpose-sdxl': {
+    repo: 'TensorStack/ControlNet-amuse',
+    files: [{ path: 'StableDiffusionXL/OpenPose/model.onnx', as: 'model.onnx' }],
+    kind: 'controlnet',
+    description: 'OpenPose ControlNet for SDXL (split layout, 9+1 residuals; its model.onnx.data comes along)',
+    size: '~2.5 GB',
+  },
+  dwpose: {
+    repo: 'yzd-v/DWPose',
+    files: [{ path: 'yolox_l.onnx' }, { path: 'dw-ll_ucoco_384.onnx' }],
+    kind: 'annotator',
+    description: 'DWPose: YOLOX-L person detector + RTMPose-l whole-body pose (for OpenPose ControlNet edits)',
+    size: '~350 MB',
+  },
+} satisfies Record<string, AliasEntry>);
+
+export const ALIAS_FILE = 'aliases.json';
+
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+const REPO_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,95}\/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$/;
+const REVISION_RE = /^[A-Za-z0-9._\/-]{1,255}$/;
+const KINDS: readonly InstallKind[] = ['diffusion', 'controlnet', 'annotator', 'files'];
+
+/** Whether `name` can be a folder name under models/ (and so an alias or `--name`). */
+export function isValidModelName(name: string): boolean {
+  return NAME_RE.test(name) && name !== '.' && name !== '..' && !name.endsWith('.lock');
+}
+
+function checkRelative(path: string, what: string, file: string): string {
+  const norm = posix.normalize(path.replace(/\\/g, '/'));
+  if (!path || norm.startsWith('/') || norm === '.' || norm === '..' || norm.startsWith('../') || /^[A-Za-z]:/.test(norm)) {
+    throw new PullError(`${file}: ${what} "${path}" must be a relative path inside its folder`, 'alias-file');
+  }
+  return norm;
+}
+
+/** Parses `owner/name[@revision]` (or an alias value) into repo and revision. */
+export function parseRepoSpec(spec: string): { repo: string; revision: string | undefined } {
+  let s = spec.trim().replace(/^https?:\/\/(www\.)?(huggingface\.co|hf\.co)\//, '').replace(/^hf\.co\//, '');
+  let revision: string | undefined;
+  const at = s.indexOf('@');
+  if (at >= 0) {
+    revision = s.slice(at + 1);
+    s = s.slice(0, at);
+    if (!REVISION_RE.test(revision) || revision.includes('..')) throw new PullError(`invalid revision "${revision}" in "${spec}"`, 'bad-spec');
+  }
+  // A pasted Hub page URL may end in /tree/<revision>.
+  const tree = /^([^/]+\/[^/]+)\/tree\/(.+)$/.exec(s);
+  if (tree && !revision) {
+    s = tree[1]!;
+    revision = decodeURIComponent(tree[2]!);
+  }
+  s = s.replace(/\/+$/, '');
+  return { repo: s, revision };
+}
+
+function validateEntry(name: string, raw: unknown, file: string): AliasEntry {
+  if (typeof raw === 'string') {
+    const { repo, revision } = parseRepoSpec(raw);
+    if (!REPO_RE.test(repo)) throw new PullError(`${file}: alias "${name}": "${raw}" is not an owner/name repository id`, 'alias-file');
+    return { repo, revision };
+  }
+  if (!raw || typeof raw !== 'object' || Array.isArray(raw)) {
+    throw new PullError(`${file}: alias "${name}" must be a "owner/name[@revision]" string or an object with "repo"`, 'alias-file');
+  }
+  const o = raw as Record<string, unknown>;
+  if (typeof o.repo !== 'string') throw new PullError(`${file}: alias "${name}" has no "repo"`, 'alias-file');
+  const parsed = parseRepoSpec(o.repo);
+  if (!REPO_RE.test(parsed.repo)) throw new PullError(`${file}: alias "${name}": "${o.repo}" is not an owner/name repository id`, 'alias-file');
+  const entry: AliasEntry = { repo: parsed.repo, revision: parsed.revision };
+  if (o.revision !== undefined) {
+    if (typeof o.revision !== 'string' || !REVISION_RE.test(o.revision)) throw new PullError(`${file}: alias "${name}": bad "revision"`, 'alias-file');
+    entry.revision = o.revision;
+  }
+  if (o.files !== undefined) {
+    if (!Array.isArray(o.files) || o.files.length === 0) throw new PullError(`${file}: alias "${name}": "files" must be a non-empty list`, 'alias-file');
+    entry.files = o.files.map((f: unknown) => {
+      if (typeof f === 'string') return { path: checkRelative(f, 'file', file) };
+      if (f && typeof f === 'object' && typeof (f as AliasFile).path === 'string') {
+        const { path, as } = f as AliasFile;
+        if (as !== undefined && typeof as !== 'string') throw new PullError(`${file}: alias "${name}": "as" must be a string`, 'alias-file');
+        return { path: checkRelative(path, 'file', file), ...(as !== undefined ? { as: checkRelative(as, '"as"', file) } : {}) };
+      }
+      throw new PullError(`${file}: alias "${name}": each file is a path or { "path", "as" }`, 'alias-file');
+    });
+  }
+  if (o.kind !== undefined) {
+    if (!KINDS.includes(o.kind as InstallKind)) throw new PullError(`${file}: alias "${name}": "kind" is one of ${KINDS.join(', ')}`, 'alias-file');
+    entry.kind = o.kind as InstallKind;
+  }
+  if (entry.kind === 'diffusion' && entry.files) throw new PullError(`${file}: alias "${name}": a diffusion alias takes no "files"`, 'alias-file');
+  if (entry.kind && entry.kind !== 'diffusion' && !entry.files) throw new PullError(`${file}: alias "${name}": kind "${entry.kind}" needs "files"`, 'alias-file');
+  if (o.dir !== undefined) {
+    if (typeof o.dir !== 'string' || !entry.files) throw new PullError(`${file}: alias "${name}": "dir" is a folder for file aliases`, 'alias-file');
+    entry.dir = checkRelative(o.dir, '"dir"', file);
+  }
+  if (typeof o.description === 'string') entry.description = o.description;
+  if (typeof o.size === 'string') entry.size = o.size;
+  return entry;
+}
+
+/** The user's aliases from `$KILN_HOME/aliases.json` (empty when the file is absent). Throws on a malformed file. */
+export function readUserAliases(home: string): Record<string, AliasEntry> {
+  const file = join(home, ALIAS_FILE);
+  if (!existsSync(file)) return {};
+  let raw: unknown;
+  try {
+    raw = JSON.parse(readFileSync(file, 'utf8'));
+  } catch (err) {
+    throw new PullError(`${file} is not valid JSON: ${(err as Error).message}`, 'alias-file');
+  }
+  if (!raw || typeof raw !== 'object' || Array.isArray(raw)) throw new PullError(`${file} must hold a JSON object of aliases`, 'alias-file');
+  const table = (raw as { aliases?: unknown }).aliases && typeof (raw as { aliases?: unknown }).aliases === 'object' ? (raw as { aliases: object }).aliases : raw;
+  const out: Record<string, AliasEntry> = {};
+  for (const [name, value] of Object.entries(table as Record<string, unknown>)) {
+    if (name.startsWith('$') || name === 'aliases') continue; // room for "$schema"/comments
+    if (!isValidModelName(name)) throw new PullError(`${file}: "${name}" is not a valid alias name (letters, digits, . _ -)`, 'alias-file');
+    out[name] = validateEntry(name, value, file);
+  }
+  return out;
+}
+
+/** Built-in aliases overlaid with the user's. */
+export function aliasTable(home: string): Record<string, AliasEntry> {
+  return { ...BUILTIN_ALIASES, ...readUserAliases(home) };
+}
+
+/** The alias table, or only the built-in one when the user's file is malformed (for read paths that must not fail). */
+export function aliasTableLenient(home: string): Record<string, AliasEntry> {
+  try {
+    return aliasTable(home);
+  } catch {
+    return { ...BUILTIN_ALIASES };
+  }
+}
+
+/** What `kiln pull SPEC` fetches. */
+export interface PullTarget {
+  repo: string;
+  revision: string;
+  /** The alias SPEC named, if any. */
+  alias?: string;
+  files?: AliasFile[];
+  kind: InstallKind;
+  /** The install name (folder under models/) used when --name is not given. */
+  defaultName: string;
+  /** For file aliases with `dir`: the install folder relative to $KILN_HOME. */
+  dir?: string;
+}
+
+/** Turns `owner/name[@rev]`, a Hub URL, or `alias[@rev]` into what to fetch. */
+export function resolvePullSpec(spec: string, home: string): PullTarget {
+  const { repo, revision } = parseRepoSpec(spec);
+  if (repo.includes('/')) {
+    if (!REPO_RE.test(repo)) throw new PullError(`"${spec}" is not a Hub repository id (owner/name[@revision])`, 'bad-spec');
+    return { repo, revision: revision ?? 'main', kind: 'diffusion', defaultName: repo.split('/')[1]! };
+  }
+  const table = aliasTable(home);
+  const key = table[repo] ? repo : Object.keys(table).find((k) => k.toLowerCase() === repo.toLowerCase());
+  const entry = key ? table[key] : undefined;
+  if (!key || !entry) {
+    throw new PullError(
+      `"${repo}" is neither an alias nor an owner/name repository id. Aliases: ${Object.keys(table).sort().join(', ')} ` +
+        `(add your own in ${join(home, ALIAS_FILE)})`,
+      'unknown-alias',
+    );
+  }
+  return {
+    repo: entry.repo,
+    revision: revision ?? entry.revision ?? 'main',
+    alias: key,
+    files: entry.files,
+    kind: entry.kind ?? (entry.files ? 'files' : 'diffusion'),
+    defaultName: key,
+    dir: entry.dir,
+  };
+}
