@@ -4,6 +4,8 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { generateCommand } from './generate.js';
 import { formatCliError } from './errors.js';
+import { registerModelCommands } from './models.js';
+import { registerPullCommand } from './pull.js';
 import { registerServeCommand } from './serve.js';
 
 const program = new Command();
@@ -40,6 +42,9 @@ program
   .action(generateCommand);
 
 registerServeCommand(program);
+
+registerPullCommand(program);
+registerModelCommands(program);
 
 try {
   await program.parseAsync(process.argv);

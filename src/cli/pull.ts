@@ -1,0 +1,152 @@
+/**
+ * `kiln pull <alias | owner/name[@revision]>`: download a model from the Hugging Face Hub (or
+ * HF_ENDPOINT) into $KILN_HOME/models/<name>, with a progress bar (bytes, rate, ETA).
+ */
+import type { Command } from 'commander';
+import { SingleBar, Presets } from 'cli-progress';
+import { PullError } from '../models/errors.js';
+import { formatBytes, pullModel, type PullEvent, type PullResult } from '../models/pull.js';
+
+export interface PullFlags {
+  name?: string;
+  force?: boolean;
+  dryRun?: boolean;
+}
+
+function formatDuration(seconds: number): string {
+  if (!Number.isFinite(seconds)) return '--';
+  const s = Math.round(seconds);
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m${String(s % 60).padStart(2, '0')}s`;
+  return `${Math.floor(s / 3600)}h${String(Math.floor((s % 3600) / 60)).padStart(2, '0')}m`;
+}
+
+/** Renders pull events: a byte progress bar on a terminal, one line per file otherwise. */
+export class PullProgress {
+  private bar: SingleBar | undefined;
+  private total = 0;
+  private done = 0;
+  private file = '';
+  private samples: { t: number; bytes: number }[] = [];
+  private fetched = 0;
+  private lastRender = 0;
+
+  constructor(private readonly out: NodeJS.WriteStream = process.stderr) {}
+
+  private payload() {
+    const now = performance.now();
+    this.samples.push({ t: now, bytes: this.fetched });
+    while (this.samples.length > 2 && now - this.samples[0]!.t > 5000) this.samples.shift();
+    const first = this.samples[0]!;
+    const dt = (now - first.t) / 1000;
+    const rate = dt > 0.2 ? (this.fetched - first.bytes) / dt : 0;
+    return {
+      done: formatBytes(this.done),
+      size: formatBytes(this.total),
+      rate: rate > 0 ? `${formatBytes(rate)}/s` : '-- B/s',
+      eta: rate > 0 ? formatDuration((this.total - this.done) / rate) : '--',
+      file: this.file.length > 40 ? `…${this.file.slice(-39)}` : this.file,
+    };
+  }
+
+  readonly handle = (e: PullEvent): void => {
+    switch (e.type) {
+      case 'resolved':
+        this.out.write(`pulling ${e.repo}@${e.revision} (commit ${e.commit.slice(0, 7)}) into ${e.dir}\n`);
+        break;
+      case 'plan': {
+        this.total = e.totalBytes;
+        this.done = e.onDiskBytes;
+        const resumed = e.onDiskBytes > 0 ? `, ${formatBytes(e.onDiskBytes)} already downloaded` : '';
+        this.out.write(`${e.files.length} files, ${formatBytes(e.totalBytes)}${resumed}\n`);
+        break;
+      }
+      case 'replan':
+        this.total = e.totalBytes;
+        this.bar?.setTotal(e.totalBytes);
+        break;
+      case 'file-start':
+        this.file = e.path;
+        if (!this.bar && this.out.isTTY) {
+          this.bar = new SingleBar(
+            {
+              format: ' {bar} {percentage}% | {done} / {size} | {rate} | ETA {eta} | {file}',
+              hideCursor: true,
+              barsize: 28,
+              stream: this.out,
+              clearOnComplete: false,
+            },
+            Presets.shades_classic,
+          );
+          this.bar.start(Math.max(this.total, 1), this.done, this.payload());
+        }
+        break;
+      case 'bytes': {
+        this.done += e.bytes;
+        this.fetched += e.bytes;
+        const now = performance.now();
+        if (this.bar && now - this.lastRender > 100) {
+          this.lastRender = now;
+          this.bar.update(this.done, this.payload());
+        }
+        break;
+      }
+      case 'file-done':
+        if (this.bar) this.bar.update(this.done, this.payload());
+        else this.out.write(`  ${e.path} ${formatBytes(e.size)}${e.fetchedBytes === 0 ? ' (already downloaded)' : ''} ✓\n`);
+        break;
+      case 'retry':
+        if (!this.bar) this.out.write(`  ${e.path}: ${e.message}; retrying (${e.attempt})\n`);
+        break;
+      case 'installed':
+        break;
+    }
+  };
+
+  stop(): void {
+    this.bar?.stop();
+    this.bar = undefined;
+  }
+}
+
+function summary(r: PullResult): string {
+  if (r.dryRun) {
+    const lines = r.files.map((f) => `  ${f.path}${f.from ? ` (from ${f.from})` : ''}  ${formatBytes(f.size)}`);
+    return `would install ${r.repo}@${r.revision} (commit ${r.commit.slice(0, 7)}) into ${r.dir}:\n${lines.join('\n')}\n` +
+      `total ${formatBytes(r.totalBytes)}; ${r.skipped?.length ?? 0} repository files skipped\n`;
+  }
+  const use = r.kind === 'diffusion' ? `; kiln generate --model ${r.name} --prompt "..."` : '';
+  if (r.upToDate) return `${r.name} is up to date (${r.repo}@${r.revision}, commit ${r.commit.slice(0, 7)})${use}\n`;
+  return `installed ${r.name}: ${r.files.length} files, ${formatBytes(r.totalBytes)} (${formatBytes(r.fetchedBytes)} downloaded) in ${r.dir}${use}\n`;
+}
+
+export async function pullCommand(spec: string, flags: PullFlags): Promise<void> {
+  const abort = new AbortController();
+  const onSigint = () => abort.abort();
+  process.once('SIGINT', onSigint);
+  const view = new PullProgress();
+  try {
+    const result = await pullModel(spec, { name: flags.name, force: flags.force, dryRun: flags.dryRun, signal: abort.signal, onEvent: view.handle });
+    view.stop();
+    process.stdout.write(summary(result));
+  } catch (err) {
+    view.stop();
+    if (!(err instanceof PullError)) throw err;
+    const message = err.code === 'aborted' ? 'pull interrupted; the downloaded part is kept: run the same command again to resume.' : err.message;
+    process.stderr.write(`kiln: ${message}\n`);
+    process.exitCode = err.code === 'aborted' ? 130 : 1;
+  } finally {
+    process.off('SIGINT', onSigint);
+  }
+}
+
+export function registerPullCommand(program: Command): void {
+  program
+    .command('pull')
+    .description('download a model from the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE apply): an alias (see kiln models --aliases) or owner/name[@revision]')
+    .argument('<model>', 'alias, or Hub repository id owner/name with an optional @branch, tag or commit')
+    .option('-n, --name <name>', 'install name under $KILN_HOME/models (default: the alias or the repository name)')
+    .option('-f, --force', 'replace a folder of that name that kiln pull did not install')
+    .option('--dry-run', 'list the files and the size, download nothing')
+    .action(pullCommand);
+}
