@@ -1,6 +1,7 @@
 /**
- * Numerics shared by the schedulers: config reading, the training noise schedule, and small
- * numpy/torch look-alikes.
+ * Numerics shared by the schedulers: config reading, small numpy/torch look-alikes, the training
+ * noise schedule, the pieces setTimesteps builds inference schedules from, and the sigma-space
+ * helpers (VP conversions, Euler-family input scaling, the forward processes of addNoise).
  *
  * diffusers builds its tables in float32 (torch) and moves them through numpy, and the values it
  * keeps (betas, alphas_cumprod, sigmas, timesteps) are float32. We reproduce those roundings with
