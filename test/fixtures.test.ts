@@ -16,10 +16,19 @@ import { promisify } from 'node:util';
 import * as ort from 'onnxruntime-node';
 import {
   ALL_FIXTURE_VARIANTS,
+  CONTROLNET_FIXTURE_KINDS,
   FIXTURE_VARIANTS,
+  POSE_DETECTOR_FILE,
+  POSE_NET_FILE,
+  buildControlNetFixture,
   buildFixture,
+  buildPoseFixture,
   builderVersionHash,
+  ensureControlNetFixture,
   ensureFixture,
+  ensurePoseFixture,
+  poseTemplate,
+  type ControlNetFixtureKind,
   type FixtureVariant,
 } from '../tools/fixtures/variants.js';
 import { decodeModel, fromFloat16Array, toFloat16Array, float32ToFloat16Bits, float16BitsToFloat32 } from '../tools/fixtures/onnx-builder.js';
@@ -36,6 +45,8 @@ interface ModelContract {
   outputs: Io[];
   /** Name of the external-data file beside model.onnx, if any. */
   external?: string;
+  /** `sample` channels when not 4 (9: inpainting). */
+  sampleChannels?: number;
 }
 type Contract = Record<string, ModelContract>;
 
@@ -70,6 +81,29 @@ const SDXL_EXTRA: Io[] = [
   ['text_embeds', 'float32', 'B,16'],
   ['time_ids', 'float32', 'B,6'],
 ];
+
+// ControlNet residuals (contracts §4.1), channels 320/640/1280 scaled to 8/16/32 (channels = 8),
+// with their resolution level: 0 = h, 1 = h/2, 2 = h/4, 3 = h/8.
+const SD15_RESIDUALS: Array<[channels: number, level: number]> = [
+  [8, 0], [8, 0], [8, 0], [8, 1], [16, 1], [16, 1], [16, 2], [32, 2], [32, 2], [32, 3], [32, 3], [32, 3],
+];
+const SD15_MID: [number, number] = [32, 3];
+const SDXL_RESIDUALS = SD15_RESIDUALS.slice(0, 9);
+const SDXL_MID: [number, number] = [32, 2];
+const residualNames = (n: number): string[] => [...Array.from({ length: n }, (_, i) => `down_block_${i}_additional_residual`), 'mid_block_additional_residual'];
+/** Residual tensors as graph I/O: fixed channels, symbolic batch and spatial axes. */
+const residualIos = (arch: 'sd15' | 'sdxl', f = 'float32'): Io[] => {
+  const table = arch === 'sd15' ? [...SD15_RESIDUALS, SD15_MID] : [...SDXL_RESIDUALS, SDXL_MID];
+  const names = residualNames(table.length - 1);
+  return table.map(([c], i): Io => [names[i]!, f, `B,${c},H,W`]);
+};
+/** Level of a residual by name, for an arch with n down residuals (12 or 9). */
+function residualLevel(name: string, downCount: number): number {
+  if (name.startsWith('mid')) return downCount === 12 ? SD15_MID[1] : SDXL_MID[1];
+  return SD15_RESIDUALS[Number(/^down_block_(\d+)_/.exec(name)![1])]![1];
+}
+/** Spatial size of a level for latent size n: each stride-2 conv gives ceil(n/2). */
+const atLevel = (n: number, level: number): number => (level === 0 ? n : atLevel(Math.ceil(n / 2), level - 1));
 
 const CONTRACTS: Record<FixtureVariant, Contract> = {
   'sd15-legacy': {
@@ -140,7 +174,52 @@ const CONTRACTS: Record<FixtureVariant, Contract> = {
     vae_encoder: vaeEnc('latent_sample'),
     vae_decoder: vaeDec(),
   },
+  'sd15-controlnet': {
+    text_encoder: ext(te('int32', 16), 'model.onnx.data'),
+    unet: ext(unet(['timestep', 'float32', 'B'], 16), 'model.onnx.data'),
+    controlnet: unet(['timestep', 'float32', 'B'], 16, 'float32', residualIos('sd15')),
+    vae_encoder: vaeEnc('latent_sample'),
+    vae_decoder: vaeDec(),
+  },
+  'sdxl-controlnet': {
+    text_encoder: te('int32', 8, 'float32', 3),
+    text_encoder_2: ext(te2(12, '16', 3), 'model.onnx.data'),
+    unet: ext(unet(['timestep', 'float32', 'B'], 20, 'float32', SDXL_EXTRA), 'model.onnx.data'),
+    controlnet: ext(unet(['timestep', 'float32', 'B'], 20, 'float32', [...SDXL_EXTRA, ...residualIos('sdxl')]), 'model.onnx.data'),
+    vae_encoder: vaeEnc('latent_sample'),
+    vae_decoder: vaeDec(),
+  },
+  'sd15-inpaint': {
+    text_encoder: te('int32', 16),
+    unet: ext(unet(['timestep', 'int64', 'steps'], 16), 'model.onnx_data'),
+    inpaint_unet: {
+      inputs: [['sample', 'float32', 'B,9,H,W'], ['timestep', 'int64', 'steps'], ['encoder_hidden_states', 'float32', 'B,S,16']],
+      outputs: [['out_sample', 'float32', 'B,4,H,W']],
+      external: 'model.onnx_data',
+      sampleChannels: 9,
+    },
+    vae_encoder: vaeEnc('latent_sample'),
+    vae_decoder: vaeDec(),
+  },
+  'sd15-inpaint9': {
+    text_encoder: te('int32', 16),
+    // The diffusers script's dynamic axes: the channel axis is symbolic (`channels`) on both ends;
+    // ORT's metadata shows the inferred 4 for out_sample (the graph's declaration is checked below).
+    unet: {
+      inputs: [['sample', 'float32', 'B,channels,H,W'], ['timestep', 'int64', 'batch'], ['encoder_hidden_states', 'float32', 'B,S,16']],
+      outputs: [['out_sample', 'float32', 'B,4,H,W']],
+      external: 'weights.pb',
+      sampleChannels: 9,
+    },
+    vae_encoder: vaeEnc('latent_sample'),
+    vae_decoder: vaeDec(),
+  },
 };
+
+/** Folders Kiln reads beside the diffusers ones; not components of model_index.json. */
+const KILN_EXTRA_FOLDERS = ['controlnet', 'inpaint_unet'];
+/** Which feed recipe a folder's model takes. */
+const kindOf = (folder: string): string => (KILN_EXTRA_FOLDERS.includes(folder) ? 'unet' : folder.replace(/_2$/, ''));
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -178,6 +257,8 @@ function tensor(type: string, dims: number[], fill: (i: number) => number): ort.
       return new ort.Tensor('int32', Int32Array.from(values), dims);
     case 'int64':
       return new ort.Tensor('int64', BigInt64Array.from(values.map((v) => BigInt(Math.round(v)))), dims);
+    case 'float64':
+      return new ort.Tensor('float64', Float64Array.from(values), dims);
     default:
       throw new Error(`no feed for ${type}`);
   }
@@ -208,8 +289,10 @@ function feedsFor(
   kind: string,
   overrides: Record<string, (i: number) => number> = {},
   sizes: typeof SIZES = SIZES,
+  sampleChannels = 4,
 ): Record<string, ort.Tensor> {
   const feeds: Record<string, ort.Tensor> = {};
+  const downResiduals = session.inputNames.filter((n) => n.startsWith('down_block_')).length;
   for (const m of session.inputMetadata) {
     assert.ok(m.isTensor);
     const dims = m.shape.map((d, axis) => {
@@ -218,7 +301,12 @@ function feedsFor(
       if (kind === 'vae_decoder') return [1, 4, sizes.h, sizes.w][axis]!;
       if (m.name === 'input_ids') return [sizes.batch, sizes.seq][axis]!;
       if (m.name === 'timestep') return sizes.batch;
-      if (m.name === 'sample') return [sizes.batch, 4, sizes.h, sizes.w][axis]!;
+      if (m.name === 'sample') return [sizes.batch, sampleChannels, sizes.h, sizes.w][axis]!;
+      if (m.name === 'controlnet_cond') return [sizes.batch, 3, 8 * sizes.h, 8 * sizes.w][axis]!;
+      if (m.name.endsWith('_additional_residual')) {
+        const level = residualLevel(m.name, downResiduals);
+        return [sizes.batch, 0, atLevel(sizes.h, level), atLevel(sizes.w, level)][axis]!;
+      }
       if (m.name === 'encoder_hidden_states') return [sizes.batch, sizes.seq][axis]!;
       return sizes.batch;
     });
@@ -230,7 +318,11 @@ function feedsFor(
           ? () => 981
           : m.name === 'time_ids'
             ? (i: number) => [1024, 1024, 0, 0, 1024, 1024][i % 6]!
-            : (i: number) => Math.sin(i * 0.37 + 0.1));
+            : m.name === 'conditioning_scale'
+              ? () => 1
+              : m.name === 'controlnet_cond'
+                ? (i: number) => 0.5 + 0.5 * Math.sin(i * 0.113)
+                : (i: number) => Math.sin(i * 0.37 + 0.1));
     feeds[m.name] = tensor(m.type, dims, fill);
   }
   return feeds;
@@ -326,11 +418,17 @@ for (const variant of ALL_FIXTURE_VARIANTS) {
         'sdxl-refiner': 'StableDiffusionXLImg2ImgPipeline',
         lcm: 'LatentConsistencyModelPipeline',
         'sd-turbo': 'OnnxStableDiffusionPipeline',
+        'sd15-controlnet': 'OnnxStableDiffusionPipeline',
+        'sdxl-controlnet': 'StableDiffusionXLPipeline',
+        'sd15-inpaint': 'StableDiffusionPipeline',
+        'sd15-inpaint9': 'OnnxStableDiffusionInpaintPipeline',
       };
       assert.equal(index._class_name, cls[variant]);
       for (const [k, v] of Object.entries(index)) if (!k.startsWith('_') && Array.isArray(v)) assert.equal(v.length, 2, k);
       for (const folder of Object.keys(contract)) {
-        // Every ONNX folder is either named in the index or is the VAE pair behind a `vae` entry.
+        // Every ONNX folder is either named in the index or is the VAE pair behind a `vae` entry
+        // (Kiln's own extra folders, controlnet/ and inpaint_unet/, are not pipeline components).
+        if (KILN_EXTRA_FOLDERS.includes(folder)) continue;
         assert.ok(folder in index || (folder.startsWith('vae_') && 'vae' in index), `${folder} in model_index.json`);
       }
 
@@ -346,6 +444,10 @@ for (const variant of ALL_FIXTURE_VARIANTS) {
         'sdxl-refiner': ['EulerDiscreteScheduler', 'leading'],
         lcm: ['LCMScheduler', undefined],
         'sd-turbo': ['EulerDiscreteScheduler', 'trailing'],
+        'sd15-controlnet': ['PNDMScheduler', undefined],
+        'sdxl-controlnet': ['EulerDiscreteScheduler', 'leading'],
+        'sd15-inpaint': ['PNDMScheduler', undefined],
+        'sd15-inpaint9': ['PNDMScheduler', undefined],
       };
       const [schedClass, spacing] = expectScheduler[variant];
       assert.equal(sched._class_name, schedClass);
@@ -364,7 +466,9 @@ for (const variant of ALL_FIXTURE_VARIANTS) {
         if (xl) assert.equal(c.force_upcast, true);
       }
       const u = read('unet/config.json');
-      assert.equal(u.in_channels, 4);
+      assert.equal(u.in_channels, variant === 'sd15-inpaint9' ? 9 : 4);
+      if (contract.inpaint_unet) assert.equal(read('inpaint_unet/config.json').in_channels, 9);
+      if (contract.controlnet) assert.equal(read('controlnet/config.json').in_channels, 4);
       assert.equal(typeof u.sample_size, 'number');
       assert.equal(u.time_cond_proj_dim, variant === 'lcm' ? 256 : null);
       if (contract.text_encoder) assert.equal(read('text_encoder/config.json').hidden_size, variant === 'sd-turbo' ? 1024 : xl ? 8 : 16);
@@ -388,11 +492,20 @@ for (const variant of ALL_FIXTURE_VARIANTS) {
       });
     }
 
+    if (variant === 'sd15-inpaint9') {
+      test('the 9-channel unet declares a symbolic channel axis (so the engine must read unet/config.json in_channels)', () => {
+        const model = decodeModel(readFileSync(join(dir, 'unet', 'model.onnx')));
+        const dimsOf = (v: { type?: { tensorType?: { shape?: { dim?: Array<{ dimParam?: string | null; dimValue?: unknown }> | null } | null } | null } | null }) =>
+          v.type!.tensorType!.shape!.dim!.map((d) => d.dimParam || Number(d.dimValue));
+        assert.deepEqual(dimsOf(model.graph!.input!.find((i) => i.name === 'sample')!), ['batch', 'channels', 'height', 'width']);
+        assert.deepEqual(dimsOf(model.graph!.output!.find((o) => o.name === 'out_sample')!), ['batch', 'channels', 'height', 'width']);
+      });
+    }
+
     test('each sub-model runs with typed feeds and gives the expected shapes', async () => {
       for (const [folder, m] of Object.entries(contract)) {
         const s = await open(join(dir, folder, 'model.onnx'));
-        const kind = folder.replace(/_2$/, '');
-        const out = await s.run(feedsFor(s, kind));
+        const out = await s.run(feedsFor(s, kindOf(folder), {}, SIZES, m.sampleChannels));
         for (const [name, type] of m.outputs) {
           const t = out[name]!;
           assert.equal(t.type, type, `${folder}/${name}`);
@@ -434,9 +547,9 @@ for (const variant of ALL_FIXTURE_VARIANTS) {
         const copy = join(tmpRoot, `${variant}-copy`);
         await buildFixture(variant, copy);
         renameSync(copy, moved);
-        for (const [folder] of externals) {
+        for (const [folder, m] of externals) {
           const s = await open(join(moved, folder, 'model.onnx'));
-          await s.run(feedsFor(s, folder.replace(/_2$/, '')));
+          await s.run(feedsFor(s, kindOf(folder), {}, SIZES, m.sampleChannels));
         }
         // And without its side file it must not load.
         rmSync(join(moved, externals[0]![0], externals[0]![1].external!));
@@ -583,5 +696,287 @@ describe('ensureFixture', () => {
       if (prev === undefined) delete process.env.KILN_FIXTURE_CACHE;
       else process.env.KILN_FIXTURE_CACHE = prev;
     }
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// ControlNet-UNet and inpainting UNet behaviour
+
+/** Feeds for a UNet-like session with every residual zero except (optionally) one. */
+function unetFeeds(s: ort.InferenceSession, overrides: Record<string, (i: number) => number> = {}, sampleChannels = 4): Record<string, ort.Tensor> {
+  const zeros: Record<string, (i: number) => number> = {};
+  for (const n of s.inputNames) if (n.endsWith('_additional_residual')) zeros[n] = () => 0;
+  return feedsFor(s, 'unet', { ...zeros, ...overrides }, SIZES, sampleChannels);
+}
+
+describe('ControlNet-UNet (controlnet/) and inpainting UNets', () => {
+  before(async () => {
+    for (const v of ['sd15-controlnet', 'sdxl-controlnet', 'sd15-inpaint', 'sd15-inpaint9'] as const) {
+      if (!existsSync(join(tmpRoot, v))) await buildFixture(v, join(tmpRoot, v));
+    }
+  });
+
+  test('with all-zero residuals the ControlNet-UNet gives exactly the base UNet’s output', async () => {
+    for (const v of ['sd15-controlnet', 'sdxl-controlnet'] as const) {
+      const base = await session(v, 'unet');
+      const cn = await session(v, 'controlnet');
+      const a = floats((await base.run(feedsFor(base, 'unet'))).out_sample!);
+      const b = floats((await cn.run(unetFeeds(cn))).out_sample!);
+      a.forEach((x, i) => assert.ok(Math.abs(x - b[i]!) <= 1e-6, `${v} index ${i}: ${x} vs ${b[i]}`));
+    }
+  });
+
+  test('out_sample depends on every residual input, at every level', async () => {
+    for (const v of ['sd15-controlnet', 'sdxl-controlnet'] as const) {
+      const cn = await session(v, 'controlnet');
+      const base = (await cn.run(unetFeeds(cn))).out_sample!;
+      const names = cn.inputNames.filter((n) => n.endsWith('_additional_residual'));
+      assert.equal(names.length, v === 'sd15-controlnet' ? 13 : 10);
+      for (const name of names) {
+        const changed = (await cn.run(unetFeeds(cn, { [name]: (i) => Math.cos(i * 0.7) }))).out_sample!;
+        assert.ok(differ(base, changed), `${v}: out_sample ignores ${name}`);
+      }
+    }
+  });
+
+  test('9-channel UNets: output has 4 channels and depends on the mask and the masked-image latents', async () => {
+    const s = await session('sd15-inpaint', 'inpaint_unet');
+    const { batch: b, h, w } = SIZES;
+    const plane = h * w;
+    const sample = (mask: number, masked: number) => (i: number) => {
+      const c = Math.floor(i / plane) % 9;
+      return c < 4 ? Math.sin(i * 0.37) : c === 4 ? mask : masked * Math.cos(i * 0.5);
+    };
+    const run = async (mask: number, masked: number) => (await s.run(feedsFor(s, 'unet', { sample: sample(mask, masked) }, SIZES, 9))).out_sample!;
+    const base = await run(0, 1);
+    assert.deepEqual(base.dims, [b, 4, h, w]);
+    assert.ok(differ(base, await run(1, 1)), 'ignores the mask channel');
+    assert.ok(differ(base, await run(0, 2)), 'ignores the masked-image latents');
+    // The same inpainting weights behind both layouts: inpaint_unet/ of sd15-inpaint ≡ unet/ of sd15-inpaint9.
+    const s9 = await session('sd15-inpaint9', 'unet');
+    const other = (await s9.run(feedsFor(s9, 'unet', { sample: sample(0, 1) }, SIZES, 9))).out_sample!;
+    const x = floats(base);
+    floats(other).forEach((v, i) => assert.ok(Math.abs(v - x[i]!) <= 1e-6, `index ${i}`));
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Standalone ControlNet folders (split layout, §4.1)
+
+const controlnetContract = (kind: ControlNetFixtureKind): ModelContract => {
+  const f = kind === 'sd15-openpose-fp16' ? 'float16' : 'float32';
+  const xl = kind === 'sdxl-openpose';
+  return {
+    inputs: [
+      ['sample', f, 'B,4,H,W'],
+      ['timestep', f, 'B'],
+      ['encoder_hidden_states', f, `B,S,${xl ? 20 : 16}`],
+      ...(xl ? SDXL_EXTRA : []),
+      ['controlnet_cond', f, 'B,3,H,W'],
+      ...(kind === 'sd15-openpose-noscale' ? [] : [['conditioning_scale', 'float64', kind === 'sd15-openpose-fp16' ? '' : '1'] as Io]),
+    ],
+    outputs: residualIos(xl ? 'sdxl' : 'sd15', f),
+    external: xl ? 'model.onnx.data' : undefined,
+  };
+};
+
+describe('ControlNet folders', () => {
+  const dirOf = (kind: ControlNetFixtureKind) => join(tmpRoot, `controlnet-${kind}`);
+  before(async () => {
+    for (const kind of CONTROLNET_FIXTURE_KINDS) await buildControlNetFixture(kind, dirOf(kind));
+    for (const v of ['sd15-controlnet', 'sdxl-controlnet'] as const) if (!existsSync(join(tmpRoot, v))) await buildFixture(v, join(tmpRoot, v));
+  });
+
+  test('files: model.onnx (+ model.onnx.data for SDXL), config.json, annotators/dwpose/', () => {
+    for (const kind of CONTROLNET_FIXTURE_KINDS) {
+      const c = controlnetContract(kind);
+      const files = listFiles(dirOf(kind));
+      assert.deepEqual(
+        files,
+        ['annotators/dwpose/dw-ll_ucoco_384.onnx', 'annotators/dwpose/yolox_l.onnx', 'config.json', 'model.onnx', ...(c.external ? [c.external] : [])].sort(),
+        kind,
+      );
+      const cfg = JSON.parse(readFileSync(join(dirOf(kind), 'config.json'), 'utf8'));
+      assert.equal(cfg._class_name, 'ControlNetModel');
+      assert.equal(cfg.cross_attention_dim, kind === 'sdxl-openpose' ? 20 : 16);
+      assert.equal(cfg.addition_embed_type, kind === 'sdxl-openpose' ? 'text_time' : null);
+      assert.equal(cfg.controlnet_conditioning_channel_order, 'rgb');
+    }
+  });
+
+  test('sessions expose the contract: names, order, dtypes, ranks', async () => {
+    for (const kind of CONTROLNET_FIXTURE_KINDS) {
+      const m = controlnetContract(kind);
+      const s = await open(join(dirOf(kind), 'model.onnx'));
+      assert.deepEqual(s.inputNames, m.inputs.map((io) => io[0]), `${kind} input order`);
+      assert.deepEqual(s.outputNames, m.outputs.map((io) => io[0]), `${kind} output order`);
+      m.inputs.forEach((io, i) => assertShape(s.inputMetadata[i]!, io, `${kind} input`));
+      m.outputs.forEach((io, i) => assertShape(s.outputMetadata[i]!, io, `${kind} output`));
+    }
+  });
+
+  test('residual shapes: channels per the table, h, h/2, h/4, h/8 (ceil) for odd latent sizes', async () => {
+    for (const kind of CONTROLNET_FIXTURE_KINDS) {
+      const s = await open(join(dirOf(kind), 'model.onnx'));
+      const out = await s.run(feedsFor(s, 'controlnet'));
+      const table = kind === 'sdxl-openpose' ? [...SDXL_RESIDUALS, SDXL_MID] : [...SD15_RESIDUALS, SD15_MID];
+      s.outputNames.forEach((name, i) => {
+        const [c, level] = table[i]!;
+        assert.deepEqual(out[name]!.dims, [SIZES.batch, c, atLevel(SIZES.h, level), atLevel(SIZES.w, level)], `${kind}/${name}`);
+        assert.equal(out[name]!.type, kind === 'sd15-openpose-fp16' ? 'float16' : 'float32');
+        assertFinite(out[name]!, `${kind}/${name}`);
+      });
+    }
+  });
+
+  test('residuals depend on the control image and every other input; the scale multiplies them', async () => {
+    for (const kind of ['sd15-openpose', 'sdxl-openpose'] as const) {
+      const s = await open(join(dirOf(kind), 'model.onnx'));
+      const base = await s.run(feedsFor(s, 'controlnet'));
+      for (const name of s.inputNames.filter((n) => n !== 'conditioning_scale')) {
+        const changed = await s.run(feedsFor(s, 'controlnet', { [name]: name === 'timestep' ? () => 21 : (i: number) => 0.5 + 0.5 * Math.cos(i * 0.91) }));
+        for (const out of s.outputNames) assert.ok(differ(base[out]!, changed[out]!), `${kind}: ${out} ignores ${name}`);
+      }
+      const zero = await s.run(feedsFor(s, 'controlnet', { conditioning_scale: () => 0 }));
+      const half = await s.run(feedsFor(s, 'controlnet', { conditioning_scale: () => 0.5 }));
+      for (const out of s.outputNames) {
+        assert.ok(floats(zero[out]!).every((v) => v === 0), `${kind}: scale 0 zeroes ${out}`);
+        const full = floats(base[out]!);
+        floats(half[out]!).forEach((v, i) => assert.ok(Math.abs(v - full[i]! / 2) <= 1e-6, `${kind}: ${out} at scale 0.5`));
+      }
+    }
+  });
+
+  test('the sd15 kinds compute one function: no-scale = scale 1; fp16 I/O agrees to fp16 rounding', async () => {
+    const outputs: Array<Record<string, ort.Tensor>> = [];
+    for (const kind of ['sd15-openpose', 'sd15-openpose-noscale', 'sd15-openpose-fp16'] as const) {
+      const s = await open(join(dirOf(kind), 'model.onnx'));
+      outputs.push(await s.run(feedsFor(s, 'controlnet', { timestep: () => 500 })));
+    }
+    const [ref, noscale, fp16] = outputs;
+    for (const name of Object.keys(ref!)) {
+      const r = floats(ref![name]!);
+      floats(noscale![name]!).forEach((v, i) => assert.equal(v, r[i], `${name} no-scale`));
+      floats(fp16![name]!).forEach((v, i) => assert.ok(Math.abs(v - r[i]!) <= 0.05 * (1 + Math.abs(r[i]!)), `${name} fp16 ${v} vs ${r[i]}`));
+    }
+  });
+
+  test('ControlNet residuals feed the matching ControlNet-UNet by name and change its output', async () => {
+    for (const [kind, variant] of [['sd15-openpose', 'sd15-controlnet'], ['sdxl-openpose', 'sdxl-controlnet']] as const) {
+      const cnet = await open(join(dirOf(kind), 'model.onnx'));
+      const unetS = await session(variant, 'controlnet');
+      const residuals = await cnet.run(feedsFor(cnet, 'controlnet'));
+      const feeds = unetFeeds(unetS);
+      const without = (await unetS.run(feeds)).out_sample!;
+      for (const name of cnet.outputNames) {
+        assert.deepEqual(residuals[name]!.dims, feeds[name]!.dims, `${kind} → ${variant}: ${name} shape`);
+        feeds[name] = residuals[name]!;
+      }
+      const withControl = (await unetS.run(feeds)).out_sample!;
+      assert.ok(differ(without, withControl), `${variant}: residuals change out_sample`);
+      assertFinite(withControl, `${variant} out_sample`);
+    }
+  });
+
+  test('two builds are byte-identical; ensureControlNetFixture caches under controlnet-<kind>-<hash>', async () => {
+    const again = join(tmpRoot, 'controlnet-again');
+    await buildControlNetFixture('sdxl-openpose', again);
+    const a = listFiles(dirOf('sdxl-openpose'));
+    assert.deepEqual(listFiles(again), a);
+    for (const f of a) assert.ok(readFileSync(join(dirOf('sdxl-openpose'), f)).equals(readFileSync(join(again, f))), `${f} differs`);
+    const prev = process.env.KILN_FIXTURE_CACHE;
+    process.env.KILN_FIXTURE_CACHE = join(tmpRoot, 'cn-cache');
+    try {
+      const [x, y] = await Promise.all([ensureControlNetFixture('sd15-openpose'), ensureControlNetFixture('sd15-openpose')]);
+      assert.equal(x, y);
+      assert.match(x, new RegExp(`controlnet-sd15-openpose-${builderVersionHash()}$`));
+      const pose = await ensurePoseFixture();
+      assert.match(pose, new RegExp(`dwpose-${builderVersionHash()}$`));
+      assert.deepEqual(readdirSync(pose).sort(), [POSE_NET_FILE, POSE_DETECTOR_FILE].sort());
+    } finally {
+      if (prev === undefined) delete process.env.KILN_FIXTURE_CACHE;
+      else process.env.KILN_FIXTURE_CACHE = prev;
+    }
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// DWPose stand-ins (§5.1)
+
+describe('pose fixtures', () => {
+  const dir = join(tmpRoot, 'dwpose');
+  before(() => buildPoseFixture(dir));
+
+  test('contracts: yolox_l images [1,3,64,64] → output [1,84,85]; dw-ll input [1,3,64,48] → simcc_x [1,133,96], simcc_y [1,133,128]', async () => {
+    const det = await open(join(dir, POSE_DETECTOR_FILE));
+    assert.deepEqual(det.inputNames, ['images']);
+    assert.deepEqual(det.outputNames, ['output']);
+    assertShape(det.inputMetadata[0]!, ['images', 'float32', '1,3,64,64'], 'detector');
+    // N = 8² + 4² + 2² for strides 8, 16, 32 of a 64² input.
+    assertShape(det.outputMetadata[0]!, ['output', 'float32', '1,84,85'], 'detector');
+    const pose = await open(join(dir, POSE_NET_FILE));
+    assert.deepEqual(pose.inputNames, ['input']);
+    assert.deepEqual(pose.outputNames, ['simcc_x', 'simcc_y']);
+    assertShape(pose.inputMetadata[0]!, ['input', 'float32', '1,3,64,48'], 'pose');
+    assertShape(pose.outputMetadata[0]!, ['simcc_x', 'float32', '1,133,96'], 'pose');
+    assertShape(pose.outputMetadata[1]!, ['simcc_y', 'float32', '1,133,128'], 'pose');
+  });
+
+  test('detector: a bright block is a person in the cell under it, with its own box; black and grey are nobody', async () => {
+    const det = await open(join(dir, POSE_DETECTOR_FILE));
+    const S = 64;
+    const inBlock = (x: number, y: number) => x >= 16 && x < 32 && y >= 8 && y < 48;
+    const images = (fill: (x: number, y: number) => number) => new ort.Tensor('float32', Float32Array.from({ length: 3 * S * S }, (_, i) => fill(i % S, Math.floor(i / S) % S)), [1, 3, S, S]);
+    const rows = async (t: ort.Tensor) => {
+      const out = floats((await det.run({ images: t })).output!);
+      return Array.from({ length: 84 }, (_, r) => out.subarray(r * 85, r * 85 + 85));
+    };
+    const bright = await rows(images((x, y) => (inBlock(x, y) ? 255 : 0)));
+    // Stride-8 cell (2, 2) lies inside the block: person score obj·cls0 high, box = the block.
+    const cell = bright[2 * 8 + 2]!;
+    const score = cell[4]! * cell[5]!;
+    assert.ok(score > 0.85, `score ${score}`);
+    const cx = (cell[0]! + 2) * 8;
+    const cy = (cell[1]! + 2) * 8;
+    const w = Math.exp(cell[2]!) * 8;
+    const h = Math.exp(cell[3]!) * 8;
+    for (const [got, want] of [[cx, 24], [cy, 28], [w, 16], [h, 40]] as const) assert.ok(Math.abs(got - want) < 1e-3, `${got} vs ${want}`);
+    // A cell outside the block scores nothing; the other 79 classes stay low everywhere.
+    assert.ok(bright[7 * 8 + 7]![4]! < 0.01);
+    assert.ok(bright.every((r) => Math.max(...r.subarray(6)) <= 0.02 + 1e-6));
+    for (const fill of [() => 0, () => 114]) {
+      const none = await rows(images(fill));
+      assert.ok(none.every((r) => r[4]! * r[5]! < 0.1), 'no candidate above the NMS score threshold');
+      assertFinite(new ort.Tensor('float32', Float32Array.from(none.flatMap((r) => [...r])), [84, 85]), 'empty picture');
+    }
+  });
+
+  test('pose net: peaks at the template bins, visible on a bright crop and below 0.3 on a dark one', async () => {
+    const pose = await open(join(dir, POSE_NET_FILE));
+    const template = poseTemplate();
+    assert.equal(template.length, 133);
+    const run = async (value: number) => pose.run({ input: new ort.Tensor('float32', new Float32Array(3 * 64 * 48).fill(value), [1, 3, 64, 48]) });
+    const argmax = (d: Float32Array, k: number, n: number) => {
+      let best = 0;
+      for (let i = 1; i < n; i++) if (d[k * n + i]! > d[k * n + best]!) best = i;
+      return [best, d[k * n + best]!] as const;
+    };
+    const bright = await run((255 - 103.53) / 57.375);
+    const sx = floats(bright.simcc_x!);
+    const sy = floats(bright.simcc_y!);
+    template.forEach((t, k) => {
+      const [xb, xv] = argmax(sx, k, 96);
+      const [yb, yv] = argmax(sy, k, 128);
+      assert.deepEqual([xb, yb], [t.xBin, t.yBin], `keypoint ${k}`);
+      assert.ok(Math.min(xv, yv) > 0.3, `keypoint ${k} score ${Math.min(xv, yv)}`);
+    });
+    const dark = await run(-2);
+    assert.ok(Math.max(...floats(dark.simcc_x!)) < 0.3 && Math.max(...floats(dark.simcc_y!)) < 0.3);
+  });
+
+  test('two builds are byte-identical', async () => {
+    const again = join(tmpRoot, 'dwpose-again');
+    await buildPoseFixture(again);
+    for (const f of [POSE_DETECTOR_FILE, POSE_NET_FILE]) assert.ok(readFileSync(join(dir, f)).equals(readFileSync(join(again, f))), f);
   });
 });
