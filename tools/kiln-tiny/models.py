@@ -178,9 +178,16 @@ class UNet(nn.Module):
     (+ text_embeds [B,P], time_ids [B,6] for xl) -> eps [B,4,h,w].
     Internally: pixel-unshuffle(2) + coordinate channels, 2 resolution levels (h/2, h/4)."""
 
-    def __init__(self, ctx_dim, c1=96, c2=192, dc=128, e=256, xl_pooled_dim=None):
+    def __init__(self, ctx_dim, c1=96, c2=192, dc=128, e=256, xl_pooled_dim=None, param='eps'):
         super().__init__()
         self.xl = xl_pooled_dim is not None
+        # param='v': the network body predicts v = sqrt(a)*eps - sqrt(1-a)*x0 and the graph converts it to the
+        # epsilon output, eps = sqrt(1-a)*x_t + sqrt(a)*v (EDM-style preconditioning; the I/O contract stays eps).
+        self.param = param
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+        ac = torch.cumprod(1 - betas, 0)
+        self.register_buffer('sqrt_ac', ac.sqrt().float(), persistent=False)
+        self.register_buffer('sqrt_1mac', (1 - ac).sqrt().float(), persistent=False)
         self.t_mlp = nn.Sequential(nn.Linear(128, e), nn.SiLU(), nn.Linear(e, e))
         self.ctx_in = nn.Sequential(nn.LayerNorm(ctx_dim), nn.Linear(ctx_dim, dc))
         self.pool_q = nn.Parameter(torch.randn(1, 1, dc) * 0.02)
@@ -226,8 +233,11 @@ class UNet(nn.Module):
         y = F.interpolate(y, scale_factor=2.0, mode='nearest')
         y = self.up(y)
         y = self.u1(torch.cat([y, s1], dim=1), emb)
-        y = self.out(F.silu(self.out_n(y)))
-        return F.pixel_shuffle(y, 2)
+        y = F.pixel_shuffle(self.out(F.silu(self.out_n(y))), 2)
+        if self.param == 'v':
+            ti = timestep.reshape(-1).expand(B).long().clamp(0, 999)
+            y = self.sqrt_1mac[ti][:, None, None, None] * sample + self.sqrt_ac[ti][:, None, None, None] * y
+        return y
 
 
 def nparams(m):

@@ -20,15 +20,16 @@ import pipeline as P  # noqa
 from models import TextEncoder, UNet, VAEDecoder, nparams  # noqa
 
 BODY = ['t_mlp', 'inp', 'd1', 'down', 'm1', 'a1', 'm2', 'a2', 'm3', 'up', 'u1', 'out_n', 'out']
-CFG = dict(d=128, layers=2, d2=128, layers2=2, proj2=128, c1=64, c2=128, dc=128, e=256)
+CFG = dict(d=128, layers=2, d2=128, layers2=2, proj2=128, c1=64, c2=128, dc=128, e=256, param='v')
 
 
 def build(cfg=CFG):
     lut, nrows = world.build_lut()
     te = TextEncoder(lut, nrows, d=cfg['d'], layers=cfg['layers'])
     te2 = TextEncoder(lut, nrows, d=cfg['d2'], layers=cfg['layers2'], proj_dim=cfg['proj2'])
-    unet = UNet(cfg['d'], cfg['c1'], cfg['c2'], cfg['dc'], cfg['e'])
-    unet_xl = UNet(cfg['d'] + cfg['d2'], cfg['c1'], cfg['c2'], cfg['dc'], cfg['e'], xl_pooled_dim=cfg['proj2'])
+    par = cfg.get('param', 'eps')
+    unet = UNet(cfg['d'], cfg['c1'], cfg['c2'], cfg['dc'], cfg['e'], param=par)
+    unet_xl = UNet(cfg['d'] + cfg['d2'], cfg['c1'], cfg['c2'], cfg['dc'], cfg['e'], xl_pooled_dim=cfg['proj2'], param=par)
     for n in BODY:
         setattr(unet_xl, n, getattr(unet, n))
     return torch.nn.ModuleDict(dict(te=te, te2=te2, unet=unet, unet_xl=unet_xl))
@@ -66,6 +67,7 @@ def main():
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--resume', default='')
+    ap.add_argument('--init', default='', help='warm start: model weights from this checkpoint (UNet output head re-zeroed)')
     ap.add_argument('--ckpt', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ckpt'))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -93,12 +95,17 @@ def main():
         ema.load_state_dict(ck['ema'])
         opt.load_state_dict(ck['opt'])
         step0 = ck['step']
+    elif args.init:
+        sd = {k: v for k, v in torch.load(args.init)['model'].items() if '.out.' not in k}
+        print('warm start from', args.init, m.load_state_dict(sd, strict=False), flush=True)
+        ema.load_state_dict(m.state_dict())
     print('params te', nparams(m['te']), 'te2', nparams(m['te2']), 'unet', nparams(m['unet']),
           'unet_xl', nparams(m['unet_xl']), 'scaling_factor', sf, flush=True)
 
     ac = P.ALPHAS_CUMPROD.float()
     snr = ac / (1 - ac)
-    w_t = torch.clamp(snr, max=5.0) / snr
+    # min-SNR-5 weighting; for v targets the weight is min(snr, 5) / (snr + 1)
+    w_t = torch.clamp(snr, max=5.0) / (snr + 1 if CFG['param'] == 'v' else snr)
     tid = torch.tensor([P.TIME_IDS] * args.batch)
     B, H = args.batch, args.batch // 2
     t0 = time.time()
@@ -123,7 +130,13 @@ def main():
         pooled = pooled * keep[:, None]
         eps_xl = m['unet_xl'](xt[H:], t[H:], ctx, pooled, tid[H:])
         eps = torch.cat([eps_sd, eps_xl])
-        loss = (w_t[t] * (eps - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        if CFG['param'] == 'v':  # compare in v space: v_hat = (eps_hat - sqrt(1-a) x_t) / sqrt(a)
+            v_hat = (eps - (1 - a).sqrt() * xt) / a.sqrt()
+            target = a.sqrt() * noise - (1 - a).sqrt() * x0
+            err = v_hat - target
+        else:
+            err = eps - noise
+        loss = (w_t[t] * err.pow(2).mean(dim=(1, 2, 3))).mean()
         lr = args.lr * min(1.0, (step + 1) / 100)
         for g in opt.param_groups:
             g['lr'] = lr
