@@ -6,6 +6,9 @@ export { DiffusionModel, detectLayout, type ModelLayout, type ModelFamily, type 
 export { img2img, prepareInitImage, DEFAULT_STRENGTH, type Img2ImgOptions } from './img2img.js';
 export { inpaint, prepareMask, checkMaskMatchesImage, latentMask, type InpaintOptions } from './inpaint.js';
 export { replaceRandomNormalLike } from './seeded-sampling.js';
+export { controlnetGenerate, controlImageTensor, type ControlNetOptions } from './controlnet.js';
+export { poseGenerate, NoPersonError, type PoseAssets, type PoseGenerateOptions, type PoseGenerateResult } from './pose-control.js';
+export { estimatePose, drawSkeleton, loadPoseModels, DWPOSE_DETECTOR_FILE, DWPOSE_POSE_FILE, type Person, type PoseKeypoint } from './pose/index.js';
 export {
   generate,
   runDiffusion,

@@ -10,7 +10,7 @@
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
-import { basename, join, resolve } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { ModelLoadError } from './errors.js';
 import { OnnxModel, type Device, type RunStats } from './onnx.js';
 import { loadClipTokenizer, type ClipTokenizer } from './tokenizer.js';
@@ -304,9 +304,21 @@ export class DiffusionModel {
     return { model, noiseInputs: patched.noiseInputs };
   }
 
+  /**
+   * A UNet's `sample` channel count: from the graph when it is a fixed number, else from the
+   * `in_channels` of the config.json beside it (the diffusers script leaves it symbolic).
+   */
+  sampleChannels(unet: OnnxModel): number | undefined {
+    const dim = unet.input('sample').shape[1];
+    if (typeof dim === 'number' && dim > 0) return dim;
+    const configPath = join(this.layout.dir, dirname(unet.label), 'config.json');
+    const config = readOptionalJson(configPath, `${dirname(unet.label)}/config.json`);
+    return typeof config?.in_channels === 'number' ? config.in_channels : undefined;
+  }
+
   /** Whether a UNet takes the 9-channel inpainting input (latents, mask, masked-image latents). */
-  static isInpaintingUnet(unet: OnnxModel): boolean {
-    return unet.input('sample').shape[1] === 9;
+  isInpaintingUnet(unet: OnnxModel): boolean {
+    return this.sampleChannels(unet) === 9;
   }
 
   /**
@@ -314,7 +326,7 @@ export class DiffusionModel {
    * 9-channel inpainting model, else `inpaint_unet/model.onnx` beside it (loaded on first use).
    */
   inpaintUnet(): Promise<OnnxModel | undefined> {
-    if (DiffusionModel.isInpaintingUnet(this.unet)) return Promise.resolve(this.unet);
+    if (this.isInpaintingUnet(this.unet)) return Promise.resolve(this.unet);
     const path = join(this.layout.dir, INPAINT_UNET_PATH);
     this.inpaintUnetPromise ??= existsSync(path)
       ? OnnxModel.load(path, this.layout.dir, { device: this.device, stats: this.stats })

@@ -266,8 +266,8 @@ export async function denoise(args: DenoiseArgs): Promise<{ latents: Float32Arra
   const extra = args.extraChannels;
   const sampleChannels = channels + (extra ? extra.length / (h * w) : 0);
   const sampleDims = [batch, sampleChannels, h, w];
-  const expected = unet.input('sample').shape[1];
-  if (typeof expected === 'number' && expected > 0 && expected !== sampleChannels) {
+  const expected = model.sampleChannels(unet);
+  if (expected !== undefined && expected !== sampleChannels) {
     throw new ModelLoadError(
       expected === 9
         ? `${unet.label} is an inpainting UNet (9 input channels): use it through image edits with a mask`

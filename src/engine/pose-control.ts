@@ -1,0 +1,49 @@
+/**
+ * Pose-guided generation (the API's `user="cn"`): DWPose finds the people in the uploaded
+ * picture, their OpenPose skeleton is drawn as ControlNet-OpenPose was trained on, and the
+ * OpenPose ControlNet conditions the generation on it. The skeleton picture is returned too.
+ */
+import { controlnetGenerate } from './controlnet.js';
+import type { DiffusionModel } from './model.js';
+import type { OnnxModel } from './onnx.js';
+import type { GenerateOptions, GenerateResult } from './pipeline.js';
+import { drawSkeleton, estimatePose } from './pose/index.js';
+import type { RgbImage } from './vae.js';
+import { InvalidOptionError } from './errors.js';
+import { parseSize } from './presets.js';
+
+export interface PoseAssets {
+  controlNet: OnnxModel;
+  detector: OnnxModel;
+  poseNet: OnnxModel;
+}
+
+export interface PoseGenerateOptions extends GenerateOptions {
+  /** The uploaded picture, any size (pose is estimated on it as it is). */
+  image: RgbImage;
+  /** ControlNet conditioning scale (1.0 for `cn`, w for `pose:w`). */
+  controlScale?: number;
+}
+
+export interface PoseGenerateResult extends GenerateResult {
+  /** The skeleton picture the generation followed, at the output size. */
+  pose: RgbImage;
+  people: number;
+}
+
+/** Raised when the picture has no detectable person: pose cannot be applied. */
+export class NoPersonError extends InvalidOptionError {
+  override name = 'NoPersonError';
+  constructor() {
+    super('no person was found in the image, so the pose cannot be applied; upload a picture with a clearly visible person', 'image');
+  }
+}
+
+export async function poseGenerate(model: DiffusionModel, assets: PoseAssets, options: PoseGenerateOptions): Promise<PoseGenerateResult> {
+  const { width, height } = parseSize(options.size ?? '512x512', options.allowedSizes);
+  const people = await estimatePose(assets.detector, assets.poseNet, options.image);
+  if (!people.length) throw new NoPersonError();
+  const pose = drawSkeleton(people, width, height);
+  const result = await controlnetGenerate(model, assets.controlNet, { ...options, controlImage: pose });
+  return { ...result, pose, people: people.length };
+}
