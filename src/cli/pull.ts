@@ -44,7 +44,7 @@ export class PullProgress {
       done: formatBytes(this.done),
       size: formatBytes(this.total),
       rate: rate > 0 ? `${formatBytes(rate)}/s` : '-- B/s',
-      eta: rate > 0 ? formatDuration((this.total - this.done) / rate) : '--',
+      remaining: rate > 0 ? formatDuration((this.total - this.done) / rate) : '--',
       file: this.file.length > 40 ? `…${this.file.slice(-39)}` : this.file,
     };
   }
@@ -70,7 +70,7 @@ export class PullProgress {
         if (!this.bar && this.out.isTTY) {
           this.bar = new SingleBar(
             {
-              format: ' {bar} {percentage}% | {done} / {size} | {rate} | ETA {eta} | {file}',
+              format: ' {bar} {percentage}% | {done} / {size} | {rate} | ETA {remaining} | {file}',
               hideCursor: true,
               barsize: 28,
               stream: this.out,

@@ -46,6 +46,11 @@ before(async () => {
   for (const p of Object.keys(xl2)) if (p.startsWith('text_encoder_2/') || p.startsWith('tokenizer_2/')) delete xl2[p];
   hub.addRepo('kiln-test/sdxl-index-only', { main: xl2 });
 
+  // The unet's external data is missing: only the graph (which names it) can tell.
+  const noData = await fixtureRepo('sd15-legacy', false);
+  delete noData['unet/weights.pb'];
+  hub.addRepo('kiln-test/no-data', { main: noData });
+
   // Not diffusion layouts: DWPose-like loose ONNX files, a ControlNet graph with external data.
   const ext = readTree(await ensureFixture('sd15-external-data'));
   const vae = readTree(await ensureFixture('sd15-optimum'));
@@ -224,6 +229,12 @@ test('a repository with no usable layout fails before downloading large files, s
   assert.deepEqual([...hub.served.keys()].filter((k) => k.startsWith('kiln-test/sdxl-index-only/')), ['kiln-test/sdxl-index-only/model_index.json']);
   assert.deepEqual(readdirSync(join(home, 'models')), []);
   assert.ok(!existsSync(join(home, 'downloads', 'sdxl-index-only')), 'a layout failure leaves no partial download');
+
+  await assert.rejects(
+    pullModel('kiln-test/no-data', opts(home)),
+    isPullError('layout', /unet\/model\.onnx needs its external data unet\/weights\.pb, which the repository does not have/),
+  );
+  assert.deepEqual(readdirSync(join(home, 'models')), []);
 });
 
 test('aliases: built-in ones resolve, user aliases.json extends them, aliases of installed models are located and listed', async () => {
