@@ -29,7 +29,15 @@ export function formatModelTable(models: InstalledModel[]): string {
 export function modelsCommand(flags: { json?: boolean; aliases?: boolean }): void {
   const home = kilnHome();
   if (flags.aliases) {
-    const aliases = aliasTable(home);
+    let aliases: ReturnType<typeof aliasTable>;
+    try {
+      aliases = aliasTable(home);
+    } catch (err) {
+      if (!(err instanceof PullError)) throw err;
+      process.stderr.write(`kiln: ${err.message}\n`);
+      process.exitCode = 1;
+      return;
+    }
     if (flags.json) {
       process.stdout.write(`${JSON.stringify(aliases, null, 2)}\n`);
       return;
