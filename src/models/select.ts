@@ -61,7 +61,9 @@ const NOT_DATA = /\.(json|txt|md|py|yaml|yml|png|jpe?g|gif|webp|onnx)$/i;
 export function plannedFile(f: RepoFile, role: FileRole, target = f.path, guessed = false): PlannedFile {
   const p: PlannedFile = { path: f.path, target, size: f.size, role };
   if (f.lfs?.oid && /^[0-9a-f]{64}$/i.test(f.lfs.oid)) p.sha256 = f.lfs.oid.toLowerCase();
-  else if (f.oid && /^[0-9a-f]{40}$/i.test(f.oid)) p.gitOid = f.oid.toLowerCase();
+  // A git blob sha1 describes the file's bytes only for files stored in git (a xet- or
+  // LFS-backed file's oid is its pointer's); without either hash the size is what is checked.
+  else if (!f.xetHash && f.oid && /^[0-9a-f]{40}$/i.test(f.oid)) p.gitOid = f.oid.toLowerCase();
   if (guessed) p.guessed = true;
   return p;
 }
