@@ -99,8 +99,10 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
   process.on('SIGTERM', stop);
   process.on('SIGINT', stop);
   const url = await server.listen();
-  server.app.log.info(
-    `kiln serving the images API at ${url}/v1 (image URLs at ${server.publicUrl}, ${apiKeys.length ? `${apiKeys.length} API key(s)` : 'no API key required'})`,
+  // For people (stderr, whatever the log level); the JSON logs go to stdout.
+  process.stderr.write(
+    `kiln: serving the images API at ${url}/v1 (image URLs at ${server.publicUrl}; ` +
+      `${apiKeys.length ? `${apiKeys.length} API key(s) required` : 'no API key required'}; Ctrl-C to stop)\n`,
   );
 }
 

@@ -156,6 +156,41 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
     },
     bodyLimit: 1024 * 1024,
     forceCloseConnections: 'idle',
+    // URLs the router rejects before any hook runs (bad escapes, over-long path parameters).
+    frameworkErrors(error, request, reply) {
+      const code = (error as { code?: string }).code;
+      const api =
+        code === 'FST_ERR_MAX_PARAM_LENGTH'
+          ? new ApiError(414, 'The URL is too long.', null, 'uri_too_long')
+          : code === 'FST_ERR_BAD_URL'
+            ? new ApiError(400, 'The URL is not valid.', null, 'invalid_url')
+            : new ApiError(500, 'The server had an error while routing your request.', null, 'internal_error');
+      if (api.status >= 500) request.log.error({ err: error }, api.message);
+      void (reply as unknown as FastifyReply)
+        .code(api.status)
+        .headers({ 'x-request-id': request.id, 'x-should-retry': api.status < 500 ? 'false' : 'true' })
+        .type('application/json')
+        .send(api.body());
+    },
+    // Malformed HTTP (bad request line, oversized headers) still gets OpenAI's envelope.
+    clientErrorHandler(err, socket) {
+      if ((err as NodeJS.ErrnoException).code === 'ECONNRESET' || socket.destroyed) return;
+      const code = (err as NodeJS.ErrnoException).code;
+      const [status, text, message] =
+        code === 'HPE_HEADER_OVERFLOW'
+          ? [431, 'Request Header Fields Too Large', 'The request headers are too large.']
+          : code === 'ERR_HTTP_REQUEST_TIMEOUT'
+            ? [408, 'Request Timeout', 'The request took too long to arrive.']
+            : [400, 'Bad Request', 'The request is not valid HTTP.'];
+      const body = JSON.stringify(new ApiError(status, message, null, 'malformed_http').body());
+      if (socket.writable) {
+        socket.write(
+          `HTTP/1.1 ${status} ${text}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nContent-Type: application/json\r\n` +
+            `x-should-retry: false\r\nConnection: close\r\n\r\n${body}`,
+        );
+      }
+      socket.destroy();
+    },
   });
   // Schemas document the API (OpenAPI); validation is params.ts, which answers in OpenAI's shape.
   app.setValidatorCompiler(() => () => true);
@@ -222,7 +257,9 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       return;
     }
     const api = toApiError(error);
-    if (api.status >= 500) request.log.error({ err: (api.cause as Error | undefined) ?? error, status: api.status }, api.message);
+    const expected = api.code === 'shutting_down' || api.code === 'timeout' || api.code === 'cancelled';
+    if (api.status >= 500 && !expected) request.log.error({ err: (api.cause as Error | undefined) ?? error, status: api.status }, api.message);
+    else if (api.status >= 500) request.log.warn({ status: api.status, code: api.code }, api.message);
     else request.log.info({ status: api.status, code: api.code, param: api.param }, api.message);
     const headers: Record<string, string> = { 'x-should-retry': api.status >= 400 && api.status < 500 ? 'false' : 'true', ...api.headers };
     return reply.code(api.status).headers(headers).type('application/json').send(api.body());
@@ -599,10 +636,16 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
     close() {
       closePromise ??= (async () => {
         closing = true;
-        const hardStop = setTimeout(() => app.server.closeAllConnections?.(), shutdownTimeoutMs + 10_000);
-        hardStop.unref();
-        await Promise.all([queue.close(shutdownTimeoutMs), app.close()]);
-        clearTimeout(hardStop);
+        // Stop listening and drop idle keep-alive connections now; requests in flight go on.
+        const appClosed = app.close();
+        // Jobs finish until the deadline, then are cancelled (their requests answer 503).
+        await queue.close(shutdownTimeoutMs);
+        // Responses still being written (a client that stopped reading) get a short grace.
+        let grace: NodeJS.Timeout | undefined;
+        await Promise.race([appClosed, new Promise((r) => (grace = setTimeout(r, 2_000)))]);
+        clearTimeout(grace);
+        app.server.closeAllConnections();
+        await appClosed;
         await runner.close();
         await store.close();
       })();

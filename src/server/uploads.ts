@@ -3,6 +3,7 @@
  * dimensions against a pixel budget (a small file can declare a huge image: a decompression
  * bomb), and a full decode.
  */
+import { crc32 } from 'node:zlib';
 import sharp from 'sharp';
 import { ApiError } from './errors.js';
 
@@ -40,6 +41,7 @@ export async function checkPngUpload(bytes: Buffer, param: string, limits: Uploa
       'image_too_large',
     );
   }
+  checkChunks(bytes, param);
   try {
     // Decodes every row (streamed and shrunk, so memory stays small) and fails on any error.
     await sharp(bytes, { limitInputPixels: limits.maxPixels, sequentialRead: true, failOn: 'warning' })
@@ -51,4 +53,25 @@ export async function checkPngUpload(bytes: Buffer, param: string, limits: Uploa
     throw new ApiError(400, `'${param}' could not be decoded as a PNG (${detail}).`, param, 'invalid_image');
   }
   return { width, height };
+}
+
+/**
+ * Walks the chunk list: every chunk within the file and with a correct CRC, ending at IEND.
+ * (Decoders forgive a missing IEND or a bad CRC in places; an upload that needs forgiving is corrupt.)
+ */
+function checkChunks(bytes: Buffer, param: string): void {
+  const corrupt = (why: string) => new ApiError(400, `'${param}' is not a valid PNG: ${why}.`, param, 'invalid_image');
+  let offset = 8;
+  for (;;) {
+    if (offset + 12 > bytes.length) throw corrupt('it ends before its IEND chunk');
+    const length = bytes.readUInt32BE(offset);
+    const end = offset + 12 + length;
+    if (length > 0x7fffffff || end > bytes.length) throw corrupt('a chunk runs past the end of the file');
+    const type = bytes.toString('latin1', offset + 4, offset + 8);
+    if (!/^[A-Za-z]{4}$/.test(type)) throw corrupt('a chunk has an invalid type');
+    const crc = crc32(bytes.subarray(offset + 4, offset + 8 + length)) >>> 0;
+    if (crc !== bytes.readUInt32BE(offset + 8 + length)) throw corrupt(`the ${type} chunk's checksum is wrong`);
+    offset = end;
+    if (type === 'IEND') return;
+  }
 }

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import sharp from 'sharp';
 import { ensureFixture } from '../../tools/fixtures/variants.js';
 import { readPngText } from '../../src/engine/image-codec.js';
-import { startTestServer, postJson, type TestServer } from './helpers.js';
+import { startTestServer, postJson, getJson, type TestServer } from './helpers.js';
 
 let t: TestServer;
 before(async () => {
@@ -133,17 +133,19 @@ test('models: listed from disk per request (a model installed while running appe
 });
 
 test('/ping, /health, /metrics, /openapi.json, x-request-id', async () => {
-  const ping = await (await fetch(`${t.url}/ping`)).json();
+  const ping = (await getJson(`${t.url}/ping`)).json;
   assert.equal(ping.active, 0);
   assert.equal(ping.queued, 0);
   const health = await fetch(`${t.url}/health`);
   assert.equal(health.status, 200);
-  assert.equal((await health.json()).status, 'ok');
+  assert.equal(((await health.json()) as any).status, 'ok');
   assert.match(health.headers.get('x-request-id')!, /^req_/);
 
   const echoed = await fetch(`${t.url}/health`, { headers: { 'x-request-id': 'my-trace-123' } });
+  await echoed.arrayBuffer();
   assert.equal(echoed.headers.get('x-request-id'), 'my-trace-123');
   const rejected = await fetch(`${t.url}/health`, { headers: { 'x-request-id': 'bad id with spaces' } });
+  await rejected.arrayBuffer();
   assert.match(rejected.headers.get('x-request-id')!, /^req_/);
 
   const metrics = await fetch(`${t.url}/metrics`);
@@ -153,7 +155,7 @@ test('/ping, /health, /metrics, /openapi.json, x-request-id', async () => {
   assert.match(text, /kiln_jobs_total\{kind="generate",outcome="done"\} \d+/);
   assert.match(text, /kiln_queue_active 0/);
 
-  const doc = await (await fetch(`${t.url}/openapi.json`)).json();
+  const doc = (await getJson(`${t.url}/openapi.json`)).json;
   assert.equal(doc.openapi, '3.1.0');
   const gen = doc.paths['/v1/images/generations'].post;
   const props = gen.requestBody.content['application/json'].schema.properties;

@@ -101,3 +101,16 @@ export function envelope(json: any): { message: string; type: string; param: str
   if (!('param' in json.error) || !('code' in json.error)) throw new Error(`envelope lacks param/code: ${JSON.stringify(json)}`);
   return { message, type, param, code };
 }
+
+/** GETs and parses JSON (typed loosely for assertions). */
+export async function getJson(url: string, headers: Record<string, string> = {}): Promise<{ status: number; headers: Headers; json: any }> {
+  const res = await fetch(url, { headers });
+  const text = await res.text();
+  let json: any;
+  try {
+    json = JSON.parse(text);
+  } catch {
+    json = undefined;
+  }
+  return { status: res.status, headers: res.headers, json };
+}
