@@ -14,6 +14,7 @@ import { ensureFixture, FIXTURE_VARIANTS, type FixtureVariant } from '../../tool
 // Every layout variant the engine serves (the SDXL refiner, text_encoder_2 only, is not one yet).
 const SERVED_VARIANTS: FixtureVariant[] = [...FIXTURE_VARIANTS, 'sdxl-turbo'];
 import { DiffusionModel, detectLayout } from '../../src/engine/model.js';
+import { Engine } from '../../src/engine/engine.js';
 import { generate, type GenerateOptions } from '../../src/engine/pipeline.js';
 import { encodeGeneratedPng, readPngText } from '../../src/engine/image-codec.js';
 import { DeviceUnavailableError, GenerationCancelledError, InvalidOptionError, ModelLoadError } from '../../src/engine/errors.js';
@@ -204,6 +205,28 @@ describe('pipeline behaviour', () => {
     `;
     const out = execFileSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { encoding: 'utf8' });
     assert.ok(Buffer.from(out, 'base64').equals(here));
+  });
+});
+
+describe('engine model cache', () => {
+  test('one load per folder; a replaced folder (re-pull) is loaded afresh', async () => {
+    const home = mkdtempSync(join(tmpdir(), 'kiln-engine-'));
+    try {
+      cpSync(await ensureFixture('sd15-optimum'), join(home, 'demo'), { recursive: true });
+      const engine = new Engine({ searchDirs: [home] });
+      const first = await engine.model('demo');
+      assert.equal(await engine.model('demo'), first);
+      assert.equal(await engine.model(join(home, 'demo')), first, 'by path too');
+      // A pull swaps the folder: new files, new model_index.json.
+      rmSync(join(home, 'demo'), { recursive: true });
+      cpSync(await ensureFixture('sd15-optimum124'), join(home, 'demo'), { recursive: true });
+      const second = await engine.model('demo');
+      assert.notEqual(second, first);
+      assert.equal(second.textEncoder.input('input_ids').type, 'int64', 'the new files are in use');
+      await Promise.all([first.release(), engine.close()]);
+    } finally {
+      rmSync(home, { recursive: true, force: true });
+    }
   });
 });
 
