@@ -1,6 +1,7 @@
 /**
  * `kiln serve`: the HTTP API (src/server), with graceful shutdown on SIGTERM/SIGINT.
  */
+import { resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { kilnHome } from '../engine/locate.js';
 import type { Device } from '../engine/onnx.js';
@@ -64,8 +65,11 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
     .map((k) => k.trim())
     .filter(Boolean);
   const apiKeys = [...(flags.apiKey ?? []), ...envKeys];
+  // One home for everything that reads it (model aliases included).
+  const home = resolve(flags.home ?? kilnHome());
+  process.env.KILN_HOME = home;
   const server = await createServer({
-    home: flags.home ?? kilnHome(),
+    home,
     host: flags.host,
     port: flags.port,
     publicUrl: flags.publicUrl,

@@ -134,6 +134,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       size: options.workers ?? 1,
       searchDirs,
       device: options.device ?? 'cpu',
+      env: { ...process.env, KILN_HOME: home },
       onEvent: (e) => (e.type === 'crash' || e.error ? logger.error({ err: e.error }, e.message) : logger.info(e.message)),
     });
   const queue = options.queue ?? new InProcessQueue(runner, { maxQueued: options.maxQueue ?? 16 });

@@ -14,6 +14,8 @@ export interface EnginePoolOptions {
   size?: number;
   searchDirs: string[];
   device?: Device;
+  /** Environment of the worker threads (e.g. KILN_HOME, which alias lookups read). */
+  env?: NodeJS.ProcessEnv;
   /** Worker lifecycle messages (crashes, preload results). */
   onEvent?: (event: { type: 'crash' | 'preloaded'; message: string; error?: Error }) => void;
 }
@@ -26,7 +28,7 @@ interface Pending {
 }
 
 /** Starts the worker entry: the .ts source under tsx (tests, `npm run`), the .js build under dist. */
-function startWorker(init: WorkerInit): Worker {
+function startWorker(init: WorkerInit, env: NodeJS.ProcessEnv | undefined): Worker {
   const here = import.meta.url;
   if (here.endsWith('.ts')) {
     // Node 20 does not apply --import loaders to worker threads (nodejs/node#47747), so the
@@ -34,9 +36,9 @@ function startWorker(init: WorkerInit): Worker {
     const tsx = import.meta.resolve('tsx/esm/api');
     const entry = new URL('./engine-worker.ts', here).href;
     const code = `import(${JSON.stringify(tsx)}).then((m) => { m.register(); return import(${JSON.stringify(entry)}); });`;
-    return new Worker(code, { eval: true, workerData: init, execArgv: [] });
+    return new Worker(code, { eval: true, workerData: init, execArgv: [], env });
   }
-  return new Worker(new URL('./engine-worker.js', here), { workerData: init });
+  return new Worker(new URL('./engine-worker.js', here), { workerData: init, env });
 }
 
 class WorkerSlot {
@@ -53,7 +55,8 @@ class WorkerSlot {
     const shared = new SharedArrayBuffer(4);
     this.cancelCell = new Int32Array(shared);
     this.exited = false;
-    this.worker = startWorker({ searchDirs: this.pool.options.searchDirs, device: this.pool.options.device ?? 'cpu', cancel: shared });
+    const { searchDirs, device = 'cpu', env } = this.pool.options;
+    this.worker = startWorker({ searchDirs, device, cancel: shared }, env);
     this.worker.on('message', (msg: FromWorker) => this.onMessage(msg));
     this.worker.on('error', (err) => this.onExit(err));
     this.worker.on('exit', (code) => this.onExit(new Error(`the inference worker exited with code ${code}`)));
