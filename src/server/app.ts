@@ -341,6 +341,8 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       if (!reply.raw.writableEnded) job.cancel(new JobCancelledError('the client disconnected', 'client'));
     };
     reply.raw.on('close', onClose);
+    // Gone already (while its upload was being checked): 'close' has fired before we listened.
+    if (reply.raw.destroyed || request.raw.socket?.destroyed) onClose();
     job.events.on('progress', (p) => request.log.debug({ job: job.id, stage: p.stage, step: p.step, totalSteps: p.totalSteps }, 'progress'));
     let output: JobOutput;
     try {

@@ -8,7 +8,9 @@ import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
 import OpenAI from 'openai';
 import { startTestServer, getJson, envelope, type TestServer } from './helpers.js';
-import type { JobFinished } from '../../src/queue/types.js';
+import type { JobFinished, JobSpec } from '../../src/queue/types.js';
+import { EnginePool } from '../../src/server/engine-pool.js';
+import { join } from 'node:path';
 
 let t: TestServer;
 before(async () => {
@@ -153,5 +155,30 @@ test('past the request timeout: 504 and the job is stopped', async () => {
     assert.equal(quick.server.queue.stats().active, 0);
   } finally {
     await quick.close();
+  }
+});
+
+test('an inference worker that dies fails its job (the request gets a 500) and is replaced', async () => {
+  const events: string[] = [];
+  const pool = new EnginePool({ searchDirs: [join(t.home, 'models')], onEvent: (e) => events.push(e.type) });
+  try {
+    const spec: JobSpec = {
+      kind: 'generate',
+      model: 'kiln-tiny-xl',
+      options: { prompt: 'crash', seed: 1, size: '1024x1024', steps: 60 },
+      output: { format: 'png' },
+    };
+    let started!: () => void;
+    const running = new Promise<void>((r) => (started = r));
+    const job = pool.run(spec, { signal: new AbortController().signal, onProgress: (p) => p.stage === 'denoise' && started() });
+    await running;
+    // Kill the thread mid-generation, as a native crash would.
+    await (pool as unknown as { workers: { worker: import('node:worker_threads').Worker }[] }).workers[0]!.worker.terminate();
+    await assert.rejects(job, /inference worker failed/);
+    assert.deepEqual(events, ['crash']);
+    const again = await pool.run({ ...spec, options: { ...spec.options, size: '256x256', steps: 1 } }, { signal: new AbortController().signal, onProgress: () => {} });
+    assert.equal(again.contentType, 'image/png');
+  } finally {
+    await pool.close();
   }
 });
