@@ -120,11 +120,15 @@ export function registerServeCommand(program: Command): void {
     .option('--default-model <name|dir>', 'model for requests that name none (default: be-stable-diffusion-xl-base-1.0 if installed, else kiln-tiny-xl)')
     .option('--api-key <key>', 'require this bearer key on /v1/* (repeatable; also KILN_API_KEYS=k1,k2)', collect)
     .option('--public-url <url>', 'base URL clients reach this server at, for image URLs (behind a reverse proxy)', parseUrl)
-    .option('--url-ttl <duration>', 'lifetime of image URLs and their files', parseDuration, 3_600_000)
+    .addOption(new Option('--url-ttl <duration>', 'lifetime of image URLs and their files').argParser(parseDuration).default(3_600_000, '60m'))
     .option('--max-queue <n>', 'requests that may wait for a worker; more are answered 429', parseCount, 16)
     .option('--workers <n>', 'inference worker threads (jobs run at once)', parseCount, 1)
-    .option('--timeout <duration>', 'per-request limit, waiting included (answered 504 past it)', parseDuration, 300_000)
-    .option('--shutdown-timeout <duration>', 'on SIGTERM, how long running jobs may take before they are cancelled', parseDuration, 30_000)
+    .addOption(new Option('--timeout <duration>', 'per-request limit, waiting included (answered 504 past it)').argParser(parseDuration).default(300_000, '5m'))
+    .addOption(
+      new Option('--shutdown-timeout <duration>', 'on SIGTERM, how long running jobs may take before they are cancelled')
+        .argParser(parseDuration)
+        .default(30_000, '30s'),
+    )
     .addOption(new Option('--device <device>', 'execution provider').choices(['cpu', 'cuda']).default('cpu'))
     .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'))
     .option('--no-preload', 'do not load the default model at start')
