@@ -67,22 +67,26 @@ function readOptionalJson(path: string, label: string): Record<string, unknown> 
   return existsSync(path) ? readJson(path, label) : undefined;
 }
 
+/** Files every model folder needs (img2img adds vae_encoder/), and those SDXL adds. */
+export const REQUIRED_FILES = [
+  'model_index.json',
+  'scheduler/scheduler_config.json',
+  'tokenizer/vocab.json',
+  'tokenizer/merges.txt',
+  'text_encoder/model.onnx',
+  'unet/model.onnx',
+  'vae_decoder/model.onnx',
+] as const;
+export const SECOND_ENCODER_FILES = ['tokenizer_2/vocab.json', 'tokenizer_2/merges.txt', 'text_encoder_2/model.onnx'] as const;
+
 /** Inspects a folder and says what model it holds, or throws one clear ModelLoadError. */
 export function detectLayout(dirArg: string): ModelLayout {
   const dir = resolve(dirArg);
   if (!existsSync(dir)) throw new ModelLoadError(`model folder ${dir} does not exist`, dir);
-  const required = [
-    'model_index.json',
-    'scheduler/scheduler_config.json',
-    'tokenizer/vocab.json',
-    'tokenizer/merges.txt',
-    'text_encoder/model.onnx',
-    'unet/model.onnx',
-    'vae_decoder/model.onnx',
-  ];
+  const required: string[] = [...REQUIRED_FILES];
   const index = readJson(join(dir, 'model_index.json'), `model_index.json in ${dir}`);
   const hasSecondEncoder = existsSync(join(dir, 'text_encoder_2')) || 'text_encoder_2' in index;
-  if (hasSecondEncoder) required.push('tokenizer_2/vocab.json', 'tokenizer_2/merges.txt', 'text_encoder_2/model.onnx');
+  if (hasSecondEncoder) required.push(...SECOND_ENCODER_FILES);
   const missing = required.filter((p) => !existsSync(join(dir, p)));
   if (missing.length) {
     throw new ModelLoadError(

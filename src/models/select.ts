@@ -42,17 +42,9 @@ export interface Plan {
   skipped: string[];
 }
 
-/** Files the engine's detectLayout requires (model.ts), and the extra ones of SDXL. */
-export const REQUIRED_FILES = [
-  'model_index.json',
-  'scheduler/scheduler_config.json',
-  'tokenizer/vocab.json',
-  'tokenizer/merges.txt',
-  'text_encoder/model.onnx',
-  'unet/model.onnx',
-  'vae_decoder/model.onnx',
-] as const;
-export const SECOND_ENCODER_FILES = ['tokenizer_2/vocab.json', 'tokenizer_2/merges.txt', 'text_encoder_2/model.onnx'] as const;
+/** Files the engine's detectLayout requires, and the extra ones of SDXL. */
+import { REQUIRED_FILES, SECOND_ENCODER_FILES } from '../engine/model.js';
+export { REQUIRED_FILES, SECOND_ENCODER_FILES };
 
 const WEIGHT_EXTENSIONS = /\.(safetensors|bin|msgpack|pt|pth|ckpt|h5|ot|gguf|pkl|npz|tflite|mlmodel|engine|plan|xml)$/i;
 const EXCLUDED_FOLDERS = new Set(['safety_checker', 'feature_extractor']);
