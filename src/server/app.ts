@@ -2,7 +2,7 @@
  * Kiln's HTTP server: Block Entropy's images API (OpenAI-compatible) on Fastify.
  *
  *   POST /v1/images/generations   JSON          -> queue -> inference worker -> store / inline
- *   POST /v1/images/edits         multipart     (img2img until inpainting/ControlNet land)
+ *   POST /v1/images/edits         multipart     img2img; + mask: inpainting; user=cn / pose:<w>: pose (ControlNet)
  *   GET  /v1/models, /v1/models/:id             installed models, read from disk per request
  *   GET  /images/:key?expires&signature         signed, expiring image URLs (no API key)
  *   GET  /ping /health /metrics /openapi.json
@@ -16,18 +16,21 @@ import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyRepl
 import multipart from '@fastify/multipart';
 import swagger from '@fastify/swagger';
 import { pino, type Logger } from 'pino';
-import { defaultModelName, listInstalledModels, modelSearchDirs } from '../engine/locate.js';
+import { defaultModelName, listInstalledModels, locateModel, modelSearchDirs } from '../engine/locate.js';
+import { checkMaskMatchesImage } from '../engine/inpaint.js';
 import { ModelNotFoundError } from '../engine/errors.js';
 import { randomSeed } from '../engine/rng.js';
 import type { Device } from '../engine/onnx.js';
 import { InProcessQueue } from '../queue/memory.js';
-import { JobCancelledError, type JobOutput, type JobQueue, type JobRunner, type JobSpec } from '../queue/types.js';
+import { JobCancelledError, type JobQueue, type JobRunner, type JobSpec } from '../queue/types.js';
 import { LocalDiskStore } from '../store/local.js';
 import type { ImageStore } from '../store/types.js';
 import { ApiError, ClientGoneError, toApiError } from './errors.js';
 import { EnginePool } from './engine-pool.js';
 import { createMetrics, type Metrics } from './metrics.js';
-import { DEFAULT_STRENGTH, paramsSchema, readParams, type ImageParams } from './params.js';
+import { DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, paramsSchema, parsePoseUser, readParams, type ImageParams } from './params.js';
+import type { EditJobOutput, EditJobSpec } from './engine-protocol.js';
+import { resolvePoseAssets } from './pose-assets.js';
 import { loadOrCreateSecret, UrlSigner } from './signing.js';
 import { checkPngUpload, type UploadLimits } from './uploads.js';
 
@@ -306,16 +309,29 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
     return encodeURIComponent(String(v)).replace(/%20/g, ' ');
   }
 
+  /** The folder of a resolved model (for reading its files before anything is queued). */
+  function modelDir(model: { id: string; ref: string }): string {
+    if (model === configuredDefault) return locateModel(model.ref, searchDirs);
+    return listInstalledModels(searchDirs).find((m) => m.name === model.id)?.dir ?? locateModel(model.ref, searchDirs);
+  }
+
+  interface EditInput {
+    images: Buffer[];
+    mask?: Buffer;
+    pose?: EditJobSpec['pose'];
+  }
+
   async function runImageJob(
     request: FastifyRequest,
     reply: FastifyReply,
     params: ImageParams,
     kind: JobSpec['kind'],
-    images?: Buffer[],
+    edit?: EditInput,
+    resolved?: { id: string; ref: string },
   ) {
-    const model = resolveModel(params.model);
+    const model = resolved ?? resolveModel(params.model);
     const seed = params.seed ?? randomSeed();
-    const spec: JobSpec = {
+    const spec: EditJobSpec = {
       kind,
       model: model.ref,
       options: {
@@ -330,13 +346,16 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       },
       output: { format: params.outputFormat, quality: params.outputCompression },
     };
-    if (kind === 'edit') {
-      spec.images = images;
-      spec.strength = params.strength ?? DEFAULT_STRENGTH;
+    const mode = kind === 'generate' ? 'generate' : edit?.pose ? 'pose' : edit?.mask ? 'inpaint' : 'img2img';
+    if (edit) {
+      spec.images = edit.images;
+      if (edit.mask) spec.mask = edit.mask;
+      if (edit.pose) spec.pose = edit.pose;
+      else spec.strength = params.strength ?? (edit.mask ? DEFAULT_INPAINT_STRENGTH : DEFAULT_STRENGTH);
     }
     const received = performance.now();
     const job = queue.submit(spec, { timeoutMs: requestTimeoutMs, requestId: request.id });
-    request.log.debug({ job: job.id, kind, model: model.id, seed }, 'job queued');
+    request.log.debug({ job: job.id, kind, mode, model: model.id, seed }, 'job queued');
     const onClose = () => {
       if (!reply.raw.writableEnded) job.cancel(new JobCancelledError('the client disconnected', 'client'));
     };
@@ -344,7 +363,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
     // Gone already (while its upload was being checked): 'close' has fired before we listened.
     if (reply.raw.destroyed || request.raw.socket?.destroyed) onClose();
     job.events.on('progress', (p) => request.log.debug({ job: job.id, stage: p.stage, step: p.step, totalSteps: p.totalSteps }, 'progress'));
-    let output: JobOutput;
+    let output: EditJobOutput;
     try {
       output = await job.result;
     } catch (err) {
@@ -362,12 +381,17 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
     const totalMs = performance.now() - received;
     const item: Record<string, unknown> = {};
     let expiresAt: number | undefined;
+    const put = async (bytes: Buffer) => {
+      const stored = await store.put(bytes, { contentType: output.contentType, ttlMs });
+      expiresAt = stored.expiresAt;
+      return (await store.externalUrl?.(stored)) ?? `${publicBase}${signer.path(stored.key, stored.expiresAt)}`;
+    };
     if (params.responseFormat === 'b64_json') {
       item.b64_json = output.bytes.toString('base64');
+      if (output.pose) item.b64_json_pose = output.pose.toString('base64');
     } else {
-      const stored = await store.put(output.bytes, { contentType: output.contentType, ttlMs });
-      expiresAt = stored.expiresAt;
-      item.url = (await store.externalUrl?.(stored)) ?? `${publicBase}${signer.path(stored.key, stored.expiresAt)}`;
+      item.url = await put(output.bytes);
+      if (output.pose) item.url_pose = await put(output.pose);
     }
     item.seed = s.seed;
     item.revised_prompt = null;
@@ -399,7 +423,9 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
         scheduler: s.scheduler,
         guidance_scale: s.guidanceScale,
         negative_prompt: s.negativePrompt,
+        ...(kind === 'edit' ? { mode } : {}),
         ...(s.strength !== undefined ? { strength: s.strength } : {}),
+        ...(edit?.pose ? { control_scale: edit.pose.scale, people: output.people ?? null } : {}),
         ...(expiresAt !== undefined ? { expires_at: Math.floor(expiresAt / 1000) } : {}),
         timings: {
           queue_ms: Math.round(queueMs),
@@ -415,6 +441,8 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
     properties: {
       url: { type: 'string', description: 'Signed URL, valid until it expires (response_format=url).' },
       b64_json: { type: 'string', description: 'The image, base64 (response_format=b64_json).' },
+      url_pose: { type: 'string', description: 'Edits in pose mode: the skeleton picture the image followed, as a signed URL.' },
+      b64_json_pose: { type: 'string', description: 'Edits in pose mode: the skeleton picture, base64 (same format as the image).' },
       seed: { type: 'integer', description: 'The seed used.' },
       revised_prompt: { type: 'null' },
     },
@@ -467,14 +495,24 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
     '/v1/images/edits',
     {
       schema: {
-        summary: 'Create an image from an uploaded PNG and a prompt (image-to-image)',
+        summary: 'Edit an uploaded PNG: image-to-image, inpainting (with a mask) or pose-guided (user=cn)',
+        description:
+          'Without a mask: image-to-image (strength default 0.75). With a mask (same dimensions as the image; transparent pixels, ' +
+          'or white ones in a mask without transparency, are repainted): inpainting (strength default 1). With `user=cn`, `pose:<w>` ' +
+          'or a weight list with `pose`: the pose of the person in the image guides a new image (ControlNet OpenPose); the skeleton ' +
+          'picture comes back as `url_pose` / `b64_json_pose`.',
         consumes: ['multipart/form-data'],
         body: {
           ...editsFormSchema,
           required: ['image', ...editsFormSchema.required],
           properties: {
             image: { type: 'string', format: 'binary', description: `PNG under ${limits.maxBytes} bytes (also image[]; the first is used).` },
-            mask: { type: 'string', format: 'binary', description: 'Not supported yet (inpainting): answered with 400.' },
+            mask: {
+              type: 'string',
+              format: 'binary',
+              description:
+                "PNG with the image's dimensions: fully transparent pixels are repainted (OpenAI's convention); in a mask without transparency, white ones are.",
+            },
             ...editsFormSchema.properties,
           },
         },
@@ -521,14 +559,23 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       const params = readParams(fields, 'edits', 'form');
       if (images.length === 0) throw new ApiError(400, "Missing required parameter: 'image' (a PNG file).", 'image', 'missing_required_parameter');
       for (const image of images) await checkPngUpload(image, 'image', limits);
+      const image = images[0]!;
       if (mask) {
         await checkPngUpload(mask, 'mask', limits);
-        throw new ApiError(400, 'Masks (inpainting) are not supported by this server yet; send the image alone for image-to-image.', 'mask', 'unsupported_value');
+        await checkMaskMatchesImage(image, mask);
       }
-      if (params.user?.trim().toLowerCase() === 'cn') {
-        throw new ApiError(400, "ControlNet pose mode (user='cn') is not supported by this server yet.", 'user', 'unsupported_value');
+      const poseScale = parsePoseUser(params.user);
+      if (poseScale !== undefined && mask) {
+        throw new ApiError(400, 'A mask cannot be combined with pose mode (user=cn / pose:<w>); send one or the other.', 'mask', 'unsupported_value');
       }
-      return runImageJob(request, reply, params, 'edit', [images[0]!]);
+      const model = resolveModel(params.model);
+      let pose: EditJobSpec['pose'];
+      if (poseScale !== undefined) {
+        const assets = resolvePoseAssets(modelDir(model), model.id, home);
+        request.log.debug({ model: model.id, ...assets.sources }, 'pose assets');
+        pose = { scale: poseScale, controlNet: assets.controlNet, dwpose: assets.dwpose };
+      }
+      return runImageJob(request, reply, params, 'edit', { images: [image], mask, pose }, model);
     },
   );
 

@@ -7,7 +7,7 @@ import { EventEmitter } from 'node:events';
 import type { Device } from '../engine/onnx.js';
 import { GenerationCancelledError } from '../engine/errors.js';
 import type { JobOutput, JobRunner, JobSpec, RunContext } from '../queue/types.js';
-import { deserializeError, type FromWorker, type ToWorker, type WorkerInit } from './engine-protocol.js';
+import { deserializeError, type EditJobOutput, type FromWorker, type ToWorker, type WorkerInit } from './engine-protocol.js';
 
 export interface EnginePoolOptions {
   /** Worker threads (jobs run at once). Default 1: one job already uses every core. */
@@ -88,13 +88,16 @@ class WorkerSlot {
       case 'done':
         if (p?.id === msg.id) {
           this.pending = undefined;
-          p.resolve({
+          const output: EditJobOutput = {
             bytes: Buffer.from(msg.bytes),
             contentType: msg.contentType,
             format: msg.format,
             settings: msg.settings,
             timings: msg.timings,
-          });
+          };
+          if (msg.pose) output.pose = Buffer.from(msg.pose);
+          if (msg.people !== undefined) output.people = msg.people;
+          p.resolve(output);
           this.pool.release(this);
         }
         break;

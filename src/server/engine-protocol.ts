@@ -11,7 +11,8 @@
 import type { Device } from '../engine/onnx.js';
 import type { EffectiveSettings, Progress, Timings } from '../engine/pipeline.js';
 import type { OutputFormat } from '../engine/image-codec.js';
-import type { JobSpec } from '../queue/types.js';
+import type { JobOutput, JobSpec } from '../queue/types.js';
+import { NoPersonError } from '../engine/pose-control.js';
 import {
   DeviceUnavailableError,
   GenerationCancelledError,
@@ -20,6 +21,24 @@ import {
   ModelNotFoundError,
   NumericalError,
 } from '../engine/errors.js';
+
+/**
+ * What the edits route adds to a queued edit job (the queue passes specs through untouched).
+ * Without `mask` and `pose` an edit is image-to-image.
+ */
+export interface EditJobSpec extends JobSpec {
+  /** Inpainting: the validated mask PNG (same dimensions as the image; either convention). */
+  mask?: Uint8Array;
+  /** Pose mode: the ControlNet scale and the assets resolved for the model (pose-assets.ts). */
+  pose?: { scale: number; controlNet: string; dwpose: string };
+}
+
+/** A finished job; pose mode adds the skeleton picture (same format as the image). */
+export interface EditJobOutput extends JobOutput {
+  pose?: Buffer;
+  /** People DWPose found (pose mode). */
+  people?: number;
+}
 
 export interface WorkerInit {
   searchDirs: string[];
@@ -54,13 +73,17 @@ export type FromWorker =
       format: OutputFormat;
       settings: EffectiveSettings;
       timings: Timings;
+      pose?: ArrayBuffer;
+      people?: number;
     }
   | { type: 'failed'; id: number; error: SerializedError; cancelled: boolean }
   | { type: 'preloaded'; model: string; error?: SerializedError };
 
 export function serializeError(err: unknown): SerializedError {
   if (!(err instanceof Error)) return { name: 'Error', message: String(err) };
-  const out: SerializedError = { name: err.name, message: err.message, stack: err.stack };
+  // Subclasses of InvalidOptionError other than NoPersonError travel as their base class.
+  const name = err instanceof InvalidOptionError && !(err instanceof NoPersonError) ? 'InvalidOptionError' : err.name;
+  const out: SerializedError = { name, message: err.message, stack: err.stack };
   if (err instanceof InvalidOptionError) out.param = err.param;
   if (err instanceof ModelNotFoundError) out.model = err.model;
   if (err instanceof ModelLoadError && err.path) out.path = err.path;
@@ -73,6 +96,9 @@ export function deserializeError(e: SerializedError): Error {
   switch (e.name) {
     case 'InvalidOptionError':
       err = new InvalidOptionError(e.message, e.param ?? 'unknown');
+      break;
+    case 'NoPersonError':
+      err = new NoPersonError();
       break;
     case 'ModelNotFoundError':
       err = new ModelNotFoundError(e.message, e.model ?? '');

@@ -7,14 +7,23 @@
  * checked at every engine progress callback (each denoising step) even while onnxruntime keeps
  * this thread busy.
  */
+import { statSync } from 'node:fs';
+import { dirname } from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
+import sharp from 'sharp';
 import { Engine } from '../engine/engine.js';
-import { generate } from '../engine/pipeline.js';
-import { img2img, prepareInitImage } from '../engine/index.js';
+import { generate, type GenerateResult } from '../engine/pipeline.js';
+import { img2img, prepareInitImage } from '../engine/img2img.js';
+import { inpaint, prepareMask } from '../engine/inpaint.js';
+import { poseGenerate, type PoseAssets } from '../engine/pose-control.js';
+import { loadPoseModels, type PoseModels } from '../engine/pose/index.js';
+import { InvalidOptionError } from '../engine/errors.js';
+import { OnnxModel } from '../engine/onnx.js';
+import type { DiffusionModel } from '../engine/model.js';
+import type { RgbImage } from '../engine/vae.js';
 import { parseSize } from '../engine/presets.js';
 import { encodeGeneratedPng, encodeImage } from '../engine/image-codec.js';
-import type { JobSpec } from '../queue/types.js';
-import { serializeError, type FromWorker, type ToWorker, type WorkerInit } from './engine-protocol.js';
+import { serializeError, type EditJobSpec, type FromWorker, type ToWorker, type WorkerInit } from './engine-protocol.js';
 
 const init = workerData as WorkerInit;
 const port = parentPort!;
@@ -26,7 +35,76 @@ const post = (msg: FromWorker, transfer: ArrayBuffer[] = []) => port.postMessage
 
 const CONTENT_TYPES = { png: 'image/png', jpeg: 'image/jpeg', webp: 'image/webp' } as const;
 
-async function run(id: number, spec: JobSpec): Promise<void> {
+// ---- pose assets: loaded once per worker, kept until their files change ---------------------
+
+/** Identity of a file's current contents (a re-pull swaps it): inode and modification time. */
+function fileVersion(path: string): string {
+  try {
+    const st = statSync(path);
+    return `${st.ino}:${st.mtimeMs}`;
+  } catch {
+    return 'missing';
+  }
+}
+
+const controlNets = new Map<string, { version: string; loading: Promise<OnnxModel> }>();
+const poseNets = new Map<string, { version: string; loading: Promise<PoseModels> }>();
+
+function cached<T>(cache: Map<string, { version: string; loading: Promise<T> }>, key: string, version: string, load: () => Promise<T>): Promise<T> {
+  const hit = cache.get(key);
+  if (hit && hit.version === version) return hit.loading;
+  const loading = load();
+  // A failed load is not kept: a fixed install is picked up by the next request.
+  loading.catch(() => {
+    if (cache.get(key)?.loading === loading) cache.delete(key);
+  });
+  cache.set(key, { version, loading });
+  return loading;
+}
+
+async function poseAssets(paths: NonNullable<EditJobSpec['pose']>): Promise<PoseAssets> {
+  const options = { device: init.device };
+  const [controlNet, pose] = await Promise.all([
+    cached(controlNets, paths.controlNet, fileVersion(paths.controlNet), () => OnnxModel.load(paths.controlNet, dirname(paths.controlNet), options)),
+    cached(poseNets, paths.dwpose, fileVersion(paths.dwpose), () => loadPoseModels(paths.dwpose, paths.dwpose, options)),
+  ]);
+  return { controlNet, detector: pose.detector, poseNet: pose.poseNet };
+}
+
+/**
+ * The upload pose is estimated on: alpha composited on white and the largest centred square
+ * cropped (the edit rule, so the skeleton lands where it was), at its own resolution.
+ */
+async function poseInput(bytes: Buffer): Promise<RgbImage> {
+  const meta = await sharp(bytes).metadata();
+  const width = meta.width ?? 0;
+  const height = meta.height ?? 0;
+  const side = Math.min(width, height);
+  const { data, info } = await sharp(bytes)
+    .flatten({ background: '#ffffff' })
+    .extract({ left: Math.floor((width - side) / 2), top: Math.floor((height - side) / 2), width: side, height: side })
+    .removeAlpha()
+    .toColourspace('srgb')
+    .raw()
+    .toBuffer({ resolveWithObject: true });
+  if (info.channels !== 3) throw new Error(`expected RGB after conversion, got ${info.channels} channels`);
+  return { width: info.width, height: info.height, pixels: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) };
+}
+
+/** A model whose only UNet is a 9-channel inpainting one can only inpaint. */
+function refuseInpaintOnly(model: DiffusionModel, param: 'mask' | 'model'): void {
+  if (!model.isInpaintingUnet(model.unet)) return;
+  throw new InvalidOptionError(
+    param === 'mask'
+      ? `the model '${model.name}' is an inpainting model: send a mask with the image (POST /v1/images/edits)`
+      : `the model '${model.name}' is an inpainting model: use it through POST /v1/images/edits with an image and a mask`,
+    param,
+  );
+}
+
+const toBuffer = (bytes: Uint8Array) => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+
+async function run(id: number, spec: EditJobSpec): Promise<void> {
   const controller = new AbortController();
   current = { id, controller };
   const checkCancel = () => {
@@ -44,34 +122,67 @@ async function run(id: number, spec: JobSpec): Promise<void> {
         post({ type: 'progress', id, progress });
       },
     };
-    let result;
+    let result: GenerateResult;
+    let pose: RgbImage | undefined;
+    let people: number | undefined;
     if (spec.kind === 'edit') {
       const first = spec.images?.[0];
       if (!first) throw new Error('an edit job needs an image');
-      const { width, height } = parseSize(spec.options.size);
-      const image = await prepareInitImage(Buffer.from(first.buffer, first.byteOffset, first.byteLength), width, height);
-      checkCancel();
-      result = await img2img(model, { ...options, image, strength: spec.strength });
+      const upload = toBuffer(first);
+      if (spec.pose) {
+        const assets = await poseAssets(spec.pose);
+        const image = await poseInput(upload);
+        checkCancel();
+        const posed = await poseGenerate(model, assets, { ...options, image, controlScale: spec.pose.scale });
+        ({ pose, people } = posed);
+        result = posed;
+      } else {
+        const { width, height } = parseSize(spec.options.size);
+        const image = await prepareInitImage(upload, width, height);
+        if (spec.mask) {
+          const mask = await prepareMask(toBuffer(spec.mask), width, height);
+          checkCancel();
+          result = await inpaint(model, { ...options, image, mask, strength: spec.strength });
+        } else {
+          refuseInpaintOnly(model, 'mask');
+          checkCancel();
+          result = await img2img(model, { ...options, image, strength: spec.strength });
+        }
+      }
     } else {
+      refuseInpaintOnly(model, 'model');
       result = await generate(model, options);
     }
     const format = spec.output.format;
-    const bytes =
-      format === 'png'
-        ? await encodeGeneratedPng(result.image, result.settings)
-        : await encodeImage(result.image, { format, quality: spec.output.quality });
-    // A standalone ArrayBuffer (a Buffer may be a view into a shared pool) to transfer, not copy.
-    const data = new Uint8Array(bytes.byteLength);
-    data.set(bytes);
+    const encodeOptions = { format, quality: spec.output.quality };
+    const bytes = format === 'png' ? await encodeGeneratedPng(result.image, result.settings) : await encodeImage(result.image, encodeOptions);
+    // Standalone ArrayBuffers (a Buffer may be a view into a shared pool) to transfer, not copy.
+    const data = standalone(bytes);
+    const poseData = pose ? standalone(await encodeImage(pose, encodeOptions)) : undefined;
     post(
-      { type: 'done', id, bytes: data.buffer, contentType: CONTENT_TYPES[format], format, settings: result.settings, timings: result.timings },
-      [data.buffer],
+      {
+        type: 'done',
+        id,
+        bytes: data.buffer,
+        contentType: CONTENT_TYPES[format],
+        format,
+        settings: result.settings,
+        timings: result.timings,
+        ...(poseData ? { pose: poseData.buffer, people } : {}),
+      },
+      poseData ? [data.buffer, poseData.buffer] : [data.buffer],
     );
   } catch (err) {
     post({ type: 'failed', id, error: serializeError(err), cancelled: controller.signal.aborted });
   } finally {
     current = undefined;
   }
+}
+
+function standalone(bytes: Buffer): Uint8Array<ArrayBuffer> {
+  const data = new Uint8Array(bytes.byteLength);
+  data.set(bytes);
+  return data;
 }
 
 port.on('message', (msg: ToWorker) => {
@@ -90,7 +201,14 @@ port.on('message', (msg: ToWorker) => {
       break;
     case 'close':
       current?.controller.abort();
-      void engine.close().finally(() => port.close());
+      void Promise.allSettled([
+        engine.close(),
+        ...[...controlNets.values()].map(async (c) => (await c.loading).release()),
+        ...[...poseNets.values()].map(async (p) => {
+          const { detector, poseNet } = await p.loading;
+          await Promise.all([detector.release(), poseNet.release()]);
+        }),
+      ]).finally(() => port.close());
       break;
   }
 });

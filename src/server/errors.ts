@@ -11,6 +11,7 @@ import {
   ModelNotFoundError,
   NumericalError,
 } from '../engine/errors.js';
+import { NoPersonError } from '../engine/pose-control.js';
 import { JobCancelledError, JobTimeoutError, QueueClosedError, QueueFullError } from '../queue/types.js';
 
 export type ErrorType = 'invalid_request_error' | 'authentication_error' | 'server_error';
@@ -85,6 +86,7 @@ function fromFastify(err: { code?: string; statusCode?: number; message: string 
 /** Maps anything thrown while serving a request to the API error to send. */
 export function toApiError(err: unknown): ApiError {
   if (err instanceof ApiError) return err;
+  if (err instanceof NoPersonError) return new ApiError(400, err.message, 'image', 'no_person_found');
   if (err instanceof InvalidOptionError) return new ApiError(400, err.message, err.param, 'invalid_value');
   if (err instanceof ModelNotFoundError) return new ApiError(404, err.message, 'model', 'model_not_found');
   if (err instanceof ModelLoadError) {

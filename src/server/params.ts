@@ -15,6 +15,10 @@ export const DEFAULT_SIZE = '1024x1024';
 export const RESPONSE_FORMATS = ['url', 'b64_json'] as const;
 export type ResponseFormat = (typeof RESPONSE_FORMATS)[number];
 export const DEFAULT_STRENGTH = 0.75;
+/** Inpainting repaints the masked part from scratch unless told otherwise. */
+export const DEFAULT_INPAINT_STRENGTH = 1;
+/** Largest ControlNet conditioning scale (`pose:<w>`). */
+export const MAX_POSE_WEIGHT = 2;
 
 type Endpoint = 'generations' | 'edits';
 
@@ -46,7 +50,13 @@ export const FIELDS: Record<string, FieldSpec> = {
   quality: { type: 'string', enum: QUALITY_NAMES, description: `Step-count preset; default \`${DEFAULT_QUALITY}\`.` },
   response_format: { type: 'string', enum: RESPONSE_FORMATS, description: '`url` (default) or `b64_json`.' },
   size: { type: 'string', enum: DEFAULT_SIZES, description: `Image size; default ${DEFAULT_SIZE}.` },
-  user: { type: 'string', maxLength: 256, description: 'End-user id (`cn` on edits asks for ControlNet pose mode, not available yet).' },
+  user: {
+    type: 'string',
+    maxLength: 256,
+    description:
+      'End-user id. On edits, `cn` asks for pose mode (ControlNet OpenPose at scale 1.0), `pose:<w>` for scale w (0 to 2); ' +
+      'in the list form `face:0.5,style:0.6,pose:1.0` only the pose weight is used (face and style image-prompt weights are not supported and are ignored).',
+  },
   negprompt: { type: 'string', maxLength: MAX_PROMPT_CHARS, description: 'Extension: negative prompt (Block Entropy\'s name).' },
   negative_prompt: { type: 'string', maxLength: MAX_PROMPT_CHARS, description: 'Extension: negative prompt; wins over `negprompt`.' },
   steps: { type: 'integer', minimum: 1, maximum: MAX_STEPS, description: 'Extension: denoising steps (overrides `quality`).' },
@@ -63,7 +73,7 @@ export const FIELDS: Record<string, FieldSpec> = {
     exclusiveMinimum: 0,
     maximum: 1,
     only: 'edits',
-    description: `Extension: how much of the input is redrawn, 0 < strength <= 1 (default ${DEFAULT_STRENGTH}).`,
+    description: `Extension: how much of the input is redrawn, 0 < strength <= 1 (default ${DEFAULT_STRENGTH} for image-to-image, ${DEFAULT_INPAINT_STRENGTH} for inpainting; not used in pose mode).`,
   },
   stream: { type: 'boolean', description: 'Streaming is not supported; only `false` is accepted.' },
 };
@@ -240,6 +250,40 @@ export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 
     outputCompression: values.output_compression as number | undefined,
     strength: values.strength as number | undefined,
   };
+}
+
+/** The roles of Block Entropy's list form of `user` (`face:0.5,style:0.6,pose:1.0`). */
+const USER_WEIGHT_ROLES = ['face', 'style', 'pose'];
+
+/**
+ * Pose mode from an edit's `user`: the ControlNet conditioning scale, or undefined when `user` does
+ * not ask for pose (then it is an ordinary end-user id, or a weight list without `pose`).
+ *   `cn` -> 1;  `pose:<w>` -> w;  `face:0.5,style:0.6,pose:1.0` -> 1 (face/style are ignored).
+ * A weight list with a malformed number, or a pose weight outside 0..2, is a 400 (`user`).
+ */
+export function parsePoseUser(user: string | undefined): number | undefined {
+  if (user === undefined) return undefined;
+  const text = user.trim().toLowerCase();
+  if (text === 'cn') return 1;
+  const parts = text.split(',').map((p) => p.trim());
+  const pairs = parts.map((p) => /^([a-z_]+)\s*:\s*(.*)$/.exec(p));
+  if (!pairs.every((m) => m && USER_WEIGHT_ROLES.includes(m[1]!))) return undefined;
+  let pose: number | undefined;
+  for (const m of pairs) {
+    const role = m![1]!;
+    const value = m![2]!;
+    const weight = Number(value);
+    if (value === '' || !Number.isFinite(weight)) {
+      throw new ApiError(400, `Invalid value for 'user': the ${role} weight '${show(value)}' is not a number (e.g. pose:1.0).`, 'user', 'invalid_value');
+    }
+    if (role === 'pose') {
+      if (weight < 0 || weight > MAX_POSE_WEIGHT) {
+        throw new ApiError(400, `Invalid value for 'user': the pose weight must be from 0 to ${MAX_POSE_WEIGHT}, but got ${weight}.`, 'user', 'invalid_value');
+      }
+      pose = weight;
+    }
+  }
+  return pose;
 }
 
 /** The JSON Schema of an endpoint's fields (for the OpenAPI document). */

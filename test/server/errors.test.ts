@@ -177,10 +177,19 @@ describe('edits: every upload is checked before any work is queued', () => {
     expectError(await postForm(EDIT(), { prompt: 'x', 'image[]': [png(good), png(jpeg)] }), 415, 'image');
   });
 
-  test('mask (inpainting) and user=cn (ControlNet) are refused clearly until supported', async () => {
+  test('masks are checked like images and must match the image; pose mode needs its models; a bad pose weight', async () => {
     const good = await makePng();
-    expectError(await postForm(EDIT(), { prompt: 'x', image: png(good), mask: png(good) }), 400, 'mask', 'unsupported_value');
-    expectError(await postForm(EDIT(), { prompt: 'x', image: png(good), user: 'cn' }), 400, 'user', 'unsupported_value');
+    const jpeg = await (await import('sharp')).default(good).jpeg().toBuffer();
+    expectError(await postForm(EDIT(), { prompt: 'x', image: png(good), mask: png(jpeg) }), 415, 'mask', 'invalid_image_format');
+    const corrupt = Buffer.from(good);
+    corrupt.fill(0x41, 40, corrupt.length - 12);
+    expectError(await postForm(EDIT(), { prompt: 'x', image: png(good), mask: png(corrupt) }), 400, 'mask', 'invalid_image');
+    expectError(await postForm(EDIT(), { prompt: 'x', image: png(good), mask: png(await makePng(32, 64)) }), 400, 'mask', 'invalid_value');
+    expectError(await postForm(EDIT(), { prompt: 'x', image: png(good), mask: 'text' }), 400, 'mask', 'invalid_type');
+    // The default model here (an SDXL fixture) has no ControlNet-UNet.
+    const e = expectError(await postForm(EDIT(), { prompt: 'x', image: png(good), user: 'cn' }), 400, 'user', 'pose_model_missing');
+    assert.match(e.message, /ControlNet-UNet/);
+    expectError(await postForm(EDIT(), { prompt: 'x', image: png(good), user: 'pose:2.5' }), 400, 'user', 'invalid_value');
     await assert.rejects(
       t.client().images.edit({ image: await toFile(Buffer.from('GIF89a'), 'x.gif', { type: 'image/gif' }), prompt: 'x' }),
       (err: unknown) => err instanceof OpenAI.APIError && err.status === 415 && err.param === 'image',

@@ -3,7 +3,7 @@
  * expects (`kiln-tiny-xl` acts as the default model), a real server on 127.0.0.1 port 0, and an
  * official `openai` SDK client pointed at it.
  */
-import { mkdtempSync, mkdirSync, rmSync, symlinkSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import OpenAI from 'openai';
@@ -113,4 +113,55 @@ export async function getJson(url: string, headers: Record<string, string> = {})
     json = undefined;
   }
   return { status: res.status, headers: res.headers, json };
+}
+
+/**
+ * A folder at `dest` whose entries are symlinks to those of `src` (a fixture folder that stays
+ * untouched), minus `omit`; the caller may then add its own entries (controlnet-openpose/, ...).
+ */
+export function linkFarm(src: string, dest: string, omit: string[] = []): string {
+  mkdirSync(dest, { recursive: true });
+  for (const name of readdirSync(src)) {
+    if (!omit.includes(name)) symlinkSync(join(src, name), join(dest, name));
+  }
+  return dest;
+}
+
+/** Marks a folder as installed by `kiln pull` (a kiln-source.json of the given kind). */
+export function markInstalled(dir: string, alias: string, kind: 'controlnet' | 'annotator' | 'diffusion'): void {
+  const manifest = {
+    format: 1,
+    source: 'huggingface',
+    endpoint: 'https://huggingface.co',
+    repo: `test/${alias}`,
+    revision: 'main',
+    commit: '0'.repeat(40),
+    alias,
+    kind,
+    pulledAt: new Date(0).toISOString(),
+    files: [],
+  };
+  writeFileSync(join(dir, 'kiln-source.json'), JSON.stringify(manifest));
+}
+
+/** A raw RGB picture as a PNG. */
+export function rgbPng(width: number, height: number, pixel: (x: number, y: number) => [number, number, number]): Promise<Buffer> {
+  const data = Buffer.alloc(width * height * 3);
+  for (let y = 0; y < height; y++) for (let x = 0; x < width; x++) data.set(pixel(x, y), (y * width + x) * 3);
+  return sharp(data, { raw: { width, height, channels: 3 } }).png().toBuffer();
+}
+
+/**
+ * A "person" for the DWPose stand-in detector (bright pixels are a person): a white upright
+ * rectangle on a dark picture; `person: false` gives the dark picture alone (nobody).
+ */
+export function personPng(size = 320, person = true): Promise<Buffer> {
+  const inside = (x: number, y: number) => person && x >= size * 0.375 && x < size * 0.625 && y >= size * 0.19 && y < size * 0.875;
+  return rgbPng(size, size, (x, y) => (inside(x, y) ? [240, 240, 240] : [20, 20, 20]));
+}
+
+/** Decoded pixels (RGB) and size of an encoded image. */
+export async function pixelsOf(bytes: Buffer): Promise<{ width: number; height: number; data: Buffer }> {
+  const { data, info } = await sharp(bytes).removeAlpha().raw().toBuffer({ resolveWithObject: true });
+  return { width: info.width, height: info.height, data };
 }
