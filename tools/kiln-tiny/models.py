@@ -70,6 +70,9 @@ class TBlock(nn.Module):
         self.o = nn.Linear(d, d)
         self.ln2 = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        for lin in (self.o, self.mlp[2]):  # residual branches start at zero: token identity dominates at init
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
 
     def forward(self, x, mask):
         B, S, D = x.shape
@@ -89,8 +92,8 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.register_buffer('lut', torch.as_tensor(lut, dtype=torch.uint8), persistent=True)
         self.tok = nn.Embedding(n_rows, d)
-        self.pos = nn.Parameter(torch.randn(seq, d) * 0.02)
-        nn.init.normal_(self.tok.weight, std=0.02)
+        self.pos = nn.Parameter(torch.randn(seq, d) * 0.1)
+        nn.init.normal_(self.tok.weight, std=1.0)  # strong, distinct word vectors (avoids conditioning collapse)
         self.blocks = nn.ModuleList([TBlock(d, heads) for _ in range(layers)])
         self.ln_f = nn.LayerNorm(d)
         self.register_buffer('causal', torch.full((seq, seq), -1e4).triu(1), persistent=False)

@@ -67,7 +67,11 @@ def main():
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--resume', default='')
-    ap.add_argument('--init', default='', help='warm start: model weights from this checkpoint (UNet output head re-zeroed)')
+    ap.add_argument('--weighting', default='none', choices=['none', 'minsnr'],
+                    help="v-loss weighting; 'none' keeps the high-noise steps (where colours/layout are decided) at full weight")
+    ap.add_argument('--init', default='', help='warm start: model weights from this checkpoint')
+    ap.add_argument('--init_skip', default='.out.', help='comma list of key prefixes/substrings re-initialised on --init')
+    ap.add_argument('--clip', type=float, default=1.0)
     ap.add_argument('--ckpt', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ckpt'))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -96,7 +100,8 @@ def main():
         opt.load_state_dict(ck['opt'])
         step0 = ck['step']
     elif args.init:
-        sd = {k: v for k, v in torch.load(args.init)['model'].items() if '.out.' not in k}
+        skip = args.init_skip.split(',')
+        sd = {k: v for k, v in torch.load(args.init)['model'].items() if not any(k.startswith(p) or p in k for p in skip)}
         print('warm start from', args.init, m.load_state_dict(sd, strict=False), flush=True)
         ema.load_state_dict(m.state_dict())
     print('params te', nparams(m['te']), 'te2', nparams(m['te2']), 'unet', nparams(m['unet']),
@@ -106,6 +111,8 @@ def main():
     snr = ac / (1 - ac)
     # min-SNR-5 weighting; for v targets the weight is min(snr, 5) / (snr + 1)
     w_t = torch.clamp(snr, max=5.0) / (snr + 1 if CFG['param'] == 'v' else snr)
+    if args.weighting == 'none':
+        w_t = torch.ones_like(w_t)
     tid = torch.tensor([P.TIME_IDS] * args.batch)
     B, H = args.batch, args.batch // 2
     t0 = time.time()
@@ -142,7 +149,7 @@ def main():
             g['lr'] = lr
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, args.clip)
         opt.step()
         d = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
