@@ -10,24 +10,26 @@
  * The routes see only the JobQueue and ImageStore interfaces (src/queue, src/store).
  */
 import { statSync } from 'node:fs';
-import { basename, join, resolve } from 'node:path';
-import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import { join, resolve } from 'node:path';
+import { randomBytes } from 'node:crypto';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import multipart from '@fastify/multipart';
 import swagger from '@fastify/swagger';
 import { pino, type Logger } from 'pino';
-import { defaultModelName, listInstalledModels, locateModel, modelSearchDirs } from '../engine/locate.js';
+import { modelSearchDirs } from '../engine/locate.js';
 import { checkMaskMatchesImage } from '../engine/inpaint.js';
-import { ModelNotFoundError } from '../engine/errors.js';
 import { randomSeed } from '../engine/rng.js';
 import type { Device } from '../engine/onnx.js';
 import { InProcessQueue } from '../queue/memory.js';
 import { JobCancelledError, type JobQueue, type JobRunner, type JobSpec } from '../queue/types.js';
 import { LocalDiskStore } from '../store/local.js';
 import type { ImageStore } from '../store/types.js';
-import { ApiError, ClientGoneError, toApiError } from './errors.js';
+import { addApiKeyAuth } from './auth.js';
+import { clientErrorHandler, frameworkErrors, setErrorHandlers } from './error-handlers.js';
+import { ApiError, ClientGoneError } from './errors.js';
 import { EnginePool } from './engine-pool.js';
 import { createMetrics, type Metrics } from './metrics.js';
+import { createModelCatalog, type ResolvedModel } from './model-catalog.js';
 import { DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, paramsSchema, parsePoseUser, readParams, type ImageParams } from './params.js';
 import type { EditJobOutput, EditJobSpec } from './engine-protocol.js';
 import { resolvePoseAssets } from './pose-assets.js';
@@ -90,19 +92,6 @@ export interface KilnServer {
 
 const MINUTE = 60_000;
 const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/;
-const MODEL_NAME = /^[A-Za-z0-9][A-Za-z0-9._+-]{0,255}$/;
-
-function sha256(text: string): Buffer {
-  return createHash('sha256').update(text).digest();
-}
-
-/** Constant-time check of a bearer token against the configured keys (hashes have equal lengths). */
-function keyMatches(token: string, keyHashes: Buffer[]): boolean {
-  const given = sha256(token);
-  let ok = false;
-  for (const h of keyHashes) ok = timingSafeEqual(given, h) || ok;
-  return ok;
-}
 
 function makeLogger(option: Logger | string | undefined): Logger {
   if (option && typeof option === 'object') return option;
@@ -119,17 +108,10 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   const ttlMs = options.urlTtlMs ?? 60 * MINUTE;
   const requestTimeoutMs = options.requestTimeoutMs ?? 5 * MINUTE;
   const shutdownTimeoutMs = options.shutdownTimeoutMs ?? 30_000;
-  const keyHashes = (options.apiKeys ?? []).filter((k) => k.length > 0).map(sha256);
   const limits: UploadLimits = { maxBytes: options.maxUploadBytes ?? 4 * 1024 * 1024, maxPixels: options.maxUploadPixels ?? 4096 * 4096 };
   const maxFiles = options.maxUploadFiles ?? 16;
   const logger = makeLogger(options.logger);
-
-  // An operator's --default-model may be a folder; clients may only name installed models.
-  const configuredDefault = options.defaultModel
-    ? /[\\/]/.test(options.defaultModel) || options.defaultModel.startsWith('.')
-      ? { id: basename(resolve(options.defaultModel)), ref: resolve(options.defaultModel) }
-      : { id: options.defaultModel, ref: options.defaultModel }
-    : undefined;
+  const models = createModelCatalog(searchDirs, options.defaultModel);
 
   const runner =
     options.runner ??
@@ -160,41 +142,8 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
     },
     bodyLimit: 1024 * 1024,
     forceCloseConnections: 'idle',
-    // URLs the router rejects before any hook runs (bad escapes, over-long path parameters).
-    frameworkErrors(error, request, reply) {
-      const code = (error as { code?: string }).code;
-      const api =
-        code === 'FST_ERR_MAX_PARAM_LENGTH'
-          ? new ApiError(414, 'The URL is too long.', null, 'uri_too_long')
-          : code === 'FST_ERR_BAD_URL'
-            ? new ApiError(400, 'The URL is not valid.', null, 'invalid_url')
-            : new ApiError(500, 'The server had an error while routing your request.', null, 'internal_error');
-      if (api.status >= 500) request.log.error({ err: error }, api.message);
-      void (reply as unknown as FastifyReply)
-        .code(api.status)
-        .headers({ 'x-request-id': request.id, 'x-should-retry': api.status < 500 ? 'false' : 'true' })
-        .type('application/json')
-        .send(api.body());
-    },
-    // Malformed HTTP (bad request line, oversized headers) still gets OpenAI's envelope.
-    clientErrorHandler(err, socket) {
-      if ((err as NodeJS.ErrnoException).code === 'ECONNRESET' || socket.destroyed) return;
-      const code = (err as NodeJS.ErrnoException).code;
-      const [status, text, message] =
-        code === 'HPE_HEADER_OVERFLOW'
-          ? [431, 'Request Header Fields Too Large', 'The request headers are too large.']
-          : code === 'ERR_HTTP_REQUEST_TIMEOUT'
-            ? [408, 'Request Timeout', 'The request took too long to arrive.']
-            : [400, 'Bad Request', 'The request is not valid HTTP.'];
-      const body = JSON.stringify(new ApiError(status, message, null, 'malformed_http').body());
-      if (socket.writable) {
-        socket.write(
-          `HTTP/1.1 ${status} ${text}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nContent-Type: application/json\r\n` +
-            `x-should-retry: false\r\nConnection: close\r\n\r\n${body}`,
-        );
-      }
-      socket.destroy();
-    },
+    frameworkErrors,
+    clientErrorHandler,
   });
   // Schemas document the API (OpenAPI); validation is params.ts, which answers in OpenAI's shape.
   app.setValidatorCompiler(() => () => true);
@@ -231,88 +180,19 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
     if (closing) {
       throw new ApiError(503, 'The server is shutting down.', null, 'shutting_down', { headers: { 'x-should-retry': 'true' } });
     }
-    if (keyHashes.length > 0 && (request.url === '/v1' || request.url.startsWith('/v1/'))) {
-      const header = request.headers.authorization;
-      const match = typeof header === 'string' ? /^Bearer\s+(\S+)\s*$/i.exec(header) : null;
-      if (!match) {
-        throw new ApiError(401, "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.", null, 'missing_api_key', {
-          headers: { 'www-authenticate': 'Bearer' },
-        });
-      }
-      if (!keyMatches(match[1]!, keyHashes)) {
-        throw new ApiError(401, 'Incorrect API key provided.', null, 'invalid_api_key', { headers: { 'www-authenticate': 'Bearer' } });
-      }
-    }
   });
-
+  addApiKeyAuth(app, options.apiKeys ?? []);
   app.addHook('onResponse', async (request, reply) => {
     const route = request.routeOptions.url ?? 'unmatched';
     metrics.httpRequests.inc({ method: request.method, route, status: String(reply.statusCode) });
     metrics.httpDuration.observe({ method: request.method, route }, reply.elapsedTime / 1000);
   });
-
-  app.setErrorHandler(async (error: unknown, request, reply) => {
-    if (error instanceof ClientGoneError) {
-      // Nothing can be sent; log it as nginx does.
-      request.log.info({ statusCode: 499 }, error.message);
-      metrics.httpRequests.inc({ method: request.method, route: request.routeOptions.url ?? 'unmatched', status: '499' });
-      reply.hijack();
-      if (!reply.raw.destroyed) reply.raw.destroy();
-      return;
-    }
-    const api = toApiError(error);
-    const expected = api.code === 'shutting_down' || api.code === 'timeout' || api.code === 'cancelled';
-    if (api.status >= 500 && !expected) request.log.error({ err: (api.cause as Error | undefined) ?? error, status: api.status }, api.message);
-    else if (api.status >= 500) request.log.warn({ status: api.status, code: api.code }, api.message);
-    else request.log.info({ status: api.status, code: api.code, param: api.param }, api.message);
-    const headers: Record<string, string> = { 'x-should-retry': api.status >= 400 && api.status < 500 ? 'false' : 'true', ...api.headers };
-    return reply.code(api.status).headers(headers).type('application/json').send(api.body());
-  });
-
-  app.setNotFoundHandler(async (request) => {
-    throw new ApiError(404, `Unknown route: ${request.method} ${request.url.split('?')[0]}.`, null, 'unknown_route');
-  });
-
-  // ---- model names ------------------------------------------------------------------------
-
-  function installedModels(): { id: string; dir: string }[] {
-    const list = listInstalledModels(searchDirs).map((m) => ({ id: m.name, dir: m.dir }));
-    if (configuredDefault && !list.some((m) => m.id === configuredDefault.id)) {
-      list.push({ id: configuredDefault.id, dir: configuredDefault.ref });
-    }
-    return list;
-  }
-
-  function defaultModel(): { id: string; ref: string } {
-    if (configuredDefault) return configuredDefault;
-    const name = defaultModelName(searchDirs);
-    return { id: name, ref: name };
-  }
-
-  /** The model a request names (or the default), or ModelNotFoundError (404). */
-  function resolveModel(requested: string | undefined): { id: string; ref: string } {
-    const chosen = requested === undefined ? defaultModel() : configuredDefault?.id === requested ? configuredDefault : { id: requested, ref: requested };
-    if (chosen === configuredDefault) return chosen;
-    if (MODEL_NAME.test(chosen.id) && listInstalledModels(searchDirs).some((m) => m.name === chosen.id)) return chosen;
-    const shown = chosen.id.length > 80 ? `${chosen.id.slice(0, 77)}...` : chosen.id;
-    throw new ModelNotFoundError(
-      MODEL_NAME.test(chosen.id)
-        ? `The model '${shown}' is not installed on this server. Install it with \`kiln pull ${shown}\` (GET /v1/models lists installed models).`
-        : `The model '${shown}' does not exist: model names are letters, digits and . _ + - (GET /v1/models lists installed models).`,
-      chosen.id,
-    );
-  }
+  setErrorHandlers(app, metrics);
 
   // ---- images -----------------------------------------------------------------------------
 
   function headerValue(v: string | number): string {
     return encodeURIComponent(String(v)).replace(/%20/g, ' ');
-  }
-
-  /** The folder of a resolved model (for reading its files before anything is queued). */
-  function modelDir(model: { id: string; ref: string }): string {
-    if (model === configuredDefault) return locateModel(model.ref, searchDirs);
-    return listInstalledModels(searchDirs).find((m) => m.name === model.id)?.dir ?? locateModel(model.ref, searchDirs);
   }
 
   interface EditInput {
@@ -327,9 +207,9 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
     params: ImageParams,
     kind: JobSpec['kind'],
     edit?: EditInput,
-    resolved?: { id: string; ref: string },
+    resolved?: ResolvedModel,
   ) {
-    const model = resolved ?? resolveModel(params.model);
+    const model = resolved ?? models.resolve(params.model);
     const seed = params.seed ?? randomSeed();
     const spec: EditJobSpec = {
       kind,
@@ -568,10 +448,10 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       if (poseScale !== undefined && mask) {
         throw new ApiError(400, 'A mask cannot be combined with pose mode (user=cn / pose:<w>); send one or the other.', 'mask', 'unsupported_value');
       }
-      const model = resolveModel(params.model);
+      const model = models.resolve(params.model);
       let pose: EditJobSpec['pose'];
       if (poseScale !== undefined) {
-        const assets = resolvePoseAssets(modelDir(model), model.id, home);
+        const assets = resolvePoseAssets(models.dir(model), model.id, home);
         request.log.debug({ model: model.id, ...assets.sources }, 'pose assets');
         pose = { scale: poseScale, controlNet: assets.controlNet, dwpose: assets.dwpose };
       }
@@ -624,12 +504,12 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
 
   app.get('/v1/models', { schema: { summary: 'Installed models (read from disk on every call)', security: [{ bearer: [] }] } }, async () => ({
     object: 'list',
-    data: installedModels().map(modelObject),
+    data: models.installed().map(modelObject),
   }));
 
   app.get('/v1/models/:model', { schema: { summary: 'One installed model', security: [{ bearer: [] }] } }, async (request) => {
     const { model } = request.params as { model: string };
-    const found = installedModels().find((m) => m.id === model);
+    const found = models.installed().find((m) => m.id === model);
     if (!found) throw new ApiError(404, `The model '${model.slice(0, 80)}' does not exist; install it with \`kiln pull ${model.slice(0, 80)}\`.`, 'model', 'model_not_found');
     return modelObject(found);
   });
@@ -675,7 +555,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       if (options.preload ?? true) {
         if (runner instanceof EnginePool) {
           try {
-            runner.preload(resolveModel(undefined).ref);
+            runner.preload(models.resolve(undefined).ref);
           } catch (err) {
             logger.warn((err as Error).message);
           }

@@ -1,0 +1,42 @@
+/**
+ * API keys: when any are configured, every request to /v1 and /v1/* (known routes and unknown
+ * ones alike) must carry `Authorization: Bearer <one of them>`; 401 otherwise.
+ */
+import { createHash, timingSafeEqual } from 'node:crypto';
+import type { FastifyInstance } from 'fastify';
+import { ApiError } from './errors.js';
+
+function sha256(text: string): Buffer {
+  return createHash('sha256').update(text).digest();
+}
+
+/** Constant-time check of a bearer token against the configured keys (hashes have equal lengths). */
+function keyMatches(token: string, keyHashes: Buffer[]): boolean {
+  const given = sha256(token);
+  let ok = false;
+  for (const h of keyHashes) ok = timingSafeEqual(given, h) || ok;
+  return ok;
+}
+
+/**
+ * Adds the API-key check to `app` as an onRequest hook on the instance itself (not an
+ * encapsulated child), so that it also guards the not-found handler under /v1. Empty keys are
+ * ignored; with none, nothing is added.
+ */
+export function addApiKeyAuth(app: FastifyInstance, apiKeys: string[]): void {
+  const keyHashes = apiKeys.filter((k) => k.length > 0).map(sha256);
+  if (keyHashes.length === 0) return;
+  app.addHook('onRequest', async (request) => {
+    if (request.url !== '/v1' && !request.url.startsWith('/v1/')) return;
+    const header = request.headers.authorization;
+    const match = typeof header === 'string' ? /^Bearer\s+(\S+)\s*$/i.exec(header) : null;
+    if (!match) {
+      throw new ApiError(401, "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.", null, 'missing_api_key', {
+        headers: { 'www-authenticate': 'Bearer' },
+      });
+    }
+    if (!keyMatches(match[1]!, keyHashes)) {
+      throw new ApiError(401, 'Incorrect API key provided.', null, 'invalid_api_key', { headers: { 'www-authenticate': 'Bearer' } });
+    }
+  });
+}
