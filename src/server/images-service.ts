@@ -1,0 +1,188 @@
+/**
+ * What the image routes do, without HTTP: build a job spec from validated fields, submit it to
+ * the queue, wait for it (cancelling it when the client goes away), store the image(s) behind
+ * signed URLs or inline them, and shape OpenAI's response (and Kiln's x-kiln-* headers).
+ */
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { FastifyBaseLogger } from 'fastify';
+import { randomSeed } from '../engine/rng.js';
+import { JobCancelledError, type JobQueue, type JobSpec } from '../queue/types.js';
+import type { ImageStore } from '../store/types.js';
+import { ClientGoneError } from './errors.js';
+import type { EditJobOutput, EditJobSpec } from './engine-protocol.js';
+import type { ModelCatalog, ResolvedModel } from './model-catalog.js';
+import { DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, type ImageParams } from './params.js';
+import { resolvePoseAssets } from './pose-assets.js';
+import type { UrlSigner } from './signing.js';
+
+export interface ImagesServiceOptions {
+  queue: JobQueue;
+  store: ImageStore;
+  signer: UrlSigner;
+  models: ModelCatalog;
+  /** Kiln's home folder (pose-mode assets). */
+  home: string;
+  /** Lifetime of image URLs and their files. */
+  ttlMs: number;
+  /** Per-request limit, queueing included. */
+  requestTimeoutMs: number;
+  /** The base of image URLs (known once the server listens). */
+  publicUrl: () => string;
+}
+
+/** The request a job runs for: its id and logger, and its connection (the job is cancelled when the client goes away). */
+export interface Caller {
+  id: string;
+  log: FastifyBaseLogger;
+  req: IncomingMessage;
+  res: ServerResponse;
+}
+
+/** A validated edit upload: the init image, an optional mask (inpainting) or pose scale (pose mode). */
+export interface EditUpload {
+  image: Buffer;
+  mask?: Buffer;
+  poseScale?: number;
+}
+
+interface EditInput {
+  images: Buffer[];
+  mask?: Buffer;
+  pose?: EditJobSpec['pose'];
+}
+
+function headerValue(v: string | number): string {
+  return encodeURIComponent(String(v)).replace(/%20/g, ' ');
+}
+
+export type ImagesService = ReturnType<typeof createImagesService>;
+
+export function createImagesService({ queue, store, signer, models, home, ttlMs, requestTimeoutMs, publicUrl }: ImagesServiceOptions) {
+  async function runImageJob(caller: Caller, params: ImageParams, kind: JobSpec['kind'], edit?: EditInput, resolved?: ResolvedModel) {
+    const model = resolved ?? models.resolve(params.model);
+    const seed = params.seed ?? randomSeed();
+    const spec: EditJobSpec = {
+      kind,
+      model: model.ref,
+      options: {
+        prompt: params.prompt,
+        negativePrompt: params.negativePrompt,
+        seed,
+        size: params.size,
+        quality: params.quality,
+        steps: params.steps,
+        scheduler: params.scheduler,
+        guidanceScale: params.guidanceScale,
+      },
+      output: { format: params.outputFormat, quality: params.outputCompression },
+    };
+    const mode = kind === 'generate' ? 'generate' : edit?.pose ? 'pose' : edit?.mask ? 'inpaint' : 'img2img';
+    if (edit) {
+      spec.images = edit.images;
+      if (edit.mask) spec.mask = edit.mask;
+      if (edit.pose) spec.pose = edit.pose;
+      else spec.strength = params.strength ?? (edit.mask ? DEFAULT_INPAINT_STRENGTH : DEFAULT_STRENGTH);
+    }
+    const received = performance.now();
+    const job = queue.submit(spec, { timeoutMs: requestTimeoutMs, requestId: caller.id });
+    caller.log.debug({ job: job.id, kind, mode, model: model.id, seed }, 'job queued');
+    const onClose = () => {
+      if (!caller.res.writableEnded) job.cancel(new JobCancelledError('the client disconnected', 'client'));
+    };
+    caller.res.on('close', onClose);
+    // Gone already (while its upload was being checked): 'close' has fired before we listened.
+    if (caller.res.destroyed || caller.req.socket?.destroyed) onClose();
+    job.events.on('progress', (p) => caller.log.debug({ job: job.id, stage: p.stage, step: p.step, totalSteps: p.totalSteps }, 'progress'));
+    let output: EditJobOutput;
+    try {
+      output = await job.result;
+    } catch (err) {
+      if (err instanceof JobCancelledError && err.reason === 'client') {
+        throw new ClientGoneError(`client disconnected; job ${job.id} cancelled at ${job.progress ? `${job.progress.stage} step ${job.progress.step}/${job.progress.totalSteps}` : 'queue'}`);
+      }
+      throw err;
+    } finally {
+      caller.res.off('close', onClose);
+    }
+    if (caller.res.destroyed) throw new ClientGoneError(`client disconnected; job ${job.id} finished unread`);
+
+    const s = output.settings;
+    const queueMs = job.queuedMs ?? 0;
+    const totalMs = performance.now() - received;
+    const item: Record<string, unknown> = {};
+    let expiresAt: number | undefined;
+    const put = async (bytes: Buffer) => {
+      const stored = await store.put(bytes, { contentType: output.contentType, ttlMs });
+      expiresAt = stored.expiresAt;
+      return (await store.externalUrl?.(stored)) ?? `${publicUrl()}${signer.path(stored.key, stored.expiresAt)}`;
+    };
+    if (params.responseFormat === 'b64_json') {
+      item.b64_json = output.bytes.toString('base64');
+      if (output.pose) item.b64_json_pose = output.pose.toString('base64');
+    } else {
+      item.url = await put(output.bytes);
+      if (output.pose) item.url_pose = await put(output.pose);
+    }
+    item.seed = s.seed;
+    item.revised_prompt = null;
+
+    const headers: Record<string, string> = {
+      'x-kiln-model': headerValue(model.id),
+      'x-kiln-seed': String(s.seed),
+      'x-kiln-size': `${s.width}x${s.height}`,
+      'x-kiln-quality': headerValue(s.quality),
+      'x-kiln-steps': String(s.steps),
+      'x-kiln-scheduler': headerValue(s.scheduler),
+      'x-kiln-guidance-scale': String(s.guidanceScale),
+      'x-kiln-queue-ms': queueMs.toFixed(0),
+      'x-kiln-generation-ms': output.timings.totalMs.toFixed(0),
+      'server-timing': `queue;dur=${queueMs.toFixed(1)}, generate;dur=${output.timings.totalMs.toFixed(1)}, total;dur=${totalMs.toFixed(1)}`,
+    };
+    const body = {
+      created: Math.floor(Date.now() / 1000),
+      data: [item],
+      size: `${s.width}x${s.height}`,
+      quality: s.quality,
+      output_format: output.format,
+      kiln: {
+        model: model.id,
+        seed: s.seed,
+        size: `${s.width}x${s.height}`,
+        quality: s.quality,
+        steps: s.steps,
+        scheduler: s.scheduler,
+        guidance_scale: s.guidanceScale,
+        negative_prompt: s.negativePrompt,
+        ...(kind === 'edit' ? { mode } : {}),
+        ...(s.strength !== undefined ? { strength: s.strength } : {}),
+        ...(edit?.pose ? { control_scale: edit.pose.scale, people: output.people ?? null } : {}),
+        ...(expiresAt !== undefined ? { expires_at: Math.floor(expiresAt / 1000) } : {}),
+        timings: {
+          queue_ms: Math.round(queueMs),
+          generation_ms: Math.round(output.timings.totalMs),
+          total_ms: Math.round(totalMs),
+        },
+      },
+    };
+    return { headers, body };
+  }
+
+  return {
+    /** POST /v1/images/generations: an image from a prompt. */
+    async generate(caller: Caller, params: ImageParams) {
+      return runImageJob(caller, params, 'generate');
+    },
+
+    /** POST /v1/images/edits: img2img, inpainting (with a mask) or pose-guided (with a pose scale). */
+    async edit(caller: Caller, params: ImageParams, upload: EditUpload) {
+      const model = models.resolve(params.model);
+      let pose: EditJobSpec['pose'];
+      if (upload.poseScale !== undefined) {
+        const assets = resolvePoseAssets(models.dir(model), model.id, home);
+        caller.log.debug({ model: model.id, ...assets.sources }, 'pose assets');
+        pose = { scale: upload.poseScale, controlNet: assets.controlNet, dwpose: assets.dwpose };
+      }
+      return runImageJob(caller, params, 'edit', { images: [upload.image], mask: upload.mask, pose }, model);
+    },
+  };
+}

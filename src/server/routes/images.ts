@@ -1,0 +1,182 @@
+/**
+ * POST /v1/images/generations (JSON) and POST /v1/images/edits (multipart): parse and validate
+ * the request, call the images service, reply. The schemas document the API (OpenAPI);
+ * validation is params.ts and uploads.ts, which answer in OpenAI's shape.
+ */
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { checkMaskMatchesImage } from '../../engine/inpaint.js';
+import { ApiError } from '../errors.js';
+import type { Caller, EditUpload, ImagesService } from '../images-service.js';
+import { paramsSchema, parsePoseUser, readParams, type ImageParams } from '../params.js';
+import { checkPngUpload, type UploadLimits } from '../uploads.js';
+
+export interface ImageRoutesOptions {
+  images: ImagesService;
+  limits: UploadLimits;
+  /** Most images per edit request. */
+  maxFiles: number;
+}
+
+const imageItemSchema = {
+  type: 'object',
+  properties: {
+    url: { type: 'string', description: 'Signed URL, valid until it expires (response_format=url).' },
+    b64_json: { type: 'string', description: 'The image, base64 (response_format=b64_json).' },
+    url_pose: { type: 'string', description: 'Edits in pose mode: the skeleton picture the image followed, as a signed URL.' },
+    b64_json_pose: { type: 'string', description: 'Edits in pose mode: the skeleton picture, base64 (same format as the image).' },
+    seed: { type: 'integer', description: 'The seed used.' },
+    revised_prompt: { type: 'null' },
+  },
+};
+const imagesResponseSchema = {
+  200: {
+    type: 'object',
+    properties: {
+      created: { type: 'integer' },
+      data: { type: 'array', items: imageItemSchema },
+      size: { type: 'string' },
+      quality: { type: 'string' },
+      output_format: { type: 'string' },
+      kiln: { type: 'object', description: 'Effective settings and timings (also in x-kiln-* headers).', additionalProperties: true },
+    },
+  },
+  default: {
+    type: 'object',
+    description: "OpenAI's error envelope.",
+    properties: {
+      error: {
+        type: 'object',
+        properties: { message: { type: 'string' }, type: { type: 'string' }, param: { type: ['string', 'null'] }, code: { type: ['string', 'null'] } },
+      },
+    },
+  },
+};
+
+function caller(request: FastifyRequest, reply: FastifyReply): Caller {
+  return { id: request.id, log: request.log, req: request.raw, res: reply.raw };
+}
+
+/** Sets the service's x-kiln-* headers; the body goes out as the handler's return value. */
+function send<T>(reply: FastifyReply, result: { headers: Record<string, string>; body: T }): T {
+  reply.headers(result.headers);
+  return result.body;
+}
+
+/** The edit form's text fields (repeated ones as arrays), its images and its mask; ApiError for anything else. */
+async function readEditForm(request: FastifyRequest, maxFiles: number) {
+  const fields: Record<string, string | string[]> = {};
+  const images: Buffer[] = [];
+  let mask: Buffer | undefined;
+  try {
+    for await (const part of request.parts()) {
+      const name = part.fieldname;
+      if (part.type === 'file') {
+        if (name === 'image' || name === 'image[]') {
+          if (images.length >= maxFiles) throw new ApiError(400, `At most ${maxFiles} images per request.`, 'image', 'too_many_files');
+          images.push(await part.toBuffer());
+        } else if (name === 'mask') {
+          mask = await part.toBuffer();
+        } else {
+          throw new ApiError(400, `Unexpected file field '${name.slice(0, 64)}'; files go in 'image' (or 'image[]') and 'mask'.`, name.slice(0, 64), 'invalid_field');
+        }
+      } else {
+        if (name === 'image' || name === 'image[]' || name === 'mask') {
+          throw new ApiError(400, `'${name}' must be a file upload.`, name === 'mask' ? 'mask' : 'image', 'invalid_type');
+        }
+        if (part.valueTruncated) throw new ApiError(413, `Form field '${name.slice(0, 64)}' is too long.`, name.slice(0, 64), 'field_too_large');
+        const value = String(part.value);
+        const prev = fields[name];
+        fields[name] = prev === undefined ? value : Array.isArray(prev) ? [...prev, value] : [prev, value];
+      }
+    }
+  } catch (err) {
+    if (err instanceof ApiError || (err as { code?: string }).code?.startsWith('FST_')) throw err;
+    throw new ApiError(400, `The multipart body is malformed: ${err instanceof Error ? err.message : String(err)}.`, null, 'invalid_multipart');
+  }
+  return { fields, images, mask };
+}
+
+/** The checks on an edit's files, in order: an image, each a PNG within the limits, a mask matching the image and not combined with pose mode. */
+async function checkEditUpload(form: { images: Buffer[]; mask?: Buffer }, params: ImageParams, limits: UploadLimits): Promise<EditUpload> {
+  if (form.images.length === 0) throw new ApiError(400, "Missing required parameter: 'image' (a PNG file).", 'image', 'missing_required_parameter');
+  for (const image of form.images) await checkPngUpload(image, 'image', limits);
+  const image = form.images[0]!;
+  const mask = form.mask;
+  if (mask) {
+    await checkPngUpload(mask, 'mask', limits);
+    await checkMaskMatchesImage(image, mask);
+  }
+  const poseScale = parsePoseUser(params.user);
+  if (poseScale !== undefined && mask) {
+    throw new ApiError(400, 'A mask cannot be combined with pose mode (user=cn / pose:<w>); send one or the other.', 'mask', 'unsupported_value');
+  }
+  return { image, mask, poseScale };
+}
+
+export async function imageRoutes(app: FastifyInstance, { images, limits, maxFiles }: ImageRoutesOptions): Promise<void> {
+  app.post(
+    '/v1/images/generations',
+    {
+      schema: {
+        summary: 'Create an image from a prompt',
+        body: paramsSchema('generations', 'json'),
+        response: imagesResponseSchema,
+        security: [{ bearer: [] }],
+      },
+      preValidation: async (request) => {
+        const type = String(request.headers['content-type'] ?? '').split(';')[0]!.trim().toLowerCase();
+        if (type !== 'application/json') {
+          throw new ApiError(415, `This endpoint takes application/json, not '${type || 'no content type'}'.`, null, 'unsupported_media_type');
+        }
+      },
+    },
+    async (request, reply) => {
+      const params = readParams(request.body, 'generations', 'json');
+      return send(reply, await images.generate(caller(request, reply), params));
+    },
+  );
+
+  const editsFormSchema = paramsSchema('edits', 'form') as { properties: Record<string, unknown>; required: string[] };
+  app.post(
+    '/v1/images/edits',
+    {
+      schema: {
+        summary: 'Edit an uploaded PNG: image-to-image, inpainting (with a mask) or pose-guided (user=cn)',
+        description:
+          'Without a mask: image-to-image (strength default 0.75). With a mask (same dimensions as the image; transparent pixels, ' +
+          'or white ones in a mask without transparency, are repainted): inpainting (strength default 1). With `user=cn`, `pose:<w>` ' +
+          'or a weight list with `pose`: the pose of the person in the image guides a new image (ControlNet OpenPose); the skeleton ' +
+          'picture comes back as `url_pose` / `b64_json_pose`.',
+        consumes: ['multipart/form-data'],
+        body: {
+          ...editsFormSchema,
+          required: ['image', ...editsFormSchema.required],
+          properties: {
+            image: { type: 'string', format: 'binary', description: `PNG under ${limits.maxBytes} bytes (also image[]; the first is used).` },
+            mask: {
+              type: 'string',
+              format: 'binary',
+              description:
+                "PNG with the image's dimensions: fully transparent pixels are repainted (OpenAI's convention); in a mask without transparency, white ones are.",
+            },
+            ...editsFormSchema.properties,
+          },
+        },
+        response: imagesResponseSchema,
+        security: [{ bearer: [] }],
+      },
+      preValidation: async (request) => {
+        if (!request.isMultipart()) {
+          const type = String(request.headers['content-type'] ?? '').split(';')[0]!.trim();
+          throw new ApiError(415, `This endpoint takes multipart/form-data, not '${type || 'no content type'}'.`, null, 'unsupported_media_type');
+        }
+      },
+    },
+    async (request, reply) => {
+      const form = await readEditForm(request, maxFiles);
+      const params = readParams(form.fields, 'edits', 'form');
+      const upload = await checkEditUpload(form, params, limits);
+      return send(reply, await images.edit(caller(request, reply), params, upload));
+    },
+  );
+}
