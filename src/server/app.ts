@@ -47,6 +47,8 @@ export interface ServerOptions {
   publicUrl?: string;
   /** Model name or folder used when a request names none; default: defaultModelName(). */
   defaultModel?: string;
+  /** Folders model names are looked up in; default: <home>/models, then the built-in models/. */
+  searchDirs?: string[];
   /** When non-empty, /v1/* requires `Authorization: Bearer <one of these>`. */
   apiKeys?: string[];
   /** Lifetime of image URLs and their files (default 60 min). */
@@ -106,7 +108,7 @@ function formatHost(host: string): string {
 
 export async function createServer(options: ServerOptions): Promise<KilnServer> {
   const home = resolve(options.home);
-  const searchDirs = modelSearchDirs(home);
+  const searchDirs = options.searchDirs ?? modelSearchDirs(home);
   const ttlMs = options.urlTtlMs ?? 60 * MINUTE;
   const requestTimeoutMs = options.requestTimeoutMs ?? 5 * MINUTE;
   const shutdownTimeoutMs = options.shutdownTimeoutMs ?? 30_000;

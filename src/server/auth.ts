@@ -19,6 +19,23 @@ function keyMatches(token: string, keyHashes: Buffer[]): boolean {
 }
 
 /**
+ * Whether a request is under /v1. Both the route the router matched and the percent-decoded
+ * path count: the raw URL alone would let `/%761/models` (decoded and routed as /v1/models)
+ * through without a key.
+ */
+export function isGuarded(rawUrl: string, matchedRoute: string | undefined): boolean {
+  if (matchedRoute === '/v1' || matchedRoute?.startsWith('/v1/')) return true;
+  const rawPath = rawUrl.split('?')[0]!;
+  let path: string;
+  try {
+    path = decodeURIComponent(rawPath);
+  } catch {
+    return true; // undecodable: refuse rather than guess
+  }
+  return path === '/v1' || path.startsWith('/v1/');
+}
+
+/**
  * Adds the API-key check to `app` as an onRequest hook on the instance itself (not an
  * encapsulated child), so that it also guards the not-found handler under /v1. Empty keys are
  * ignored; with none, nothing is added.
@@ -27,7 +44,7 @@ export function addApiKeyAuth(app: FastifyInstance, apiKeys: string[]): void {
   const keyHashes = apiKeys.filter((k) => k.length > 0).map(sha256);
   if (keyHashes.length === 0) return;
   app.addHook('onRequest', async (request) => {
-    if (request.url !== '/v1' && !request.url.startsWith('/v1/')) return;
+    if (!isGuarded(request.url, request.routeOptions.url)) return;
     const header = request.headers.authorization;
     const match = typeof header === 'string' ? /^Bearer\s+(\S+)\s*$/i.exec(header) : null;
     if (!match) {

@@ -38,8 +38,10 @@ export class UrlSigner {
   /** Constant-time check of a signature taken from a URL. */
   verify(key: string, expires: string, signature: string): boolean {
     if (!/^\d{1,12}$/.test(expires) || !/^[A-Za-z0-9_-]{43}$/.test(signature)) return false;
-    const expected = Buffer.from(this.sign(key, Number(expires)), 'base64url');
-    const given = Buffer.from(signature, 'base64url');
+    // Compare the text, not the decoded bytes: a 43-character base64url string carries 2 spare
+    // bits in its last character, so decoded comparison would accept 4 spellings of one signature.
+    const expected = Buffer.from(this.sign(key, Number(expires)), 'latin1');
+    const given = Buffer.from(signature, 'latin1');
     return given.length === expected.length && timingSafeEqual(given, expected);
   }
 

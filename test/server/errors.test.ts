@@ -218,6 +218,12 @@ describe('auth', () => {
       expectError(await getJson(`${a.url}/v1/models`, { authorization: 'Bearer wrong' }), 401, null, 'invalid_api_key');
       expectError(await getJson(`${a.url}/v1/models`, { authorization: 'Basic a2V5LW9uZQ==' }), 401, null);
       expectError(await postJson(`${a.url}/v1/images/generations`, { prompt: 'x' }, { authorization: 'Bearer key-one2' }), 401, null);
+      // Percent-encoded paths that the router decodes to /v1/... are guarded too.
+      for (const path of ['/%761/models', '/%76%31/models', '/v%31/models']) {
+        const res = await getJson(`${a.url}${path}`);
+        assert.equal(res.status, 401, `${path} without a key`);
+      }
+      expectError(await postJson(`${a.url}/%761/images/generations`, { prompt: 'x' }), 401, null, 'missing_api_key');
       await assert.rejects(a.client('wrong').models.list(), OpenAI.AuthenticationError);
       assert.equal((await a.client('key-two').models.list()).data.length, 1);
       const res = await a.client('key-one').images.generate({ prompt: 'x', size: '256x256', steps: 1 } as any);

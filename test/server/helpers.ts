@@ -40,7 +40,16 @@ export async function startTestServer(
 ): Promise<TestServer> {
   const { models = { 'kiln-tiny-xl': 'sdxl' }, ...rest } = options;
   const home = options.home ?? (await makeHome(models));
-  const server = await createServer({ logger: process.env.KILN_TEST_LOG ?? 'silent', preload: false, ...rest, home, host: '127.0.0.1', port: 0 });
+  // Only the test home's models: the built-in kiln-tiny models would change what /v1/models lists.
+  const server = await createServer({
+    logger: process.env.KILN_TEST_LOG ?? 'silent',
+    preload: false,
+    searchDirs: [join(home, 'models')],
+    ...rest,
+    home,
+    host: '127.0.0.1',
+    port: 0,
+  });
   const url = await server.listen();
   let closed = false;
   return {

@@ -195,7 +195,11 @@ describe('signing', () => {
       assert.ok(signer.verify(key, expires, sig));
       assert.ok(!signer.verify(key, '1900000001', sig));
       assert.ok(!signer.verify(key.replace('abc', 'abd'), expires, sig));
-      assert.ok(!signer.verify(key, expires, sig.slice(0, -1) + (sig.endsWith('A') ? 'B' : 'A')));
+      // Every one-character change is refused, the last character's spare bits included.
+      for (const at of [0, 21, sig.length - 1]) {
+        const other = sig[at] === 'A' ? 'B' : 'A';
+        assert.ok(!signer.verify(key, expires, sig.slice(0, at) + other + sig.slice(at + 1)), `changed at ${at}`);
+      }
       assert.ok(!signer.verify(key, expires, ''));
       assert.ok(!signer.verify(key, '-1', sig));
       assert.ok(!new UrlSigner(Buffer.alloc(32, 1)).verify(key, expires, sig), 'another secret');
