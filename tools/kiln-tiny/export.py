@@ -93,6 +93,12 @@ def export(module, args, path, inputs, outputs, dyn):
                           opset_version=OPSET, do_constant_folding=True)
     to_fp16_weights(path)
     m = onnx.load(path)
+    for o in m.graph.output:  # name the channel dim statically (chunk() leaves a symbolic name)
+        dims = o.type.tensor_type.shape.dim
+        if o.name in ('latent_sample', 'out_sample') and len(dims) == 4:
+            dims[1].Clear()
+            dims[1].dim_value = 4
+    onnx.save(m, path)
     print(f'  {os.path.relpath(path, ROOT)}: {os.path.getsize(path) / 1e6:.2f} MB, '
           f'in {[(i.name, i.type.tensor_type.elem_type) for i in m.graph.input]}, '
           f'out {[o.name for o in m.graph.output]}', flush=True)
