@@ -3,7 +3,7 @@
  */
 import { resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { kilnHome } from '../engine/locate.js';
+import { builtinModelsDir, defaultModelName, kilnHome, locateModel, modelSearchDirs, REFERENCE_DEFAULT_MODEL } from '../engine/locate.js';
 import type { Device } from '../engine/onnx.js';
 import { createServer } from '../server/app.js';
 
@@ -59,6 +59,19 @@ function parseUrl(value: string): string {
   }
 }
 
+/** The default model as people should read it: its name, and where it comes from. */
+function describeDefaultModel(configured: string | undefined, home: string): string {
+  if (configured) return `${configured} (--default-model)`;
+  const searchDirs = modelSearchDirs(home);
+  const name = defaultModelName(searchDirs);
+  try {
+    const dir = locateModel(name, searchDirs);
+    return dir.startsWith(builtinModelsDir()) ? `${name} (built into Kiln; \`kiln pull ${REFERENCE_DEFAULT_MODEL}\` for the reference's SDXL)` : name;
+  } catch {
+    return `${name} (not installed: requests that name no model get 404)`;
+  }
+}
+
 export async function serveCommand(flags: ServeFlags): Promise<void> {
   const envKeys = (process.env.KILN_API_KEYS ?? '')
     .split(',')
@@ -106,7 +119,8 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
   // For people (stderr, whatever the log level); the JSON logs go to stdout.
   process.stderr.write(
     `kiln: serving the images API at ${url}/v1 (image URLs at ${server.publicUrl}; ` +
-      `${apiKeys.length ? `${apiKeys.length} API key(s) required` : 'no API key required'}; Ctrl-C to stop)\n`,
+      `${apiKeys.length ? `${apiKeys.length} API key(s) required` : 'no API key required'}; Ctrl-C to stop)\n` +
+      `kiln: default model ${describeDefaultModel(flags.defaultModel, home)}\n`,
   );
 }
 
