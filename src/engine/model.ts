@@ -257,12 +257,11 @@ export class DiffusionModel {
     } else {
       need(this.textEncoder, 'output', 'last_hidden_state');
     }
-    if (this.layout.distillation === 'lcm' && !this.unet.hasInput('timestep_cond')) {
-      // An LCM scheduler on a plain UNet (e.g. LCM-LoRA fused without the embedding) still works:
-      // it is then treated as a CFG model.
-      this.layout.distillation = this.layout.schedulerClass === 'LCMScheduler' ? 'lcm' : null;
-    }
-    if (this.unet.hasInput('timestep_cond')) this.layout.distillation = 'lcm';
+    // The session settles LCM: a guidance-embedding input, or an LCM scheduler on a plain UNet
+    // (LCM-LoRA fused without the embedding) both run without the CFG batch. A config that
+    // names time_cond_proj_dim on a UNet without the input is not LCM.
+    if (this.unet.hasInput('timestep_cond') || this.layout.schedulerClass === 'LCMScheduler') this.layout.distillation = 'lcm';
+    else if (this.layout.distillation === 'lcm') this.layout.distillation = null;
   }
 
   /** The UNet's noise-prediction output: `out_sample` (diffusers/optimum) or the only output. */
