@@ -5,7 +5,7 @@
 import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { DiffusionModel } from './model.js';
-import { locateModel, modelSearchDirs } from './locate.js';
+import { isModelPath, locateModel, modelSearchDirs } from './locate.js';
 import { generate, type GenerateOptions, type GenerateResult } from './pipeline.js';
 import type { Device } from './onnx.js';
 
@@ -36,7 +36,7 @@ export class Engine {
     if (cached && cached.version === version) return cached.loading;
     // A replaced model's sessions are not released here: a request may still be running on
     // them. They are freed with the last reference.
-    const name = /[\\/]/.test(nameOrPath) ? undefined : nameOrPath;
+    const name = isModelPath(nameOrPath) ? undefined : nameOrPath;
     const loading = DiffusionModel.load(dir, { device: this.device, name });
     // A failed load is not cached, so a fixed folder can be retried without a restart.
     loading.catch(() => {

@@ -28,10 +28,15 @@ export function modelSearchDirs(home: string = kilnHome()): string[] {
 
 const isModelDir = (dir: string) => existsSync(join(dir, 'model_index.json'));
 
+/** Whether what a user typed is a folder path (has a separator or starts with '.'), not a name. */
+export function isModelPath(nameOrPath: string): boolean {
+  return /[\\/]/.test(nameOrPath) || nameOrPath.startsWith('.');
+}
+
 /** Resolves a model name or folder path to a folder, or throws ModelNotFoundError. */
 export function locateModel(nameOrPath: string, searchDirs: string[] = modelSearchDirs()): string {
   const asPath = resolve(nameOrPath);
-  if (/[\\/]/.test(nameOrPath) || nameOrPath.startsWith('.')) {
+  if (isModelPath(nameOrPath)) {
     if (existsSync(asPath)) return asPath;
     throw new ModelNotFoundError(`model folder ${asPath} does not exist`, nameOrPath);
   }

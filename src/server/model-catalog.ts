@@ -4,7 +4,7 @@
  * --default-model, which may be a folder that clients can name only by its id.
  */
 import { basename, resolve } from 'node:path';
-import { defaultModelName, listInstalledModels, locateModel } from '../engine/locate.js';
+import { defaultModelName, isModelPath, listInstalledModels, locateModel } from '../engine/locate.js';
 import { ModelNotFoundError } from '../engine/errors.js';
 
 const MODEL_NAME = /^[A-Za-z0-9][A-Za-z0-9._+-]{0,255}$/;
@@ -27,7 +27,7 @@ export interface ModelCatalog {
 export function createModelCatalog(searchDirs: string[], defaultModel: string | undefined): ModelCatalog {
   // An operator's --default-model may be a folder; clients may only name installed models.
   const configuredDefault = defaultModel
-    ? /[\\/]/.test(defaultModel) || defaultModel.startsWith('.')
+    ? isModelPath(defaultModel)
       ? { id: basename(resolve(defaultModel)), ref: resolve(defaultModel) }
       : { id: defaultModel, ref: defaultModel }
     : undefined;
