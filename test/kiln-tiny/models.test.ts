@@ -1,0 +1,68 @@
+/**
+ * The committed kiln-tiny models (models/kiln-tiny, models/kiln-tiny-xl) through Kiln's engine,
+ * judged by pixels with the world's scorer: a few captions from the whole world at 256x256 and
+ * default quality must come out right, and the same images must score as wrong against other
+ * captions (so the check can fail). The full accuracy run is `npm run bench:eval-tiny`.
+ */
+import test from 'node:test';
+import assert from 'node:assert/strict';
+import { DiffusionModel } from '../../src/engine/model.js';
+import { generate } from '../../src/engine/pipeline.js';
+import { builtinModelsDir, locateModel } from '../../src/engine/locate.js';
+import {
+  ACCURACY_BAR, accuracy, describe, emptyTally, scoreImage, tallyImage, worldCaptions, type ScoredImage,
+} from '../../bench/tiny-world.js';
+import { startTestServer } from '../server/helpers.js';
+import sharp from 'sharp';
+
+const PAIRS = worldCaptions(10, 2026);
+
+for (const name of ['kiln-tiny', 'kiln-tiny-xl']) {
+  test(`${name} draws what 10 captions from the world say (scored by pixels)`, async () => {
+    const model = await DiffusionModel.load(locateModel(name, [builtinModelsDir()]), { device: 'cpu' });
+    try {
+      const scored: ScoredImage[] = [];
+      const tally = emptyTally();
+      const misses: string[] = [];
+      for (const [i, pair] of PAIRS.entries()) {
+        const r = await generate(model, { prompt: pair.caption, seed: 1000 + i, size: '256x256' });
+        assert.equal(r.settings.steps, 25);
+        const s = scoreImage(r.image.pixels, r.image.width, r.image.height);
+        scored.push(s);
+        const wrong = tallyImage(tally, pair, s);
+        if (wrong.length) misses.push(`"${pair.caption}" -> ${describe(s)} (${wrong.join(', ')})`);
+      }
+      const acc = accuracy(tally);
+      for (const [attr, min] of Object.entries(ACCURACY_BAR)) {
+        assert.ok(acc[attr as keyof typeof acc] >= min!, `${attr} ${acc[attr as keyof typeof acc]} < ${min}; misses:\n${misses.join('\n')}`);
+      }
+      // The same pictures against the next pair's caption: colours and shapes no longer match.
+      const shifted = emptyTally();
+      scored.forEach((s, i) => tallyImage(shifted, PAIRS[(i + 1) % PAIRS.length]!, s));
+      const off = accuracy(shifted);
+      assert.ok(off.fg < 0.6 && off.shape < 0.8, JSON.stringify(off));
+    } finally {
+      await model.release();
+    }
+  });
+}
+
+test('kiln serve with only the built-in models: kiln-tiny-xl is the default; 512x512 and 1024x1024 come back at that size', async () => {
+  const t = await startTestServer({ models: {}, searchDirs: [builtinModelsDir()] });
+  try {
+    const client = t.client();
+    const ids = (await client.models.list()).data.map((m) => m.id).sort();
+    assert.deepEqual(ids, ['kiln-tiny', 'kiln-tiny-xl']);
+    for (const [model, size] of [['kiln-tiny-xl', '512x512'], ['kiln-tiny', '1024x1024'], [undefined, '1024x1024']] as const) {
+      const res = await client.images.generate({
+        prompt: 'a large green square on a white background', size, n: 3, response_format: 'b64_json', quality: 'draft',
+        ...(model ? { model } : {}),
+      } as any);
+      assert.equal((res as any).kiln.model, model ?? 'kiln-tiny-xl');
+      const meta = await sharp(Buffer.from(res.data![0]!.b64_json!, 'base64')).metadata();
+      assert.equal(`${meta.width}x${meta.height}`, size);
+    }
+  } finally {
+    await t.close();
+  }
+});
