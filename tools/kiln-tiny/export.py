@@ -180,7 +180,7 @@ def main():
     m.load_state_dict(ck['model' if args.raw else 'ema'])
     m.eval()
     vae = torch.load(os.path.join(args.ckpt, 'vae.pt'))
-    enc, dec = VAEEncoder(), VAEDecoder()
+    enc, dec = VAEEncoder(), VAEDecoder(extra=bool(vae.get('dec_extra', False)))
     enc.load_state_dict(vae['enc'])
     dec.load_state_dict(vae['dec'])
     print('step', ck['step'], 'scaling_factor', sf)

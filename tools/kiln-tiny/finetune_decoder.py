@@ -21,23 +21,30 @@ ap.add_argument('--lr', type=float, default=1e-3)
 ap.add_argument('--noise', type=float, default=0.02, help='latent noise (fraction of latent std)')
 ap.add_argument('--threads', type=int, default=2)
 ap.add_argument('--seed', type=int, default=1)
+ap.add_argument('--extra', action='store_true', help='add the 2x/4x residual blocks (VAEDecoder(extra=True))')
+ap.add_argument('--init', default='vae.pt', help='decoder weights to start from (in --ckpt)')
+ap.add_argument('--tri', type=float, default=0.0, help='fraction of each batch drawn from small-triangle images')
 ap.add_argument('--ckpt', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ckpt'))
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
 torch.manual_seed(args.seed)
 rng = np.random.default_rng(args.seed)
 imgs = world.render_all()
-vae = torch.load(os.path.join(args.ckpt, 'vae.pt'))
+vae = torch.load(os.path.join(args.ckpt, args.init))
 lat = torch.load(os.path.join(args.ckpt, 'latents.pt'))['latents']
 zstd = lat.std().item()
-dec = VAEDecoder()
-dec.load_state_dict(vae['dec'])
+dec = VAEDecoder(extra=args.extra)
+print('load', dec.load_state_dict(vae['dec'], strict=False), flush=True)
+small_tri = np.array([i for i, a in enumerate(world.ALL_ATTRS) if a[2] == 2 and a[3] == 0])
 opt = torch.optim.Adam(dec.parameters(), lr=args.lr)
 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
 t0 = time.time()
 c, lc = args.crop, args.crop // 8
 for step in range(args.steps):
     idx = rng.integers(0, len(imgs), args.batch)
+    n_tri = int(round(args.tri * args.batch))
+    if n_tri:
+        idx[:n_tri] = rng.choice(small_tri, n_tri)
     ys = rng.integers(0, 32 - lc + 1, args.batch)
     xs = rng.integers(0, 32 - lc + 1, args.batch)
     x = torch.from_numpy(np.stack([imgs[i, y * 8:y * 8 + c, xx * 8:xx * 8 + c] for i, y, xx in zip(idx, ys, xs)]))
@@ -53,7 +60,7 @@ for step in range(args.steps):
     if step % 100 == 0 or step == args.steps - 1:
         print(f'step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s', flush=True)
     if step % 500 == 499 or step == args.steps - 1:
-        torch.save({'enc': vae['enc'], 'dec': dec.state_dict()}, os.path.join(args.ckpt, 'vae_ft.pt'))
+        torch.save({'enc': vae['enc'], 'dec': dec.state_dict(), 'dec_extra': args.extra}, os.path.join(args.ckpt, 'vae_ft.pt'))
 dec.eval()
 sel = list(range(0, 1680, 7))
 with torch.no_grad():

@@ -41,8 +41,12 @@ class VAEEncoder(nn.Module):
 
 
 class VAEDecoder(nn.Module):
-    def __init__(self, ch=(128, 64, 32), zc=4):
+    """extra=True adds one residual block at 2x and one at 4x (zero-initialised, so a decoder trained without
+    them starts out unchanged): the capacity that keeps small triangles' apexes sharp."""
+
+    def __init__(self, ch=(128, 64, 32), zc=4, extra=False):
         super().__init__()
+        self.extra = extra
         self.inp = nn.Conv2d(zc, ch[0], 3, padding=1)
         self.res = nn.Sequential(ResBlockPlain(ch[0]), ResBlockPlain(ch[0]))
         self.up1 = nn.Sequential(nn.GroupNorm(8, ch[0]), nn.SiLU(), nn.Conv2d(ch[0], ch[1] * 4, 1), nn.PixelShuffle(2))
@@ -50,13 +54,22 @@ class VAEDecoder(nn.Module):
         self.up2 = nn.Sequential(nn.Conv2d(ch[1], ch[2] * 4, 1), nn.PixelShuffle(2))
         self.b2 = nn.Sequential(nn.Conv2d(ch[2], ch[2], 3, padding=1), nn.SiLU())
         self.out = nn.Sequential(nn.Conv2d(ch[2], 3 * 4, 3, padding=1), nn.PixelShuffle(2))
+        if extra:
+            self.r1, self.r2 = ResBlockPlain(ch[1]), ResBlockPlain(ch[2])
+            for r in (self.r1, self.r2):
+                nn.init.zeros_(r.c2.weight)
+                nn.init.zeros_(r.c2.bias)
 
     def forward(self, z):
         h = self.res(self.inp(z))
         h = self.up1(h)
         h = h + self.b1(h)
+        if self.extra:
+            h = self.r1(h)
         h = self.up2(h)
         h = h + self.b2(h)
+        if self.extra:
+            h = self.r2(h)
         return self.out(h)
 
 
@@ -181,7 +194,7 @@ class UNet(nn.Module):
     (+ text_embeds [B,P], time_ids [B,6] for xl) -> eps [B,4,h,w].
     Internally: pixel-unshuffle(2) + coordinate channels, 2 resolution levels (h/2, h/4)."""
 
-    def __init__(self, ctx_dim, c1=96, c2=192, dc=128, e=256, xl_pooled_dim=None, param='eps'):
+    def __init__(self, ctx_dim, c1=96, c2=192, dc=128, e=256, xl_pooled_dim=None, param='eps', last_tok=False):
         super().__init__()
         self.xl = xl_pooled_dim is not None
         # param='v': the network body predicts v = sqrt(a)*eps - sqrt(1-a)*x0 and the graph converts it to the
@@ -195,6 +208,12 @@ class UNet(nn.Module):
         self.ctx_in = nn.Sequential(nn.LayerNorm(ctx_dim), nn.Linear(ctx_dim, dc))
         self.pool_q = nn.Parameter(torch.randn(1, 1, dc) * 0.02)
         self.pool_out = nn.Linear(dc, e)
+        # The last position of a causal encoder's output has seen the whole caption (CLIP pads after EOS), so it is a
+        # summary the UNet can read without knowing where EOS is. Zero-initialised: a warm start begins unchanged.
+        self.last_tok = nn.Linear(ctx_dim, e) if last_tok else None
+        if last_tok:
+            nn.init.zeros_(self.last_tok.weight)
+            nn.init.zeros_(self.last_tok.bias)
         if self.xl:
             self.add_text = nn.Linear(xl_pooled_dim, e)
             self.add_time = nn.Linear(6 * 32, e)
@@ -219,6 +238,8 @@ class UNet(nn.Module):
         ctx = self.ctx_in(encoder_hidden_states)
         pa = ((self.pool_q @ ctx.transpose(1, 2)) * (ctx.shape[-1] ** -0.5)).softmax(-1) @ ctx
         emb = emb + self.pool_out(pa[:, 0])
+        if self.last_tok is not None:
+            emb = emb + self.last_tok(encoder_hidden_states[:, -1])
         if self.xl:
             emb = emb + self.add_text(text_embeds)
             emb = emb + self.add_time(timestep_embedding(time_ids.reshape(-1), 32).reshape(B, 6 * 32))

@@ -20,7 +20,9 @@ import pipeline as P  # noqa
 from models import TextEncoder, UNet, VAEDecoder, nparams  # noqa
 
 BODY = ['t_mlp', 'inp', 'd1', 'down', 'm1', 'a1', 'm2', 'a2', 'm3', 'up', 'u1', 'out_n', 'out']
-CFG = dict(d=128, layers=2, d2=128, layers2=2, proj2=128, c1=64, c2=128, dc=128, e=256, param='v')
+CFG = dict(d=128, layers=2, d2=128, layers2=2, proj2=128, c1=64, c2=128, dc=128, e=256, param='v',
+           last_tok=True, aux=True)
+N_AUX = sum(n + 1 for n in world.ATTR_CLASSES.values())  # each attribute's classes + 'not stated'
 
 
 def build(cfg=CFG):
@@ -28,11 +30,29 @@ def build(cfg=CFG):
     te = TextEncoder(lut, nrows, d=cfg['d'], layers=cfg['layers'])
     te2 = TextEncoder(lut, nrows, d=cfg['d2'], layers=cfg['layers2'], proj_dim=cfg['proj2'])
     par = cfg.get('param', 'eps')
-    unet = UNet(cfg['d'], cfg['c1'], cfg['c2'], cfg['dc'], cfg['e'], param=par)
-    unet_xl = UNet(cfg['d'] + cfg['d2'], cfg['c1'], cfg['c2'], cfg['dc'], cfg['e'], xl_pooled_dim=cfg['proj2'], param=par)
+    lt = cfg.get('last_tok', False)
+    unet = UNet(cfg['d'], cfg['c1'], cfg['c2'], cfg['dc'], cfg['e'], param=par, last_tok=lt)
+    unet_xl = UNet(cfg['d'] + cfg['d2'], cfg['c1'], cfg['c2'], cfg['dc'], cfg['e'], xl_pooled_dim=cfg['proj2'], param=par,
+                   last_tok=lt)
     for n in BODY:
         setattr(unet_xl, n, getattr(unet, n))
-    return torch.nn.ModuleDict(dict(te=te, te2=te2, unet=unet, unet_xl=unet_xl))
+    parts = dict(te=te, te2=te2, unet=unet, unet_xl=unet_xl)
+    if cfg.get('aux'):
+        # Training-only heads (not exported): read every stated attribute back from the text summaries the UNets
+        # use (SD: last position of te's output; XL: te2's pooled text_embeds). A direct signal that makes the
+        # text features carry and bind the attributes long before the diffusion loss alone would.
+        parts['aux'] = torch.nn.ModuleDict(dict(sd=torch.nn.Linear(cfg['d'], N_AUX),
+                                                xl=torch.nn.Linear(cfg['proj2'], N_AUX)))
+    return torch.nn.ModuleDict(parts)
+
+
+def aux_loss(logits, labels):
+    """Sum of per-attribute cross-entropies; labels [n, 5] from world.attribute_labels."""
+    total, o = 0.0, 0
+    for k, n in enumerate(world.ATTR_CLASSES.values()):
+        total = total + torch.nn.functional.cross_entropy(logits[:, o:o + n + 1], labels[:, k])
+        o += n + 1
+    return total
 
 
 def evaluate(m, dec, sf, n=40, seed=4321, method='ddim', which=('sd', 'xl')):
@@ -71,7 +91,9 @@ def main():
                     help="v-loss weighting; 'none' keeps the high-noise steps (where colours/layout are decided) at full weight")
     ap.add_argument('--init', default='', help='warm start: model weights from this checkpoint')
     ap.add_argument('--init_skip', default='.out.', help='comma list of key prefixes/substrings re-initialised on --init')
-    ap.add_argument('--clip', type=float, default=1.0)
+    ap.add_argument('--clip', type=float, default=100.0)
+    ap.add_argument('--aux_weight', type=float, default=0.05, help='weight of the text-attribute loss (0 = off)')
+    ap.add_argument('--decay', action='store_true', help='cosine learning-rate decay to 5%% over the run: --steps or --minutes, whichever ends first')
     ap.add_argument('--ckpt', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ckpt'))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,7 +104,7 @@ def main():
     sf = L['scaling_factor']
     lat = L['latents'] * sf
     vae = torch.load(os.path.join(args.ckpt, 'vae.pt'))
-    dec = VAEDecoder()
+    dec = VAEDecoder(extra=bool(vae.get('dec_extra', False)))
     dec.load_state_dict(vae['dec'])
     dec.eval()
 
@@ -101,7 +123,8 @@ def main():
         step0 = ck['step']
     elif args.init:
         skip = args.init_skip.split(',')
-        sd = {k: v for k, v in torch.load(args.init)['model'].items() if not any(k.startswith(p) or p in k for p in skip)}
+        sd = {k: v for k, v in torch.load(args.init)['model'].items()
+              if not any(k.startswith(p) or p in k for p in skip if p)}
         print('warm start from', args.init, m.load_state_dict(sd, strict=False), flush=True)
         ema.load_state_dict(m.state_dict())
     print('params te', nparams(m['te']), 'te2', nparams(m['te2']), 'unet', nparams(m['unet']),
@@ -120,7 +143,8 @@ def main():
     run = 0.0
     step = step0
     for step in range(step0, args.steps):
-        idx, caps = world.sample_batch(rng, B, p_drop=0.1)
+        idx, caps, masks = world.sample_batch(rng, B, p_drop=0.1, with_masks=True)
+        labels = torch.from_numpy(world.attribute_labels(idx, masks))
         x0 = lat[torch.from_numpy(idx)]
         ids1 = P.ids_tensor(caps, world.EOS)
         ids2 = P.ids_tensor(caps[H:], 0)
@@ -144,7 +168,13 @@ def main():
         else:
             err = eps - noise
         loss = (w_t[t] * err.pow(2).mean(dim=(1, 2, 3))).mean()
+        if 'aux' in m and args.aux_weight > 0:
+            la = aux_loss(m['aux']['sd'](last[:H, -1]), labels[:H]) + aux_loss(m['aux']['xl'](pooled), labels[H:])
+            loss = loss + args.aux_weight * la
         lr = args.lr * min(1.0, (step + 1) / 100)
+        if args.decay:
+            frac = min(1.0, max((step - step0) / max(1, args.steps - step0), (time.time() - t0) / (60 * args.minutes)))
+            lr *= 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac))
         for g in opt.param_groups:
             g['lr'] = lr
         opt.zero_grad()

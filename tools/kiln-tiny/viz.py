@@ -17,8 +17,9 @@ ck = torch.load('ckpt/unet.pt')
 m = build(ck['cfg'])
 m.load_state_dict(ck['ema'])
 m.eval()
-dec = VAEDecoder()
-dec.load_state_dict(torch.load(sys.argv[1] if len(sys.argv) > 1 else 'ckpt/vae.pt')['dec'])
+vae = torch.load(sys.argv[1] if len(sys.argv) > 1 else 'ckpt/vae.pt')
+dec = VAEDecoder(extra=bool(vae.get('dec_extra', False)))
+dec.load_state_dict(vae['dec'])
 dec.eval()
 sf = ck['scaling_factor']
 n = 8

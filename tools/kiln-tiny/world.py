@@ -102,16 +102,32 @@ def make_caption(rng, attrs, p_size=0.5, p_pos=0.5):
     return cap, mask
 
 
-def sample_batch(rng, n, p_drop=0.1):
-    """Returns (image indices [n], captions list). Empty caption with probability p_drop."""
+def sample_batch(rng, n, p_drop=0.1, with_masks=False):
+    """Returns (image indices [n], captions list[, masks]). Empty caption with probability p_drop
+    (its mask states nothing)."""
     idx = rng.integers(0, len(ALL_ATTRS), size=n)
-    caps = []
+    caps, masks = [], []
     for i in idx:
         if rng.random() < p_drop:
             caps.append('')
+            masks.append(dict(bg=False, fg=False, shape=False, size=False, pos=False))
         else:
-            caps.append(make_caption(rng, ALL_ATTRS[i])[0])
-    return idx, caps
+            cap, mask = make_caption(rng, ALL_ATTRS[i])
+            caps.append(cap)
+            masks.append(mask)
+    return (idx, caps, masks) if with_masks else (idx, caps)
+
+
+ATTR_CLASSES = dict(bg=len(COLOR_NAMES), fg=len(COLOR_NAMES), shape=len(SHAPES), size=len(SIZE_NAMES), pos=len(POS_NAMES))
+
+
+def attribute_labels(idx, masks):
+    """[n, 5] class per attribute (bg, fg, shape, size, pos); the extra last class = 'caption does not say'."""
+    out = np.zeros((len(idx), 5), dtype=np.int64)
+    for r, (i, mask) in enumerate(zip(idx, masks)):
+        for k, (name, n_cls) in enumerate(ATTR_CLASSES.items()):
+            out[r, k] = ALL_ATTRS[i][k] if mask[name] else n_cls
+    return out
 
 
 def eval_set(n=200, seed=1234):
