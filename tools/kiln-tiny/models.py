@@ -189,12 +189,36 @@ class Attn(nn.Module):
         return t.transpose(1, 2).reshape(B, C, h, w)
 
 
+class SpatialFiLM(nn.Module):
+    """Adds a text-dependent spatial map to a feature map: the conditioning vector picks, per channel, a mix of
+    4x4 low-frequency 2-D cosine basis images over the normalised image plane (any resolution). Linear in the
+    text, so 'at the left' can move features left without the network having to discover a multiplicative
+    coordinate x text interaction first. Zero-initialised (a warm start begins unchanged)."""
+
+    def __init__(self, e, c, k=4):
+        super().__init__()
+        self.c, self.k = c, k
+        self.proj = nn.Linear(e, c * k * k)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x, emb):
+        B, C, h, w = x.shape
+        freqs = torch.arange(self.k, dtype=torch.float32) * math.pi
+        by = torch.cos(freqs[:, None] * ((torch.arange(h, dtype=torch.float32) + 0.5) / h)[None])  # [k, h]
+        bx = torch.cos(freqs[:, None] * ((torch.arange(w, dtype=torch.float32) + 0.5) / w)[None])  # [k, w]
+        basis = (by[:, None, :, None] * bx[None, :, None, :]).reshape(self.k * self.k, h * w)
+        coef = self.proj(emb).reshape(B * C, self.k * self.k)
+        return x + (coef @ basis).reshape(B, C, h, w)
+
+
 class UNet(nn.Module):
     """sample [B,4,h,w] (h,w even), timestep [B], encoder_hidden_states [B,77,ctx_dim]
     (+ text_embeds [B,P], time_ids [B,6] for xl) -> eps [B,4,h,w].
     Internally: pixel-unshuffle(2) + coordinate channels, 2 resolution levels (h/2, h/4)."""
 
-    def __init__(self, ctx_dim, c1=96, c2=192, dc=128, e=256, xl_pooled_dim=None, param='eps', last_tok=False):
+    def __init__(self, ctx_dim, c1=96, c2=192, dc=128, e=256, xl_pooled_dim=None, param='eps', last_tok=False,
+                 spatial=False):
         super().__init__()
         self.xl = xl_pooled_dim is not None
         # param='v': the network body predicts v = sqrt(a)*eps - sqrt(1-a)*x0 and the graph converts it to the
@@ -218,6 +242,9 @@ class UNet(nn.Module):
             self.add_text = nn.Linear(xl_pooled_dim, e)
             self.add_time = nn.Linear(6 * 32, e)
         self.inp = nn.Conv2d(16 + 2, c1, 3, padding=1)
+        self.spatial = spatial
+        if spatial:
+            self.sp1, self.sp2 = SpatialFiLM(e, c1), SpatialFiLM(e, c2)
         self.d1 = ResBlock(c1, c1, e)
         self.down = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
         self.m1 = ResBlock(c2, c2, e)
@@ -249,8 +276,12 @@ class UNet(nn.Module):
         xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1
         coords = torch.stack([ys[:, None].expand(h, w), xs[None, :].expand(h, w)])[None].expand(B, 2, h, w)
         x = self.inp(torch.cat([x, coords], dim=1))
+        if self.spatial:
+            x = self.sp1(x, emb)
         s1 = self.d1(x, emb)
         y = self.down(s1)
+        if self.spatial:
+            y = self.sp2(y, emb)
         y = self.a1(self.m1(y, emb), ctx)
         y = self.a2(self.m2(y, emb), ctx)
         y = self.m3(y, emb)

@@ -21,7 +21,7 @@ from models import TextEncoder, UNet, VAEDecoder, nparams  # noqa
 
 BODY = ['t_mlp', 'inp', 'd1', 'down', 'm1', 'a1', 'm2', 'a2', 'm3', 'up', 'u1', 'out_n', 'out']
 CFG = dict(d=128, layers=2, d2=128, layers2=2, proj2=128, c1=64, c2=128, dc=128, e=256, param='v',
-           last_tok=True, aux=True)
+           last_tok=True, aux=True, spatial=True)
 N_AUX = sum(n + 1 for n in world.ATTR_CLASSES.values())  # each attribute's classes + 'not stated'
 
 
@@ -31,10 +31,11 @@ def build(cfg=CFG):
     te2 = TextEncoder(lut, nrows, d=cfg['d2'], layers=cfg['layers2'], proj_dim=cfg['proj2'])
     par = cfg.get('param', 'eps')
     lt = cfg.get('last_tok', False)
-    unet = UNet(cfg['d'], cfg['c1'], cfg['c2'], cfg['dc'], cfg['e'], param=par, last_tok=lt)
+    sp = cfg.get('spatial', False)
+    unet = UNet(cfg['d'], cfg['c1'], cfg['c2'], cfg['dc'], cfg['e'], param=par, last_tok=lt, spatial=sp)
     unet_xl = UNet(cfg['d'] + cfg['d2'], cfg['c1'], cfg['c2'], cfg['dc'], cfg['e'], xl_pooled_dim=cfg['proj2'], param=par,
-                   last_tok=lt)
-    for n in BODY:
+                   last_tok=lt, spatial=sp)
+    for n in BODY + (['sp1', 'sp2'] if sp else []):
         setattr(unet_xl, n, getattr(unet, n))
     parts = dict(te=te, te2=te2, unet=unet, unet_xl=unet_xl)
     if cfg.get('aux'):
@@ -93,6 +94,7 @@ def main():
     ap.add_argument('--init_skip', default='.out.', help='comma list of key prefixes/substrings re-initialised on --init')
     ap.add_argument('--clip', type=float, default=100.0)
     ap.add_argument('--aux_weight', type=float, default=0.05, help='weight of the text-attribute loss (0 = off)')
+    ap.add_argument('--p_pos', type=float, default=0.5, help='share of training captions that state the position')
     ap.add_argument('--decay', action='store_true', help='cosine learning-rate decay to 5%% over the run: --steps or --minutes, whichever ends first')
     ap.add_argument('--ckpt', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ckpt'))
     args = ap.parse_args()
@@ -143,7 +145,7 @@ def main():
     run = 0.0
     step = step0
     for step in range(step0, args.steps):
-        idx, caps, masks = world.sample_batch(rng, B, p_drop=0.1, with_masks=True)
+        idx, caps, masks = world.sample_batch(rng, B, p_drop=0.1, with_masks=True, p_pos=args.p_pos)
         labels = torch.from_numpy(world.attribute_labels(idx, masks))
         x0 = lat[torch.from_numpy(idx)]
         ids1 = P.ids_tensor(caps, world.EOS)

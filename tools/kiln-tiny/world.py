@@ -102,7 +102,7 @@ def make_caption(rng, attrs, p_size=0.5, p_pos=0.5):
     return cap, mask
 
 
-def sample_batch(rng, n, p_drop=0.1, with_masks=False):
+def sample_batch(rng, n, p_drop=0.1, with_masks=False, p_pos=0.5):
     """Returns (image indices [n], captions list[, masks]). Empty caption with probability p_drop
     (its mask states nothing)."""
     idx = rng.integers(0, len(ALL_ATTRS), size=n)
@@ -112,7 +112,7 @@ def sample_batch(rng, n, p_drop=0.1, with_masks=False):
             caps.append('')
             masks.append(dict(bg=False, fg=False, shape=False, size=False, pos=False))
         else:
-            cap, mask = make_caption(rng, ALL_ATTRS[i])
+            cap, mask = make_caption(rng, ALL_ATTRS[i], p_pos=p_pos)
             caps.append(cap)
             masks.append(mask)
     return (idx, caps, masks) if with_masks else (idx, caps)
