@@ -38,7 +38,7 @@ const WORLD: WorldImage[] = [
 ];
 
 for (const model of ['kiln-tiny', 'kiln-tiny-xl']) {
-  test(`${model}: image-to-image at strength 0.3 keeps the shape, colours, size and place of world images`, async () => {
+  test(`${model}: image-to-image at strength 0.3 keeps the shape, colours, size and place of world images`, async (ctx) => {
     for (const [i, image] of WORLD.entries()) {
       const input = renderWorldImage(image);
       // A caption of another form than the picture's own words: the picture must carry it.
@@ -48,11 +48,12 @@ for (const model of ['kiln-tiny', 'kiln-tiny-xl']) {
       assert.deepEqual(seen, image, `${model}: "${caption}": asked ${describe(image)}, saw ${describe(seen)}`);
       let diff = 0;
       for (let p = 0; p < input.length; p++) diff += Math.abs(out[p]! - input[p]!);
+      ctx.diagnostic(`${describe(image)}: scored ${describe(seen)}, mean |diff| ${(diff / input.length).toFixed(2)}`);
       assert.ok(diff / input.length < 20, `mean |diff| ${diff / input.length}`);
     }
   });
 
-  test(`${model}: inpainting repaints the masked region only`, async () => {
+  test(`${model}: inpainting repaints the masked region only`, async (ctx) => {
     const image: WorldImage = { bg: 2, fg: 0, shape: 1, size: 1, pos: 0 }; // large red square on blue
     const input = renderWorldImage(image);
     // White = repaint: a box around the square (black/white convention, no alpha).
@@ -81,6 +82,7 @@ for (const model of ['kiln-tiny', 'kiln-tiny-xl']) {
       }
     }
     const detail = `outside max ${outsideMax} mean ${(outsideSum / outsideN).toFixed(2)}, inside mean ${(insideSum / insideN).toFixed(1)}`;
+    ctx.diagnostic(detail);
     assert.ok(outsideMax <= 2, detail);
     assert.ok(insideSum / insideN > 40, detail);
     // The repainted region follows the prompt: the square became a yellow, non-square shape.
