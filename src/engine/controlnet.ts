@@ -3,7 +3,7 @@
  * step runs the ControlNet on the conditioning picture, then a UNet that takes its residuals
  * (`down_block_N_additional_residual`, `mid_block_additional_residual`) by name.
  */
-import { noiseStart, runDiffusion, type GenerateOptions, type GenerateResult } from './pipeline.js';
+import { RESIDUAL_OUTPUT, noiseStart, runDiffusion, type GenerateOptions, type GenerateResult } from './pipeline.js';
 import type { DiffusionModel } from './model.js';
 import type { OnnxModel } from './onnx.js';
 import type { RgbImage } from './vae.js';
@@ -33,6 +33,7 @@ export async function controlnetGenerate(model: DiffusionModel, controlNet: Onnx
   if (!unet) {
     throw new ModelLoadError(`model ${model.name} has no controlnet/model.onnx (the UNet that takes ControlNet residuals)`);
   }
+  checkControlNetFits(model, controlNet, unet);
   const { data, dims } = controlImageTensor(options.controlImage);
   return runDiffusion(
     model,
@@ -45,4 +46,37 @@ export async function controlnetGenerate(model: DiffusionModel, controlNet: Onnx
     },
     { unet, control: { net: controlNet, image: data, imageDims: dims, scale } },
   );
+}
+
+/** Inputs a ControlNet gets from Kiln itself rather than from the UNet's feeds. */
+const CONTROL_OWN_INPUTS = new Set(['timestep', 'controlnet_cond', 'conditioning_scale']);
+
+/**
+ * A ControlNet fits a ControlNet-UNet when it produces exactly the residuals the UNet takes and
+ * needs no input the UNet is not fed (an SDXL ControlNet wants text_embeds/time_ids) with the
+ * same text width. A ControlNet of the other family fails here, before any step, with a message
+ * for people (param `user`: the field that asked for pose) instead of a shape error mid-run.
+ */
+export function checkControlNetFits(model: DiffusionModel, controlNet: OnnxModel, unet: OnnxModel): void {
+  const problems: string[] = [];
+  const produced = controlNet.outputNames(RESIDUAL_OUTPUT);
+  const taken = [...unet.inputs.keys()].filter((n) => RESIDUAL_OUTPUT.test(n));
+  if (produced.length !== taken.length || produced.some((n) => !unet.hasInput(n))) {
+    problems.push(`it produces ${produced.length} residuals, the model's ControlNet-UNet takes ${taken.length}`);
+  }
+  const foreign = [...controlNet.inputs.keys()].filter((n) => !CONTROL_OWN_INPUTS.has(n) && !unet.hasInput(n));
+  if (foreign.length) problems.push(`it takes ${foreign.join(', ')}, which this model does not have`);
+  const width = (m: OnnxModel) => (m.hasInput('encoder_hidden_states') ? m.input('encoder_hidden_states').shape.at(-1) : undefined);
+  const [cw, uw] = [width(controlNet), width(unet)];
+  if (typeof cw === 'number' && typeof uw === 'number' && cw > 0 && uw > 0 && cw !== uw) {
+    problems.push(`its text width is ${cw}, the model's is ${uw}`);
+  }
+  if (problems.length) {
+    const family = { sd1: 'SD 1.x', sd2: 'SD 2.x', sdxl: 'SDXL' }[model.layout.family];
+    throw new InvalidOptionError(
+      `the OpenPose ControlNet (${controlNet.label}) does not fit model ${model.name} (${family}): ` +
+        `${problems.join('; ')}. It is probably for another model family; install or configure the one for ${family}.`,
+      'user',
+    );
+  }
 }

@@ -190,7 +190,7 @@ export interface ControlInput {
   scale: number;
 }
 
-const RESIDUAL_OUTPUT = /^(down_block_\d+|mid_block)_additional_residual$/;
+export const RESIDUAL_OUTPUT = /^(down_block_\d+|mid_block)_additional_residual$/;
 
 function timestepFeed(info: TensorInfo, batch: number, t: number): Feed {
   const dims = timestepDims(info, batch);

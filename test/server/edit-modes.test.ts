@@ -46,6 +46,9 @@ before(async () => {
   const viaJson = linkFarm(sd15cn, join(models, 'sd15-kilnjson'));
   writeFileSync(join(viaJson, 'kiln.json'), JSON.stringify({ controlnet_openpose: openpose }));
   // Missing, in the documented order: the ControlNet-UNet, the ControlNet graph, DWPose.
+  // kiln.json names the SDXL OpenPose ControlNet for an SD 1.5 model.
+  const wrongFamily = linkFarm(sd15cn, join(models, 'sd15-xlcn'));
+  writeFileSync(join(wrongFamily, 'kiln.json'), JSON.stringify({ controlnet_openpose: openposeXl }));
   linkFarm(sd15cn, join(models, 'sd15-nocn'), ['controlnet']);
   linkFarm(sd15cn, join(models, 'sd15-nograph'));
   graphOnly(openpose, join(linkFarm(sd15cn, join(models, 'sd15-nodwpose')), 'controlnet-openpose'));
@@ -280,6 +283,15 @@ describe('pose mode (user=cn)', () => {
     assert.match(err.message, /DWPose/);
     assert.match(err.message, /kiln pull dwpose`/);
     assert.equal(await jobs(), before, 'none of these reached the queue');
+  });
+
+  test('a ControlNet of the other family (kiln.json names the SDXL one for an SD 1.5 model): 400 (user) saying so, before any step', async () => {
+    const person = await png(await personPng());
+    const err = await badRequest(edit(a, { model: 'sd15-xlcn', image: person, user: 'cn' }), 'user');
+    assert.match(err.message, /does not fit model sd15-xlcn \(SD 1\.x\): it produces 10 residuals, the model's ControlNet-UNet takes 13; it takes text_embeds, time_ids/);
+    // The server still serves pose requests for a model that fits.
+    const ok = await edit(a, { model: 'sd15-cn', image: await png(await personPng()), user: 'cn' });
+    assert.ok(ok.data[0].b64_json_pose);
   });
 
   test("kiln.json's controlnet_openpose (DWPose from the ControlNet folder) gives the same picture as the model's own assets", async () => {
