@@ -33,6 +33,7 @@ import { createMetrics, type Metrics } from './metrics.js';
 import { createModelCatalog } from './model-catalog.js';
 import { fileRoutes } from './routes/files.js';
 import { imageRoutes } from './routes/images.js';
+import { UploadBudget } from './upload-budget.js';
 import { modelRoutes } from './routes/models.js';
 import { opsRoutes } from './routes/ops.js';
 import { loadOrCreateSecret, UrlSigner } from './signing.js';
@@ -68,6 +69,8 @@ export interface ServerOptions {
   maxUploadPixels?: number;
   /** Most images per edit request (default 16). */
   maxUploadFiles?: number;
+  /** Upload bytes all requests together may hold; past it an edit answers 503 (default 256 MiB). */
+  maxUploadMemory?: number;
   /** How often expired images are deleted (default: a quarter of the TTL, between 0.5 and 15 s). */
   sweepIntervalMs?: number;
   /** Load the default model in the workers at start (default true). */
@@ -195,7 +198,8 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   setErrorHandlers(app, metrics);
 
   const images = createImagesService({ queue, store, signer, models, home, ttlMs, requestTimeoutMs, publicUrl: () => publicBase });
-  await app.register(imageRoutes, { images, limits, maxFiles });
+  const budget = new UploadBudget(options.maxUploadMemory ?? 256 * 1024 * 1024);
+  await app.register(imageRoutes, { images, limits, maxFiles, budget });
   await app.register(fileRoutes, { store, signer });
   await app.register(modelRoutes, { models });
   await app.register(opsRoutes, { queue, metrics });

@@ -9,12 +9,15 @@ import { ApiError } from '../errors.js';
 import type { Caller, EditUpload, ImagesService } from '../images-service.js';
 import { paramsSchema, parsePoseUser, readParams, type ImageParams } from '../params.js';
 import { checkPngUpload, type UploadLimits } from '../uploads.js';
+import type { UploadBudget, UploadHold } from '../upload-budget.js';
 
 export interface ImageRoutesOptions {
   images: ImagesService;
   limits: UploadLimits;
   /** Most images per edit request. */
   maxFiles: number;
+  /** Upload bytes all requests may hold at once. */
+  budget: UploadBudget;
 }
 
 const imageItemSchema = {
@@ -63,7 +66,7 @@ function send<T>(reply: FastifyReply, result: { headers: Record<string, string>;
 }
 
 /** The edit form's text fields (repeated ones as arrays), its images and its mask; ApiError for anything else. */
-async function readEditForm(request: FastifyRequest, maxFiles: number) {
+async function readEditForm(request: FastifyRequest, maxFiles: number, hold: UploadHold) {
   const fields: Record<string, string | string[]> = {};
   const images: Buffer[] = [];
   let mask: Buffer | undefined;
@@ -74,8 +77,10 @@ async function readEditForm(request: FastifyRequest, maxFiles: number) {
         if (name === 'image' || name === 'image[]') {
           if (images.length >= maxFiles) throw new ApiError(400, `At most ${maxFiles} images per request.`, 'image', 'too_many_files');
           images.push(await part.toBuffer());
+          hold.take(images.at(-1)!.length);
         } else if (name === 'mask') {
           mask = await part.toBuffer();
+          hold.take(mask.length);
         } else {
           throw new ApiError(400, `Unexpected file field '${name.slice(0, 64)}'; files go in 'image' (or 'image[]') and 'mask'.`, name.slice(0, 64), 'invalid_field');
         }
@@ -113,7 +118,7 @@ async function checkEditUpload(form: { images: Buffer[]; mask?: Buffer }, params
   return { image, mask, poseScale };
 }
 
-export async function imageRoutes(app: FastifyInstance, { images, limits, maxFiles }: ImageRoutesOptions): Promise<void> {
+export async function imageRoutes(app: FastifyInstance, { images, limits, maxFiles, budget }: ImageRoutesOptions): Promise<void> {
   app.post(
     '/v1/images/generations',
     {
@@ -173,10 +178,16 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
       },
     },
     async (request, reply) => {
-      const form = await readEditForm(request, maxFiles);
-      const params = readParams(form.fields, 'edits', 'form');
-      const upload = await checkEditUpload(form, params, limits);
-      return send(reply, await images.edit(caller(request, reply), params, upload));
+      // The uploaded bytes stay held (and counted) until the job is done and the reply is built.
+      const hold = budget.holder();
+      try {
+        const form = await readEditForm(request, maxFiles, hold);
+        const params = readParams(form.fields, 'edits', 'form');
+        const upload = await checkEditUpload(form, params, limits);
+        return send(reply, await images.edit(caller(request, reply), params, upload));
+      } finally {
+        hold.release();
+      }
     },
   );
 }
