@@ -4,7 +4,7 @@
  * (`down_block_N_additional_residual`, `mid_block_additional_residual`) by name.
  */
 import { RESIDUAL_OUTPUT, noiseStart, runDiffusion, type GenerateOptions, type GenerateResult } from './pipeline.js';
-import type { DiffusionModel } from './model.js';
+import { FAMILY_LABELS, type DiffusionModel } from './model.js';
 import type { OnnxModel } from './onnx.js';
 import type { RgbImage } from './vae.js';
 import { InvalidOptionError, ModelLoadError } from './errors.js';
@@ -72,7 +72,7 @@ export function checkControlNetFits(model: DiffusionModel, controlNet: OnnxModel
     problems.push(`its text width is ${cw}, the model's is ${uw}`);
   }
   if (problems.length) {
-    const family = { sd1: 'SD 1.x', sd2: 'SD 2.x', sdxl: 'SDXL' }[model.layout.family];
+    const family = FAMILY_LABELS[model.layout.family];
     throw new InvalidOptionError(
       `the OpenPose ControlNet (${controlNet.label}) does not fit model ${model.name} (${family}): ` +
         `${problems.join('; ')}. It is probably for another model family; install or configure the one for ${family}.`,

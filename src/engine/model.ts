@@ -19,6 +19,8 @@ import { DEFAULT_STEPS, type StepsByTier } from './presets.js';
 import { replaceRandomNormalLike } from './seeded-sampling.js';
 
 export type ModelFamily = 'sd1' | 'sd2' | 'sdxl';
+/** How a family is named to people (logs, /v1/models, error messages). */
+export const FAMILY_LABELS: Record<ModelFamily, string> = { sd1: 'SD 1.x', sd2: 'SD 2.x', sdxl: 'SDXL' };
 export type Distillation = 'lcm' | 'turbo' | null;
 
 /** What a folder is, read from its files without loading any session. */
@@ -122,7 +124,7 @@ export function detectLayout(dirArg: string): ModelLayout {
   }
 
   const scaling = typeof vaeConfig.scaling_factor === 'number' ? vaeConfig.scaling_factor : SD_SCALING_FACTOR;
-  const familyLabel = { sd1: 'SD 1.x', sd2: 'SD 2.x', sdxl: 'SDXL' }[family];
+  const familyLabel = FAMILY_LABELS[family];
   const label =
     distillation === 'lcm' ? (family === 'sdxl' ? 'LCM (SDXL)' : 'LCM') : distillation === 'turbo' ? `${family === 'sdxl' ? 'SDXL' : 'SD'} Turbo` : familyLabel;
 
