@@ -12,11 +12,6 @@ export class UploadBudget {
 
   constructor(readonly maxBytes: number) {}
 
-  /** Bytes currently held by requests. */
-  get inUse(): number {
-    return this.held;
-  }
-
   /** A holder for one request: take() as bytes arrive, release() once when the request is done. */
   holder(): UploadHold {
     let mine = 0;

@@ -76,8 +76,9 @@ async function readEditForm(request: FastifyRequest, maxFiles: number, hold: Upl
       if (part.type === 'file') {
         if (name === 'image' || name === 'image[]') {
           if (images.length >= maxFiles) throw new ApiError(400, `At most ${maxFiles} images per request.`, 'image', 'too_many_files');
-          images.push(await part.toBuffer());
-          hold.take(images.at(-1)!.length);
+          const image = await part.toBuffer();
+          hold.take(image.length);
+          images.push(image);
         } else if (name === 'mask') {
           mask = await part.toBuffer();
           hold.take(mask.length);
