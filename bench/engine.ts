@@ -15,6 +15,7 @@ import { generate } from '../src/engine/pipeline.js';
 import { encodeGeneratedPng } from '../src/engine/image-codec.js';
 import { locateModel } from '../src/engine/locate.js';
 import type { Device } from '../src/engine/onnx.js';
+import { median } from './stats.js';
 import { ensureFixture, type FixtureVariant } from '../tools/fixtures/variants.js';
 
 const { values: args } = parseArgs({
@@ -31,10 +32,6 @@ const { values: args } = parseArgs({
   },
 });
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
-};
 const fmt = (ms: number) => `${ms.toFixed(1)} ms`;
 
 async function main(): Promise<void> {

@@ -20,6 +20,7 @@ import cliProgress from 'cli-progress';
 import { DiffusionModel } from '../src/engine/model.js';
 import { generate } from '../src/engine/pipeline.js';
 import { locateModel } from '../src/engine/locate.js';
+import { median } from './stats.js';
 import {
   ACCURACY_BAR, ATTRIBUTES, accuracy, describe, emptyTally, scoreImage, tallyImage, worldCaptions,
 } from './tiny-world.js';
@@ -37,10 +38,6 @@ const { values: args } = parseArgs({
   },
 });
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
-};
 const pct = (x: number) => (Number.isNaN(x) ? '   - ' : `${(100 * x).toFixed(1).padStart(5)}`);
 
 async function main(): Promise<void> {

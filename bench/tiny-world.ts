@@ -12,6 +12,7 @@
  *   0.40-0.60), size from its larger side (< 40% of the width: small), position from its centroid.
  */
 import { createRng, type Rng } from '../src/engine/rng.js';
+import { median } from './stats.js';
 
 export const COLORS = {
   red: [220, 40, 40],
@@ -152,12 +153,6 @@ function nearestColor(r: number, g: number, b: number): number {
     }
   });
   return best;
-}
-
-function median(values: number[]): number {
-  const s = values.sort((a, b) => a - b);
-  const mid = s.length >> 1;
-  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
 }
 
 /** What the scorer sees in an image; foreground fields are null when nothing but background is there. */

@@ -1,0 +1,8 @@
+/** Small statistics shared by the benchmarks. */
+
+/** Median of `xs` (mean of the two middle values for an even count); `xs` is not modified. */
+export function median(xs: readonly number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const mid = s.length >> 1;
+  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
+}
