@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper, TensorProto
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import world  # noqa
-from models import VAEEncoder, VAEDecoder, nparams  # noqa
+from models import VAEEncoder, load_decoder, nparams  # noqa
 from train_unet import build  # noqa
 
 ROOT = os.path.abspath(os.path.join(HERE, '..', '..'))
@@ -180,9 +180,8 @@ def main():
     m.load_state_dict(ck['model' if args.raw else 'ema'])
     m.eval()
     vae = torch.load(os.path.join(args.ckpt, 'vae.pt'))
-    enc, dec = VAEEncoder(), VAEDecoder(extra=bool(vae.get('dec_extra', False)))
+    enc, dec = VAEEncoder(), load_decoder(vae)
     enc.load_state_dict(vae['enc'])
-    dec.load_state_dict(vae['dec'])
     print('step', ck['step'], 'scaling_factor', sf)
 
     ids = torch.tensor([world.tokenize('a red circle on a blue background'), world.tokenize('')], dtype=torch.int32)

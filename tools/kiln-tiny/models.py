@@ -73,6 +73,14 @@ class VAEDecoder(nn.Module):
         return self.out(h)
 
 
+def load_decoder(vae_ckpt):
+    """The decoder of a VAE checkpoint (a dict with 'dec', and 'dec_extra' when written by
+    finetune_decoder.py --extra)."""
+    dec = VAEDecoder(extra=bool(vae_ckpt.get('dec_extra', False)))
+    dec.load_state_dict(vae_ckpt['dec'])
+    return dec
+
+
 # ----------------------------------------------------------------------------- text encoder
 class TBlock(nn.Module):
     def __init__(self, d, heads):

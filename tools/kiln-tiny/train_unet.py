@@ -2,8 +2,9 @@
 precomputed VAE latents (ckpt/latents.pt). The two UNets share their body; each has its own
 conditioning interface (SD: te last_hidden_state; XL: concat(te1 hidden_states[-2], te2 hidden_states[-2])
 + pooled text_embeds + time_ids). te1 of XL = the SD text encoder (shared weights).
-Epsilon prediction, SD scaled_linear betas (0.00085..0.012, 1000 steps), min-SNR-5 weighting,
-10% caption dropout: SD uses the encoding of "", XL uses zeros (force_zeros_for_empty_prompt)."""
+Epsilon output (v-parametrised body), SD scaled_linear betas (0.00085..0.012, 1000 steps), unweighted v loss
+(--weighting minsnr for min-SNR-5), training-only text-attribute heads, 10% caption dropout: SD uses the
+encoding of "", XL uses zeros (force_zeros_for_empty_prompt)."""
 import argparse
 import copy
 import json
@@ -17,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import world  # noqa
 import pipeline as P  # noqa
-from models import TextEncoder, UNet, VAEDecoder, nparams  # noqa
+from models import TextEncoder, UNet, load_decoder, nparams  # noqa
 
 BODY = ['t_mlp', 'inp', 'd1', 'down', 'm1', 'a1', 'm2', 'a2', 'm3', 'up', 'u1', 'out_n', 'out']
 CFG = dict(d=128, layers=2, d2=128, layers2=2, proj2=128, c1=64, c2=128, dc=128, e=256, param='v',
@@ -105,9 +106,7 @@ def main():
     L = torch.load(os.path.join(args.ckpt, 'latents.pt'))
     sf = L['scaling_factor']
     lat = L['latents'] * sf
-    vae = torch.load(os.path.join(args.ckpt, 'vae.pt'))
-    dec = VAEDecoder(extra=bool(vae.get('dec_extra', False)))
-    dec.load_state_dict(vae['dec'])
+    dec = load_decoder(torch.load(os.path.join(args.ckpt, 'vae.pt')))
     dec.eval()
 
     m = build()

@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import world  # noqa
 from train_unet import build, evaluate  # noqa
 import pipeline as P  # noqa
-from models import VAEDecoder  # noqa
+from models import load_decoder  # noqa
 from PIL import Image
 
 torch.set_num_threads(int(os.environ.get('THREADS', '1')))
@@ -17,9 +17,7 @@ ck = torch.load('ckpt/unet.pt')
 m = build(ck['cfg'])
 m.load_state_dict(ck['ema'])
 m.eval()
-vae = torch.load(sys.argv[1] if len(sys.argv) > 1 else 'ckpt/vae.pt')
-dec = VAEDecoder(extra=bool(vae.get('dec_extra', False)))
-dec.load_state_dict(vae['dec'])
+dec = load_decoder(torch.load(sys.argv[1] if len(sys.argv) > 1 else 'ckpt/vae.pt'))
 dec.eval()
 sf = ck['scaling_factor']
 n = 8
