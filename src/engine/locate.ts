@@ -8,6 +8,7 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ModelNotFoundError } from './errors.js';
 import { installedAliasLinks } from '../models/registry.js';
+import { REFERENCE_DEFAULT_ALIAS } from '../models/aliases.js';
 
 /** Kiln's data folder: `$KILN_HOME`, else `$XDG_DATA_HOME/kiln`, else `~/.local/share/kiln`. */
 export function kilnHome(env: NodeJS.ProcessEnv = process.env): string {
@@ -92,12 +93,12 @@ export function listInstalledModels(searchDirs: string[] = modelSearchDirs()): I
 }
 
 /** The reference's default model when installed, else the built-in kiln-tiny-xl. */
-export const REFERENCE_DEFAULT_MODEL = 'be-stable-diffusion-xl-base-1.0';
+export { REFERENCE_DEFAULT_ALIAS as REFERENCE_DEFAULT_MODEL };
 export const BUILTIN_DEFAULT_MODEL = 'kiln-tiny-xl';
 
 export function defaultModelName(searchDirs: string[] = modelSearchDirs()): string {
   const installed =
-    searchDirs.some((d) => isModelDir(join(d, REFERENCE_DEFAULT_MODEL))) ||
-    aliasLinks(searchDirs).some((l) => l.alias === REFERENCE_DEFAULT_MODEL);
-  return installed ? REFERENCE_DEFAULT_MODEL : BUILTIN_DEFAULT_MODEL;
+    searchDirs.some((d) => isModelDir(join(d, REFERENCE_DEFAULT_ALIAS))) ||
+    aliasLinks(searchDirs).some((l) => l.alias === REFERENCE_DEFAULT_ALIAS);
+  return installed ? REFERENCE_DEFAULT_ALIAS : BUILTIN_DEFAULT_MODEL;
 }

@@ -20,8 +20,9 @@
  *   }
  */
 import { existsSync, readFileSync } from 'node:fs';
-import { join, posix } from 'node:path';
+import { join } from 'node:path';
 import { PullError } from './errors.js';
+import { safeRelativeLocation } from './onnx-refs.js';
 
 /** What an installed folder holds. Only `diffusion` folders are models the engine serves. */
 export type InstallKind = 'diffusion' | 'controlnet' | 'annotator' | 'files';
@@ -108,8 +109,8 @@ export function isValidModelName(name: string): boolean {
 }
 
 function checkRelative(path: string, what: string, file: string): string {
-  const norm = posix.normalize(path.replace(/\\/g, '/'));
-  if (!path || norm.startsWith('/') || norm === '.' || norm === '..' || norm.startsWith('../') || /^[A-Za-z]:/.test(norm)) {
+  const norm = safeRelativeLocation(path);
+  if (norm === undefined) {
     throw new PullError(`${file}: ${what} "${path}" must be a relative path inside its folder`, 'alias-file');
   }
   return norm;
