@@ -45,8 +45,6 @@ export interface DownloadContext {
 export interface DownloadOutcome {
   /** Bytes received over the network by this call. */
   fetched: number;
-  /** Bytes that were already on disk when the call started. */
-  resumedFrom: number;
 }
 
 /** Bytes of `dest` already on disk: the whole size if the verified file exists, else the partial file's length. */
@@ -122,14 +120,13 @@ async function get(url: string, headers: Record<string, string>, ctx: DownloadCo
  */
 export async function downloadVerified(spec: DownloadSpec, ctx: DownloadContext): Promise<DownloadOutcome> {
   const done = await stat(spec.dest).catch(() => undefined);
-  if (done?.isFile() && done.size === spec.size) return { fetched: 0, resumedFrom: spec.size };
+  if (done?.isFile() && done.size === spec.size) return { fetched: 0 };
   if (done) await unlink(spec.dest);
   await mkdir(dirname(spec.dest), { recursive: true });
   const part = spec.dest + INCOMPLETE_SUFFIX;
   const retries = ctx.retries ?? 5;
   const hash = new RunningHash(spec);
   const counter = { fetched: 0 };
-  const resumedFrom = await bytesOnDisk(spec.dest, spec.size);
 
   for (let attempt = 0; ; attempt++) {
     try {
@@ -164,7 +161,7 @@ export async function downloadVerified(spec: DownloadSpec, ctx: DownloadContext)
     );
   }
   await rename(part, spec.dest);
-  return { fetched: counter.fetched, resumedFrom };
+  return { fetched: counter.fetched };
 }
 
 /** One HTTP attempt from the partial file's current length; adds the bytes it receives to `counter`. */

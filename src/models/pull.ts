@@ -24,7 +24,7 @@ import { kilnHome } from '../engine/locate.js';
 import { ModelLoadError } from '../engine/errors.js';
 import { detectLayout } from '../engine/model.js';
 import { isValidModelName, resolvePullSpec, type InstallKind, type PullTarget } from './aliases.js';
-import { bytesOnDisk, downloadVerified, INCOMPLETE_SUFFIX } from './download.js';
+import { bytesOnDisk, downloadVerified } from './download.js';
 import { PullError } from './errors.js';
 import { hubConfigFromEnv, hubFetch, listRepoFiles, offlineError, resolveRevision, resolveUrl, type HubConfig, type RepoFile } from './hub.js';
 import { externalDataLocations, safeRelativeLocation } from './onnx-refs.js';
@@ -49,7 +49,7 @@ export type PullEvent =
   | { type: 'resolved'; repo: string; revision: string; commit: string; name: string; dir: string }
   | { type: 'plan'; files: PlannedFile[]; totalBytes: number; onDiskBytes: number }
   | { type: 'replan'; files: PlannedFile[]; totalBytes: number; added: string[]; dropped: string[] }
-  | { type: 'file-start'; path: string; size: number; onDiskBytes: number }
+  | { type: 'file-start'; path: string; size: number }
   | { type: 'bytes'; path: string; bytes: number }
   | { type: 'file-done'; path: string; size: number; fetchedBytes: number }
   | { type: 'retry'; path: string; attempt: number; message: string }
@@ -271,7 +271,7 @@ async function pullLocked(
   let fetchedBytes = 0;
   const download = async (f: PlannedFile) => {
     const dest = join(staging, f.target);
-    emit({ type: 'file-start', path: f.target, size: f.size, onDiskBytes: await bytesOnDisk(dest, f.size) });
+    emit({ type: 'file-start', path: f.target, size: f.size });
     const outcome = await downloadVerified(
       { url: resolveUrl(config, target.repo, commit, f.path), dest, label: `${target.repo}/${f.path}`, size: f.size, sha256: f.sha256, gitOid: f.gitOid },
       {
@@ -470,4 +470,3 @@ async function install(staging: string, installDir: string, home: string): Promi
   if (old) await rm(old, { recursive: true, force: true });
 }
 
-export { INCOMPLETE_SUFFIX };

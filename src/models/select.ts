@@ -18,6 +18,7 @@ import { posix } from 'node:path';
 import type { AliasFile } from './aliases.js';
 import { PullError } from './errors.js';
 import type { RepoFile } from './hub.js';
+import { REQUIRED_FILES, SECOND_ENCODER_FILES } from '../engine/model.js';
 
 export type FileRole = 'file' | 'onnx' | 'external';
 
@@ -41,10 +42,6 @@ export interface Plan {
   /** Repository files left out, for `--dry-run`. */
   skipped: string[];
 }
-
-/** Files the engine's detectLayout requires, and the extra ones of SDXL. */
-import { REQUIRED_FILES, SECOND_ENCODER_FILES } from '../engine/model.js';
-export { REQUIRED_FILES, SECOND_ENCODER_FILES };
 
 const WEIGHT_EXTENSIONS = /\.(safetensors|bin|msgpack|pt|pth|ckpt|h5|ot|gguf|pkl|npz|tflite|mlmodel|engine|plan|xml)$/i;
 const EXCLUDED_FOLDERS = new Set(['safety_checker', 'feature_extractor']);
