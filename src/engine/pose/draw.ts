@@ -20,7 +20,8 @@
  * gets the same proportions (limbs 8 px wide after the resize) as the pictures the model saw.
  */
 import type { RgbImage } from '../vae.js';
-import { resizeBilinear, roundHalfEven } from './image-ops.js';
+import { roundHalfEven } from '../schedulers/common.js';
+import { resizeBilinear } from './image-ops.js';
 import type { Person } from './openpose.js';
 
 export const STICK_WIDTH = 4;

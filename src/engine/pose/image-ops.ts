@@ -8,13 +8,7 @@
  * but in floating point, where OpenCV rounds in 11-bit fixed point, so a value can differ by one level.
  */
 import type { RgbImage } from '../vae.js';
-
-/** Round half to even, as OpenCV's cvRound (and numpy's round) do. */
-export function roundHalfEven(v: number): number {
-  const r = Math.round(v);
-  // Math.round rounds .5 up; move ties that landed on an odd number back down.
-  return Math.abs(v % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
-}
+import { roundHalfEven } from '../schedulers/common.js';
 
 function clampByte(v: number): number {
   return v <= 0 ? 0 : v >= 255 ? 255 : Math.round(v);
