@@ -24,9 +24,20 @@ export function controlImageTensor(image: RgbImage): { data: Float32Array; dims:
   return { data, dims: [1, 3, image.height, image.width] };
 }
 
-export async function controlnetGenerate(model: DiffusionModel, controlNet: OnnxModel, options: ControlNetOptions): Promise<GenerateResult> {
-  const scale = options.controlScale ?? 1;
-  if (!Number.isFinite(scale) || scale < 0 || scale > 2) {
+/** A ControlNet checked against a model: its ControlNet-UNet and the conditioning scale. */
+export interface PreparedControl {
+  net: OnnxModel;
+  unet: OnnxModel;
+  scale: number;
+}
+
+/**
+ * Everything about a ControlNet request that can be refused before any work: the scale, the
+ * model's ControlNet-UNet, and whether the ControlNet fits it (pose mode calls this before
+ * running pose estimation).
+ */
+export async function prepareControl(model: DiffusionModel, controlNet: OnnxModel, controlScale = 1): Promise<PreparedControl> {
+  if (!Number.isFinite(controlScale) || controlScale < 0 || controlScale > 2) {
     throw new InvalidOptionError('the ControlNet conditioning scale must be a number from 0 to 2', 'user');
   }
   const unet = await model.controlUnet();
@@ -34,6 +45,16 @@ export async function controlnetGenerate(model: DiffusionModel, controlNet: Onnx
     throw new ModelLoadError(`model ${model.name} has no controlnet/model.onnx (the UNet that takes ControlNet residuals)`);
   }
   checkControlNetFits(model, controlNet, unet);
+  return { net: controlNet, unet, scale: controlScale };
+}
+
+export async function controlnetGenerate(model: DiffusionModel, controlNet: OnnxModel, options: ControlNetOptions): Promise<GenerateResult> {
+  return generateWithControl(model, await prepareControl(model, controlNet, options.controlScale), options);
+}
+
+/** ControlNet-guided generation with a prepared ControlNet; `controlImage` at the output size. */
+export function generateWithControl(model: DiffusionModel, control: PreparedControl, options: GenerateOptions & { controlImage: RgbImage }): Promise<GenerateResult> {
+  const { net, unet, scale } = control;
   const { data, dims } = controlImageTensor(options.controlImage);
   return runDiffusion(
     model,
@@ -44,7 +65,7 @@ export async function controlnetGenerate(model: DiffusionModel, controlNet: Onnx
       }
       return noiseStart(ctx);
     },
-    { unet, control: { net: controlNet, image: data, imageDims: dims, scale } },
+    { unet, control: { net, image: data, imageDims: dims, scale } },
   );
 }
 

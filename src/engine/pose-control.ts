@@ -3,7 +3,7 @@
  * picture, their OpenPose skeleton is drawn as ControlNet-OpenPose was trained on, and the
  * OpenPose ControlNet conditions the generation on it. The skeleton picture is returned too.
  */
-import { controlnetGenerate } from './controlnet.js';
+import { generateWithControl, prepareControl } from './controlnet.js';
 import type { DiffusionModel } from './model.js';
 import type { OnnxModel } from './onnx.js';
 import type { GenerateOptions, GenerateResult } from './pipeline.js';
@@ -41,9 +41,11 @@ export class NoPersonError extends InvalidOptionError {
 
 export async function poseGenerate(model: DiffusionModel, assets: PoseAssets, options: PoseGenerateOptions): Promise<PoseGenerateResult> {
   const { width, height } = parseSize(options.size ?? '512x512', options.allowedSizes);
+  // Refuse a ControlNet that cannot be used before spending the pose estimation on it.
+  const control = await prepareControl(model, assets.controlNet, options.controlScale);
   const people = await estimatePose(assets.detector, assets.poseNet, options.image);
   if (!people.length) throw new NoPersonError();
   const pose = drawSkeleton(people, width, height);
-  const result = await controlnetGenerate(model, assets.controlNet, { ...options, controlImage: pose });
+  const result = await generateWithControl(model, control, { ...options, controlImage: pose });
   return { ...result, pose, people: people.length };
 }
