@@ -13,6 +13,8 @@ const MODEL_NAME = /^[A-Za-z0-9][A-Za-z0-9._+-]{0,255}$/;
 export interface ResolvedModel {
   id: string;
   ref: string;
+  /** The installed folder, when resolving found it in the model folders. */
+  dir?: string;
 }
 
 export interface ModelCatalog {
@@ -49,7 +51,8 @@ export function createModelCatalog(searchDirs: string[], defaultModel: string | 
   function resolveModel(requested: string | undefined): ResolvedModel {
     const chosen = requested === undefined ? fallback() : configuredDefault?.id === requested ? configuredDefault : { id: requested, ref: requested };
     if (chosen === configuredDefault) return chosen;
-    if (MODEL_NAME.test(chosen.id) && listInstalledModels(searchDirs).some((m) => m.name === chosen.id)) return chosen;
+    const entry = MODEL_NAME.test(chosen.id) ? listInstalledModels(searchDirs).find((m) => m.name === chosen.id) : undefined;
+    if (entry) return { ...chosen, dir: entry.dir };
     const shown = chosen.id.length > 80 ? `${chosen.id.slice(0, 77)}...` : chosen.id;
     throw new ModelNotFoundError(
       MODEL_NAME.test(chosen.id)
@@ -59,9 +62,9 @@ export function createModelCatalog(searchDirs: string[], defaultModel: string | 
     );
   }
 
+  // Installed models carry the folder resolve() found; the configured default is located here.
   function dir(model: ResolvedModel): string {
-    if (model === configuredDefault) return locateModel(model.ref, searchDirs);
-    return listInstalledModels(searchDirs).find((m) => m.name === model.id)?.dir ?? locateModel(model.ref, searchDirs);
+    return model.dir ?? locateModel(model.ref, searchDirs);
   }
 
   return { installed, resolve: resolveModel, dir };
