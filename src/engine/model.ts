@@ -316,10 +316,16 @@ export class DiffusionModel {
   sampleChannels(unet: OnnxModel): number | undefined {
     const dim = unet.input('sample').shape[1];
     if (typeof dim === 'number' && dim > 0) return dim;
-    const configPath = join(this.layout.dir, dirname(unet.label), 'config.json');
-    const config = readOptionalJson(configPath, `${dirname(unet.label)}/config.json`);
-    return typeof config?.in_channels === 'number' ? config.in_channels : undefined;
+    // Asked several times per request (inpainting, the denoising loop): read the config once per UNet.
+    if (!this.configChannels.has(unet)) {
+      const configPath = join(this.layout.dir, dirname(unet.label), 'config.json');
+      const config = readOptionalJson(configPath, `${dirname(unet.label)}/config.json`);
+      this.configChannels.set(unet, typeof config?.in_channels === 'number' ? config.in_channels : undefined);
+    }
+    return this.configChannels.get(unet);
   }
+
+  private readonly configChannels = new WeakMap<OnnxModel, number | undefined>();
 
   /** Whether a UNet takes the 9-channel inpainting input (latents, mask, masked-image latents). */
   isInpaintingUnet(unet: OnnxModel): boolean {
