@@ -31,7 +31,8 @@ import {
   type ControlNetFixtureKind,
   type FixtureVariant,
 } from '../tools/fixtures/variants.js';
-import { decodeModel, fromFloat16Array, toFloat16Array, float32ToFloat16Bits, float16BitsToFloat32 } from '../tools/fixtures/onnx-builder.js';
+import { decodeModel } from '../src/graphs/onnx-builder.js';
+import { float32ToFloat16Bits as toFloat16Array, float16BitsToFloat32 as fromFloat16Array, toFloat16Bits as float32ToFloat16Bits, fromFloat16Bits as float16BitsToFloat32 } from '../src/engine/float16.js';
 
 // ---------------------------------------------------------------------------------------------
 // The contracts, by hand.
