@@ -1,0 +1,159 @@
+/**
+ * CLIP's text encoder: transformers' `CLIPTextModel` (SD 1.x, SD 2.x, SDXL encoder 1) and
+ * `CLIPTextModelWithProjection` (SDXL encoder 2, OpenCLIP bigG), from the component's config.json
+ * and its weights under transformers' names (`text_model.encoder.layers.N.self_attn.q_proj.weight`, ...).
+ *
+ *   x = token_embedding[ids] + position_embedding[0..S)                    hidden_states.0
+ *   per layer:  x += out_proj(causal self-attention(layer_norm1(x)))
+ *               x += fc2(act(fc1(layer_norm2(x))))                        hidden_states.i
+ *   last_hidden_state = final_layer_norm(x)
+ *   pooled = last_hidden_state at the EOS token  -> pooler_output, or text_projection -> text_embeds
+ *
+ * Numerics follow transformers 4.45's eager path: q is scaled by 1/√head_dim before q·kᵀ, and the
+ * causal mask adds float32's lowest value (not -inf) above the diagonal.
+ *
+ * Graph I/O (onnx-model-contracts.md §2.1/2.2): `input_ids` int64 [batch, sequence] (sequence at
+ * most max_position_embeddings); outputs `last_hidden_state`, `pooler_output` (or `text_embeds`
+ * first, without `pooler_output`), then `hidden_states.0` … `hidden_states.L`.
+ */
+import { ModelLoadError } from '../engine/errors.js';
+import type { GraphBuilder } from './onnx-builder.js';
+import { attention, gelu, layerNorm, linear, quickGelu } from './layers.js';
+import type { Params } from './weights.js';
+
+export interface ClipTextOptions {
+  /** Build CLIPTextModelWithProjection; default: what config.json's `architectures` says. */
+  withProjection?: boolean;
+  /** Expose `hidden_states.0..L` (default true; SDXL reads the penultimate one). */
+  hiddenStates?: boolean;
+}
+
+export interface ClipTextConfig {
+  vocabSize: number;
+  hidden: number;
+  intermediate: number;
+  layers: number;
+  heads: number;
+  maxPositions: number;
+  act: 'quick_gelu' | 'gelu';
+  eps: number;
+  projectionDim: number;
+  eosTokenId: number;
+}
+
+export interface ClipTextGraph {
+  config: ClipTextConfig;
+  withProjection: boolean;
+  /** Graph output names, in order. */
+  outputs: string[];
+}
+
+/** float32's lowest value: transformers' causal mask value (torch.finfo(float32).min). */
+const FLOAT32_LOWEST = -3.4028234663852886e38;
+
+/** Reads the text config, with transformers' CLIPTextConfig defaults for absent keys. */
+export function clipTextConfig(config: Record<string, unknown>, component = 'text_encoder', where?: string): ClipTextConfig {
+  const int = (key: string, fallback: number): number => {
+    const v = config[key] ?? fallback;
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < 0) {
+      throw new ModelLoadError(`${component}: config.json ${key} must be a non-negative integer, got ${JSON.stringify(v)}`, where);
+    }
+    return v;
+  };
+  const act = config.hidden_act ?? 'quick_gelu';
+  if (act !== 'quick_gelu' && act !== 'gelu') {
+    throw new ModelLoadError(`${component}: config.json hidden_act ${JSON.stringify(act)} is not supported (quick_gelu or gelu)`, where);
+  }
+  const eps = config.layer_norm_eps ?? 1e-5;
+  if (typeof eps !== 'number' || !(eps > 0)) throw new ModelLoadError(`${component}: config.json layer_norm_eps must be a positive number`, where);
+  const c: ClipTextConfig = {
+    vocabSize: int('vocab_size', 49408),
+    hidden: int('hidden_size', 512),
+    intermediate: int('intermediate_size', 2048),
+    layers: int('num_hidden_layers', 12),
+    heads: int('num_attention_heads', 8),
+    maxPositions: int('max_position_embeddings', 77),
+    act,
+    eps,
+    projectionDim: int('projection_dim', 512),
+    eosTokenId: int('eos_token_id', 49407),
+  };
+  if (c.heads === 0 || c.hidden % c.heads !== 0) {
+    throw new ModelLoadError(`${component}: config.json hidden_size ${c.hidden} is not divisible by num_attention_heads ${c.heads}`, where);
+  }
+  return c;
+}
+
+export function buildClipText(g: GraphBuilder, config: Record<string, unknown>, p: Params, options: ClipTextOptions = {}): ClipTextGraph {
+  const c = clipTextConfig(config, p.source.component, p.source.location);
+  const architectures = Array.isArray(config.architectures) ? config.architectures : [];
+  const withProjection = options.withProjection ?? architectures.includes('CLIPTextModelWithProjection');
+  const D = c.hidden;
+  const tm = p.at('text_model');
+
+  const ids = g.input('input_ids', 'int64', ['batch', 'sequence']);
+  const pooledName = withProjection ? 'text_embeds' : 'pooler_output';
+  const pooledDim = withProjection ? c.projectionDim : D;
+  // Declaration order is the output order the contract gives.
+  if (withProjection) g.output(pooledName, 'float32', ['batch', pooledDim]);
+  g.output('last_hidden_state', 'float32', ['batch', 'sequence', D]);
+  if (!withProjection) g.output(pooledName, 'float32', ['batch', pooledDim]);
+  const keepHidden = options.hiddenStates ?? true;
+  // hidden_states.0 is the embeddings, hidden_states.i the output of layer i (before the final norm).
+  const hiddenNames = Array.from({ length: c.layers + 1 }, (_, i) =>
+    keepHidden ? g.output(`hidden_states.${i}`, 'float32', ['batch', 'sequence', D]) : undefined,
+  );
+
+  const seqLen = g.op('Slice', [g.op('Shape', [ids]), g.constI64([1]), g.constI64([2])]);
+
+  // Embeddings: token rows plus the first S position rows.
+  let x = g.scope('embeddings', () => {
+    const e = tm.at('embeddings');
+    const tokens = g.op('Gather', [e.get('token_embedding.weight', [c.vocabSize, D]), ids], { axis: 0 });
+    const positions = g.op('Slice', [e.get('position_embedding.weight', [c.maxPositions, D]), g.constI64([0]), seqLen, g.constI64([0])]);
+    return g.op('Add', [tokens, positions], {}, hiddenNames[0]);
+  });
+
+  // Causal mask [S, S]: 0 on and below the diagonal, float32's lowest value above it.
+  const mask = g.scope('causal_mask', () => {
+    const full = g.op('Expand', [g.constF32([FLOAT32_LOWEST], []), g.op('Concat', [seqLen, seqLen], { axis: 0 })]);
+    return g.op('Trilu', [full, g.constI64([1], [])], { upper: 1 });
+  });
+
+  const headDim = D / c.heads;
+  const act = c.act === 'gelu' ? gelu : quickGelu;
+  for (let i = 0; i < c.layers; i++) {
+    x = g.scope(`layers.${i}`, () => {
+      const l = tm.at(`encoder.layers.${i}`);
+      const a = l.at('self_attn');
+      const h1 = layerNorm(g, l.at('layer_norm1'), x, D, c.eps);
+      const q = linear(g, a.at('q_proj'), h1, D, D);
+      const k = linear(g, a.at('k_proj'), h1, D, D);
+      const v = linear(g, a.at('v_proj'), h1, D, D);
+      const attn = linear(g, a.at('out_proj'), attention(g, q, k, v, c.heads, headDim, { mask, scaleQuery: true }), D, D);
+      const r = g.op('Add', [x, attn]);
+      const h2 = layerNorm(g, l.at('layer_norm2'), r, D, c.eps);
+      const mlp = linear(g, l.at('mlp.fc2'), act(g, linear(g, l.at('mlp.fc1'), h2, D, c.intermediate)), c.intermediate, D);
+      return g.op('Add', [r, mlp], {}, hiddenNames[i + 1]);
+    });
+  }
+
+  const last = layerNorm(g, tm.at('final_layer_norm'), x, D, c.eps);
+  g.op('Identity', [last], {}, 'last_hidden_state');
+
+  // Pooling at the EOS token, as transformers 4.45 does: configs from before its eos fix carry
+  // eos_token_id 2 and pool at argmax(ids) (the first highest id, 49407); newer ones at the first
+  // position holding eos_token_id. ArgMax runs on int32, which holds every CLIP token id.
+  g.scope('pool', () => {
+    const keyed = c.eosTokenId === 2 ? g.cast(ids, 'int32') : g.cast(g.op('Equal', [ids, g.constI64([c.eosTokenId], [])]), 'int32');
+    const at = g.op('ArgMax', [keyed], { axis: -1, keepdims: 1, select_last_index: 0 }); // [B, 1]
+    const pooled = g.op('GatherND', [last, at], { batch_dims: 1 }, withProjection ? undefined : pooledName);
+    if (withProjection) g.op('Identity', [linear(g, p.at('text_projection'), pooled, D, c.projectionDim, false)], {}, pooledName);
+  });
+
+  const outputs = [
+    ...(withProjection ? [pooledName, 'last_hidden_state'] : ['last_hidden_state', pooledName]),
+    ...(keepHidden ? hiddenNames.map((n) => n!) : []),
+  ];
+  return { config: c, withProjection, outputs };
+}
