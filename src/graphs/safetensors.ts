@@ -72,14 +72,15 @@ export function openSafetensors(path: string): SafetensorsFile {
     };
     if (size < 8) fail(`${size} bytes is too short for the 8-byte header length`);
     const lengthBytes = Buffer.alloc(8);
-    readFully(fd, lengthBytes, 0);
+    readFully(fd, lengthBytes, 0, path);
     const headerLength = lengthBytes.readBigUInt64LE(0);
     if (headerLength === 0n) fail('the header length is 0');
-    if (headerLength > BigInt(size - 8)) fail(`the header length ${headerLength} runs past the end of the file (${size} bytes)`);
+    // The bound first: a lying length is named as such whatever the file's size.
     if (headerLength > BigInt(MAX_HEADER_BYTES)) fail(`the header length ${headerLength} is over the ${MAX_HEADER_BYTES}-byte limit`);
+    if (headerLength > BigInt(size - 8)) fail(`the header length ${headerLength} runs past the end of the file (${size} bytes)`);
     const n = Number(headerLength);
     const headerBytes = Buffer.alloc(n);
-    readFully(fd, headerBytes, 8);
+    readFully(fd, headerBytes, 8, path);
     let header: unknown;
     try {
       header = JSON.parse(headerBytes.toString('utf8'));
@@ -102,9 +103,10 @@ export function openSafetensors(path: string): SafetensorsFile {
       }
       const entry = raw as { dtype?: unknown; shape?: unknown; data_offsets?: unknown } | null;
       const where = `tensor "${name}"`;
-      if (!entry || typeof entry !== 'object') fail(`${where} is not an object`);
+      if (!entry || typeof entry !== 'object' || Array.isArray(entry)) fail(`${where} is not an object`);
       const dtype = entry!.dtype;
-      if (typeof dtype !== 'string' || !(dtype in DTYPE_BYTES)) fail(`${where} has unknown dtype ${JSON.stringify(dtype)}`);
+      // hasOwn, not `in`: "toString" or "constructor" are not dtypes.
+      if (typeof dtype !== 'string' || !Object.hasOwn(DTYPE_BYTES, dtype)) fail(`${where} has unknown dtype ${JSON.stringify(dtype)}`);
       const shape = entry!.shape;
       if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
         fail(`${where} has a malformed shape ${JSON.stringify(shape)}`);
@@ -127,11 +129,13 @@ export function openSafetensors(path: string): SafetensorsFile {
       }
       tensors.set(name, { name, dtype: dtype as SafetensorsDType, shape: [...(shape as number[])], begin: dataStart + begin, byteLength: end - begin });
     }
-    const sorted = [...tensors.values()].sort((a, b) => a.begin - b.begin || a.byteLength - b.byteLength);
-    for (let i = 1; i < sorted.length; i++) {
-      const prev = sorted[i - 1]!;
-      const cur = sorted[i]!;
-      if (cur.begin < prev.begin + prev.byteLength) fail(`tensors "${prev.name}" and "${cur.name}" overlap`);
+    // Empty tensors occupy no bytes, so they overlap nothing; the others are compared with the
+    // furthest-reaching tensor before them.
+    const sorted = [...tensors.values()].filter((t) => t.byteLength > 0).sort((a, b) => a.begin - b.begin);
+    let reach: SafetensorsTensor | undefined;
+    for (const cur of sorted) {
+      if (reach && cur.begin < reach.begin + reach.byteLength) fail(`tensors "${reach.name}" and "${cur.name}" overlap`);
+      if (!reach || cur.begin + cur.byteLength > reach.begin + reach.byteLength) reach = cur;
     }
     return { path, size, dataStart, metadata, tensors };
   } finally {
@@ -139,11 +143,11 @@ export function openSafetensors(path: string): SafetensorsFile {
   }
 }
 
-function readFully(fd: number, target: Buffer, position: number): void {
+function readFully(fd: number, target: Buffer, position: number, path: string): void {
   let done = 0;
   while (done < target.length) {
     const n = readSync(fd, target, done, target.length - done, position + done);
-    if (n === 0) throw new SafetensorsError(`unexpected end of file at byte ${position + done}`);
+    if (n === 0) throw new SafetensorsError(`${path}: unexpected end of file at byte ${position + done}`, path);
     done += n;
   }
 }
@@ -153,7 +157,7 @@ export function readByteRange(path: string, begin: number, length: number): Buff
   const fd = openSync(path, 'r');
   try {
     const out = Buffer.allocUnsafe(length);
-    readFully(fd, out, begin);
+    readFully(fd, out, begin, path);
     return out;
   } finally {
     closeSync(fd);

@@ -91,7 +91,8 @@ const WEIGHT_FILE_NAMES = ['diffusion_pytorch_model', 'model'];
 
 /**
  * The safetensors weights of a diffusers component folder (`unet/`, `text_encoder/`, ...):
- * `<name>[.<variant>].safetensors`, or the shards listed in `<name>[.<variant>].safetensors.index.json`.
+ * `<name>[.<variant>].safetensors`, or the shards listed in `<name>[.<variant>].safetensors.index.json`
+ * (diffusers itself names a variant's index `<name>.safetensors.index.<variant>.json`: both are read).
  * Without a variant the plain file is preferred, then the fp16 one.
  */
 export function componentWeights(dir: string, component: string, variant?: string): SafetensorsWeights {
@@ -101,8 +102,9 @@ export function componentWeights(dir: string, component: string, variant?: strin
       const stem = v ? `${base}.${v}.safetensors` : `${base}.safetensors`;
       const single = join(dir, stem);
       if (existsSync(single)) return new SafetensorsWeights(component, dir, [openSafetensors(single)]);
-      const index = join(dir, `${stem}.index.json`);
-      if (existsSync(index)) return new SafetensorsWeights(component, dir, shardFiles(index, dir, component).map(openSafetensors));
+      const indexNames = v ? [`${stem}.index.json`, `${base}.safetensors.index.${v}.json`] : [`${stem}.index.json`];
+      const index = indexNames.map((n) => join(dir, n)).find((p) => existsSync(p));
+      if (index) return new SafetensorsWeights(component, dir, shardFiles(index, dir, component).map(openSafetensors));
     }
   }
   const present = existsSync(dir) ? readdirSync(dir).join(', ') : 'the folder does not exist';
@@ -110,16 +112,20 @@ export function componentWeights(dir: string, component: string, variant?: strin
 }
 
 function shardFiles(indexPath: string, dir: string, component: string): string[] {
-  let map: unknown;
+  let index: unknown;
   try {
-    map = (JSON.parse(readFileSync(indexPath, 'utf8')) as { weight_map?: unknown }).weight_map;
+    index = JSON.parse(readFileSync(indexPath, 'utf8'));
   } catch {
     throw new ModelLoadError(`${component}: ${indexPath} is not JSON`, indexPath);
   }
-  if (!map || typeof map !== 'object') throw new ModelLoadError(`${component}: ${indexPath} has no weight_map`, indexPath);
+  const map = index && typeof index === 'object' ? (index as { weight_map?: unknown }).weight_map : undefined;
+  if (!map || typeof map !== 'object' || Array.isArray(map)) throw new ModelLoadError(`${component}: ${indexPath} has no weight_map object`, indexPath);
   const files = [...new Set(Object.values(map as Record<string, unknown>))];
+  // An empty map would give a component with no weights and a confusing "no key" error later.
+  if (files.length === 0) throw new ModelLoadError(`${component}: ${indexPath} lists no shards`, indexPath);
   for (const f of files) {
-    if (typeof f !== 'string' || f.includes('/') || f.includes('\\') || f.startsWith('.')) {
+    if (typeof f !== 'string') throw new ModelLoadError(`${component}: ${indexPath} has a weight_map value that is not a file name: ${JSON.stringify(f)}`, indexPath);
+    if (f.includes('/') || f.includes('\\') || f.startsWith('.')) {
       throw new ModelLoadError(`${component}: ${indexPath} names a shard outside its folder: ${String(f)}`, indexPath);
     }
     if (!existsSync(join(dir, f))) throw new ModelLoadError(`${component}: shard ${f} listed in ${indexPath} is missing`, indexPath);
@@ -180,7 +186,8 @@ function hash(text: string): number {
 
 /** Shared state of a component's Params views: what was used, and how many parameters. */
 interface ParamsState {
-  used: Set<string>;
+  /** Key -> the shape it was taken with. */
+  used: Map<string, readonly number[]>;
   count: number;
 }
 
@@ -197,7 +204,7 @@ export class Params {
   ) {}
 
   static of(g: GraphBuilder, source: WeightSource): Params {
-    return new Params(g, source, '', { used: new Set(), count: 0 });
+    return new Params(g, source, '', { used: new Map(), count: 0 });
   }
 
   /** The view of a submodule: keys are prefixed with `prefix.`. */
@@ -216,19 +223,26 @@ export class Params {
   /** The initializer holding weight `name` of exactly `shape`; the same name twice is the same tensor. */
   get(name: string, shape: readonly number[]): string {
     const key = this.key(name);
-    if (this.state.used.has(key)) return key;
-    const entry = this.source.lookup(key, shape);
     const { component, location } = this.source;
+    const taken = this.state.used.get(key);
+    if (taken) {
+      // Same tensor again; a different shape is a page bug that would otherwise pass silently.
+      if (!sameShape(taken, shape)) {
+        throw new ModelLoadError(`${component}: weight "${key}" is asked for as [${shape.join(', ')}] after [${taken.join(', ')}]`, location);
+      }
+      return key;
+    }
+    const entry = this.source.lookup(key, shape);
     if (!entry) {
       throw new ModelLoadError(`${component}: the weights in ${location} have no "${key}" (config.json implies shape [${shape.join(', ')}])`, location);
     }
-    if (entry.shape.length !== shape.length || entry.shape.some((d, i) => d !== shape[i])) {
+    if (!sameShape(entry.shape, shape)) {
       throw new ModelLoadError(
         `${component}: weight "${key}" in ${location} has shape [${entry.shape.join(', ')}] but config.json implies [${shape.join(', ')}]`,
         location,
       );
     }
-    this.state.used.add(key);
+    this.state.used.set(key, [...shape]);
     this.state.count += shape.reduce((a, b) => a * b, 1);
     return this.g.deferredInitializer(key, 'float32', shape, entry.source);
   }
@@ -242,4 +256,8 @@ export class Params {
   unusedKeys(): string[] {
     return this.source.keys().filter((k) => !this.state.used.has(k));
   }
+}
+
+function sameShape(a: readonly number[], b: readonly number[]): boolean {
+  return a.length === b.length && a.every((d, i) => d === b[i]);
 }
