@@ -6,11 +6,19 @@ import type { Command } from 'commander';
 import { SingleBar, Presets } from 'cli-progress';
 import { PullError } from '../models/errors.js';
 import { formatBytes, pullModel, type PullEvent, type PullResult } from '../models/pull.js';
+import { FORMAT_CHOICES, type FormatChoice } from '../models/select.js';
 
 export interface PullFlags {
   name?: string;
   force?: boolean;
   dryRun?: boolean;
+  format?: string;
+}
+
+/** ` (safetensors, fp16)` for a plan or result that says which layout it holds. */
+function layoutNote(r: { layout?: string; variant?: string }): string {
+  if (!r.layout) return '';
+  return ` (${r.layout}${r.variant && r.variant !== 'default' ? `, ${r.variant}` : ''})`;
 }
 
 function formatDuration(seconds: number): string {
@@ -58,7 +66,7 @@ export class PullProgress {
         this.total = e.totalBytes;
         this.done = e.onDiskBytes;
         const resumed = e.onDiskBytes > 0 ? `, ${formatBytes(e.onDiskBytes)} already downloaded` : '';
-        this.out.write(`${e.files.length} files, ${formatBytes(e.totalBytes)}${resumed}\n`);
+        this.out.write(`${e.files.length} files, ${formatBytes(e.totalBytes)}${layoutNote(e)}${resumed}\n`);
         break;
       }
       case 'replan':
@@ -112,7 +120,7 @@ export class PullProgress {
 function summary(r: PullResult): string {
   if (r.dryRun) {
     const lines = r.files.map((f) => `  ${f.path}${f.from ? ` (from ${f.from})` : ''}  ${formatBytes(f.size)}`);
-    return `would install ${r.repo}@${r.revision} (commit ${r.commit.slice(0, 7)}) into ${r.dir}:\n${lines.join('\n')}\n` +
+    return `would install ${r.repo}@${r.revision} (commit ${r.commit.slice(0, 7)})${layoutNote(r)} into ${r.dir}:\n${lines.join('\n')}\n` +
       `total ${formatBytes(r.totalBytes)}; ${r.skipped?.length ?? 0} repository files skipped\n`;
   }
   const use = r.kind === 'diffusion' ? `; kiln generate --model ${r.name} --prompt "..."` : '';
@@ -121,12 +129,24 @@ function summary(r: PullResult): string {
 }
 
 export async function pullCommand(spec: string, flags: PullFlags): Promise<void> {
+  if (flags.format !== undefined && !FORMAT_CHOICES.includes(flags.format as FormatChoice)) {
+    process.stderr.write(`kiln: --format is one of ${FORMAT_CHOICES.join(', ')} (got "${flags.format}")\n`);
+    process.exitCode = 1;
+    return;
+  }
   const abort = new AbortController();
   const onSigint = () => abort.abort();
   process.once('SIGINT', onSigint);
   const view = new PullProgress();
   try {
-    const result = await pullModel(spec, { name: flags.name, force: flags.force, dryRun: flags.dryRun, signal: abort.signal, onEvent: view.handle });
+    const result = await pullModel(spec, {
+      name: flags.name,
+      force: flags.force,
+      dryRun: flags.dryRun,
+      format: flags.format as FormatChoice | undefined,
+      signal: abort.signal,
+      onEvent: view.handle,
+    });
     view.stop();
     process.stdout.write(summary(result));
   } catch (err) {
@@ -148,5 +168,9 @@ export function registerPullCommand(program: Command): void {
     .option('-n, --name <name>', 'install name under $KILN_HOME/models (default: the alias or the repository name)')
     .option('-f, --force', 'replace a folder of that name that kiln pull did not install')
     .option('--dry-run', 'list the files and the size, download nothing')
+    .option(
+      '--format <format>',
+      'diffusion layout to install: auto (the safetensors weights, fp16 where present, when complete, else the ONNX export), onnx or safetensors (default: auto, or what the alias says)',
+    )
     .action(pullCommand);
 }

@@ -2,7 +2,8 @@
  * Model aliases: short names for Hub repositories, built in and extendable by the user.
  *
  * An alias names a repository (and optionally a revision). By default it installs the
- * repository's diffusers ONNX layout (see select.ts) into `$KILN_HOME/models/<alias>/`. An alias
+ * repository's diffusion layout (select.ts: the diffusers safetensors layout when complete, else
+ * the ONNX one; `"format"` forces one) into `$KILN_HOME/models/<alias>/`. An alias
  * can instead list explicit files, for things that are not diffusion pipelines (a ControlNet
  * graph, the DWPose pose estimator): those files are installed, under the names given by `as`
  * (default: their repository path), into `$KILN_HOME/models/<alias>/` or into the folder named
@@ -13,6 +14,7 @@
  *
  *   {
  *     "my-sdxl": "someone/sdxl-onnx@v2",
+ *     "sd15": { "repo": "someone/sd15", "format": "safetensors" },
  *     "pose": { "repo": "yzd-v/DWPose", "files": ["yolox_l.onnx", "dw-ll_ucoco_384.onnx"],
  *               "kind": "annotator", "dir": "annotators/dwpose" },
  *     "cn": { "repo": "TensorStack/ControlNet-onnx",
@@ -23,6 +25,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { PullError } from './errors.js';
 import { safeRelativeLocation } from './onnx-refs.js';
+import type { LayoutFormat } from './select.js';
 
 /** What an installed folder holds. Only `diffusion` folders are models the engine serves. */
 export type InstallKind = 'diffusion' | 'controlnet' | 'annotator' | 'files';
@@ -38,8 +41,10 @@ export interface AliasEntry {
   repo: string;
   /** Branch, tag or commit (default `main`). */
   revision?: string;
-  /** Explicit files; absent means "the diffusers ONNX layout of the repository". */
+  /** Explicit files; absent means "the diffusion layout of the repository". */
   files?: AliasFile[];
+  /** Diffusion aliases: the layout to install (default: chosen by select.ts's chooseLayout). */
+  format?: LayoutFormat;
   /** Default: `diffusion` without `files`, `files` with them. */
   kind?: InstallKind;
   /** Install folder relative to `$KILN_HOME`, for file aliases (default `models/<alias>`). */
@@ -55,8 +60,11 @@ export const REFERENCE_DEFAULT_ALIAS = 'be-stable-diffusion-xl-base-1.0';
 export const BUILTIN_ALIASES: Readonly<Record<string, AliasEntry>> = Object.freeze({
   [REFERENCE_DEFAULT_ALIAS]: {
     repo: 'stabilityai/stable-diffusion-xl-base-1.0',
-    description: "SDXL base 1.0, the reference's default: the ONNX export (fp32, optimum) in Stability AI's official repository",
-    size: '~14 GB',
+    // The fp16 safetensors (unet 5.14 GB, text encoders 1.39 GB + 246 MB, vae 167 MB) are half
+    // the size of the repository's fp32 ONNX export (~14 GB); Kiln builds its graphs from them.
+    format: 'safetensors',
+    description: "SDXL base 1.0, the reference's default: the fp16 safetensors weights in Stability AI's official repository (Kiln builds the ONNX graphs)",
+    size: '~6.9 GB',
   },
   'stable-diffusion-v1-5': {
     repo: 'onnx-community/stable-diffusion-v1-5-ONNX',
@@ -102,6 +110,7 @@ const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 const REPO_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,95}\/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$/;
 const REVISION_RE = /^[A-Za-z0-9._\/-]{1,255}$/;
 const KINDS: readonly InstallKind[] = ['diffusion', 'controlnet', 'annotator', 'files'];
+const FORMATS: readonly LayoutFormat[] = ['onnx', 'safetensors'];
 
 /** Whether `name` can be a folder name under models/ (and so an alias or `--name`). */
 export function isValidModelName(name: string): boolean {
@@ -172,6 +181,11 @@ function validateEntry(name: string, raw: unknown, file: string): AliasEntry {
   }
   if (entry.kind === 'diffusion' && entry.files) throw new PullError(`${file}: alias "${name}": a diffusion alias takes no "files"`, 'alias-file');
   if (entry.kind && entry.kind !== 'diffusion' && !entry.files) throw new PullError(`${file}: alias "${name}": kind "${entry.kind}" needs "files"`, 'alias-file');
+  if (o.format !== undefined) {
+    if (!FORMATS.includes(o.format as LayoutFormat)) throw new PullError(`${file}: alias "${name}": "format" is one of ${FORMATS.join(', ')}`, 'alias-file');
+    if (entry.files) throw new PullError(`${file}: alias "${name}": "format" is for diffusion aliases, not file lists`, 'alias-file');
+    entry.format = o.format as LayoutFormat;
+  }
   if (o.dir !== undefined) {
     if (typeof o.dir !== 'string' || !entry.files) throw new PullError(`${file}: alias "${name}": "dir" is a folder for file aliases`, 'alias-file');
     entry.dir = checkRelative(o.dir, '"dir"', file);
@@ -224,6 +238,8 @@ export interface PullTarget {
   alias?: string;
   files?: AliasFile[];
   kind: InstallKind;
+  /** The layout the alias asks for (diffusion aliases). */
+  format?: LayoutFormat;
   /** The install name (folder under models/) used when --name is not given. */
   defaultName: string;
   /** For file aliases with `dir`: the install folder relative to $KILN_HOME. */
@@ -253,6 +269,7 @@ export function resolvePullSpec(spec: string, home: string): PullTarget {
     alias: key,
     files: entry.files,
     kind: entry.kind ?? (entry.files ? 'files' : 'diffusion'),
+    ...(entry.format ? { format: entry.format } : {}),
     defaultName: key,
     dir: entry.dir,
   };

@@ -1,16 +1,19 @@
 /**
  * Installed models, for `kiln models` and `kiln rm`: what each folder is (the engine's
- * detectLayout), its size, where it came from (kiln-source.json), and which aliases reach it.
+ * detectLayout; for a diffusers safetensors folder, its unet/config.json), its size, where it came
+ * from (kiln-source.json), and which aliases reach it.
  */
 import { randomBytes } from 'node:crypto';
-import { existsSync, lstatSync, readdirSync, statSync } from 'node:fs';
+import { existsSync, lstatSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { mkdir, rename, rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { join, relative, sep } from 'node:path';
 import { ModelNotFoundError } from '../engine/errors.js';
 import { builtinModelsDir, kilnHome } from '../engine/locate.js';
-import { detectLayout } from '../engine/model.js';
+import { detectLayout, FAMILY_LABELS } from '../engine/model.js';
 import { aliasTableLenient, isValidModelName, type InstallKind } from './aliases.js';
 import { PullError } from './errors.js';
+import type { RepoFile } from './hub.js';
+import { planSafetensors, type LayoutFormat } from './select.js';
 import {
   downloadsDir,
   installedAliasLinks,
@@ -33,6 +36,8 @@ export interface InstalledModel {
    */
   family: string;
   problem?: string;
+  /** Diffusion models: the layout of the folder (`safetensors`: Kiln builds the ONNX graphs from it). */
+  layout?: LayoutFormat;
   /** Apparent size of its files (hard links counted once). */
   bytes: number;
   /** Shipped with Kiln (not removable). */
@@ -73,24 +78,67 @@ function describe(name: string, dir: string, builtin: boolean, manifest: SourceM
   const kind: InstallKind = manifest?.kind ?? 'diffusion';
   let family: string;
   let problem: string | undefined;
+  let layout: LayoutFormat | undefined;
   if (kind === 'diffusion') {
     try {
-      family = detectLayout(dir).label;
+      const found = detectLayout(dir);
+      family = found.label;
+      layout = (found as { format?: LayoutFormat }).format ?? 'onnx';
     } catch (err) {
-      family = 'broken';
-      problem = (err as Error).message;
+      const st = safetensorsFamily(dir);
+      family = st?.family ?? 'broken';
+      problem = st ? st.problem : (err as Error).message;
+      if (st) layout = 'safetensors';
     }
   } else {
     family = kind === 'controlnet' ? 'ControlNet' : kind;
   }
   const model: InstalledModel = { name, dir, kind, family, bytes: folderSize(dir), builtin, aliases: [] };
   if (problem) model.problem = problem;
+  if (layout) model.layout = layout;
   if (manifest) {
     const { endpoint, repo, revision, commit, pulledAt, alias } = manifest;
     model.source = { endpoint, repo, revision, commit, pulledAt, ...(alias ? { alias } : {}) };
     if (alias && alias !== name) model.aliases.push(alias);
   }
   return model;
+}
+
+function readJsonObject(path: string): Record<string, unknown> | undefined {
+  try {
+    const v = JSON.parse(readFileSync(path, 'utf8')) as unknown;
+    return v && typeof v === 'object' && !Array.isArray(v) ? (v as Record<string, unknown>) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The family of a diffusers safetensors folder (no `unet/model.onnx`, a `unet/config.json`), from
+ * its UNet config: `text_time` addition embedding → SDXL, cross-attention width 1024 → SD 2.x,
+ * else SD 1.x (`unknown` when the config is unreadable). A folder missing part of the layout is
+ * `broken`, with what it lacks. Undefined for folders that are not such a layout.
+ */
+export function safetensorsFamily(dir: string): { family: string; problem?: string } | undefined {
+  if (existsSync(join(dir, 'unet', 'model.onnx')) || !existsSync(join(dir, 'unet', 'config.json'))) return undefined;
+  const files: RepoFile[] = [];
+  const walk = (d: string) => {
+    for (const entry of readdirSync(d, { withFileTypes: true })) {
+      const path = join(d, entry.name);
+      if (entry.isDirectory()) walk(path);
+      else files.push({ path: relative(dir, path).split(sep).join('/'), size: 0 });
+    }
+  };
+  walk(dir);
+  if (!files.some((f) => f.path.startsWith('unet/') && f.path.endsWith('.safetensors'))) return undefined;
+  const { missing } = planSafetensors(files, readJsonObject(join(dir, 'model_index.json')));
+  if (missing.length) {
+    return { family: 'broken', problem: `model folder ${dir} is not a complete diffusers safetensors layout: missing ${missing.join(', ')}` };
+  }
+  const unet = readJsonObject(join(dir, 'unet', 'config.json'));
+  if (!unet) return { family: 'unknown', problem: `${join(dir, 'unet', 'config.json')} is not a JSON object` };
+  const family = unet.addition_embed_type === 'text_time' ? 'sdxl' : unet.cross_attention_dim === 1024 ? 'sd2' : 'sd1';
+  return { family: FAMILY_LABELS[family] };
 }
 
 /** Installed models (`$KILN_HOME/models`, then the built-in ones; first name wins), plus file aliases installed elsewhere by `dir`. */

@@ -3,13 +3,17 @@
  *
  *   1. Resolve the spec (alias or `owner/name[@revision]`) and the revision to a commit; every
  *      file is then fetched at that commit, so a branch moving mid-pull cannot mix versions.
- *   2. List the repository at that commit and choose the files (select.ts). A repository that is
- *      not a usable ONNX diffusion layout fails here, before any download.
+ *   2. List the repository at that commit and choose the layout and its files (select.ts's
+ *      chooseLayout: the diffusers safetensors layout, fp16 variant where present, when it is
+ *      complete, else the ONNX layout; `format` forces one). A repository with neither complete
+ *      fails here, before any download.
  *   3. Check free space for what is not on disk yet (`fs.statfs`).
  *   4. Download into `$KILN_HOME/downloads/<name>/` (resumable, verified: download.ts):
  *      `model_index.json` first (re-checking the layout with it), then small files, then each
- *      `model.onnx`, whose external-data references decide which data files follow.
- *   5. Check the folder with the engine's detectLayout, write `kiln-source.json`, and rename the
+ *      `model.onnx` (or safetensors shard index), whose external-data references (or weight map)
+ *      decide which data files (or shards) follow, then the weights.
+ *   5. Check the folder (the engine's detectLayout for ONNX, each file's header for safetensors),
+ *      write `kiln-source.json` (with the layout and precision it holds), and rename the
  *      folder to `$KILN_HOME/models/<name>` in one step (an older install of the same name is
  *      swapped out the same way). Nothing half-written ever appears under models/.
  *
@@ -39,7 +43,18 @@ import {
   type ManifestFile,
   type SourceManifest,
 } from './registry.js';
-import { externalTarget, layoutHint, missingLayoutFiles, planDiffusion, planFiles, plannedFile, type PlannedFile } from './select.js';
+import { openSafetensors } from '../graphs/safetensors.js';
+import {
+  chooseLayout,
+  externalTarget,
+  planFiles,
+  plannedFile,
+  shardIndexFiles,
+  type FormatChoice,
+  type LayoutFormat,
+  type PlannedFile,
+  type WeightVariant,
+} from './select.js';
 
 /** Free space kept beyond the files themselves. */
 export const DISK_HEADROOM = 64 * 1024 * 1024;
@@ -47,13 +62,24 @@ const STATE_FILE = '.kiln-pull.json';
 
 export type PullEvent =
   | { type: 'resolved'; repo: string; revision: string; commit: string; name: string; dir: string }
-  | { type: 'plan'; files: PlannedFile[]; totalBytes: number; onDiskBytes: number }
+  | { type: 'plan'; files: PlannedFile[]; totalBytes: number; onDiskBytes: number; layout?: LayoutFormat; variant?: LayoutVariant }
   | { type: 'replan'; files: PlannedFile[]; totalBytes: number; added: string[]; dropped: string[] }
   | { type: 'file-start'; path: string; size: number }
   | { type: 'bytes'; path: string; bytes: number }
   | { type: 'file-done'; path: string; size: number; fetchedBytes: number }
   | { type: 'retry'; path: string; attempt: number; message: string }
   | { type: 'installed'; name: string; dir: string };
+
+/** The precision of a safetensors install: every component fp16, none (`default`), or some (`mixed`). */
+export type LayoutVariant = WeightVariant | 'mixed';
+
+/** kiln-source.json of a diffusion install, with the layout it holds (older installs have no `layout`: ONNX). */
+export interface DiffusionManifest extends SourceManifest {
+  layout?: LayoutFormat;
+  /** Safetensors layout: the precision taken, overall and per component. */
+  variant?: LayoutVariant;
+  components?: Record<string, WeightVariant>;
+}
 
 export interface StatfsLike {
   bavail: number | bigint;
@@ -69,6 +95,11 @@ export interface PullOptions {
   env?: NodeJS.ProcessEnv;
   /** Replace a folder of the same name that kiln did not pull. */
   force?: boolean;
+  /**
+   * Diffusion repositories: which layout to install (`kiln pull --format`). Default: the alias's
+   * `format`, else `auto` (the safetensors layout when complete, else ONNX; select.ts).
+   */
+  format?: FormatChoice;
   /** Resolve, list, plan and check space, but download nothing. */
   dryRun?: boolean;
   signal?: AbortSignal;
@@ -92,6 +123,9 @@ export interface PullResult {
   commit: string;
   alias?: string;
   kind: InstallKind;
+  /** Diffusion installs: the layout chosen, and for safetensors the precision. */
+  layout?: LayoutFormat;
+  variant?: LayoutVariant;
   files: ManifestFile[];
   totalBytes: number;
   /** Bytes received over the network by this pull. */
@@ -199,6 +233,10 @@ async function pullLocked(
 ): Promise<PullResult> {
   const emit = options.onEvent ?? (() => {});
   const what = `${target.repo}@${target.revision}`;
+  const requested: FormatChoice = options.format ?? target.format ?? 'auto';
+  if (target.files && options.format && options.format !== 'auto') {
+    throw new PullError(`--format applies to diffusion repositories; ${target.alias ?? target.repo} installs a list of files`, 'bad-spec');
+  }
   const { commit, gated } = await resolveRevision(target.repo, target.revision, config, options.fetch);
   if (gated && !config.token) {
     throw new PullError(
@@ -217,9 +255,9 @@ async function pullLocked(
     kind: target.kind,
   };
 
-  // Already installed at this commit: nothing to do.
+  // Already installed at this commit (in the layout asked for, if one is): nothing to do.
   if (existsSync(installDir)) {
-    const current = readManifest(installDir);
+    const current = readManifest(installDir) as DiffusionManifest | undefined;
     if (!current && !options.force) {
       throw new PullError(`${installDir} exists and was not installed by kiln pull; remove it, or pass --force to replace it`, 'exists');
     }
@@ -229,11 +267,13 @@ async function pullLocked(
       current.repo.toLowerCase() === target.repo.toLowerCase() &&
       current.commit === commit &&
       current.kind === target.kind &&
+      (target.kind !== 'diffusion' || requested === 'auto' || (current.layout ?? 'onnx') === requested) &&
       (!wantedTargets || wantedTargets.every((t) => current.files.some((f) => f.path === t))) &&
       manifestIntact(installDir, current)
     ) {
       const totalBytes = current.files.reduce((s, f) => s + f.size, 0);
-      return { ...base, files: current.files, totalBytes, fetchedBytes: 0, upToDate: true, dryRun: !!options.dryRun };
+      const layout = target.kind === 'diffusion' ? { layout: current.layout ?? ('onnx' as const), ...(current.variant ? { variant: current.variant } : {}) } : {};
+      return { ...base, ...layout, files: current.files, totalBytes, fetchedBytes: 0, upToDate: true, dryRun: !!options.dryRun };
     }
   }
 
@@ -241,13 +281,15 @@ async function pullLocked(
   const byPath = new Map(listing.map((f) => [f.path, f]));
   let plan: PlannedFile[];
   let skipped: string[];
+  let layout: LayoutFormat | undefined;
+  let components: Record<string, WeightVariant> | undefined;
   if (target.files) {
     ({ files: plan, skipped } = planFiles(listing, target.files, what));
   } else {
-    const missing = missingLayoutFiles(listing);
-    if (missing.length) throw layoutError(what, missing, listing);
-    ({ files: plan, skipped } = planDiffusion(listing));
+    ({ files: plan, skipped, format: layout, components } = chooseLayout(listing, requested, what));
   }
+  const variant = components ? overallVariant(components) : undefined;
+  const layoutInfo = layout ? { layout, ...(variant ? { variant } : {}) } : {};
 
   const staging = stagingDir(home, name);
   const state: PullState = { repo: target.repo, commit, kind: target.kind };
@@ -258,9 +300,9 @@ async function pullLocked(
   let onDiskBytes = 0;
   for (const f of plan) onDiskBytes += await onDisk(f);
   await checkDisk(totalBytes - onDiskBytes, totalBytes, home, installDir, options);
-  emit({ type: 'plan', files: plan, totalBytes, onDiskBytes });
+  emit({ type: 'plan', files: plan, totalBytes, onDiskBytes, ...layoutInfo });
   if (options.dryRun) {
-    return { ...base, files: plan.map(toManifestFile), totalBytes, fetchedBytes: 0, upToDate: false, dryRun: true, skipped };
+    return { ...base, ...layoutInfo, files: plan.map(toManifestFile), totalBytes, fetchedBytes: 0, upToDate: false, dryRun: true, skipped };
   }
 
   if (!resumable) await rm(staging, { recursive: true, force: true });
@@ -291,7 +333,7 @@ async function pullLocked(
   try {
     // model_index.json first: with it, the layout check is complete before anything large.
     const index = plan.find((f) => f.target === 'model_index.json');
-    if (!target.files && index) {
+    if (layout && index) {
       await download(index);
       let parsed: Record<string, unknown> | undefined;
       try {
@@ -299,15 +341,14 @@ async function pullLocked(
       } catch {
         throw new PullError(`${what}: model_index.json is not valid JSON`, 'layout');
       }
-      const missing = missingLayoutFiles(listing, parsed);
-      if (missing.length) throw layoutError(what, missing, listing);
+      chooseLayout(listing, layout, what, parsed); // throws when it names a component the layout lacks
     }
     const bySize = (a: PlannedFile, b: PlannedFile) => a.size - b.size || a.target.localeCompare(b.target);
-    for (const f of plan.filter((f) => f.role === 'file' && f !== index).sort(bySize)) await download(f);
+    for (const f of plan.filter((f) => (f.role === 'file' || f.role === 'index') && f !== index).sort(bySize)) await download(f);
     const onnxFiles = plan.filter((f) => f.role === 'onnx').sort(bySize);
     for (const f of onnxFiles) await download(f);
 
-    // The graphs say which external-data files they need.
+    // The graphs say which external-data files they need, the shard indexes which shards.
     const needed = new Map<string, PlannedFile>();
     for (const onnx of onnxFiles) {
       let locations: string[];
@@ -325,11 +366,26 @@ async function pullLocked(
         needed.set(ext.target, plan.find((p) => p.target === ext.target) ?? plannedFile(file, 'external', ext.target));
       }
     }
-    const externals = [...needed.values()].map((f) => ({ ...f, role: 'external' as const, guessed: undefined }));
-    const guessed = plan.filter((f) => f.role === 'external');
+    for (const shardIndex of plan.filter((f) => f.role === 'index')) {
+      let shards: string[];
+      try {
+        shards = shardIndexFiles(await readFile(join(staging, shardIndex.target), 'utf8'));
+      } catch (err) {
+        throw new PullError(`${what}: ${shardIndex.path} is not a usable safetensors index (${(err as Error).message})`, 'layout');
+      }
+      for (const shard of shards) {
+        const ext = externalTarget(shardIndex, shard);
+        const file: RepoFile | undefined = byPath.get(ext.path);
+        if (!file) throw new PullError(`${what}: ${shardIndex.path} lists the shard ${ext.path}, which the repository does not have`, 'layout');
+        needed.set(ext.target, plan.find((p) => p.target === ext.target) ?? plannedFile(file, 'shard', ext.target));
+      }
+    }
+    const dependent = (f: PlannedFile) => f.role === 'external' || f.role === 'shard';
+    const resolved = [...needed.values()].map((f) => ({ ...f, guessed: undefined }));
+    const guessed = plan.filter(dependent);
     const dropped = guessed.filter((f) => !needed.has(f.target)).map((f) => f.target);
-    const added = externals.filter((f) => !guessed.some((g) => g.target === f.target)).map((f) => f.target);
-    plan = [...plan.filter((f) => f.role !== 'external'), ...externals];
+    const added = resolved.filter((f) => !guessed.some((g) => g.target === f.target)).map((f) => f.target);
+    plan = [...plan.filter((f) => !dependent(f)), ...resolved];
     if (dropped.length || added.length) {
       totalBytes = sum(plan);
       let have = 0;
@@ -337,18 +393,20 @@ async function pullLocked(
       await checkDisk(totalBytes - have, totalBytes, home, installDir, options);
       emit({ type: 'replan', files: plan, totalBytes, added, dropped });
     }
-    for (const f of externals.sort(bySize)) await download(f);
+    for (const f of [...plan.filter((f) => f.role === 'weights'), ...resolved].sort(bySize)) await download(f);
 
     await removeStrays(staging, new Set(plan.map((f) => f.target)));
-    if (target.kind === 'diffusion') {
+    if (layout === 'onnx') {
       try {
         detectLayout(staging);
       } catch (err) {
         if (err instanceof ModelLoadError) throw new PullError(`${what}: ${err.message.replace(staging, 'the downloaded folder')}`, 'layout');
         throw err;
       }
+    } else if (layout === 'safetensors') {
+      checkSafetensorsFiles(staging, plan, what);
     }
-    const manifest: SourceManifest = {
+    const manifest: DiffusionManifest = {
       format: 1,
       source: 'huggingface',
       endpoint: config.endpoint,
@@ -357,6 +415,8 @@ async function pullLocked(
       commit,
       ...(target.alias ? { alias: target.alias } : {}),
       kind: target.kind,
+      ...layoutInfo,
+      ...(components ? { components } : {}),
       pulledAt: new Date().toISOString(),
       files: plan.map(toManifestFile).sort((a, b) => a.path.localeCompare(b.path)),
     };
@@ -364,11 +424,31 @@ async function pullLocked(
     await unlink(join(staging, STATE_FILE));
     await install(staging, installDir, home);
     emit({ type: 'installed', name, dir: installDir });
-    return { ...base, files: manifest.files, totalBytes, fetchedBytes, upToDate: false, dryRun: false };
+    return { ...base, ...layoutInfo, files: manifest.files, totalBytes, fetchedBytes, upToDate: false, dryRun: false };
   } catch (err) {
     // A repository that cannot be installed: nothing worth resuming.
     if (err instanceof PullError && err.code === 'layout') await rm(staging, { recursive: true, force: true });
     throw err;
+  }
+}
+
+function overallVariant(components: Record<string, WeightVariant>): LayoutVariant {
+  const values = new Set(Object.values(components));
+  return values.size === 1 ? [...values][0]! : 'mixed';
+}
+
+/**
+ * Every downloaded safetensors file has a valid header (sizes and hashes are already checked),
+ * so a file that is not safetensors fails the pull rather than the first conversion.
+ */
+function checkSafetensorsFiles(staging: string, plan: readonly PlannedFile[], what: string): void {
+  for (const f of plan.filter((p) => p.role === 'weights' || p.role === 'shard')) {
+    try {
+      openSafetensors(join(staging, f.target));
+    } catch (err) {
+      if (err instanceof ModelLoadError) throw new PullError(`${what}: ${err.message.replace(staging, 'the downloaded folder')}`, 'layout');
+      throw err;
+    }
   }
 }
 
@@ -379,13 +459,6 @@ function toManifestFile(f: PlannedFile): ManifestFile {
     size: f.size,
     ...(f.sha256 ? { sha256: f.sha256 } : f.gitOid ? { gitOid: f.gitOid } : {}),
   };
-}
-
-function layoutError(what: string, missing: string[], listing: readonly RepoFile[]): PullError {
-  return new PullError(
-    `${what} is not a usable diffusers ONNX layout: missing ${missing.join(', ')}.${layoutHint(listing)}`,
-    'layout',
-  );
 }
 
 /** Deletes files in the staging folder that are not in the final plan (stale partials, dropped guesses). */

@@ -35,7 +35,11 @@ export function filler(size: number, seed = 1): Buffer {
 
 const BIG = filler(4 * 1024 * 1024, 7);
 
-/** Files a pull must skip, shaped like the official SDXL repository's neighbours of the ONNX files. */
+/**
+ * Files a pull must skip, shaped like the official SDXL repository's neighbours of the ONNX files.
+ * The text encoder has PyTorch `.bin` weights but no safetensors, so these neighbours never make
+ * a complete diffusers safetensors layout (which `auto` would install instead of the ONNX one).
+ */
 export function foreignFiles(): Record<string, Buffer> {
   return {
     'sd_xl_base_1.0.safetensors': BIG, // the big single-file checkpoint
@@ -44,7 +48,6 @@ export function foreignFiles(): Record<string, Buffer> {
     'unet/diffusion_pytorch_model.fp16.safetensors': filler(30_000, 4),
     'unet/openvino_model.xml': Buffer.from('<?xml version="1.0"?><net name="unet"/>\n'),
     'unet/openvino_model.bin': filler(50_000, 5),
-    'text_encoder/model.safetensors': filler(20_000, 6),
     'text_encoder/pytorch_model.bin': filler(20_000, 8),
     'text_encoder/openvino_model.xml': Buffer.from('<?xml version="1.0"?><net name="te"/>\n'),
     'vae/diffusion_pytorch_model.safetensors': filler(25_000, 9),
