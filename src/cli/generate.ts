@@ -4,6 +4,7 @@
 import { writeFile } from 'node:fs/promises';
 import { SingleBar, Presets } from 'cli-progress';
 import { Engine } from '../engine/engine.js';
+import { BuildProgress } from './convert.js';
 import { defaultModelName } from '../engine/locate.js';
 import { randomSeed } from '../engine/rng.js';
 import { encodeGeneratedPng } from '../engine/image-codec.js';
@@ -25,7 +26,8 @@ export interface GenerateFlags {
 }
 
 export async function generateCommand(flags: GenerateFlags): Promise<void> {
-  const engine = new Engine({ device: flags.device });
+  const build = new BuildProgress();
+  const engine = new Engine({ device: flags.device, onBuildProgress: build.handle });
   const modelName = flags.model ?? defaultModelName(engine.searchDirs);
   const seed = flags.seed ?? randomSeed();
   const started = performance.now();
@@ -34,6 +36,7 @@ export async function generateCommand(flags: GenerateFlags): Promise<void> {
     : undefined;
   try {
     const model = await engine.model(modelName);
+    build.stop();
     const onProgress = (p: Progress) => {
       if (!bar) return;
       if (p.stage === 'encode') bar.start(p.totalSteps, 0, { stage: 'encode ' });
@@ -62,6 +65,7 @@ export async function generateCommand(flags: GenerateFlags): Promise<void> {
     );
   } finally {
     bar?.stop();
+    build.stop();
     await engine.close();
   }
 }

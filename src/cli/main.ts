@@ -2,6 +2,7 @@
  * The `kiln` command.
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
+import { registerConvertCommand } from './convert.js';
 import { generateCommand } from './generate.js';
 import { formatCliError } from './errors.js';
 import { registerModelCommands } from './models.js';
@@ -45,6 +46,7 @@ registerServeCommand(program);
 
 registerPullCommand(program);
 registerModelCommands(program);
+registerConvertCommand(program);
 
 try {
   await program.parseAsync(process.argv);

@@ -8,8 +8,9 @@
  *   padded to 77, encoded in one batch, and concatenated along the sequence axis, so nothing
  *   is silently cut. Positive and negative are padded to the same number of chunks.
  * - SDXL: both encoders' penultimate hidden states (`hidden_states.{n-2}`) concatenated on the
- *   feature axis; the pooled vector is encoder 2's `text_embeds` of the first chunk; an empty
- *   negative prompt gives zeros (diffusers' `force_zeros_for_empty_prompt`).
+ *   feature axis; the pooled vector is encoder 2's `text_embeds` of the first chunk; an absent
+ *   negative prompt gives zeros when the pipeline sets `force_zeros_for_empty_prompt` (as diffusers
+ *   does: `negative_prompt=None` is zeros, `negative_prompt=""` is the encoding of "").
  */
 import type { DiffusionModel } from './model.js';
 import type { FloatTensor, OnnxModel } from './onnx.js';
@@ -116,7 +117,7 @@ export async function encodePrompts(
   timings?: { tokenizeMs: number },
 ): Promise<{ cond: TextConditioning; uncond?: TextConditioning }> {
   const negative = negativePrompt ?? '';
-  const zeroNegative = model.isXL && negative.trim() === '';
+  const zeroNegative = model.isXL && negativePrompt === undefined && model.layout.forceZerosForEmptyPrompt;
   const tokenizeStarted = performance.now();
   const encodeNegative = withNegative && !zeroNegative;
   // Chunk with every tokenizer first: SDXL's tokenizer_2 makes each "!" its pad token, so

@@ -1,11 +1,14 @@
 /**
  * The engine facade: resolves model names, keeps one loaded model (its sessions) per folder
- * and device for the life of the process, and runs generations on them.
+ * and device for the life of the process, and runs generations on them. A diffusers folder
+ * with safetensors weights is first built into ONNX graphs (once, cached: src/graphs/cache.ts).
  */
 import { statSync } from 'node:fs';
-import { join } from 'node:path';
-import { DiffusionModel } from './model.js';
-import { isModelPath, locateModel, modelSearchDirs } from './locate.js';
+import { basename, join } from 'node:path';
+import { DiffusionModel, isSafetensorsLayout } from './model.js';
+import { isModelPath, kilnHome, locateModel, modelSearchDirs } from './locate.js';
+import { ensureBuilt } from '../graphs/cache.js';
+import type { GraphDtype } from '../graphs/convert.js';
 import { generate, type GenerateOptions, type GenerateResult } from './pipeline.js';
 import type { Device } from './onnx.js';
 
@@ -13,16 +16,28 @@ export interface EngineOptions {
   device?: Device;
   /** Folders to look model names up in (default: $KILN_HOME/models, then the built-in models). */
   searchDirs?: string[];
+  /** Where graphs built from safetensors folders are kept (default: $KILN_HOME/cache). */
+  cacheDir?: string;
+  /** Precision of graphs built from safetensors (default: fp16 on CUDA, fp32 on CPU). */
+  dtype?: GraphDtype;
+  /** Progress of a graph build (first use of a safetensors folder). */
+  onBuildProgress?: (event: { model: string; component: string; done: number; total: number }) => void;
 }
 
 export class Engine {
   readonly device: Device;
   readonly searchDirs: string[];
+  readonly cacheDir: string;
+  readonly dtype: GraphDtype;
+  private readonly onBuildProgress: EngineOptions['onBuildProgress'];
   private readonly models = new Map<string, { version: string; loading: Promise<DiffusionModel> }>();
 
   constructor(options: EngineOptions = {}) {
     this.device = options.device ?? 'cpu';
     this.searchDirs = options.searchDirs ?? modelSearchDirs();
+    this.cacheDir = options.cacheDir ?? join(kilnHome(), 'cache');
+    this.dtype = options.dtype ?? (this.device === 'cuda' ? 'fp16' : 'fp32');
+    this.onBuildProgress = options.onBuildProgress;
   }
 
   /**
@@ -37,13 +52,26 @@ export class Engine {
     // A replaced model's sessions are not released here: a request may still be running on
     // them. They are freed with the last reference.
     const name = isModelPath(nameOrPath) ? undefined : nameOrPath;
-    const loading = DiffusionModel.load(dir, { device: this.device, name });
+    const loading = this.onnxFolder(dir).then((onnxDir) =>
+      DiffusionModel.load(onnxDir, { device: this.device, name: name ?? basename(dir) }),
+    );
     // A failed load is not cached, so a fixed folder can be retried without a restart.
     loading.catch(() => {
       if (this.models.get(dir)?.loading === loading) this.models.delete(dir);
     });
     this.models.set(dir, { version, loading });
     return loading;
+  }
+
+  /** The folder to load: `dir` itself, or the graphs built from it when it holds safetensors. */
+  private async onnxFolder(dir: string): Promise<string> {
+    if (!isSafetensorsLayout(dir)) return dir;
+    const model = basename(dir);
+    return ensureBuilt(dir, {
+      cacheDir: this.cacheDir,
+      dtype: this.dtype,
+      onProgress: (e) => this.onBuildProgress?.({ model, ...e }),
+    });
   }
 
   async generate(nameOrPath: string, options: GenerateOptions): Promise<GenerateResult> {

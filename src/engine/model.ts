@@ -26,6 +26,8 @@ export type Distillation = 'lcm' | 'turbo' | null;
 /** What a folder is, read from its files without loading any session. */
 export interface ModelLayout {
   dir: string;
+  /** ONNX graphs, or safetensors weights that Kiln builds graphs from before loading. */
+  format: 'onnx' | 'safetensors';
   family: ModelFamily;
   distillation: Distillation;
   /** Human label: `SD 1.x`, `SD 2.x`, `SDXL`, `LCM`, `SDXL Turbo`, ... */
@@ -35,6 +37,8 @@ export interface ModelLayout {
   schedulerConfig: SchedulerConfig;
   vaeScalingFactor: number;
   vaeForceUpcast: boolean;
+  /** SDXL: an absent negative prompt is zero embeddings (model_index.json, default true as in diffusers). */
+  forceZerosForEmptyPrompt: boolean;
   hasVaeEncoder: boolean;
   defaults: ModelDefaults;
 }
@@ -81,18 +85,44 @@ export const REQUIRED_FILES = [
 ] as const;
 export const SECOND_ENCODER_FILES = ['tokenizer_2/vocab.json', 'tokenizer_2/merges.txt', 'text_encoder_2/model.onnx'] as const;
 
+/**
+ * The same for a diffusers folder with safetensors weights (Kiln builds its ONNX graphs,
+ * src/graphs/convert.ts): each component's config.json; the weights are checked when built.
+ */
+export const SAFETENSORS_REQUIRED_FILES = [
+  'model_index.json',
+  'scheduler/scheduler_config.json',
+  'tokenizer/vocab.json',
+  'tokenizer/merges.txt',
+  'text_encoder/config.json',
+  'unet/config.json',
+  'vae/config.json',
+] as const;
+export const SAFETENSORS_SECOND_ENCODER_FILES = ['tokenizer_2/vocab.json', 'tokenizer_2/merges.txt', 'text_encoder_2/config.json'] as const;
+
+/** Whether a pipeline folder holds diffusers safetensors weights rather than ONNX graphs (no unet/model.onnx). */
+export function isSafetensorsLayout(dir: string): boolean {
+  return (
+    existsSync(join(dir, 'model_index.json')) &&
+    !existsSync(join(dir, 'unet/model.onnx')) &&
+    existsSync(join(dir, 'unet/config.json')) &&
+    existsSync(join(dir, 'vae/config.json'))
+  );
+}
+
 /** Inspects a folder and says what model it holds, or throws one clear ModelLoadError. */
 export function detectLayout(dirArg: string): ModelLayout {
   const dir = resolve(dirArg);
   if (!existsSync(dir)) throw new ModelLoadError(`model folder ${dir} does not exist`, dir);
-  const required: string[] = [...REQUIRED_FILES];
+  const format = isSafetensorsLayout(dir) ? 'safetensors' : 'onnx';
+  const required: string[] = format === 'onnx' ? [...REQUIRED_FILES] : [...SAFETENSORS_REQUIRED_FILES];
   const index = readJson(join(dir, 'model_index.json'), `model_index.json in ${dir}`);
   const hasSecondEncoder = existsSync(join(dir, 'text_encoder_2')) || 'text_encoder_2' in index;
-  if (hasSecondEncoder) required.push(...SECOND_ENCODER_FILES);
+  if (hasSecondEncoder) required.push(...(format === 'onnx' ? SECOND_ENCODER_FILES : SAFETENSORS_SECOND_ENCODER_FILES));
   const missing = required.filter((p) => !existsSync(join(dir, p)));
   if (missing.length) {
     throw new ModelLoadError(
-      `model folder ${dir} is not a usable diffusers ONNX layout: missing ${missing.join(', ')}`,
+      `model folder ${dir} is not a usable diffusers ${format === 'onnx' ? 'ONNX' : 'safetensors'} layout: missing ${missing.join(', ')}`,
       join(dir, missing[0]!),
     );
   }
@@ -130,6 +160,7 @@ export function detectLayout(dirArg: string): ModelLayout {
 
   return {
     dir,
+    format,
     family,
     distillation,
     label,
@@ -138,7 +169,8 @@ export function detectLayout(dirArg: string): ModelLayout {
     schedulerConfig,
     vaeScalingFactor: scaling,
     vaeForceUpcast: vaeConfig.force_upcast === true,
-    hasVaeEncoder: existsSync(join(dir, 'vae_encoder/model.onnx')),
+    forceZerosForEmptyPrompt: index.force_zeros_for_empty_prompt !== false,
+    hasVaeEncoder: format === 'safetensors' || existsSync(join(dir, 'vae_encoder/model.onnx')),
     defaults: readDefaults(dir, family, distillation),
   };
 }
@@ -203,6 +235,9 @@ export class DiffusionModel {
 
   static async load(dir: string, options: LoadOptions = {}): Promise<DiffusionModel> {
     const layout = detectLayout(dir);
+    if (layout.format === 'safetensors') {
+      throw new ModelLoadError(`${layout.dir} holds safetensors weights: build its graphs first (Engine does, or \`kiln convert\`)`, layout.dir);
+    }
     const device = options.device ?? 'cpu';
     const stats = options.stats ?? { sessionRunMs: 0, runs: 0 };
     const sessionOptions = { device, stats };

@@ -29,9 +29,15 @@ export interface Progress {
 
 export interface GenerateOptions {
   prompt: string;
+  /** Absent and "" differ for SDXL (zeros vs the encoding of ""), as in diffusers. */
   negativePrompt?: string;
   /** The request's `n`: an integer 0..2^32-1. */
   seed: number;
+  /**
+   * Starting latents [1, 4, h/8, w/8] of unit variance, used instead of the seeded noise (scaled
+   * by the scheduler's initial sigma, like diffusers' `latents=`). txt2img only.
+   */
+  latents?: Float32Array;
   /** `WxH`, one of `allowedSizes` (default 256/512/1024 square). */
   size?: string;
   allowedSizes?: readonly string[];
@@ -77,6 +83,8 @@ export interface Timings {
 
 export interface GenerateResult {
   image: RgbImage;
+  /** The final latents [1, 4, h/8, w/8], before the VAE (diffusers' output_type='latent'). */
+  latents: Float32Array;
   settings: EffectiveSettings;
   timings: Timings;
   /** Number of UNet evaluations (one per step, CFG batched). */
@@ -368,7 +376,8 @@ export async function runDiffusion(
   onProgress?.({ stage: 'encode', step: 0, totalSteps: begin.timesteps.length });
   let started = performance.now();
   const cfg = usesCfg(model, settings.guidanceScale);
-  const { cond, uncond } = await encodePrompts(model, settings.prompt, settings.negativePrompt, cfg, timings);
+  // The option, not the settings' string: for SDXL an absent negative prompt differs from "".
+  const { cond, uncond } = await encodePrompts(model, settings.prompt, options.negativePrompt, cfg, timings);
   timings.encodeMs = performance.now() - started;
 
   const { latents, unetCalls } = await denoise({
@@ -400,7 +409,7 @@ export async function runDiffusion(
   timings.decodeMs = performance.now() - started;
   timings.totalMs = performance.now() - t0;
   timings.sessionRunMs = model.stats.sessionRunMs - runMsBefore;
-  return { image, settings, timings, unetCalls };
+  return { image, latents, settings, timings, unetCalls };
 }
 
 /** Text-to-image's start: seeded Gaussian noise at the scheduler's initial sigma, all steps. */
@@ -411,9 +420,23 @@ export function noiseStart({ scheduler, rng, latentDims }: StartContext): Latent
   return { latents, timesteps: scheduler.timesteps };
 }
 
-/** Text-to-image for one prompt and seed. */
+/** Text-to-image's start from given unit latents (`options.latents`), scaled like seeded noise. */
+function givenLatentsStart(given: Float32Array): (ctx: StartContext) => LatentStart {
+  return ({ scheduler, latentDims }) => {
+    const expected = latentDims.reduce((a, b) => a * b, 1);
+    if (!(given instanceof Float32Array) || given.length !== expected) {
+      throw new InvalidOptionError(`latents must be a Float32Array of shape [${latentDims.join(', ')}] (${expected} values)`, 'latents');
+    }
+    const sigma = scheduler.initNoiseSigma;
+    const latents = new Float32Array(expected);
+    for (let i = 0; i < expected; i++) latents[i] = given[i]! * sigma;
+    return { latents, timesteps: scheduler.timesteps };
+  };
+}
+
+/** Text-to-image for one prompt and seed (or given starting latents). */
 export function generate(model: DiffusionModel, options: GenerateOptions): Promise<GenerateResult> {
-  return runDiffusion(model, options, noiseStart);
+  return runDiffusion(model, options, options.latents ? givenLatentsStart(options.latents) : noiseStart);
 }
 
 /** LCM's guidance embedding: sinusoidal features of w = 1000·(g − 1), sin half then cos half. */

@@ -1,0 +1,126 @@
+/**
+ * A diffusers pipeline folder with safetensors weights -> the diffusers ONNX layout the engine
+ * loads (onnx-model-contracts.md §2): text_encoder[_2]/, unet/, vae_encoder/, vae_decoder/, each
+ * a model.onnx built by the model pages from the component's own config.json, beside that
+ * config; tokenizers, scheduler and model_index.json are copied as they are.
+ *
+ * Components are built one at a time (one graph in memory at once); weights stay in the source
+ * files (hard-linked) unless a cast is needed (write.ts).
+ */
+import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { ModelLoadError } from '../engine/errors.js';
+import { buildClipText } from './clip-text.js';
+import { toFloat16Graph } from './float16.js';
+import { GraphBuilder } from './onnx-builder.js';
+import { buildUnet } from './unet.js';
+import { buildVaeDecoder, buildVaeEncoder } from './vae.js';
+import { componentWeights, Params, type WeightSource } from './weights.js';
+import { writeGraph, type WriteStats } from './write.js';
+
+export type GraphDtype = 'fp32' | 'fp16';
+
+export interface ConvertOptions {
+  dtype?: GraphDtype;
+  /** Called as weights are written: the component, bytes done and bytes in all for that component. */
+  onProgress?: (event: { component: string; done: number; total: number }) => void;
+}
+
+export interface ConvertResult {
+  components: { name: string; parameters: number; stats: WriteStats }[];
+}
+
+/** A component folder of the source, what it becomes, and which page builds it. */
+interface ComponentPlan {
+  source: string;
+  target: string;
+  build: (g: GraphBuilder, config: Record<string, unknown>, p: Params) => void;
+  /** Keep this graph in fp32 even for fp16 builds (it overflows in fp16). */
+  fp32?: (config: Record<string, unknown>) => boolean;
+  /** The classes the page implements (config.json's `_class_name`, or transformers' `architectures`). */
+  classes: string[];
+}
+
+const CLIP_TEXT = ['CLIPTextModel', 'CLIPTextModelWithProjection'];
+
+const COMPONENTS: ComponentPlan[] = [
+  { source: 'text_encoder', target: 'text_encoder', build: buildClipText, classes: CLIP_TEXT },
+  { source: 'text_encoder_2', target: 'text_encoder_2', build: buildClipText, classes: CLIP_TEXT },
+  { source: 'unet', target: 'unet', build: buildUnet, classes: ['UNet2DConditionModel'] },
+  // SDXL's VAE (force_upcast) overflows in fp16 unless it is an fp16-fixed VAE (force_upcast false).
+  { source: 'vae', target: 'vae_encoder', build: buildVaeEncoder, fp32: (c) => c.force_upcast === true, classes: ['AutoencoderKL'] },
+  { source: 'vae', target: 'vae_decoder', build: buildVaeDecoder, fp32: (c) => c.force_upcast === true, classes: ['AutoencoderKL'] },
+];
+
+/** Refuses a config whose class is not the one the page builds (a ControlNet in unet/, say). */
+export function checkClass(config: Record<string, unknown>, classes: readonly string[], component: string, path: string): void {
+  const named = typeof config._class_name === 'string' ? [config._class_name] : Array.isArray(config.architectures) ? config.architectures.map(String) : [];
+  if (named.length && !named.some((n) => classes.includes(n))) {
+    throw new ModelLoadError(`${component}: config.json names ${named.join(', ')}; Kiln builds ${classes.join(' or ')} here`, path);
+  }
+}
+
+/** Non-weight folders copied as they are. */
+const COPIED_FOLDERS = ['scheduler', 'tokenizer', 'tokenizer_2'];
+
+function readConfig(path: string, component: string): Record<string, unknown> {
+  try {
+    const value = JSON.parse(readFileSync(path, 'utf8')) as unknown;
+    if (value && typeof value === 'object' && !Array.isArray(value)) return value as Record<string, unknown>;
+  } catch {
+    // reported below
+  }
+  throw new ModelLoadError(`${component}: ${path} is missing or not a JSON object`, path);
+}
+
+/** The component folders a pipeline needs, from its model_index.json (text_encoder_2 for SDXL). */
+function componentsOf(src: string): ComponentPlan[] {
+  const index = readConfig(join(src, 'model_index.json'), 'model_index.json');
+  return COMPONENTS.filter((c) => c.source !== 'text_encoder_2' || 'text_encoder_2' in index || existsSync(join(src, 'text_encoder_2')));
+}
+
+/** Builds one component graph from a config and weights, and writes it into `dir`. */
+export function buildComponent(
+  plan: Pick<ComponentPlan, 'build' | 'fp32'>,
+  name: string,
+  config: Record<string, unknown>,
+  weights: WeightSource,
+  dir: string,
+  options: ConvertOptions = {},
+): { parameters: number; stats: WriteStats } {
+  const g = new GraphBuilder(name);
+  const p = Params.of(g, weights);
+  plan.build(g, config, p);
+  if (options.dtype === 'fp16' && !plan.fp32?.(config)) toFloat16Graph(g);
+  mkdirSync(dir, { recursive: true });
+  const stats = writeGraph(g, dir, {
+    meta: { producerName: 'kiln', docString: `${name}, built by Kiln from ${weights.location}` },
+    onProgress: (done, total) => options.onProgress?.({ component: name, done, total }),
+  });
+  return { parameters: p.parameterCount, stats };
+}
+
+/** Converts a safetensors pipeline folder `src` into an ONNX layout folder `out` (created). */
+export function convertPipeline(src: string, out: string, options: ConvertOptions = {}): ConvertResult {
+  if (!existsSync(join(src, 'model_index.json'))) throw new ModelLoadError(`${src} has no model_index.json: not a diffusers pipeline folder`, src);
+  mkdirSync(out, { recursive: true });
+  copyFileSync(join(src, 'model_index.json'), join(out, 'model_index.json'));
+  for (const folder of COPIED_FOLDERS) {
+    const from = join(src, folder);
+    if (!existsSync(from)) continue;
+    mkdirSync(join(out, folder), { recursive: true });
+    for (const f of readdirSync(from)) if (statSync(join(from, f)).isFile()) copyFileSync(join(from, f), join(out, folder, f));
+  }
+  const result: ConvertResult = { components: [] };
+  for (const plan of componentsOf(src)) {
+    const from = join(src, plan.source);
+    const config = readConfig(join(from, 'config.json'), plan.source);
+    checkClass(config, plan.classes, plan.source, join(from, 'config.json'));
+    const weights = componentWeights(from, plan.source);
+    const dir = join(out, plan.target);
+    const built = buildComponent(plan, plan.target, config, weights, dir, options);
+    writeFileSync(join(dir, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
+    result.components.push({ name: plan.target, ...built });
+  }
+  return result;
+}

@@ -1,0 +1,94 @@
+/**
+ * Whole pipelines against diffusers 0.31 (diffusers-golden `pipelines/`): each case's safetensors
+ * pipeline folder is built into ONNX graphs by Kiln (through the Engine, as a user's folder would
+ * be), then run through Kiln's own tokenizer, conditioning, scheduler, guidance and VAE from the
+ * case's starting latents. The final latents must match diffusers' and the 8-bit image must be
+ * within one level per channel.
+ */
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Engine } from '../../src/engine/engine.js';
+import { generate } from '../../src/engine/pipeline.js';
+import { chunkPrompt } from '../../src/engine/conditioning.js';
+import type { DiffusionModel } from '../../src/engine/model.js';
+import { GOLDEN_DIR, maxAbs, maxAbsDiff, readGolden, readGoldenJson, readmeTolerance, roundingTolerance } from './golden.js';
+
+interface PipelineCase {
+  id: string;
+  folder: string;
+  prompt: string;
+  negative_prompt: string | null;
+  guidance_scale: number;
+  num_inference_steps: number;
+  height: number;
+  width: number;
+  scheduler: { class: string; config: Record<string, unknown>; timesteps: number[] };
+  lora: unknown;
+  token_ids: Record<string, Record<string, number[]>>;
+  latents_file: string;
+  outputs_file: string;
+}
+
+const { cases } = readGoldenJson<{ cases: PipelineCase[] }>('pipelines/cases.json');
+// LoRA cases need Kiln's LoRA support (issue 11); every other case runs here.
+const runnable = cases.filter((c) => c.lora === null);
+
+let cacheDir: string;
+let engine: Engine;
+before(() => {
+  cacheDir = mkdtempSync(join(tmpdir(), 'kiln-golden-pipelines-'));
+  engine = new Engine({ cacheDir, searchDirs: [] });
+});
+after(async () => {
+  await engine.close();
+  rmSync(cacheDir, { recursive: true, force: true });
+});
+
+const model = (folder: string): Promise<DiffusionModel> => engine.model(join(GOLDEN_DIR, 'pipelines', folder));
+
+describe('diffusers pipelines, from the cases\' latents', () => {
+  for (const c of runnable) {
+    test(c.id, async (t) => {
+      const m = await model(c.folder);
+      // Token ids: Kiln's tokenizers give transformers' ids for each prompt.
+      const tokenizers = m.isXL ? { tokenizer: m.tokenizer, tokenizer_2: m.tokenizer2! } : { tokenizer: m.tokenizer };
+      for (const [name, tok] of Object.entries(tokenizers)) {
+        assert.deepEqual(chunkPrompt(tok, c.prompt).ids[0], c.token_ids[name]!.prompt, `${name} ids of the prompt`);
+      }
+
+      // The case's scheduler, as diffusers' `pipe.scheduler = Cls.from_config(...)` would set it.
+      m.layout.schedulerConfig = c.scheduler.config as typeof m.layout.schedulerConfig;
+      const start = readGolden(join('pipelines', c.latents_file)).get('latents')!;
+      const expected = readGolden(join('pipelines', c.outputs_file));
+      const result = await generate(m, {
+        prompt: c.prompt,
+        negativePrompt: c.negative_prompt ?? undefined,
+        seed: 0,
+        size: `${c.width}x${c.height}`,
+        allowedSizes: [`${c.width}x${c.height}`],
+        steps: c.num_inference_steps,
+        guidanceScale: c.guidance_scale,
+        scheduler: c.scheduler.class,
+        latents: start.data,
+      });
+      assert.equal(result.unetCalls, c.num_inference_steps);
+
+      const latents = expected.get('latents_final')!;
+      const latentDiff = maxAbsDiff(result.latents, latents.data);
+      const readme = readmeTolerance(join('pipelines', c.outputs_file), 'latents_final');
+      const latentTol = roundingTolerance(readme, maxAbs(latents.data));
+      const image = expected.get('image')!;
+      let levels = 0;
+      for (let i = 0; i < image.data.length; i++) levels = Math.max(levels, Math.abs(result.image.pixels[i]! - Math.round(image.data[i]! * 255)));
+      t.diagnostic(
+        `latents_final max abs diff ${latentDiff.toExponential(2)} (README ${readme.toExponential(2)}, allowed ${latentTol.toExponential(2)}, ` +
+          `max |x| ${maxAbs(latents.data).toFixed(1)}); image max ${levels} level(s)`,
+      );
+      assert.ok(latentDiff <= latentTol, `latents_final differs by ${latentDiff}`);
+      assert.ok(levels <= 1, `image differs by ${levels} levels`);
+    });
+  }
+});
