@@ -79,7 +79,40 @@ function componentsOf(src: string): ComponentPlan[] {
   return COMPONENTS.filter((c) => c.source !== 'text_encoder_2' || 'text_encoder_2' in index || existsSync(join(src, 'text_encoder_2')));
 }
 
-/** Builds one component graph from a config and weights, and writes it into `dir`. */
+/** A component graph built in memory (weights still deferred), ready to be written. */
+export interface BuiltGraph {
+  name: string;
+  g: GraphBuilder;
+  parameters: number;
+  location: string;
+}
+
+/** Builds one component graph from a config and weights (nothing is written yet). */
+export function buildGraph(
+  plan: Pick<ComponentPlan, 'build' | 'fp32'>,
+  name: string,
+  config: Record<string, unknown>,
+  weights: WeightSource,
+  options: Pick<ConvertOptions, 'dtype'> = {},
+): BuiltGraph {
+  const g = new GraphBuilder(name);
+  const p = Params.of(g, weights);
+  plan.build(g, config, p);
+  if (options.dtype === 'fp16' && !plan.fp32?.(config)) toFloat16Graph(g);
+  return { name, g, parameters: p.parameterCount, location: weights.location };
+}
+
+/** Writes a built graph into `dir` as model.onnx with its weights as external data. */
+export function writeBuiltGraph(built: BuiltGraph, dir: string, options: Pick<ConvertOptions, 'onProgress'> = {}): { parameters: number; stats: WriteStats } {
+  mkdirSync(dir, { recursive: true });
+  const stats = writeGraph(built.g, dir, {
+    meta: { producerName: 'kiln', docString: `${built.name}, built by Kiln from ${built.location}` },
+    onProgress: (done, total) => options.onProgress?.({ component: built.name, done, total }),
+  });
+  return { parameters: built.parameters, stats };
+}
+
+/** Builds one component graph and writes it into `dir`. */
 export function buildComponent(
   plan: Pick<ComponentPlan, 'build' | 'fp32'>,
   name: string,
@@ -88,21 +121,23 @@ export function buildComponent(
   dir: string,
   options: ConvertOptions = {},
 ): { parameters: number; stats: WriteStats } {
-  const g = new GraphBuilder(name);
-  const p = Params.of(g, weights);
-  plan.build(g, config, p);
-  if (options.dtype === 'fp16' && !plan.fp32?.(config)) toFloat16Graph(g);
-  mkdirSync(dir, { recursive: true });
-  const stats = writeGraph(g, dir, {
-    meta: { producerName: 'kiln', docString: `${name}, built by Kiln from ${weights.location}` },
-    onProgress: (done, total) => options.onProgress?.({ component: name, done, total }),
-  });
-  return { parameters: p.parameterCount, stats };
+  return writeBuiltGraph(buildGraph(plan, name, config, weights, options), dir, options);
 }
 
-/** Converts a safetensors pipeline folder `src` into an ONNX layout folder `out` (created). */
+/**
+ * Converts a safetensors pipeline folder `src` into an ONNX layout folder `out` (created).
+ * Every component is checked and built in memory first (configs, classes, weight headers and
+ * shapes), so a folder that does not fit fails before anything is written.
+ */
 export function convertPipeline(src: string, out: string, options: ConvertOptions = {}): ConvertResult {
   if (!existsSync(join(src, 'model_index.json'))) throw new ModelLoadError(`${src} has no model_index.json: not a diffusers pipeline folder`, src);
+  const planned = componentsOf(src).map((plan) => {
+    const from = join(src, plan.source);
+    const config = readConfig(join(from, 'config.json'), plan.source);
+    checkClass(config, plan.classes, plan.source, join(from, 'config.json'));
+    return { plan, config, built: buildGraph(plan, plan.target, config, componentWeights(from, plan.source), options) };
+  });
+
   mkdirSync(out, { recursive: true });
   copyFileSync(join(src, 'model_index.json'), join(out, 'model_index.json'));
   for (const folder of COPIED_FOLDERS) {
@@ -112,15 +147,11 @@ export function convertPipeline(src: string, out: string, options: ConvertOption
     for (const f of readdirSync(from)) if (statSync(join(from, f)).isFile()) copyFileSync(join(from, f), join(out, folder, f));
   }
   const result: ConvertResult = { components: [] };
-  for (const plan of componentsOf(src)) {
-    const from = join(src, plan.source);
-    const config = readConfig(join(from, 'config.json'), plan.source);
-    checkClass(config, plan.classes, plan.source, join(from, 'config.json'));
-    const weights = componentWeights(from, plan.source);
+  for (const { plan, config, built } of planned) {
     const dir = join(out, plan.target);
-    const built = buildComponent(plan, plan.target, config, weights, dir, options);
+    const written = writeBuiltGraph(built, dir, options);
     writeFileSync(join(dir, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
-    result.components.push({ name: plan.target, ...built });
+    result.components.push({ name: plan.target, ...written });
   }
   return result;
 }

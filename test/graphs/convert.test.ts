@@ -146,3 +146,46 @@ test('the server serves a safetensors pipeline folder as its default model', asy
     rmSync(home, { recursive: true, force: true });
   }
 });
+
+test('a folder that does not fit its configs fails at load with one line naming the component, key and shapes', async () => {
+  const broken = (name: string, change: (dir: string) => void): string => {
+    const dir = join(scratch, name);
+    cpSync(SD15, dir, { recursive: true });
+    change(dir);
+    return dir;
+  };
+  const editJson = (path: string, edit: (v: Record<string, unknown>) => void) => {
+    const value = JSON.parse(readFileSync(path, 'utf8')) as Record<string, unknown>;
+    edit(value);
+    writeFileSync(path, JSON.stringify(value));
+  };
+  const cases: [string, RegExp][] = [
+    [
+      broken('wrong-class', (d) => editJson(join(d, 'unet', 'config.json'), (c) => (c._class_name = 'ControlNetModel'))),
+      /^kiln: unet: config\.json names ControlNetModel; Kiln builds UNet2DConditionModel here$/,
+    ],
+    [
+      broken('wrong-shape', (d) => editJson(join(d, 'unet', 'config.json'), (c) => (c.block_out_channels = [8, 16, 16, 32]))),
+      /^kiln: unet: weight "down_blocks\.3\.resnets\.0\.conv1\.weight" in .* has shape \[24, 16, 3, 3\] but config\.json implies \[32, 16, 3, 3\]$/,
+    ],
+    [
+      broken('truncated', (d) => {
+        const path = join(d, 'vae', 'diffusion_pytorch_model.safetensors');
+        writeFileSync(path, readFileSync(path).subarray(0, 100_000));
+      }),
+      /^kiln: .*vae\/diffusion_pytorch_model\.safetensors is not a valid safetensors file: tensor ".*" has data_offsets \[\d+, \d+\] outside the \d+ data bytes$/,
+    ],
+  ];
+  for (const [dir, message] of cases) {
+    await assert.rejects(kiln(['generate', '--model', dir, '--prompt', 'x', '--steps', '1', '--size', '256x256', '--out', join(scratch, 'x.png')]), (err: unknown) => {
+      const e = err as { code: number; stderr: string };
+      assert.notEqual(e.code, 0);
+      assert.match(e.stderr.trim(), message);
+      assert.doesNotMatch(e.stderr, /\n\s+at /, 'no stack trace');
+      return true;
+    });
+  }
+  // Nothing half-built is left in the cache.
+  const cache = join(scratch, 'home', 'cache');
+  assert.deepEqual(readdirSync(cache).filter((e) => /^(wrong|truncated)|^\./.test(e)), []);
+});
