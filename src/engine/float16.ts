@@ -50,8 +50,16 @@ export function float32ToFloat16Bits(values: ArrayLike<number>): Uint16Array {
   return out;
 }
 
+/** Every binary16 value as float32, built on first use: converting GBs of fp16 weights is a table lookup. */
+let halfTable: Float32Array | undefined;
+
 export function float16BitsToFloat32(bits: ArrayLike<number>): Float32Array {
+  if (!halfTable) {
+    halfTable = new Float32Array(65536);
+    for (let b = 0; b < 65536; b++) halfTable[b] = fromFloat16Bits(b);
+  }
+  const table = halfTable;
   const out = new Float32Array(bits.length);
-  for (let i = 0; i < bits.length; i++) out[i] = fromFloat16Bits(bits[i]!);
+  for (let i = 0; i < bits.length; i++) out[i] = table[bits[i]! & 0xffff]!;
   return out;
 }
