@@ -37,7 +37,7 @@ import { Presets, SingleBar } from 'cli-progress';
 import ort from 'onnxruntime-node';
 import { buildClipText } from '../src/graphs/clip-text.js';
 import { GraphBuilder } from '../src/graphs/onnx-builder.js';
-import { REFERENCE_MODELS, SD15_UNET, SDXL_BASE_UNET, type ReferenceModel } from '../src/graphs/reference-configs.js';
+import { REFERENCE_MODELS, SD15_UNET, SD_VAE, SDXL_BASE_UNET, type ReferenceModel } from '../src/graphs/reference-configs.js';
 import { buildUnet } from '../src/graphs/unet.js';
 import { buildVaeDecoder, buildVaeEncoder } from '../src/graphs/vae.js';
 import { componentWeights, Params, RandomWeights, type WeightEntry, type WeightSource } from '../src/graphs/weights.js';
@@ -59,7 +59,7 @@ const { values: args } = parseArgs({
     'skip-kiln': { type: 'boolean', default: false },
     'skip-torch': { type: 'boolean', default: false },
     keep: { type: 'boolean', default: false },
-    phase: { type: 'string' }, // internal: child process phases 'kiln-step' | 'kiln-serve' | 'conversion'
+    phase: { type: 'string' }, // internal: child process phases 'kiln-step' | 'kiln-serve' | 'vae-decode' | 'conversion'
   },
 });
 const runs = Number(args.runs);
@@ -228,6 +228,42 @@ async function kilnStepPhase(): Promise<KilnStep> {
   }
   bar.stop();
   return { ...k.prepared, runs: times, medianMs: median(times), ...(await k.finish()) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase: one full-size SD VAE decode (child process)
+
+interface VaeDecode {
+  parameters: number;
+  writeS: number;
+  loadS: number;
+  decodeMs: number;
+  outDims: number[];
+  finite: boolean;
+  peakRssMb: number;
+}
+
+/** The real SD VAE decoder (random weights): one 64x64 latent to a 512x512 picture, with its shapes checked. */
+async function vaeDecodePhase(): Promise<VaeDecode> {
+  const dir = mkdtempSync(join(os.tmpdir(), 'kiln-bench-sd-vae-'));
+  try {
+    const g = new GraphBuilder('vae_decoder');
+    const p = Params.of(g, new RandomWeights('vae'));
+    buildVaeDecoder(g, { ...SD_VAE }, p);
+    const { seconds: writeS } = writeWithBar(g, dir, 'write sd vae decoder');
+    const t1 = performance.now();
+    const session = await ort.InferenceSession.create(join(dir, 'model.onnx'), { graphOptimizationLevel: 'all', intraOpNumThreads: threads, interOpNumThreads: 1 });
+    const loadS = (performance.now() - t1) / 1000;
+    const latent = new ort.Tensor('float32', noise(4 * LATENT * LATENT, 3), [1, 4, LATENT, LATENT]);
+    const t2 = performance.now();
+    const out = (await session.run({ latent_sample: latent }, ['sample'])).sample!;
+    const decodeMs = performance.now() - t2;
+    const result = { parameters: p.parameterCount, writeS, loadS, decodeMs, outDims: [...out.dims], finite: (out.data as Float32Array).every(Number.isFinite), peakRssMb: peakRssMb() };
+    await session.release();
+    return result;
+  } finally {
+    if (!args.keep) rmSync(dir, { recursive: true, force: true });
+  }
 }
 
 /**
@@ -679,6 +715,18 @@ async function parent(): Promise<void> {
     }
   }
 
+  if (!args['skip-kiln']) {
+    console.log(`\nKiln: SD VAE decoder (full size, random weights), one ${LATENT}x${LATENT} latent, ONNX Runtime CPU, ${threads} threads`);
+    const r = runChild<VaeDecode>('vae-decode');
+    if (r.result) {
+      const v = r.result;
+      console.log(`  ${v.parameters.toLocaleString('en-US')} parameters; write ${v.writeS.toFixed(1)} s, load ${v.loadS.toFixed(1)} s; decode ${(v.decodeMs / 1000).toFixed(1)} s -> sample [${v.outDims.join(', ')}]${v.finite ? '' : ' (NOT FINITE)'}; peak RSS ${v.peakRssMb.toFixed(0)} MB`);
+      if (!v.finite || v.outDims.join() !== [1, 3, LATENT * 8, LATENT * 8].join()) process.exitCode = 1;
+    } else {
+      console.log(`  not run: ${r.error}`);
+    }
+  }
+
   if (args.conversion) {
     console.log('\nconversion of SDXL-sized weights: random fp16 safetensors with the SDXL base UNet shapes -> fp32 ONNX (writeGraph)');
     const r = runChild<ConversionResult>('conversion');
@@ -699,7 +747,8 @@ async function parent(): Promise<void> {
 async function child(phase: string): Promise<void> {
   try {
     if (phase === 'kiln-serve') return await kilnServePhase();
-    const ok = phase === 'kiln-step' ? await kilnStepPhase() : phase === 'conversion' ? await conversionPhase() : undefined;
+    const phases: Record<string, () => Promise<unknown>> = { 'kiln-step': kilnStepPhase, conversion: conversionPhase, 'vae-decode': vaeDecodePhase };
+    const ok = await phases[phase]?.();
     if (!ok) throw new Error(`unknown phase ${phase}`);
     process.stdout.write(`${JSON.stringify({ ok })}\n`);
   } catch (err) {
