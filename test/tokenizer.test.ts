@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createClipTokenizer, loadClipTokenizer, type ClipTokenizer } from '../src/engine/tokenizer.js';
 
-const DATA = join(import.meta.dirname, '..', 'tools', 'data', 'clip-tokenizer');
+const DATA = join(import.meta.dirname, '..', 'models', '.clip-tokenizer');
 const BOS = 49406;
 const EOS = 49407;
 

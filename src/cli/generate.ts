@@ -10,6 +10,7 @@ import { randomSeed } from '../engine/rng.js';
 import { encodeGeneratedPng } from '../engine/image-codec.js';
 import type { Device } from '../engine/onnx.js';
 import { generate, type Progress } from '../engine/pipeline.js';
+import type { AppliedLora } from '../engine/loras.js';
 
 export interface GenerateFlags {
   model?: string;
@@ -23,6 +24,8 @@ export interface GenerateFlags {
   guidance?: number;
   device: Device;
   out?: string;
+  /** `--lora NAME[:SCALE]`, repeatable: LoRAs from $KILN_HOME/loras, added to the model's own. */
+  lora?: AppliedLora[];
 }
 
 export async function generateCommand(flags: GenerateFlags): Promise<void> {
@@ -35,7 +38,7 @@ export async function generateCommand(flags: GenerateFlags): Promise<void> {
     ? new SingleBar({ format: ' {stage} |{bar}| {value}/{total} steps | {duration_formatted}', hideCursor: true }, Presets.shades_classic)
     : undefined;
   try {
-    const model = await engine.model(modelName);
+    const model = await engine.model(modelName, { loras: flags.lora });
     build.stop();
     const onProgress = (p: Progress) => {
       if (!bar) return;
@@ -59,9 +62,10 @@ export async function generateCommand(flags: GenerateFlags): Promise<void> {
     await writeFile(out, png);
     const s = result.settings;
     const seconds = ((performance.now() - started) / 1000).toFixed(2);
+    const loras = s.loras?.length ? ` loras=${s.loras.map((l) => `${l.name}:${l.scale}`).join(',')}` : '';
     process.stdout.write(
       `${out}: ${s.width}x${s.height} model=${s.model} seed=${s.seed} steps=${s.steps} scheduler=${s.scheduler} ` +
-        `guidance=${s.guidanceScale} time=${seconds}s (generation ${(result.timings.totalMs / 1000).toFixed(2)}s)\n`,
+        `guidance=${s.guidanceScale}${loras} time=${seconds}s (generation ${(result.timings.totalMs / 1000).toFixed(2)}s)\n`,
     );
   } finally {
     bar?.stop();

@@ -3,6 +3,8 @@
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { registerConvertCommand } from './convert.js';
+import { registerImportCommand } from './import.js';
+import { isValidLoraName, MAX_LORA_SCALE, type AppliedLora } from '../engine/loras.js';
 import { generateCommand } from './generate.js';
 import { formatCliError } from './errors.js';
 import { registerModelCommands } from './models.js';
@@ -20,6 +22,18 @@ export function parseInteger(value: string): number {
   return Number(value);
 }
 
+/** `--lora NAME[:SCALE]` (repeatable): a LoRA of $KILN_HOME/loras and its scale (default 1). */
+export function collectLora(value: string, previous: AppliedLora[] = []): AppliedLora[] {
+  const at = value.lastIndexOf(':');
+  const name = at > 0 ? value.slice(0, at) : value;
+  const scale = at > 0 ? Number(value.slice(at + 1)) : 1;
+  if (!isValidLoraName(name)) throw new InvalidArgumentError(`"${name}" is not a LoRA name (a file of $KILN_HOME/loras without .safetensors: letters, digits, . _ + -)`);
+  if (at > 0 && (value.slice(at + 1).trim() === '' || !Number.isFinite(scale) || Math.abs(scale) > MAX_LORA_SCALE)) {
+    throw new InvalidArgumentError(`the scale of ${name} must be a number from -${MAX_LORA_SCALE} to ${MAX_LORA_SCALE}`);
+  }
+  return [...previous.filter((l) => l.name !== name), { name, scale }];
+}
+
 export function parseNumber(value: string): number {
   const n = Number(value);
   if (value.trim() === '' || !Number.isFinite(n)) throw new InvalidArgumentError('expected a number');
@@ -29,7 +43,7 @@ export function parseNumber(value: string): number {
 program
   .command('generate')
   .description('generate one image from a prompt and write it as PNG')
-  .option('-m, --model <name|dir>', 'installed model name or model folder (default: the default model)')
+  .option('-m, --model <name|dir|file>', 'installed model name, model folder, or single-file checkpoint (.safetensors) (default: the default model)')
   .requiredOption('-p, --prompt <text>', 'what to draw; inline weights like (ball)0.5 or word++ work')
   .option('--negative <text>', 'negative prompt')
   .option('-s, --seed <n>', 'seed (the API\'s n); random when absent', parseInteger)
@@ -40,6 +54,7 @@ program
   .option('--guidance <x>', 'classifier-free guidance scale', parseNumber)
   .addOption(new Option('--device <device>', 'execution provider').choices(['cpu', 'cuda']).default('cpu'))
   .option('-o, --out <file>', 'output PNG path (default: kiln-<seed>.png)')
+  .option('--lora <name[:scale]>', 'apply a LoRA from $KILN_HOME/loras (repeatable; also <lora:NAME:SCALE> in the prompt)', collectLora)
   .action(generateCommand);
 
 registerServeCommand(program);
@@ -47,6 +62,7 @@ registerServeCommand(program);
 registerPullCommand(program);
 registerModelCommands(program);
 registerConvertCommand(program);
+registerImportCommand(program);
 
 try {
   await program.parseAsync(process.argv);

@@ -7,8 +7,10 @@ import { SingleBar, Presets } from 'cli-progress';
 import { PullError } from '../models/errors.js';
 import { formatBytes, pullModel, type PullEvent, type PullResult } from '../models/pull.js';
 import { FORMAT_CHOICES, type FormatChoice } from '../models/select.js';
+import { parseFileSpec, pullFile, type PullFileResult } from '../models/pull-file.js';
 
 export interface PullFlags {
+  config?: string;
   name?: string;
   force?: boolean;
   dryRun?: boolean;
@@ -128,7 +130,30 @@ function summary(r: PullResult): string {
   return `installed ${r.name}: ${r.files.length} files, ${formatBytes(r.totalBytes)} (${formatBytes(r.fetchedBytes)} downloaded) in ${r.dir}${use}\n`;
 }
 
+function fileSummary(r: PullFileResult): string {
+  const where = `${r.repo}/${r.path}@${r.revision} (commit ${r.commit.slice(0, 7)})`;
+  if (r.dryRun) return `would fetch ${where}: ${formatBytes(r.size)}\n`;
+  const use = r.kind === 'lora' ? `; use it with <lora:${r.name}:0.8> in a prompt` : `; kiln generate --model ${r.name} --prompt "..."`;
+  const what = r.kind === 'lora' ? `LoRA ${r.name}` : `${r.name}${r.detected ? ` (${r.detected.description} checkpoint)` : ''}`;
+  if (r.upToDate) return `${what} is up to date (${where})${use}\n`;
+  return `installed ${what}: ${formatBytes(r.size)} (${formatBytes(r.fetchedBytes)} downloaded) from ${where} in ${r.dir}${use}\n`;
+}
+
 export async function pullCommand(spec: string, flags: PullFlags): Promise<void> {
+  let fileSpec: ReturnType<typeof parseFileSpec>;
+  try {
+    fileSpec = parseFileSpec(spec);
+  } catch (err) {
+    if (!(err instanceof PullError)) throw err;
+    process.stderr.write(`kiln: ${err.message}\n`);
+    process.exitCode = 1;
+    return;
+  }
+  if ((fileSpec && flags.format !== undefined) || (!fileSpec && flags.config !== undefined)) {
+    process.stderr.write(`kiln: ${fileSpec ? '--format applies to repositories' : '--config applies to one checkpoint file (owner/name/path/file.safetensors)'}\n`);
+    process.exitCode = 1;
+    return;
+  }
   if (flags.format !== undefined && !FORMAT_CHOICES.includes(flags.format as FormatChoice)) {
     process.stderr.write(`kiln: --format is one of ${FORMAT_CHOICES.join(', ')} (got "${flags.format}")\n`);
     process.exitCode = 1;
@@ -139,6 +164,12 @@ export async function pullCommand(spec: string, flags: PullFlags): Promise<void>
   process.once('SIGINT', onSigint);
   const view = new PullProgress();
   try {
+    if (fileSpec) {
+      const r = await pullFile(fileSpec, { name: flags.name, force: flags.force, dryRun: flags.dryRun, config: flags.config, signal: abort.signal, onEvent: view.handle });
+      view.stop();
+      process.stdout.write(fileSummary(r));
+      return;
+    }
     const result = await pullModel(spec, {
       name: flags.name,
       force: flags.force,
@@ -163,11 +194,15 @@ export async function pullCommand(spec: string, flags: PullFlags): Promise<void>
 export function registerPullCommand(program: Command): void {
   program
     .command('pull')
-    .description('download a model from the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE apply): an alias (see kiln models --aliases) or owner/name[@revision]')
-    .argument('<model>', 'alias, or Hub repository id owner/name with an optional @branch, tag or commit')
+    .description(
+      'download a model from the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE apply): an alias (see kiln models --aliases), owner/name[@revision], ' +
+        'or one file owner/name/path/file.safetensors[@revision] (a single-file checkpoint becomes a model, a LoRA goes to $KILN_HOME/loras)',
+    )
+    .argument('<model>', 'alias, Hub repository id owner/name, or owner/name/path/file.safetensors, with an optional @branch, tag or commit')
     .option('-n, --name <name>', 'install name under $KILN_HOME/models (default: the alias or the repository name)')
     .option('-f, --force', 'replace a folder of that name that kiln pull did not install')
     .option('--dry-run', 'list the files and the size, download nothing')
+    .option('--config <dir>', 'one checkpoint file: a diffusers folder to take the configs from (as kiln import --config)')
     .option(
       '--format <format>',
       'diffusion layout to install: auto (the safetensors weights, fp16 where present, when complete, else the ONNX export), onnx or safetensors (default: auto, or what the alias says)',

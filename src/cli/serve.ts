@@ -1,11 +1,13 @@
 /**
  * `kiln serve`: the HTTP API (src/server), with graceful shutdown on SIGTERM/SIGINT.
  */
-import { resolve } from 'node:path';
+import { existsSync } from 'node:fs';
+import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { builtinModelsDir, defaultModelName, kilnHome, locateModel, modelSearchDirs, REFERENCE_DEFAULT_MODEL } from '../engine/locate.js';
 import type { Device } from '../engine/onnx.js';
 import { createServer } from '../server/app.js';
+import { fileModelFolder, isWeightsFilePath } from '../graphs/checkpoint.js';
 
 export interface ServeFlags {
   host: string;
@@ -81,12 +83,17 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
   // One home for everything that reads it (model aliases included).
   const home = resolve(flags.home ?? kilnHome());
   process.env.KILN_HOME = home;
+  // A single-file checkpoint is served through the model folder Kiln keeps for it (named after the file).
+  const defaultModel =
+    flags.defaultModel && isWeightsFilePath(flags.defaultModel) && existsSync(flags.defaultModel)
+      ? fileModelFolder(flags.defaultModel, join(home, 'cache'))
+      : flags.defaultModel;
   const server = await createServer({
     home,
     host: flags.host,
     port: flags.port,
     publicUrl: flags.publicUrl,
-    defaultModel: flags.defaultModel,
+    defaultModel,
     apiKeys,
     urlTtlMs: flags.urlTtl,
     maxQueue: flags.maxQueue,
@@ -131,7 +138,7 @@ export function registerServeCommand(program: Command): void {
     .option('--host <host>', 'address to bind (loopback unless told otherwise)', '127.0.0.1')
     .option('--port <port>', 'port to listen on (0: any free port)', parsePort, 1234)
     .option('--home <dir>', "Kiln's home folder: models/, images/, the URL secret (default $KILN_HOME or ~/.local/share/kiln)")
-    .option('--default-model <name|dir>', 'model for requests that name none (default: be-stable-diffusion-xl-base-1.0 if installed, else kiln-tiny-xl)')
+    .option('--default-model <name|dir|file>', 'model for requests that name none: a name, a model folder or a single-file checkpoint (default: be-stable-diffusion-xl-base-1.0 if installed, else kiln-tiny-xl)')
     .option('--api-key <key>', 'require this bearer key on /v1/* (repeatable; also KILN_API_KEYS=k1,k2)', collect)
     .option('--public-url <url>', 'base URL clients reach this server at, for image URLs (behind a reverse proxy)', parseUrl)
     .addOption(new Option('--url-ttl <duration>', 'lifetime of image URLs and their files').argParser(parseDuration).default(3_600_000, '60m'))

@@ -1,14 +1,27 @@
 /**
  * The engine facade: resolves model names, keeps one loaded model (its sessions) per folder
  * and device for the life of the process, and runs generations on them. A diffusers folder
- * with safetensors weights is first built into ONNX graphs (once, cached: src/graphs/cache.ts).
+ * with safetensors weights (or a single-file checkpoint, src/graphs/checkpoint.ts) is first
+ * built into ONNX graphs (once, cached: src/graphs/cache.ts).
+ *
+ * LoRAs: a model runs with the LoRAs its kiln.json lists (`"loras": [{"name", "scale"}]`),
+ * plus those a request's prompt names (`<lora:NAME:SCALE>`, src/engine/loras.ts), plus those
+ * `model(name, { loras })` is given. Each set is a variant whose UNet / text encoder graphs fold
+ * the LoRAs in (src/graphs/lora-graph.ts); variants are kept in an LRU cache of
+ * `loraCacheSize` (default 2, or $KILN_LORA_CACHE) beside the base models.
  */
-import { statSync } from 'node:fs';
-import { basename, join } from 'node:path';
+import { existsSync, readdirSync, statSync } from 'node:fs';
+import { basename, join, resolve } from 'node:path';
 import { DiffusionModel, isSafetensorsLayout } from './model.js';
 import { isModelPath, kilnHome, locateModel, modelSearchDirs } from './locate.js';
-import { ensureBuilt } from '../graphs/cache.js';
-import type { GraphDtype } from '../graphs/convert.js';
+import { InvalidOptionError, ModelLoadError } from './errors.js';
+import { attachLoras, isValidLoraName, mergeLoras, VariantCache, type AppliedLora, type LoraLease } from './loras.js';
+import { OnnxModel } from './onnx.js';
+import { BUILD_INFO, ensureBuilt } from '../graphs/cache.js';
+import { readKilnJson } from '../graphs/checkpoint.js';
+import { syncSettingsFile, type GraphDtype } from '../graphs/convert.js';
+import { loraGraph } from '../graphs/lora-graph.js';
+import { LoraMismatchError, type LoraComponent } from '../graphs/lora.js';
 import { generate, type GenerateOptions, type GenerateResult } from './pipeline.js';
 import type { Device } from './onnx.js';
 
@@ -20,8 +33,49 @@ export interface EngineOptions {
   cacheDir?: string;
   /** Precision of graphs built from safetensors (default: fp16 on CUDA, fp32 on CPU). */
   dtype?: GraphDtype;
+  /** Where LoRA names are looked up: `<lorasDir>/<name>.safetensors` (default: $KILN_HOME/loras). */
+  lorasDir?: string;
+  /** LoRA variants kept loaded beside the base models (default: $KILN_LORA_CACHE, else 2). */
+  loraCacheSize?: number;
   /** Progress of a graph build (first use of a safetensors folder). */
   onBuildProgress?: (event: { model: string; component: string; done: number; total: number }) => void;
+  /** Things people should know that do not stop a load (LoRA modules matching nothing, unused checkpoint tensors). */
+  onWarning?: (message: string) => void;
+}
+
+/** Where a set of LoRAs comes from, for messages and for which error a problem is. */
+type LoraOrigin = 'prompt' | 'kiln.json' | 'option';
+
+/** A LoRA resolved to its file. */
+interface ResolvedLora extends AppliedLora {
+  path: string;
+}
+
+interface LoadedModel {
+  /** The folder the name resolved to (where kiln.json is read). */
+  dir: string;
+  /** The ONNX folder the sessions come from (`dir`, or its build in the cache). */
+  onnxDir: string;
+  base: DiffusionModel;
+  /** Whether Kiln built the graphs (LoRAs match their weight names; exported graphs have others). */
+  kilnBuilt: boolean;
+  /** kiln.json's LoRAs. */
+  defaults: AppliedLora[];
+  /** The variant with the defaults, held for the life of the entry. */
+  defaultVariant?: Promise<LoraLease>;
+}
+
+const LORA_COMPONENTS: readonly [LoraComponent, 'unet' | 'textEncoder' | 'textEncoder2'][] = [
+  ['unet', 'unet'],
+  ['text_encoder', 'textEncoder'],
+  ['text_encoder_2', 'textEncoder2'],
+];
+
+function envCacheSize(): number | undefined {
+  const raw = process.env.KILN_LORA_CACHE;
+  if (raw === undefined || raw.trim() === '') return undefined;
+  const n = Number(raw);
+  return Number.isInteger(n) && n >= 0 ? n : undefined;
 }
 
 export class Engine {
@@ -29,32 +83,55 @@ export class Engine {
   readonly searchDirs: string[];
   readonly cacheDir: string;
   readonly dtype: GraphDtype;
+  readonly lorasDir: string;
   private readonly onBuildProgress: EngineOptions['onBuildProgress'];
-  private readonly models = new Map<string, { version: string; loading: Promise<DiffusionModel> }>();
+  private readonly warn: (message: string) => void;
+  private readonly models = new Map<string, { version: string; loading: Promise<LoadedModel> }>();
+  private readonly variants: VariantCache;
+  /** Leases of `model(name, { loras })` callers, released when the engine closes. */
+  private readonly held: LoraLease[] = [];
 
   constructor(options: EngineOptions = {}) {
     this.device = options.device ?? 'cpu';
     this.searchDirs = options.searchDirs ?? modelSearchDirs();
     this.cacheDir = options.cacheDir ?? join(kilnHome(), 'cache');
     this.dtype = options.dtype ?? (this.device === 'cuda' ? 'fp16' : 'fp32');
+    this.lorasDir = resolve(options.lorasDir ?? join(kilnHome(), 'loras'));
+    this.variants = new VariantCache(options.loraCacheSize ?? envCacheSize() ?? 2);
     this.onBuildProgress = options.onBuildProgress;
+    this.warn = options.onWarning ?? ((m) => process.stderr.write(`kiln: warning: ${m}\n`));
   }
 
   /**
    * Loads a model once (by folder) and returns the same instance afterwards, until the folder
-   * is replaced (a re-pull swaps the files under the same name): then it is loaded afresh.
+   * is replaced (a re-pull swaps the files under the same name) or its kiln.json changes: then
+   * it is loaded afresh. With kiln.json LoRAs (or `options.loras`, added to them) the result is
+   * the variant that applies them.
    */
-  model(nameOrPath: string): Promise<DiffusionModel> {
-    const dir = locateModel(nameOrPath, this.searchDirs);
+  async model(nameOrPath: string, options: { loras?: readonly AppliedLora[] } = {}): Promise<DiffusionModel> {
+    for (const l of options.loras ?? []) this.resolveLora(l, 'option'); // an unknown name fails before any load
+    const loaded = await this.load(nameOrPath);
+    if (!options.loras?.length) return loaded.defaultVariant ? (await loaded.defaultVariant).model : loaded.base;
+    const lease = await this.acquire(loaded, mergeLoras(loaded.defaults, options.loras), 'option');
+    this.held.push(lease);
+    return lease.model;
+  }
+
+  private load(nameOrPath: string): Promise<LoadedModel> {
+    let dir: string;
+    try {
+      dir = locateModel(nameOrPath, this.searchDirs, { cacheDir: this.cacheDir });
+    } catch (err) {
+      return Promise.reject(err);
+    }
     const version = folderVersion(dir);
     const cached = this.models.get(dir);
     if (cached && cached.version === version) return cached.loading;
     // A replaced model's sessions are not released here: a request may still be running on
-    // them. They are freed with the last reference.
-    const name = isModelPath(nameOrPath) ? undefined : nameOrPath;
-    const loading = this.onnxFolder(dir).then((onnxDir) =>
-      DiffusionModel.load(onnxDir, { device: this.device, name: name ?? basename(dir) }),
-    );
+    // them. They are freed with the last reference (its kiln.json variant once no request holds it).
+    if (cached) void cached.loading.then((old) => old.defaultVariant?.then((l) => l.release())).catch(() => {});
+    const name = isModelPath(nameOrPath) ? basename(dir) : nameOrPath;
+    const loading = this.loadFolder(dir, name);
     // A failed load is not cached, so a fixed folder can be retried without a restart.
     loading.catch(() => {
       if (this.models.get(dir)?.loading === loading) this.models.delete(dir);
@@ -63,15 +140,118 @@ export class Engine {
     return loading;
   }
 
+  private async loadFolder(dir: string, name: string): Promise<LoadedModel> {
+    const settings = readKilnJson(dir);
+    const onnxDir = await this.onnxFolder(dir);
+    const base = await DiffusionModel.load(onnxDir, { device: this.device, name });
+    const loaded: LoadedModel = { dir, onnxDir, base, kilnBuilt: existsSync(join(onnxDir, BUILD_INFO)), defaults: settings?.loras ?? [] };
+    attachLoras(base, [], (tags) => this.acquire(loaded, mergeLoras(loaded.defaults, tags), 'prompt'));
+    if (loaded.defaults.length) {
+      loaded.defaultVariant = this.acquire(loaded, loaded.defaults, 'kiln.json');
+      await loaded.defaultVariant;
+    }
+    return loaded;
+  }
+
   /** The folder to load: `dir` itself, or the graphs built from it when it holds safetensors. */
   private async onnxFolder(dir: string): Promise<string> {
     if (!isSafetensorsLayout(dir)) return dir;
     const model = basename(dir);
-    return ensureBuilt(dir, {
+    const built = await ensureBuilt(dir, {
       cacheDir: this.cacheDir,
       dtype: this.dtype,
       onProgress: (e) => this.onBuildProgress?.({ model, ...e }),
+      onWarning: this.warn,
     });
+    // Generation defaults may change without a rebuild (the build key leaves them out).
+    syncSettingsFile(dir, built);
+    return built;
+  }
+
+  /**
+   * `<lorasDir>/<name>.safetensors`, or an error naming the LoRA and what is installed: an
+   * InvalidOptionError for what a request or command asked, a ModelLoadError for a model's kiln.json.
+   */
+  private resolveLora(lora: AppliedLora, origin: LoraOrigin): ResolvedLora {
+    const param = origin === 'prompt' ? 'prompt' : 'lora';
+    const where = origin === 'kiln.json' ? "the model's kiln.json" : origin === 'prompt' ? 'the prompt' : '--lora';
+    const fail = (message: string): never => {
+      throw origin === 'kiln.json' ? new ModelLoadError(message) : new InvalidOptionError(message, param);
+    };
+    if (!isValidLoraName(lora.name)) fail(`"${lora.name}" (in ${where}) is not a LoRA name: letters, digits, . _ + -, without .safetensors`);
+    if (!Number.isFinite(lora.scale)) fail(`LoRA "${lora.name}" (in ${where}) has scale ${lora.scale}, not a number`);
+    const path = join(this.lorasDir, `${lora.name}.safetensors`);
+    if (!existsSync(path) || !statSync(path).isFile()) {
+      // A request is told the names it may use, not where the server keeps them.
+      const installed = existsSync(this.lorasDir) ? readdirSync(this.lorasDir).filter((f) => f.endsWith('.safetensors')).map((f) => f.slice(0, -'.safetensors'.length)).filter(isValidLoraName).sort() : [];
+      const names = installed.length ? `installed LoRAs: ${installed.slice(0, 20).join(', ')}${installed.length > 20 ? ', ...' : ''}` : 'no LoRAs are installed';
+      fail(
+        origin === 'prompt'
+          ? `unknown LoRA "${lora.name}" in the prompt (${names})`
+          : `unknown LoRA "${lora.name}" (in ${where}): there is no ${lora.name}.safetensors in ${this.lorasDir} (${names}; install one with \`kiln import --lora FILE --name ${lora.name}\`)`,
+      );
+    }
+    return { ...lora, path };
+  }
+
+  /** A lease on the variant of `loaded` with `loras` (all resolved first: an unknown name fails before any build). */
+  private acquire(loaded: LoadedModel, loras: readonly AppliedLora[], origin: LoraOrigin): Promise<LoraLease> {
+    let resolved: ResolvedLora[];
+    try {
+      resolved = loras.map((l) => this.resolveLora(l, origin));
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    if (!loaded.kilnBuilt) {
+      const message = `model ${loaded.base.name} is an ONNX export, whose graphs do not carry the weight names LoRAs are matched against; LoRAs apply to models Kiln builds from safetensors (a diffusers folder or a single-file checkpoint)`;
+      return Promise.reject(origin === 'kiln.json' ? new ModelLoadError(message) : new InvalidOptionError(message, origin === 'prompt' ? 'prompt' : 'lora'));
+    }
+    const stamps = resolved.map((l) => {
+      const st = statSync(l.path);
+      return `${l.name}:${l.scale}:${st.size}:${st.mtimeMs}:${st.ino}`;
+    });
+    const key = `${loaded.onnxDir}\n${stamps.join('\n')}`;
+    return this.variants.acquire(key, () => this.buildVariant(loaded, resolved, origin));
+  }
+
+  private async buildVariant(loaded: LoadedModel, loras: ResolvedLora[], origin: LoraOrigin) {
+    const { base, onnxDir } = loaded;
+    const specs = loras.map((l) => ({ path: l.path, scale: l.scale }));
+    const replaced: Partial<Record<'unet' | 'textEncoder' | 'textEncoder2', OnnxModel>> = {};
+    const matched = loras.map(() => 0);
+    try {
+      for (const [component, field] of LORA_COMPONENTS) {
+        const session = base[field];
+        if (!session) continue;
+        const graph = join(onnxDir, component, 'model.onnx');
+        let result;
+        try {
+          result = loraGraph(graph, specs, component, { family: base.layout.family });
+        } catch (err) {
+          // A LoRA made for another model: the request's fault when the request named it.
+          if (err instanceof LoraMismatchError && origin !== 'kiln.json') throw new InvalidOptionError(err.message, origin === 'prompt' ? 'prompt' : 'lora');
+          throw err;
+        }
+        result.reports.forEach((r, i) => (matched[i]! += r.matched.length));
+        for (const line of result.unmatched) this.warn(`${base.name}: ${line}`);
+        if (result.path !== graph) replaced[field] = await OnnxModel.load(result.path, onnxDir, { device: this.device, stats: base.stats });
+      }
+    } catch (err) {
+      await Promise.all(Object.values(replaced).map((s) => s.release()));
+      throw err;
+    }
+    loras.forEach((l, i) => {
+      if (matched[i] === 0) this.warn(`${base.name}: LoRA "${l.name}" (${l.path}) matches no module of the model; it changes nothing`);
+    });
+    const model = base.withSessions(replaced);
+    const applied = loras.map(({ name, scale }) => ({ name, scale }));
+    attachLoras(model, applied, (tags) => this.acquire(loaded, mergeLoras(applied, tags), 'prompt'));
+    return { model, release: () => model.release() };
+  }
+
+  /** LoRA variants loaded now (in use or kept in the cache). */
+  get loraVariants(): number {
+    return this.variants.size;
   }
 
   async generate(nameOrPath: string, options: GenerateOptions): Promise<GenerateResult> {
@@ -79,18 +259,23 @@ export class Engine {
   }
 
   async close(): Promise<void> {
+    for (const lease of this.held.splice(0)) lease.release();
     const loaded = await Promise.allSettled([...this.models.values()].map((m) => m.loading));
     this.models.clear();
-    await Promise.all(loaded.map((r) => (r.status === 'fulfilled' ? r.value.release() : undefined)));
+    await this.variants.clear();
+    await Promise.all(loaded.map((r) => (r.status === 'fulfilled' ? r.value.base.release() : undefined)));
   }
 }
 
-/** Identity of a folder's current contents: its index file's inode and modification time. */
+/** Identity of a folder's current contents: its index file's and kiln.json's inode and modification time. */
 function folderVersion(dir: string): string {
-  try {
-    const st = statSync(join(dir, 'model_index.json'));
-    return `${st.ino}:${st.mtimeMs}`;
-  } catch {
-    return 'missing';
-  }
+  const stamp = (file: string): string => {
+    try {
+      const st = statSync(join(dir, file));
+      return `${st.ino}:${st.mtimeMs}`;
+    } catch {
+      return 'missing';
+    }
+  };
+  return `${stamp('model_index.json')}/${stamp('kiln.json')}`;
 }

@@ -74,7 +74,8 @@ export function readPngText(png: Buffer): Record<string, string> {
 
 /** The generation parameters in the A1111 "parameters" convention most tools read. */
 export function parametersText(s: EffectiveSettings): string {
-  const lines = [s.prompt];
+  // LoRAs as A1111 writes them: tags in the prompt line, so that tools reading it apply them again.
+  const lines = [[s.prompt, ...(s.loras ?? []).map((l) => `<lora:${l.name}:${l.scale}>`)].filter(Boolean).join(' ')];
   if (s.negativePrompt) lines.push(`Negative prompt: ${s.negativePrompt}`);
   lines.push(
     `Steps: ${s.steps}, Sampler: ${s.scheduler}, CFG scale: ${s.guidanceScale}, Seed: ${s.seed}, ` +

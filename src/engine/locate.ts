@@ -9,6 +9,7 @@ import { fileURLToPath } from 'node:url';
 import { ModelNotFoundError } from './errors.js';
 import { installedAliasLinks } from '../models/registry.js';
 import { REFERENCE_DEFAULT_ALIAS } from '../models/aliases.js';
+import { fileModelFolder, isWeightsFilePath } from '../graphs/checkpoint.js';
 
 /** Kiln's data folder: `$KILN_HOME`, else `$XDG_DATA_HOME/kiln`, else `~/.local/share/kiln`. */
 export function kilnHome(env: NodeJS.ProcessEnv = process.env): string {
@@ -29,14 +30,21 @@ export function modelSearchDirs(home: string = kilnHome()): string[] {
 
 const isModelDir = (dir: string) => existsSync(join(dir, 'model_index.json'));
 
-/** Whether what a user typed is a folder path (has a separator or starts with '.'), not a name. */
+/** Whether what a user typed is a path (has a separator, starts with '.', or names a weights file), not a name. */
 export function isModelPath(nameOrPath: string): boolean {
-  return /[\\/]/.test(nameOrPath) || nameOrPath.startsWith('.');
+  return /[\\/]/.test(nameOrPath) || nameOrPath.startsWith('.') || isWeightsFilePath(nameOrPath);
 }
 
-/** Resolves a model name or folder path to a folder, or throws ModelNotFoundError. */
-export function locateModel(nameOrPath: string, searchDirs: string[] = modelSearchDirs()): string {
+/**
+ * Resolves a model name or path to a folder, or throws ModelNotFoundError. A single-file
+ * checkpoint (`.safetensors`) becomes the model folder Kiln keeps for it under `cacheDir`
+ * (src/graphs/checkpoint.ts); a pickle file is refused with the reason (ModelLoadError).
+ */
+export function locateModel(nameOrPath: string, searchDirs: string[] = modelSearchDirs(), options: { cacheDir?: string } = {}): string {
   const asPath = resolve(nameOrPath);
+  if (isWeightsFilePath(nameOrPath) && existsSync(asPath) && statSync(asPath).isFile()) {
+    return fileModelFolder(asPath, options.cacheDir ?? join(kilnHome(), 'cache'));
+  }
   if (isModelPath(nameOrPath)) {
     if (existsSync(asPath)) return asPath;
     throw new ModelNotFoundError(`model folder ${asPath} does not exist`, nameOrPath);

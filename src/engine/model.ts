@@ -322,6 +322,7 @@ export class DiffusionModel {
     if (!this.layout.hasVaeEncoder) {
       return Promise.reject(new ModelLoadError(`model ${this.name} has no vae_encoder/model.onnx (needed for image edits)`));
     }
+    if (this.base) return this.base.vaeEncoder(); // shared with the model a variant comes from
     this.vaeEncoderPromise ??= this.loadVaeEncoder();
     return this.vaeEncoderPromise;
   }
@@ -389,7 +390,28 @@ export class DiffusionModel {
     return this.controlUnetPromise;
   }
 
+  /** The model a variant was made from (withSessions): it owns the shared sessions. */
+  private base: DiffusionModel | undefined;
+
+  /**
+   * This model with other text encoder / UNet sessions (a LoRA variant, src/engine/loras.ts):
+   * everything else is shared with this model, and the variant's release() frees only the
+   * sessions it was given.
+   */
+  withSessions(replace: { textEncoder?: OnnxModel; textEncoder2?: OnnxModel; unet?: OnnxModel }): DiffusionModel {
+    const root = this.base ?? this;
+    const v = new DiffusionModel(this.name, this.layout, this.device, this.tokenizer, this.tokenizer2, replace.textEncoder ?? root.textEncoder, replace.textEncoder2 ?? root.textEncoder2, replace.unet ?? root.unet, this.vaeDecoder, this.stats);
+    v.base = root;
+    return v;
+  }
+
   async release(): Promise<void> {
+    if (this.base) {
+      const base = this.base;
+      const own = [this.textEncoder, this.textEncoder2, this.unet].filter((s, i) => s && s !== [base.textEncoder, base.textEncoder2, base.unet][i]);
+      await Promise.all(own.map((s) => s!.release()));
+      return;
+    }
     const sessions = [this.textEncoder, this.textEncoder2, this.unet, this.vaeDecoder];
     if (this.controlUnetPromise) sessions.push(await this.controlUnetPromise.catch(() => undefined));
     if (this.vaeEncoderPromise) sessions.push((await this.vaeEncoderPromise.catch(() => undefined))?.model);

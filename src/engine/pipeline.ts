@@ -14,6 +14,8 @@ import { timestepDims, type Feed, type OnnxModel, type TensorInfo } from './onnx
 import { createRng, MAX_SEED, type Rng } from './rng.js';
 import { DEFAULT_QUALITY, DEFAULT_SIZES, parseSize, qualityTier } from './presets.js';
 import { GenerationCancelledError, InvalidOptionError, ModelLoadError } from './errors.js';
+import { loraSettings, withPromptLoras, type AppliedLora } from './loras.js';
+import { imagePromptInputs, type ImagePrompt } from './image-prompt.js';
 
 export const MAX_STEPS = 150;
 export const MAX_GUIDANCE = 30;
@@ -47,6 +49,11 @@ export interface GenerateOptions {
   /** Alias (`euler`, `dpmpp_2m`, ...) or diffusers class name. */
   scheduler?: string;
   guidanceScale?: number;
+  /**
+   * An image prompt (IP-Adapter, image-prompt.ts): the picture steers the generation at each
+   * adapter's weight. Every weight 0 (or absent): the plain model, byte for byte.
+   */
+  imagePrompt?: ImagePrompt;
   onProgress?: (progress: Progress) => void;
   signal?: AbortSignal;
 }
@@ -65,6 +72,8 @@ export interface EffectiveSettings {
   quality: string;
   /** img2img/inpainting: how much of the input is re-noised (0..1]. */
   strength?: number;
+  /** LoRAs the model ran with (its kiln.json's and the prompt's `<lora:NAME:SCALE>` tags). */
+  loras?: AppliedLora[];
 }
 
 export interface Timings {
@@ -120,6 +129,7 @@ export function resolveSettings(model: DiffusionModel, options: GenerateOptions)
     scheduler: pickScheduler(model, options.scheduler),
     guidanceScale,
     quality,
+    ...loraSettings(model),
   };
 }
 
@@ -185,6 +195,8 @@ export interface DenoiseArgs {
    * image latents: 5·h·w values), constant over the steps.
    */
   extraChannels?: Float32Array;
+  /** Feeds that stay the same over the steps beyond the text's (an image prompt's ip_tokens / ip_scale). */
+  extraFeeds?: Record<string, Feed>;
   timings: Timings;
 }
 
@@ -247,6 +259,7 @@ export async function denoise(args: DenoiseArgs): Promise<{ latents: Float32Arra
 
   // Feeds that do not change between steps.
   const staticFeeds: Record<string, Feed> = {
+    ...args.extraFeeds,
     encoder_hidden_states: batched(cfg ? [uncond.hidden.data, cond.hidden.data] : [cond.hidden.data], cond.hidden.dims),
   };
   if (unet.hasInput('text_embeds')) {
@@ -350,7 +363,18 @@ export async function runDiffusion(
   model: DiffusionModel,
   options: GenerateOptions,
   start: (ctx: StartContext) => Promise<LatentStart> | LatentStart,
-  extra: {
+  extra: RunExtra = {},
+): Promise<GenerateResult> {
+  // The prompt's <lora:NAME:SCALE> tags: the model's variant with them, held while this runs.
+  const use = await withPromptLoras(model, options, extra);
+  try {
+    return await runDiffusionOn(use.model, use.options, start, use.extra);
+  } finally {
+    use.release();
+  }
+}
+
+type RunExtra = {
     settings?: Partial<EffectiveSettings>;
     afterStep?: DenoiseArgs['afterStep'];
     extraChannels?: Float32Array;
@@ -358,7 +382,13 @@ export async function runDiffusion(
     control?: ControlInput;
     /** Post-processing of the decoded picture (inpainting pastes the unmasked input back). */
     afterDecode?: (image: RgbImage) => RgbImage;
-  } = {},
+};
+
+async function runDiffusionOn(
+  model: DiffusionModel,
+  options: GenerateOptions,
+  start: (ctx: StartContext) => Promise<LatentStart> | LatentStart,
+  extra: RunExtra,
 ): Promise<GenerateResult> {
   const t0 = performance.now();
   const runMsBefore = model.stats.sessionRunMs;
@@ -378,6 +408,8 @@ export async function runDiffusion(
   const cfg = usesCfg(model, settings.guidanceScale);
   // The option, not the settings' string: for SDXL an absent negative prompt differs from "".
   const { cond, uncond } = await encodePrompts(model, settings.prompt, options.negativePrompt, cfg, timings);
+  // The image prompt's tokens, in the text's batch order; its UNet replaces the model's.
+  const imagePrompt = await imagePromptInputs(model, options.imagePrompt, cfg, extra.unet);
   timings.encodeMs = performance.now() - started;
 
   const { latents, unetCalls } = await denoise({
@@ -396,7 +428,8 @@ export async function runDiffusion(
     onStep: (step, total) => onProgress?.({ stage: 'denoise', step, totalSteps: total }),
     afterStep: extra.afterStep,
     extraChannels: extra.extraChannels,
-    unet: extra.unet,
+    unet: imagePrompt?.unet ?? extra.unet,
+    extraFeeds: imagePrompt?.feeds,
     control: extra.control,
     timings,
   });

@@ -6,7 +6,9 @@
  * The key hashes the build format, the options, and the source's content as far as it can be
  * known cheaply: every config, tokenizer and scheduler file in full, and each weights file's
  * safetensors header (names, dtypes, shapes, offsets), size and modification time (hashing
- * gigabytes of weights on every start would cost more than it protects).
+ * gigabytes of weights on every start would cost more than it protects). Of kiln.json only what
+ * changes the build counts (`checkpoint`, `vae`, `prediction_type`, and the files they name,
+ * wherever they are): its generation defaults and LoRAs are applied without a rebuild.
  *
  * A build goes into a temporary folder that is renamed into place when complete, so an
  * interrupted build leaves no half-written entry (only a `.partial-*` folder, removed by the
@@ -15,7 +17,8 @@
 import { createHash } from 'node:crypto';
 import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, join, relative } from 'node:path';
-import { convertPipeline, type ConvertOptions, type GraphDtype } from './convert.js';
+import { KILN_JSON, readKilnJson, settingsPath } from './checkpoint.js';
+import { BUILD_SETTINGS, convertPipeline, type ConvertOptions, type GraphDtype } from './convert.js';
 
 /** Bump when the graphs Kiln writes change, so that old cache entries are rebuilt. */
 export const BUILD_FORMAT = 1;
@@ -36,9 +39,7 @@ function listFiles(dir: string): string[] {
 /** The cache key of a source folder and options (see the file comment for what it covers). */
 export function buildKey(src: string, dtype: GraphDtype): string {
   const h = createHash('sha256').update(`kiln-graphs ${BUILD_FORMAT}\ndtype ${dtype}\n`);
-  for (const path of listFiles(src)) {
-    const rel = relative(src, path);
-    if (rel === 'kiln-source.json' || rel.startsWith('.')) continue;
+  const hashFile = (path: string, rel: string): void => {
     const st = statSync(path);
     h.update(`${rel}\n${st.size}\n`);
     if (rel.endsWith('.safetensors')) {
@@ -48,6 +49,24 @@ export function buildKey(src: string, dtype: GraphDtype): string {
     } else {
       h.update(`${st.mtimeMs}\n`);
     }
+  };
+  for (const path of listFiles(src)) {
+    const rel = relative(src, path);
+    if (rel === 'kiln-source.json' || rel === KILN_JSON || rel.startsWith('.')) continue;
+    hashFile(path, rel);
+  }
+  const settings = readKilnJson(src);
+  for (const key of BUILD_SETTINGS) {
+    const value = settings?.[key];
+    if (value === undefined) continue;
+    h.update(`kiln.json ${key} ${JSON.stringify(value)}\n`);
+    if (key === 'prediction_type') continue;
+    // The files it names, also outside the folder (a checkpoint referred to by its path).
+    const path = settingsPath(src, value as string);
+    const st = statSync(path, { throwIfNoEntry: false });
+    if (st?.isFile()) hashFile(path, path);
+    else if (st?.isDirectory()) for (const f of listFiles(path)) hashFile(f, f);
+    else h.update('missing\n');
   }
   return h.digest('hex').slice(0, 16);
 }
@@ -106,6 +125,7 @@ export async function ensureBuilt(src: string, options: CachedBuildOptions): Pro
         dtype,
         key,
         components: result.components.map((c) => ({ name: c.name, parameters: c.parameters, ...c.stats })),
+        ...(result.warnings.length ? { warnings: result.warnings } : {}),
       };
       writeFileSync(join(partial, BUILD_INFO), `${JSON.stringify(info, null, 2)}\n`);
       rmSync(target, { recursive: true, force: true }); // a folder without BUILD_INFO is not an entry

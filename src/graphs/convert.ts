@@ -4,18 +4,26 @@
  * a model.onnx built by the model pages from the component's own config.json, beside that
  * config; tokenizers, scheduler and model_index.json are copied as they are.
  *
+ * The weights come from each component folder, or from the single-file checkpoint the folder's
+ * kiln.json names (`kiln import`, checkpoint.ts), with kiln.json's `vae` (a separate VAE) over
+ * either; kiln.json's `prediction_type` is written into the scheduler config, and its generation
+ * defaults (steps, guidance_scale, scheduler) travel with the graphs.
+ *
  * Components are built one at a time (one graph in memory at once); weights stay in the source
  * files (hard-linked) unless a cast is needed (write.ts).
  */
-import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ModelLoadError } from '../engine/errors.js';
+import { folderSources, KILN_JSON, readKilnJson, settingsPath, vaeFolderConfig } from './checkpoint.js';
 import { buildClipText } from './clip-text.js';
+import type { FolderComponent } from './families.js';
 import { toFloat16Graph } from './float16.js';
 import { GraphBuilder } from './onnx-builder.js';
 import { buildUnet } from './unet.js';
 import { buildVaeDecoder, buildVaeEncoder } from './vae.js';
-import { componentWeights, Params, type WeightSource } from './weights.js';
+import { Params, type WeightSource } from './weights.js';
 import { writeGraph, type WriteStats } from './write.js';
 
 export type GraphDtype = 'fp32' | 'fp16';
@@ -24,10 +32,13 @@ export interface ConvertOptions {
   dtype?: GraphDtype;
   /** Called as weights are written: the component, bytes done and bytes in all for that component. */
   onProgress?: (event: { component: string; done: number; total: number }) => void;
+  /** Told what a build leaves out (tensors of a checkpoint that match no component). */
+  onWarning?: (message: string) => void;
 }
 
 export interface ConvertResult {
   components: { name: string; parameters: number; stats: WriteStats }[];
+  warnings: string[];
 }
 
 /** A component folder of the source, what it becomes, and which page builds it. */
@@ -131,11 +142,27 @@ export function buildComponent(
  */
 export function convertPipeline(src: string, out: string, options: ConvertOptions = {}): ConvertResult {
   if (!existsSync(join(src, 'model_index.json'))) throw new ModelLoadError(`${src} has no model_index.json: not a diffusers pipeline folder`, src);
-  const planned = componentsOf(src).map((plan) => {
-    const from = join(src, plan.source);
-    const config = readConfig(join(from, 'config.json'), plan.source);
-    checkClass(config, plan.classes, plan.source, join(from, 'config.json'));
-    return { plan, config, built: buildGraph(plan, plan.target, config, componentWeights(from, plan.source), options) };
+  const plans = componentsOf(src);
+  const settings = readKilnJson(src);
+  const configs: Partial<Record<FolderComponent, Record<string, unknown>>> = {};
+  for (const plan of plans) {
+    const component = plan.source as FolderComponent;
+    if (configs[component]) continue;
+    const path = join(src, plan.source, 'config.json');
+    configs[component] = readConfig(path, plan.source);
+    checkClass(configs[component], plan.classes, plan.source, path);
+  }
+  // A separate VAE folder brings its own config (an fp16-fixed VAE says force_upcast false).
+  const vaeConfig = settings?.vae ? vaeFolderConfig(settingsPath(src, settings.vae)) : undefined;
+  if (vaeConfig) {
+    checkClass(vaeConfig, ['AutoencoderKL'], 'vae', settingsPath(src, settings!.vae!));
+    configs.vae = vaeConfig;
+  }
+  const { sources, warnings } = folderSources(src, Object.keys(configs) as FolderComponent[], configs);
+  for (const w of warnings) options.onWarning?.(w);
+  const planned = plans.map((plan) => {
+    const config = configs[plan.source as FolderComponent]!;
+    return { plan, config, built: buildGraph(plan, plan.target, config, sources[plan.source as FolderComponent]!, options) };
   });
 
   mkdirSync(out, { recursive: true });
@@ -146,7 +173,13 @@ export function convertPipeline(src: string, out: string, options: ConvertOption
     mkdirSync(join(out, folder), { recursive: true });
     for (const f of readdirSync(from)) if (statSync(join(from, f)).isFile()) copyFileSync(join(from, f), join(out, folder, f));
   }
-  const result: ConvertResult = { components: [] };
+  if (settings?.prediction_type) {
+    const path = join(out, 'scheduler', 'scheduler_config.json');
+    const scheduler = readConfig(path, 'scheduler');
+    writeFileSync(path, `${JSON.stringify({ ...scheduler, prediction_type: settings.prediction_type }, null, 2)}\n`);
+  }
+  syncSettingsFile(src, out);
+  const result: ConvertResult = { components: [], warnings };
   for (const { plan, config, built } of planned) {
     const dir = join(out, plan.target);
     const written = writeBuiltGraph(built, dir, options);
@@ -154,4 +187,28 @@ export function convertPipeline(src: string, out: string, options: ConvertOption
     result.components.push({ name: plan.target, ...written });
   }
   return result;
+}
+
+/** kiln.json keys that say how to build (read by the build, kept out of the built folder's copy). */
+export const BUILD_SETTINGS = ['checkpoint', 'vae', 'prediction_type'] as const;
+/** kiln.json keys the engine applies to the built graphs itself, or that only describe the source. */
+const SOURCE_ONLY_SETTINGS = new Set<string>([...BUILD_SETTINGS, 'loras', 'family', 'description', 'source', 'source_stamp']);
+
+/**
+ * Copies the generation defaults of `src`'s kiln.json (steps, guidance_scale, scheduler, ...)
+ * into the built folder `out`, or removes a stale copy; nothing is written when it is current.
+ */
+export function syncSettingsFile(src: string, out: string): void {
+  const target = join(out, KILN_JSON);
+  const settings = readKilnJson(src);
+  const kept = settings ? Object.fromEntries(Object.entries(settings).filter(([k]) => !SOURCE_ONLY_SETTINGS.has(k))) : {};
+  if (Object.keys(kept).length === 0) {
+    if (existsSync(target)) rmSync(target, { force: true });
+    return;
+  }
+  const text = `${JSON.stringify(kept, null, 2)}\n`;
+  if (existsSync(target) && readFileSync(target, 'utf8') === text) return;
+  const tmp = `${target}.${randomBytes(4).toString('hex')}.tmp`; // worker threads share a pid
+  writeFileSync(tmp, text);
+  renameSync(tmp, target);
 }

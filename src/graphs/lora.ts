@@ -28,6 +28,11 @@ export type LoraFamily = 'sd1' | 'sd2' | 'sdxl';
 
 const FAMILY_NAMES: Record<LoraFamily, string> = { sd1: 'SD 1.x', sd2: 'SD 2.x', sdxl: 'SDXL' };
 
+/** A readable LoRA that was made for another model (another family, or shapes that do not fit). */
+export class LoraMismatchError extends ModelLoadError {
+  override name = 'LoraMismatchError';
+}
+
 export interface LoraModule {
   /** The module's name in the file (`lora_unet_down_blocks_0_..._to_q`, `unet.down_blocks.0...to_q`). */
   key: string;
@@ -226,7 +231,8 @@ export interface LoraReport {
   unmatched: string[];
 }
 
-interface Update {
+/** One LoRA module's change to one weight. */
+export interface LoraUpdate {
   lora: LoraFile;
   module: LoraModule;
   /** float32(alpha / rank · scale). */
@@ -246,7 +252,7 @@ export class LoraWeights implements WeightSource {
   readonly component: string;
   readonly location: string;
   readonly reports: LoraReport[] = [];
-  private readonly updates = new Map<string, Update[]>(); // weight key -> its updates
+  private readonly updates = new Map<string, LoraUpdate[]>(); // weight key -> its updates
 
   constructor(
     readonly base: WeightSource,
@@ -262,7 +268,7 @@ export class LoraWeights implements WeightSource {
       const lora = typeof input.file === 'string' ? readLora(input.file) : input.file;
       if (!Number.isFinite(input.scale)) throw new ModelLoadError(`${lora.path}: LoRA scale ${input.scale} is not a number`, lora.path);
       if (lora.family && modelFamily && lora.family !== modelFamily) {
-        throw new ModelLoadError(
+        throw new LoraMismatchError(
           `${lora.path} is a LoRA for ${FAMILY_NAMES[lora.family]} (${lora.familyFrom}) and cannot be applied to this ${FAMILY_NAMES[modelFamily]} model's ${component}`,
           lora.path,
         );
@@ -297,7 +303,7 @@ export class LoraWeights implements WeightSource {
     const baseInner = shape.slice(1).reduce((a, b) => a * b, 1);
     const kernelsAgree = shape.length < 4 || m.down.shape.length < 4 || shape.slice(2).join() === m.down.shape.slice(2).join();
     if (m.up.shape[0] !== shape[0] || inner !== baseInner || !kernelsAgree) {
-      throw new ModelLoadError(
+      throw new LoraMismatchError(
         `${lora.path}: LoRA module "${m.key}" (down [${m.down.shape.join(', ')}], up [${m.up.shape.join(', ')}]) does not fit ${this.component} weight "${key}" of shape [${shape.join(', ')}]; the LoRA was made for another model`,
         lora.path,
       );
@@ -309,13 +315,18 @@ export class LoraWeights implements WeightSource {
     return this.updates.size;
   }
 
+  /** Weight key -> the updates it gets, in LoRA order (what lora-graph.ts writes into a graph). */
+  get plan(): ReadonlyMap<string, readonly LoraUpdate[]> {
+    return this.updates;
+  }
+
   /** "N LoRA modules match nothing in the unet: a, b, c, ..." for each LoRA that has some; empty if none. */
   unmatchedSummary(examples = 5): string[] {
     return this.reports
       .filter((r) => r.unmatched.length > 0)
       .map(
         (r) =>
-          `${r.path}: ${r.unmatched.length} LoRA module${r.unmatched.length === 1 ? '' : 's'} match nothing in the ${this.component}: ${r.unmatched.slice(0, examples).join(', ')}${r.unmatched.length > examples ? ', ...' : ''}`,
+          `${r.path}: ${r.unmatched.length} LoRA module${r.unmatched.length === 1 ? ' matches' : 's match'} nothing in the ${this.component}: ${r.unmatched.slice(0, examples).join(', ')}${r.unmatched.length > examples ? ', ...' : ''}`,
       );
   }
 
@@ -361,7 +372,7 @@ export function entryValues(entry: WeightEntry): Float32Array {
  * float32-exact products computed in double and rounded once are the float32 operations' results.
  * Row-wise, `down` read sequentially, four ranks per pass.
  */
-function addDelta(w: Float32Array, u: Update): void {
+function addDelta(w: Float32Array, u: LoraUpdate): void {
   const up = readTensorFloat32(u.lora.file, u.module.up);
   const down = readTensorFloat32(u.lora.file, u.module.down);
   const r = u.module.rank;

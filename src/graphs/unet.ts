@@ -11,7 +11,8 @@
  *
  * The config is the only source of shapes; every weight is checked against them by Params.
  * Graph I/O follows the ONNX model contract §2.4 (sample, timestep, encoder_hidden_states,
- * SDXL text_embeds + time_ids, LCM timestep_cond -> out_sample).
+ * SDXL text_embeds + time_ids, LCM timestep_cond -> out_sample). Built with IP-Adapters
+ * (UnetBuildOptions.ipAdapters) it also takes each adapter's image tokens and scale.
  */
 import { ModelLoadError } from '../engine/errors.js';
 import type { GraphBuilder } from './onnx-builder.js';
@@ -318,12 +319,66 @@ function timestepMlp(g: GraphBuilder, p: Params, x: string, inDim: number, outDi
 // Transformer (diffusers' Transformer2DModel + BasicTransformerBlock)
 
 /** Attention with diffusers' names: to_q/to_k/to_v without bias, to_out.0 with bias. */
-function attentionModule(g: GraphBuilder, p: Params, x: string, context: string, dim: number, contextDim: number, heads: number): string {
+function attentionModule(g: GraphBuilder, p: Params, x: string, context: string, dim: number, contextDim: number, heads: number, image: ImageAttention[] = []): string {
   const headDim = dim / heads;
   const q = linear(g, p.at('to_q'), x, dim, dim, false);
   const k = linear(g, p.at('to_k'), context, contextDim, dim, false);
   const v = linear(g, p.at('to_v'), context, contextDim, dim, false);
-  return linear(g, p.at('to_out.0'), attention(g, q, k, v, heads, headDim), dim, dim);
+  let h = attention(g, q, k, v, heads, headDim);
+  // IP-Adapter (diffusers' IPAdapterAttnProcessor): the same q over each adapter's image tokens,
+  // its own softmax, added at the adapter's scale before to_out.
+  for (const a of image) {
+    const kIp = linear(g, a.weights.at('to_k_ip'), a.tokens, contextDim, dim, false);
+    const vIp = linear(g, a.weights.at('to_v_ip'), a.tokens, contextDim, dim, false);
+    h = g.op('Add', [h, g.op('Mul', [a.scale, attention(g, q, kIp, vIp, heads, headDim)])]);
+  }
+  return linear(g, p.at('to_out.0'), h, dim, dim);
+}
+
+/** One adapter's inputs and weights at one cross-attention layer. */
+interface ImageAttention {
+  tokens: string;
+  scale: string;
+  /** The view holding `to_k_ip.weight` / `to_v_ip.weight` ([dim, cross_attention_dim], no bias). */
+  weights: Params;
+}
+
+/**
+ * IP-Adapter's decoupled cross-attention, one per adapter (ip-adapter.ts makes them from the
+ * h94 files): every cross-attention layer also attends over the adapter's image tokens.
+ */
+export interface DecoupledCrossAttention {
+  /**
+   * The weights of the cross-attention layer at diffusers' module path `path`
+   * (`down_blocks.0.attentions.1.transformer_blocks.0.attn2`); throws when the adapter has none.
+   */
+  layer(path: string): Params;
+}
+
+export interface UnetBuildOptions {
+  /**
+   * Adapters whose image tokens every cross-attention layer attends to. Adapter k adds the inputs
+   * `ipInputNames(k)`: image tokens [batch, n, cross_attention_dim] (already projected, rows in
+   * the batch order of encoder_hidden_states) and its scale, float32 [1]. Absent or empty: the
+   * plain UNet, unchanged.
+   */
+  ipAdapters?: readonly DecoupledCrossAttention[];
+}
+
+/** Input names of adapter k: `ip_tokens` / `ip_scale` for the first, `ip_tokens.k` / `ip_scale.k` after it. */
+export function ipInputNames(k: number): { tokens: string; scale: string } {
+  return k === 0 ? { tokens: 'ip_tokens', scale: 'ip_scale' } : { tokens: `ip_tokens.${k}`, scale: `ip_scale.${k}` };
+}
+
+/** What a transformer needs to add image attention: the adapters' inputs, and its module path. */
+interface ImageInputs {
+  adapters: readonly DecoupledCrossAttention[];
+  inputs: { tokens: string; scale: string }[];
+}
+
+function imageAttentionAt(image: ImageInputs | undefined, path: string): ImageAttention[] {
+  if (!image) return [];
+  return image.adapters.map((a, k) => ({ ...image.inputs[k]!, weights: a.layer(path) }));
 }
 
 /** FeedForward with GEGLU: proj to 2·inner, value · gelu(gate) with the gate the second half. */
@@ -334,11 +389,11 @@ function geglu(g: GraphBuilder, p: Params, x: string, dim: number): string {
   return linear(g, p.at('net.2'), g.op('Mul', [value, gelu(g, gate)]), inner, dim);
 }
 
-function basicTransformerBlock(g: GraphBuilder, p: Params, x: string, context: string, dim: number, contextDim: number, heads: number): string {
+function basicTransformerBlock(g: GraphBuilder, p: Params, x: string, context: string, dim: number, contextDim: number, heads: number, image: ImageAttention[]): string {
   // LayerNorm eps is BasicTransformerBlock's default 1e-5 (the UNet does not pass norm_eps).
   const n1 = layerNorm(g, p.at('norm1'), x, dim, 1e-5);
   let h = g.op('Add', [attentionModule(g, p.at('attn1'), n1, n1, dim, dim, heads), x]);
-  h = g.op('Add', [attentionModule(g, p.at('attn2'), layerNorm(g, p.at('norm2'), h, dim, 1e-5), context, dim, contextDim, heads), h]);
+  h = g.op('Add', [attentionModule(g, p.at('attn2'), layerNorm(g, p.at('norm2'), h, dim, 1e-5), context, dim, contextDim, heads, image), h]);
   return g.op('Add', [geglu(g, p.at('ff'), layerNorm(g, p.at('norm3'), h, dim, 1e-5), dim), h]);
 }
 
@@ -347,7 +402,7 @@ function basicTransformerBlock(g: GraphBuilder, p: Params, x: string, context: s
  * (1x1 conv before flattening in SD 1.x, Linear after it in SD 2.x / SDXL), the blocks on
  * [B, H·W, C], proj_out, plus the input.
  */
-function transformer2d(g: GraphBuilder, p: Params, x: string, context: string, c: UnetConfig, channels: number, heads: number, depth: number): string {
+function transformer2d(g: GraphBuilder, p: Params, x: string, context: string, c: UnetConfig, channels: number, heads: number, depth: number, path: string, image?: ImageInputs): string {
   // diffusers' inner width is heads·(C // heads); Kiln supports the usual case where that is C.
   if (channels % heads !== 0) {
     throw new ModelLoadError(`${p.source.component}: config.json "attention_head_dim" gives ${heads} heads, which do not split ${channels} channels`);
@@ -359,7 +414,8 @@ function transformer2d(g: GraphBuilder, p: Params, x: string, context: string, c
   const linearProj = c.useLinearProjection;
   let h = linearProj ? linear(g, p.at('proj_in'), toTokens(normed), channels, channels) : toTokens(conv2d(g, p.at('proj_in'), normed, channels, channels, { kernel: 1 }));
   for (let i = 0; i < depth; i++) {
-    h = g.scope(`transformer_blocks.${i}`, () => basicTransformerBlock(g, p.at(`transformer_blocks.${i}`), h, context, channels, c.crossAttentionDim, heads));
+    const image2 = imageAttentionAt(image, `${path}.transformer_blocks.${i}.attn2`);
+    h = g.scope(`transformer_blocks.${i}`, () => basicTransformerBlock(g, p.at(`transformer_blocks.${i}`), h, context, channels, c.crossAttentionDim, heads, image2));
   }
   const out = linearProj ? toImage(linear(g, p.at('proj_out'), h, channels, channels)) : conv2d(g, p.at('proj_out'), toImage(h), channels, channels, { kernel: 1 });
   return g.op('Add', [out, x]);
@@ -373,7 +429,7 @@ interface Feature {
   channels: number;
 }
 
-export function buildUnet(g: GraphBuilder, config: Record<string, unknown>, p: Params): void {
+export function buildUnet(g: GraphBuilder, config: Record<string, unknown>, p: Params, options: UnetBuildOptions = {}): void {
   const c = parseUnetConfig(config, p.source.component);
   const sample = g.input('sample', 'float32', ['batch', c.inChannels, 'height', 'width']);
   const timestep = g.input('timestep', 'float32', ['batch']);
@@ -381,6 +437,19 @@ export function buildUnet(g: GraphBuilder, config: Record<string, unknown>, p: P
   const textEmbeds = c.textTime && g.input('text_embeds', 'float32', ['batch', c.textTime.textEmbedsDim]);
   const timeIds = c.textTime && g.input('time_ids', 'float32', ['batch', c.textTime.timeIds]);
   const timestepCond = c.timeCondDim !== undefined ? g.input('timestep_cond', 'float32', ['batch', c.timeCondDim]) : undefined;
+  const adapters = options.ipAdapters ?? [];
+  const image: ImageInputs | undefined = adapters.length
+    ? {
+        adapters,
+        inputs: adapters.map((_, k) => {
+          const names = ipInputNames(k);
+          return {
+            tokens: g.input(names.tokens, 'float32', ['batch', k === 0 ? 'ip_sequence' : `ip_sequence.${k}`, c.crossAttentionDim]),
+            scale: g.input(names.scale, 'float32', [1]),
+          };
+        }),
+      }
+    : undefined;
 
   // Time embedding [B, timeEmbedDim].
   let temb = g.scope('time_embedding', () => {
@@ -403,8 +472,8 @@ export function buildUnet(g: GraphBuilder, config: Record<string, unknown>, p: P
     value: resnetBlock(g, q, x.value, x.channels, outC, { ...resnetOptions, outputScale }),
     channels: outC,
   });
-  const transformer = (q: Params, x: Feature, heads: number, depth: number): Feature => ({
-    value: transformer2d(g, q, x.value, context, c, x.channels, heads, depth),
+  const transformer = (q: Params, x: Feature, heads: number, depth: number, path: string): Feature => ({
+    value: transformer2d(g, q, x.value, context, c, x.channels, heads, depth, path, image),
     channels: x.channels,
   });
 
@@ -420,7 +489,7 @@ export function buildUnet(g: GraphBuilder, config: Record<string, unknown>, p: P
       const outC = c.blockOutChannels[i]!;
       for (let j = 0; j < c.layersPerBlock[i]!; j++) {
         h = g.scope(`resnets.${j}`, () => resnet(q.at(`resnets.${j}`), h, outC));
-        if (type === 'CrossAttnDownBlock2D') h = g.scope(`attentions.${j}`, () => transformer(q.at(`attentions.${j}`), h, c.heads[i]!, c.transformerLayersPerBlock[i]!));
+        if (type === 'CrossAttnDownBlock2D') h = g.scope(`attentions.${j}`, () => transformer(q.at(`attentions.${j}`), h, c.heads[i]!, c.transformerLayersPerBlock[i]!, `down_blocks.${i}.attentions.${j}`));
         skips.push(h);
       }
       if (i < last) {
@@ -437,7 +506,7 @@ export function buildUnet(g: GraphBuilder, config: Record<string, unknown>, p: P
     const q = p.at('mid_block');
     g.scope('mid_block', () => {
       h = resnet(q.at('resnets.0'), h, h.channels, c.midBlockScale);
-      h = transformer(q.at('attentions.0'), h, c.heads[last]!, c.transformerLayersPerBlock[last]!);
+      h = transformer(q.at('attentions.0'), h, c.heads[last]!, c.transformerLayersPerBlock[last]!, 'mid_block.attentions.0');
       h = resnet(q.at('resnets.1'), h, h.channels, c.midBlockScale);
     });
   }
@@ -456,7 +525,7 @@ export function buildUnet(g: GraphBuilder, config: Record<string, unknown>, p: P
         if (!skip) throw new ModelLoadError(`${p.source.component}: config.json layers_per_block leaves up_blocks.${i} without a skip connection`);
         const joined: Feature = { value: g.op('Concat', [h.value, skip.value], { axis: 1 }), channels: h.channels + skip.channels };
         h = g.scope(`resnets.${j}`, () => resnet(q.at(`resnets.${j}`), joined, outC));
-        if (type === 'CrossAttnUpBlock2D') h = g.scope(`attentions.${j}`, () => transformer(q.at(`attentions.${j}`), h, upHeads[i]!, upDepth[i]!));
+        if (type === 'CrossAttnUpBlock2D') h = g.scope(`attentions.${j}`, () => transformer(q.at(`attentions.${j}`), h, upHeads[i]!, upDepth[i]!, `up_blocks.${i}.attentions.${j}`));
       }
       if (i < last) {
         // diffusers' upsample_size: nearest resize to the next skip's size (2x when sizes divide).

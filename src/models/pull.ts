@@ -173,7 +173,8 @@ export async function pullModel(spec: string, options: PullOptions = {}): Promis
   }
 }
 
-async function acquireLock(home: string, name: string): Promise<() => Promise<void>> {
+/** Takes the pull lock of `name` (one pull per install name at a time); returns its release. */
+export async function acquireLock(home: string, name: string): Promise<() => Promise<void>> {
   const path = lockPath(home, name);
   for (let attempt = 0; attempt < 3; attempt++) {
     try {
@@ -485,7 +486,7 @@ async function freeBytes(dir: string, options: PullOptions): Promise<number> {
 }
 
 /** Fails when the file systems that will hold the download lack room for it. */
-async function checkDisk(need: number, total: number, home: string, installDir: string, options: PullOptions): Promise<void> {
+export async function checkDisk(need: number, total: number, home: string, installDir: string, options: PullOptions): Promise<void> {
   const downloads = downloadsDir(home);
   await mkdir(downloads, { recursive: true });
   const checks: { dir: string; need: number }[] = [{ dir: downloads, need }];
@@ -507,7 +508,7 @@ async function checkDisk(need: number, total: number, home: string, installDir: 
 }
 
 /** Moves the finished staging folder to `installDir` atomically, swapping out an older install. */
-async function install(staging: string, installDir: string, home: string): Promise<void> {
+export async function install(staging: string, installDir: string, home: string): Promise<void> {
   await mkdir(dirname(installDir), { recursive: true });
   const token = randomBytes(4).toString('hex');
   let old: string | undefined;

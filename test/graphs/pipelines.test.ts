@@ -3,14 +3,16 @@
  * pipeline folder is built into ONNX graphs by Kiln (through the Engine, as a user's folder would
  * be), then run through Kiln's own tokenizer, conditioning, scheduler, guidance and VAE from the
  * case's starting latents. The final latents must match diffusers' and the 8-bit image must be
- * within one level per channel.
+ * within one level per channel. LoRA cases go through Kiln's normal path: the case's LoRA file in
+ * the engine's loras folder, named in the prompt as `<lora:NAME:SCALE>`.
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { linkSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { Engine } from '../../src/engine/engine.js';
+import { InvalidOptionError } from '../../src/engine/errors.js';
 import { generate } from '../../src/engine/pipeline.js';
 import { chunkPrompt } from '../../src/engine/conditioning.js';
 import type { DiffusionModel } from '../../src/engine/model.js';
@@ -26,21 +28,23 @@ interface PipelineCase {
   height: number;
   width: number;
   scheduler: { class: string; config: Record<string, unknown>; timesteps: number[] };
-  lora: unknown;
+  lora: { file: string; scale: number } | null;
   token_ids: Record<string, Record<string, number[]>>;
   latents_file: string;
   outputs_file: string;
 }
 
 const { cases } = readGoldenJson<{ cases: PipelineCase[] }>('pipelines/cases.json');
-// LoRA cases need Kiln's LoRA support (issue 11); every other case runs here.
-const runnable = cases.filter((c) => c.lora === null);
+const loraName = (c: PipelineCase): string => basename(c.lora!.file, '.safetensors');
 
 let cacheDir: string;
 let engine: Engine;
 before(() => {
   cacheDir = mkdtempSync(join(tmpdir(), 'kiln-golden-pipelines-'));
-  engine = new Engine({ cacheDir, searchDirs: [] });
+  const lorasDir = join(cacheDir, 'loras');
+  mkdirSync(lorasDir);
+  for (const c of cases) if (c.lora) linkSync(join(GOLDEN_DIR, c.lora.file), join(lorasDir, `${loraName(c)}.safetensors`));
+  engine = new Engine({ cacheDir, searchDirs: [], lorasDir, onWarning: (m) => assert.fail(`unexpected warning: ${m}`) });
 });
 after(async () => {
   await engine.close();
@@ -50,7 +54,7 @@ after(async () => {
 const model = (folder: string): Promise<DiffusionModel> => engine.model(join(GOLDEN_DIR, 'pipelines', folder));
 
 describe('diffusers pipelines, from the cases\' latents', () => {
-  for (const c of runnable) {
+  for (const c of cases) {
     test(c.id, async (t) => {
       const m = await model(c.folder);
       // Token ids: Kiln's tokenizers give transformers' ids for each prompt.
@@ -64,7 +68,8 @@ describe('diffusers pipelines, from the cases\' latents', () => {
       const start = readGolden(join('pipelines', c.latents_file)).get('latents')!;
       const expected = readGolden(join('pipelines', c.outputs_file));
       const result = await generate(m, {
-        prompt: c.prompt,
+        // The LoRA as people name it; Kiln takes the tag out of the prompt text.
+        prompt: c.lora ? `${c.prompt} <lora:${loraName(c)}:${c.lora.scale}>` : c.prompt,
         negativePrompt: c.negative_prompt ?? undefined,
         seed: 0,
         size: `${c.width}x${c.height}`,
@@ -75,6 +80,8 @@ describe('diffusers pipelines, from the cases\' latents', () => {
         latents: start.data,
       });
       assert.equal(result.unetCalls, c.num_inference_steps);
+      assert.equal(result.settings.prompt, c.prompt);
+      assert.deepEqual(result.settings.loras, c.lora ? [{ name: loraName(c), scale: c.lora.scale }] : undefined);
 
       const latents = expected.get('latents_final')!;
       const latentDiff = maxAbsDiff(result.latents, latents.data);
@@ -91,4 +98,15 @@ describe('diffusers pipelines, from the cases\' latents', () => {
       assert.ok(levels <= 1, `image differs by ${levels} levels`);
     });
   }
+});
+
+test('an SD 1.x LoRA named in a prompt for the SDXL model is refused, naming both families (param prompt)', async () => {
+  const sdxl = await model('sdxl');
+  await assert.rejects(
+    generate(sdxl, { prompt: 'a cabin <lora:sd15-lora:0.7>', seed: 0, size: '64x64', allowedSizes: ['64x64'], steps: 1 }),
+    (e: unknown) =>
+      e instanceof InvalidOptionError &&
+      e.param === 'prompt' &&
+      /sd15-lora\.safetensors is a LoRA for SD 1\.x \(metadata ss_base_model_version "sd_v1"\) and cannot be applied to this SDXL model's unet/.test(e.message),
+  );
 });

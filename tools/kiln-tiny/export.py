@@ -122,7 +122,7 @@ SCHEDULER = {
 
 def tokenizer(dst, pad):
     os.makedirs(dst, exist_ok=True)
-    src = os.path.join(ROOT, 'tools', 'data', 'clip-tokenizer')
+    src = os.path.join(ROOT, 'models', '.clip-tokenizer')
     for f in ('vocab.json', 'merges.txt'):
         shutil.copy(os.path.join(src, f), os.path.join(dst, f))
     tok = lambda c: {'content': c, 'lstrip': False, 'normalized': True, 'rstrip': False, 'single_word': False}

@@ -12,7 +12,7 @@ import re
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VOCAB = os.path.join(HERE, '..', 'data', 'clip-tokenizer', 'vocab.json')
+VOCAB = os.path.join(HERE, '..', '..', 'models', '.clip-tokenizer', 'vocab.json')
 
 COLORS = {
     'red': (220, 40, 40), 'green': (40, 180, 70), 'blue': (40, 80, 220), 'yellow': (240, 210, 40),
