@@ -31,6 +31,7 @@ import { ApiError } from './errors.js';
 import { createImagesService } from './images-service.js';
 import { createMetrics, type Metrics } from './metrics.js';
 import { createModelCatalog } from './model-catalog.js';
+import { readModelAliases } from '../models/aliases.js';
 import { fileRoutes } from './routes/files.js';
 import { imageRoutes } from './routes/images.js';
 import { UploadBudget } from './upload-budget.js';
@@ -48,6 +49,8 @@ export interface ServerOptions {
   publicUrl?: string;
   /** Model name or folder used when a request names none; default: defaultModelName(). */
   defaultModel?: string;
+  /** Names served by another model (`--model-alias NAME=MODEL`); they win over aliases.json. */
+  modelAliases?: Record<string, string>;
   /** Folders model names are looked up in; default: <home>/models, then the built-in models/. */
   searchDirs?: string[];
   /** When non-empty, /v1/* requires `Authorization: Bearer <one of these>`. */
@@ -118,7 +121,12 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   const limits: UploadLimits = { maxBytes: options.maxUploadBytes ?? 4 * 1024 * 1024, maxPixels: options.maxUploadPixels ?? 4096 * 4096 };
   const maxFiles = options.maxUploadFiles ?? 16;
   const logger = makeLogger(options.logger);
-  const models = createModelCatalog(searchDirs, options.defaultModel);
+  const models = createModelCatalog(searchDirs, { defaultModel: options.defaultModel, aliases: options.modelAliases, home });
+  try {
+    readModelAliases(home);
+  } catch (err) {
+    logger.warn(`${(err as Error).message}; its serving aliases are ignored`);
+  }
 
   const runner =
     options.runner ??

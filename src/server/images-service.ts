@@ -146,6 +146,7 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
       output_format: output.format,
       kiln: {
         model: model.id,
+        ...(model.requested !== undefined ? { requested_model: model.requested } : {}),
         seed: s.seed,
         size: `${s.width}x${s.height}`,
         quality: s.quality,

@@ -8,6 +8,7 @@ import { DEFAULT_QUALITY, DEFAULT_SIZES, QUALITY_NAMES, qualityTier } from '../e
 import { SCHEDULER_NAMES, schedulerClassFor } from '../engine/schedulers/index.js';
 import { OUTPUT_FORMATS, type OutputFormat } from '../engine/image-codec.js';
 import { ApiError } from './errors.js';
+import { isGptImageModel } from './model-catalog.js';
 
 /** Longest prompt (and negative prompt) accepted, in characters (Unicode code points). */
 export const MAX_PROMPT_CHARS = 4000;
@@ -44,11 +45,16 @@ export const FIELDS: Record<string, FieldSpec> = {
     maxLength: MAX_PROMPT_CHARS,
     description: `What to draw; inline weights like \`(ball)0.5\` or \`word++\` work. At most ${MAX_PROMPT_CHARS} characters.`,
   },
-  model: { type: 'string', maxLength: 256, description: 'An installed model name (GET /v1/models); default: the server\'s default model.' },
+  model: {
+    type: 'string',
+    maxLength: 256,
+    description:
+      "An installed model name or alias (GET /v1/models); default: the server's default model, which also serves OpenAI's names (dall-e-*, gpt-image-*) unless the operator maps them.",
+  },
   n: { type: 'integer', minimum: 0, maximum: MAX_SEED, description: 'The seed of the generator (one image per request). Random when absent; reported back.' },
   seed: { type: 'integer', minimum: 0, maximum: MAX_SEED, description: 'Extension: the seed; wins over `n`.' },
   quality: { type: 'string', enum: QUALITY_NAMES, description: `Step-count preset; default \`${DEFAULT_QUALITY}\`.` },
-  response_format: { type: 'string', enum: RESPONSE_FORMATS, description: '`url` (default) or `b64_json`.' },
+  response_format: { type: 'string', enum: RESPONSE_FORMATS, description: '`url` or `b64_json`; default `url`, but `b64_json` for a `gpt-image*` model name (those never return URLs).' },
   size: { type: 'string', enum: DEFAULT_SIZES, description: `Image size; default ${DEFAULT_SIZE}.` },
   user: {
     type: 'string',
@@ -239,7 +245,8 @@ export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 
     model: values.model as string | undefined,
     seed: (values.seed ?? values.n) as number | undefined,
     quality,
-    responseFormat: (values.response_format as ResponseFormat | undefined) ?? 'url',
+    // OpenAI's GPT image models only answer in base64, so their clients read b64_json unasked.
+    responseFormat: (values.response_format as ResponseFormat | undefined) ?? (isGptImageModel(values.model as string | undefined) ? 'b64_json' : 'url'),
     size: (values.size as string | undefined) ?? DEFAULT_SIZE,
     user: values.user as string | undefined,
     negativePrompt: (values.negative_prompt ?? values.negprompt) as string | undefined,
