@@ -48,7 +48,7 @@ program
   .requiredOption('-p, --prompt <text>', 'what to draw; inline weights like (ball)0.5 or word++ work')
   .option('--negative <text>', 'negative prompt')
   .option('-s, --seed <n>', 'seed (the API\'s n); random when absent', parseInteger)
-  .option('--size <WxH>', 'image size: 256x256, 512x512 or 1024x1024', '512x512')
+  .option('--size <WxH>', 'image size: 256x256, 512x512, 1024x1024, 1792x1024, 1024x1792, 1536x1024, 1024x1536, auto (the native size), or WxH in multiples of 64 within the model\'s range', '512x512')
   .option('-q, --quality <name>', 'draft|low, smooth|standard|medium|auto, hd|high', 'smooth')
   .option('--scheduler <name>', 'euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras, dpm_single, unipc, lcm')
   .option('--steps <n>', 'denoising steps (overrides quality)', parseInteger)

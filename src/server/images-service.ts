@@ -5,6 +5,9 @@
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { FastifyBaseLogger } from 'fastify';
+import { ModelLoadError } from '../engine/errors.js';
+import { detectLayout, type ModelLayout } from '../engine/model.js';
+import { resolveSize, sizeForUpload, type Size } from '../engine/presets.js';
 import { randomSeed } from '../engine/rng.js';
 import { JobCancelledError, type JobQueue, type JobSpec } from '../queue/types.js';
 import type { ImageStore } from '../store/types.js';
@@ -41,12 +44,15 @@ export interface Caller {
 /** A validated edit upload: the init image, an optional mask (inpainting) or pose scale (pose mode). */
 export interface EditUpload {
   image: Buffer;
+  /** The image's size as it will be used (upright); `size: auto` follows its shape. */
+  imageSize: Size;
   mask?: Buffer;
   poseScale?: number;
 }
 
 interface EditInput {
   images: Buffer[];
+  imageSize: Size;
   mask?: Buffer;
   pose?: EditJobSpec['pose'];
 }
@@ -58,8 +64,30 @@ function headerValue(v: string | number): string {
 export type ImagesService = ReturnType<typeof createImagesService>;
 
 export function createImagesService({ queue, store, signer, models, home, ttlMs, requestTimeoutMs, publicUrl }: ImagesServiceOptions) {
+  /**
+   * The size to queue, checked against the model's family and native size now rather than after
+   * a worker has loaded the model (InvalidOptionError: 400 `size`). An edit's `auto` becomes the
+   * upload's shape at the model's native area.
+   */
+  function requestSize(params: ImageParams, model: ResolvedModel, upload?: Size): string {
+    let layout: ModelLayout;
+    try {
+      layout = detectLayout(models.dir(model));
+    } catch (err) {
+      if (err instanceof ModelLoadError) return params.size; // a broken folder: the worker reports it
+      throw err;
+    }
+    if (upload && params.size === 'auto') {
+      const size = sizeForUpload(upload, layout);
+      return `${size.width}x${size.height}`;
+    }
+    resolveSize(params.size, layout);
+    return params.size;
+  }
+
   async function runImageJob(caller: Caller, params: ImageParams, kind: JobSpec['kind'], edit?: EditInput, resolved?: ResolvedModel) {
     const model = resolved ?? models.resolve(params.model);
+    const size = requestSize(params, model, edit?.imageSize);
     const seed = params.seed ?? randomSeed();
     const spec: EditJobSpec = {
       kind,
@@ -68,7 +96,7 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
         prompt: params.prompt,
         negativePrompt: params.negativePrompt,
         seed,
-        size: params.size,
+        size,
         quality: params.quality,
         steps: params.steps,
         scheduler: params.scheduler,
@@ -183,7 +211,7 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
         caller.log.debug({ model: model.id, ...assets.sources }, 'pose assets');
         pose = { scale: upload.poseScale, controlNet: assets.controlNet, dwpose: assets.dwpose };
       }
-      return runImageJob(caller, params, 'edit', { images: [upload.image], mask: upload.mask, pose }, model);
+      return runImageJob(caller, params, 'edit', { images: [upload.image], imageSize: upload.imageSize, mask: upload.mask, pose }, model);
     },
   };
 }

@@ -4,7 +4,7 @@
  */
 import { MAX_SEED } from '../engine/rng.js';
 import { MAX_GUIDANCE, MAX_STEPS } from '../engine/pipeline.js';
-import { DEFAULT_QUALITY, DEFAULT_SIZES, QUALITY_NAMES, qualityTier } from '../engine/presets.js';
+import { DEFAULT_QUALITY, DEFAULT_SIZES, QUALITY_NAMES, SIZE_RANGES, SIZE_STEP, qualityTier } from '../engine/presets.js';
 import { SCHEDULER_NAMES, schedulerClassFor } from '../engine/schedulers/index.js';
 import { OUTPUT_FORMATS, type OutputFormat } from '../engine/image-codec.js';
 import { ApiError } from './errors.js';
@@ -23,6 +23,9 @@ export const MAX_POSE_WEIGHT = 2;
 
 type Endpoint = 'generations' | 'edits';
 
+/** What `size` may look like; the model decides whether it takes it. */
+const SIZE_PATTERN = /^(auto|[1-9][0-9]{0,5}x[1-9][0-9]{0,5})$/;
+
 interface FieldSpec {
   type: 'string' | 'integer' | 'number' | 'boolean';
   description: string;
@@ -33,6 +36,9 @@ interface FieldSpec {
   exclusiveMinimum?: number;
   minLength?: number;
   maxLength?: number;
+  /** For the OpenAPI document only (readParams checks the form itself). */
+  pattern?: string;
+  examples?: readonly string[];
   /** Only on these endpoints (default: both). */
   only?: Endpoint;
 }
@@ -55,7 +61,18 @@ export const FIELDS: Record<string, FieldSpec> = {
   seed: { type: 'integer', minimum: 0, maximum: MAX_SEED, description: 'Extension: the seed; wins over `n`.' },
   quality: { type: 'string', enum: QUALITY_NAMES, description: `Step-count preset; default \`${DEFAULT_QUALITY}\`.` },
   response_format: { type: 'string', enum: RESPONSE_FORMATS, description: '`url` or `b64_json`; default `url`, but `b64_json` for a `gpt-image*` model name (those never return URLs).' },
-  size: { type: 'string', enum: DEFAULT_SIZES, description: `Image size; default ${DEFAULT_SIZE}.` },
+  size: {
+    type: 'string',
+    maxLength: 32,
+    pattern: SIZE_PATTERN.source,
+    examples: [...DEFAULT_SIZES, 'auto'],
+    description:
+      `Image size; default ${DEFAULT_SIZE}. ${DEFAULT_SIZES.join(', ')}; \`auto\` (the model's native size; for edits, the upload's shape at that area); ` +
+      `or WxH with both sides multiples of ${SIZE_STEP} within the model's range (${Object.entries(SIZE_RANGES)
+        .filter(([f]) => f !== 'sd2')
+        .map(([f, r]) => `${f === 'sdxl' ? 'SDXL' : 'SD 1.x/2.x'} ${r.min}-${r.max}`)
+        .join(', ')}).`,
+  },
   user: {
     type: 'string',
     maxLength: 256,
@@ -229,6 +246,16 @@ export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 
   if (values.stream === true) {
     throw new ApiError(400, 'Streaming is not supported by this server; leave `stream` unset or false.', 'stream', 'unsupported_value');
   }
+  const size = values.size as string | undefined;
+  // The model decides the rest (its range, its native size): checked before queueing, in images-service.
+  if (size !== undefined && !SIZE_PATTERN.test(size)) {
+    throw new ApiError(
+      400,
+      `Invalid value for 'size': '${show(size)}'. Supported values are: ${DEFAULT_SIZES.map((v) => `'${v}'`).join(', ')}, 'auto', or 'WxH' with both sides multiples of ${SIZE_STEP} within the model's range.`,
+      'size',
+      'invalid_value',
+    );
+  }
   const quality = (values.quality as string | undefined) ?? DEFAULT_QUALITY;
   qualityTier(quality); // enum-checked already; keeps the engine's rule the one truth
   const scheduler = values.scheduler as string | undefined;
@@ -247,7 +274,7 @@ export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 
     quality,
     // OpenAI's GPT image models only answer in base64, so their clients read b64_json unasked.
     responseFormat: (values.response_format as ResponseFormat | undefined) ?? (isGptImageModel(values.model as string | undefined) ? 'b64_json' : 'url'),
-    size: (values.size as string | undefined) ?? DEFAULT_SIZE,
+    size: size ?? DEFAULT_SIZE,
     user: values.user as string | undefined,
     negativePrompt: (values.negative_prompt ?? values.negprompt) as string | undefined,
     steps: values.steps as number | undefined,
@@ -299,12 +326,12 @@ export function paramsSchema(endpoint: Endpoint, source: 'json' | 'form'): Recor
   const required: string[] = [];
   for (const [name, spec] of Object.entries(FIELDS)) {
     if (spec.only && spec.only !== endpoint) continue;
-    const { type, description, enum: values, minimum, maximum, exclusiveMinimum, minLength, maxLength } = spec;
+    const { type, description, enum: values, minimum, maximum, exclusiveMinimum, minLength, maxLength, pattern, examples } = spec;
     const prop: Record<string, unknown> = { type: spec.required || source === 'form' ? type : [type, 'null'], description };
     if (values) prop.enum = source === 'form' || spec.required ? [...values] : [...values, null];
     Object.assign(
       prop,
-      Object.fromEntries(Object.entries({ minimum, maximum, exclusiveMinimum, minLength, maxLength }).filter(([, v]) => v !== undefined)),
+      Object.fromEntries(Object.entries({ minimum, maximum, exclusiveMinimum, minLength, maxLength, pattern, examples }).filter(([, v]) => v !== undefined)),
     );
     properties[name] = prop;
     if (spec.required) required.push(name);

@@ -86,7 +86,9 @@ describe('generations: 400 for what the client sent, naming the field', () => {
   test('size, quality, response_format, scheduler, steps, guidance_scale, output_format, output_compression, stream', async () => {
     const cases: [Record<string, unknown>, string][] = [
       [{ size: '300x300' }, 'size'],
-      [{ size: '1792x1024' }, 'size'],
+      [{ size: '1792x1000' }, 'size'],
+      [{ size: '4096x4096' }, 'size'],
+      [{ size: 'auto ' }, 'size'],
       [{ size: 512 }, 'size'],
       [{ quality: 'ultra' }, 'quality'],
       [{ response_format: 'png' }, 'response_format'],

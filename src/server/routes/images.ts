@@ -105,7 +105,8 @@ async function readEditForm(request: FastifyRequest, maxFiles: number, hold: Upl
 /** The checks on an edit's files, in order: an image, each a PNG within the limits, a mask matching the image and not combined with pose mode. */
 async function checkEditUpload(form: { images: Buffer[]; mask?: Buffer }, params: ImageParams, limits: UploadLimits): Promise<EditUpload> {
   if (form.images.length === 0) throw new ApiError(400, "Missing required parameter: 'image' (a PNG file).", 'image', 'missing_required_parameter');
-  for (const image of form.images) await checkPngUpload(image, 'image', limits);
+  const sizes = [];
+  for (const image of form.images) sizes.push(await checkPngUpload(image, 'image', limits));
   const image = form.images[0]!;
   const mask = form.mask;
   if (mask) {
@@ -116,7 +117,7 @@ async function checkEditUpload(form: { images: Buffer[]; mask?: Buffer }, params
   if (poseScale !== undefined && mask) {
     throw new ApiError(400, 'A mask cannot be combined with pose mode (user=cn / pose:<w>); send one or the other.', 'mask', 'unsupported_value');
   }
-  return { image, mask, poseScale };
+  return { image, imageSize: sizes[0]!, mask, poseScale };
 }
 
 export async function imageRoutes(app: FastifyInstance, { images, limits, maxFiles, budget }: ImageRoutesOptions): Promise<void> {
