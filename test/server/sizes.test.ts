@@ -67,7 +67,7 @@ test('a size outside the model family\'s range is a 400 naming the range, answer
     assert.match(e.message, message);
     assert.ok(e.message.includes(`auto (the model's native size, ${native[model]})`), e.message);
   }
-  const ping = await (await fetch(`${t.url}/ping`)).json();
+  const ping = (await (await fetch(`${t.url}/ping`)).json()) as { active: number; queued: number };
   assert.equal(ping.active + ping.queued, 0);
 });
 
