@@ -7,6 +7,7 @@ import { builtinModelsDir, defaultModelName, isModelPath, kilnHome, locateModel,
 import { MODEL_NAME, OPENAI_IMAGE_MODELS } from '../server/model-catalog.js';
 import type { Device } from '../engine/onnx.js';
 import { createServer } from '../server/app.js';
+import { MAX_IMAGES, N_MEANINGS, type NMeaning } from '../server/params.js';
 
 export interface ServeFlags {
   host: string;
@@ -14,6 +15,7 @@ export interface ServeFlags {
   home?: string;
   defaultModel?: string;
   modelAlias?: Record<string, string>;
+  nAs: NMeaning;
   apiKey?: string[];
   publicUrl?: string;
   urlTtl: number;
@@ -101,6 +103,7 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
     publicUrl: flags.publicUrl,
     defaultModel: flags.defaultModel,
     modelAliases: flags.modelAlias,
+    nMeaning: flags.nAs,
     apiKeys,
     urlTtlMs: flags.urlTtl,
     maxQueue: flags.maxQueue,
@@ -134,6 +137,7 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
   process.stderr.write(
     `kiln: serving the images API at ${url}/v1 (image URLs at ${server.publicUrl}; ` +
       `${apiKeys.length ? `${apiKeys.length} API key(s) required` : 'no API key required'}; Ctrl-C to stop)\n` +
+      (flags.nAs === 'count' ? `kiln: n is the number of images (1 to ${MAX_IMAGES}, each with its own seed; --n-as count)\n` : '') +
       `kiln: default model ${describeDefaultModel(flags.defaultModel, home)}; it also serves OpenAI's model names ` +
       `(${OPENAI_IMAGE_MODELS.join(', ')}, any dall-e-* or gpt-image-*)${flags.modelAlias ? ' not mapped by --model-alias' : ''}\n` +
       Object.entries(flags.modelAlias ?? {})
@@ -151,6 +155,11 @@ export function registerServeCommand(program: Command): void {
     .option('--home <dir>', "Kiln's home folder: models/, images/, the URL secret (default $KILN_HOME or ~/.local/share/kiln)")
     .option('--default-model <name|dir>', 'model for requests that name none (default: be-stable-diffusion-xl-base-1.0 if installed, else kiln-tiny-xl)')
     .option('--model-alias <name=model>', 'serve requests naming NAME with MODEL, an installed name or a folder (repeatable; over aliases.json)', parseModelAlias)
+    .addOption(
+      new Option('--n-as <meaning>', "what the API's n means: seed (the reference: n is the seed, one image) or count (OpenAI: n images, each with a random seed)")
+        .choices([...N_MEANINGS])
+        .default('seed'),
+    )
     .option('--api-key <key>', 'require this bearer key on /v1/* (repeatable; also KILN_API_KEYS=k1,k2)', collect)
     .option('--public-url <url>', 'base URL clients reach this server at, for image URLs (behind a reverse proxy)', parseUrl)
     .addOption(new Option('--url-ttl <duration>', 'lifetime of image URLs and their files').argParser(parseDuration).default(3_600_000, '60m'))

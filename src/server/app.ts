@@ -32,6 +32,7 @@ import { createImagesService } from './images-service.js';
 import { createMetrics, type Metrics } from './metrics.js';
 import { createModelCatalog } from './model-catalog.js';
 import { readModelAliases } from '../models/aliases.js';
+import type { NMeaning } from './params.js';
 import { fileRoutes } from './routes/files.js';
 import { imageRoutes } from './routes/images.js';
 import { UploadBudget } from './upload-budget.js';
@@ -51,6 +52,8 @@ export interface ServerOptions {
   defaultModel?: string;
   /** Names served by another model (`--model-alias NAME=MODEL`); they win over aliases.json. */
   modelAliases?: Record<string, string>;
+  /** `n` is the seed (the reference's meaning, default) or the number of images (OpenAI's, `--n-as count`). */
+  nMeaning?: NMeaning;
   /** Folders model names are looked up in; default: <home>/models, then the built-in models/. */
   searchDirs?: string[];
   /** When non-empty, /v1/* requires `Authorization: Bearer <one of these>`. */
@@ -170,7 +173,10 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       info: {
         title: 'Kiln images API',
         version: '0.1.0',
-        description: "Block Entropy's OpenAI-compatible images API, served by Kiln. `n` is the seed; one image per request.",
+        description:
+          options.nMeaning === 'count'
+            ? "Block Entropy's OpenAI-compatible images API, served by Kiln. This server counts images with `n` (OpenAI's meaning); the seed goes in `seed`."
+            : "Block Entropy's OpenAI-compatible images API, served by Kiln. `n` is the seed; one image per request.",
       },
       components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer' } } },
     },
@@ -207,7 +213,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
 
   const images = createImagesService({ queue, store, signer, models, home, ttlMs, requestTimeoutMs, publicUrl: () => publicBase });
   const budget = new UploadBudget(options.maxUploadMemory ?? 256 * 1024 * 1024);
-  await app.register(imageRoutes, { images, limits, maxFiles, budget });
+  await app.register(imageRoutes, { images, limits, maxFiles, budget, nMeaning: options.nMeaning ?? 'seed' });
   await app.register(fileRoutes, { store, signer });
   await app.register(modelRoutes, { models });
   await app.register(opsRoutes, { queue, metrics });

@@ -23,6 +23,12 @@ export const MAX_POSE_WEIGHT = 2;
 
 type Endpoint = 'generations' | 'edits';
 
+/** What `n` means on this server: the seed (the reference, default) or the number of images (OpenAI). */
+export type NMeaning = 'seed' | 'count';
+export const N_MEANINGS: readonly NMeaning[] = ['seed', 'count'];
+/** Most images one request may ask for with `--n-as count` (OpenAI's limit). */
+export const MAX_IMAGES = 10;
+
 /** What `size` may look like; the model decides whether it takes it. */
 const SIZE_PATTERN = /^(auto|[1-9][0-9]{0,5}x[1-9][0-9]{0,5})$/;
 
@@ -57,8 +63,20 @@ export const FIELDS: Record<string, FieldSpec> = {
     description:
       "An installed model name or alias (GET /v1/models); default: the server's default model, which also serves OpenAI's names (dall-e-*, gpt-image-*) unless the operator maps them.",
   },
-  n: { type: 'integer', minimum: 0, maximum: MAX_SEED, description: 'The seed of the generator (one image per request). Random when absent; reported back.' },
-  seed: { type: 'integer', minimum: 0, maximum: MAX_SEED, description: 'Extension: the seed; wins over `n`.' },
+  n: {
+    type: 'integer',
+    minimum: 0,
+    maximum: MAX_SEED,
+    description:
+      `The seed of the generator (one image per request; random when absent, reported back). On a server started with \`--n-as count\`, ` +
+      `OpenAI's meaning instead: the number of images, 1 to ${MAX_IMAGES} (default 1), each with its own seed.`,
+  },
+  seed: {
+    type: 'integer',
+    minimum: 0,
+    maximum: MAX_SEED,
+    description: 'Extension: the seed; wins over `n`. With `--n-as count`, the first image\'s seed (the next ones count up from it).',
+  },
   quality: { type: 'string', enum: QUALITY_NAMES, description: `Step-count preset; default \`${DEFAULT_QUALITY}\`.` },
   response_format: { type: 'string', enum: RESPONSE_FORMATS, description: '`url` or `b64_json`; default `url`, but `b64_json` for a `gpt-image*` model name (those never return URLs).' },
   size: {
@@ -106,6 +124,8 @@ export interface ImageParams {
   prompt: string;
   model?: string;
   seed?: number;
+  /** Images to make (1 unless `n` counts them). */
+  count: number;
   quality: string;
   responseFormat: ResponseFormat;
   size: string;
@@ -223,7 +243,7 @@ function checkField(name: string, spec: FieldSpec, value: unknown): void {
  * defaults. Unknown fields are ignored (clients send OpenAI-only ones such as `style`).
  * Throws ApiError(400) naming the field.
  */
-export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 'form'): ImageParams {
+export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 'form', nMeaning: NMeaning = 'seed'): ImageParams {
   if (input === null || typeof input !== 'object' || Array.isArray(input)) {
     throw new ApiError(400, `The request body must be a JSON object, but got ${describe(input)}.`, null, 'invalid_type');
   }
@@ -256,6 +276,15 @@ export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 
       'invalid_value',
     );
   }
+  const n = values.n as number | undefined;
+  if (nMeaning === 'count' && n !== undefined && (n < 1 || n > MAX_IMAGES)) {
+    throw new ApiError(
+      400,
+      `Invalid 'n': ${n}. On this server n is the number of images (OpenAI's meaning), from 1 to ${MAX_IMAGES}; the seed goes in 'seed'.`,
+      'n',
+      n < 1 ? 'integer_below_min_value' : 'integer_above_max_value',
+    );
+  }
   const quality = (values.quality as string | undefined) ?? DEFAULT_QUALITY;
   qualityTier(quality); // enum-checked already; keeps the engine's rule the one truth
   const scheduler = values.scheduler as string | undefined;
@@ -270,7 +299,8 @@ export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 
   return {
     prompt: values.prompt as string,
     model: values.model as string | undefined,
-    seed: (values.seed ?? values.n) as number | undefined,
+    seed: (nMeaning === 'count' ? values.seed : (values.seed ?? n)) as number | undefined,
+    count: nMeaning === 'count' ? (n ?? 1) : 1,
     quality,
     // OpenAI's GPT image models only answer in base64, so their clients read b64_json unasked.
     responseFormat: (values.response_format as ResponseFormat | undefined) ?? (isGptImageModel(values.model as string | undefined) ? 'b64_json' : 'url'),

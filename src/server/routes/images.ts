@@ -7,7 +7,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { checkMaskMatchesImage } from '../../engine/inpaint.js';
 import { ApiError } from '../errors.js';
 import type { Caller, EditUpload, ImagesService } from '../images-service.js';
-import { paramsSchema, parsePoseUser, readParams, type ImageParams } from '../params.js';
+import { paramsSchema, parsePoseUser, readParams, type ImageParams, type NMeaning } from '../params.js';
 import { checkPngUpload, type UploadLimits } from '../uploads.js';
 import type { UploadBudget, UploadHold } from '../upload-budget.js';
 
@@ -18,6 +18,8 @@ export interface ImageRoutesOptions {
   maxFiles: number;
   /** Upload bytes all requests may hold at once. */
   budget: UploadBudget;
+  /** What `n` means (the seed, or the number of images). */
+  nMeaning: NMeaning;
 }
 
 const imageItemSchema = {
@@ -120,7 +122,7 @@ async function checkEditUpload(form: { images: Buffer[]; mask?: Buffer }, params
   return { image, imageSize: sizes[0]!, mask, poseScale };
 }
 
-export async function imageRoutes(app: FastifyInstance, { images, limits, maxFiles, budget }: ImageRoutesOptions): Promise<void> {
+export async function imageRoutes(app: FastifyInstance, { images, limits, maxFiles, budget, nMeaning }: ImageRoutesOptions): Promise<void> {
   app.post(
     '/v1/images/generations',
     {
@@ -138,7 +140,7 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
       },
     },
     async (request, reply) => {
-      const params = readParams(request.body, 'generations', 'json');
+      const params = readParams(request.body, 'generations', 'json', nMeaning);
       return send(reply, await images.generate(caller(request, reply), params));
     },
   );
@@ -184,7 +186,7 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
       const hold = budget.holder();
       try {
         const form = await readEditForm(request, maxFiles, hold);
-        const params = readParams(form.fields, 'edits', 'form');
+        const params = readParams(form.fields, 'edits', 'form', nMeaning);
         const upload = await checkEditUpload(form, params, limits);
         return send(reply, await images.edit(caller(request, reply), params, upload));
       } finally {
