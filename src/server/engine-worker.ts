@@ -71,17 +71,17 @@ async function poseAssets(paths: NonNullable<EditJobSpec['pose']>): Promise<Pose
 }
 
 /**
- * The upload pose is estimated on: alpha composited on white and the largest centred region of
+ * The upload pose is estimated on: upright (EXIF orientation), alpha composited on white and the largest centred region of
  * the output's shape cropped (the edit rule, so the skeleton lands where it was), at its own
  * resolution.
  */
 async function poseInput(bytes: Buffer, outWidth: number, outHeight: number): Promise<RgbImage> {
   const meta = await sharp(bytes).metadata();
-  const width = meta.width ?? 0;
-  const height = meta.height ?? 0;
+  const { width, height } = meta.autoOrient ?? { width: meta.width ?? 0, height: meta.height ?? 0 };
   const cropW = Math.min(width, Math.round((height * outWidth) / outHeight));
   const cropH = Math.min(height, Math.round((width * outHeight) / outWidth));
   const { data, info } = await sharp(bytes)
+    .rotate()
     .flatten({ background: '#ffffff' })
     .extract({ left: Math.floor((width - cropW) / 2), top: Math.floor((height - cropH) / 2), width: cropW, height: cropH })
     .removeAlpha()

@@ -160,9 +160,9 @@ describe('edits: every upload is checked before any work is queued', () => {
     expectError(await postForm(EDIT(), { image: png(await makePng()), prompt: 'x', size: '100x100' }), 400, 'size');
   });
 
-  test('not a PNG: 415; corrupt PNG: 400; a PNG declaring huge dimensions: 400; too large: 413', async () => {
-    const jpeg = await (await import('sharp')).default(await makePng()).jpeg().toBuffer();
-    expectError(await postForm(EDIT(), { prompt: 'x', image: png(jpeg) }), 415, 'image', 'invalid_image_format');
+  test('not a PNG, JPEG or WebP: 415; corrupt PNG: 400; a PNG declaring huge dimensions: 400; too large: 413', async () => {
+    const gif = await (await import('sharp')).default(await makePng()).gif().toBuffer();
+    expectError(await postForm(EDIT(), { prompt: 'x', image: png(gif) }), 415, 'image', 'invalid_image_format');
     expectError(await postForm(EDIT(), { prompt: 'x', image: png(Buffer.from('hello')) }), 415, 'image');
     const good = await makePng();
     const corrupt = Buffer.from(good);
@@ -176,13 +176,13 @@ describe('edits: every upload is checked before any work is queued', () => {
     const big = Buffer.concat([good, Buffer.alloc(4 * 1024 * 1024)]);
     expectError(await postForm(EDIT(), { prompt: 'x', image: png(big) }), 413, 'image', 'file_too_large');
     // A bad second image fails the request too.
-    expectError(await postForm(EDIT(), { prompt: 'x', 'image[]': [png(good), png(jpeg)] }), 415, 'image');
+    expectError(await postForm(EDIT(), { prompt: 'x', 'image[]': [png(good), png(gif)] }), 415, 'image');
   });
 
   test('masks are checked like images and must match the image; pose mode needs its models; a bad pose weight', async () => {
     const good = await makePng();
-    const jpeg = await (await import('sharp')).default(good).jpeg().toBuffer();
-    expectError(await postForm(EDIT(), { prompt: 'x', image: png(good), mask: png(jpeg) }), 415, 'mask', 'invalid_image_format');
+    const gif = await (await import('sharp')).default(good).gif().toBuffer();
+    expectError(await postForm(EDIT(), { prompt: 'x', image: png(good), mask: png(gif) }), 415, 'mask', 'invalid_image_format');
     const corrupt = Buffer.from(good);
     corrupt.fill(0x41, 40, corrupt.length - 12);
     expectError(await postForm(EDIT(), { prompt: 'x', image: png(good), mask: png(corrupt) }), 400, 'mask', 'invalid_image');

@@ -8,7 +8,7 @@ import { checkMaskMatchesImage } from '../../engine/inpaint.js';
 import { ApiError } from '../errors.js';
 import type { Caller, EditUpload, ImagesService } from '../images-service.js';
 import { paramsSchema, parsePoseUser, readParams, type ImageParams, type NMeaning } from '../params.js';
-import { checkPngUpload, type UploadLimits } from '../uploads.js';
+import { checkImageUpload, type UploadLimits } from '../uploads.js';
 import type { UploadBudget, UploadHold } from '../upload-budget.js';
 
 export interface ImageRoutesOptions {
@@ -104,15 +104,15 @@ async function readEditForm(request: FastifyRequest, maxFiles: number, hold: Upl
   return { fields, images, mask };
 }
 
-/** The checks on an edit's files, in order: an image, each a PNG within the limits, a mask matching the image and not combined with pose mode. */
+/** The checks on an edit's files, in order: an image, each a PNG, JPEG or WebP within the limits, a mask matching the image and not combined with pose mode. */
 async function checkEditUpload(form: { images: Buffer[]; mask?: Buffer }, params: ImageParams, limits: UploadLimits): Promise<EditUpload> {
-  if (form.images.length === 0) throw new ApiError(400, "Missing required parameter: 'image' (a PNG file).", 'image', 'missing_required_parameter');
+  if (form.images.length === 0) throw new ApiError(400, "Missing required parameter: 'image' (a PNG, JPEG or WebP file).", 'image', 'missing_required_parameter');
   const sizes = [];
-  for (const image of form.images) sizes.push(await checkPngUpload(image, 'image', limits));
+  for (const image of form.images) sizes.push(await checkImageUpload(image, 'image', limits));
   const image = form.images[0]!;
   const mask = form.mask;
   if (mask) {
-    await checkPngUpload(mask, 'mask', limits);
+    await checkImageUpload(mask, 'mask', limits);
     await checkMaskMatchesImage(image, mask);
   }
   const poseScale = parsePoseUser(params.user);
@@ -150,7 +150,7 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
     '/v1/images/edits',
     {
       schema: {
-        summary: 'Edit an uploaded PNG: image-to-image, inpainting (with a mask) or pose-guided (user=cn)',
+        summary: 'Edit an uploaded picture (PNG, JPEG or WebP): image-to-image, inpainting (with a mask) or pose-guided (user=cn)',
         description:
           'Without a mask: image-to-image (strength default 0.75). With a mask (same dimensions as the image; transparent pixels, ' +
           'or white ones in a mask without transparency, are repainted): inpainting (strength default 1). With `user=cn`, `pose:<w>` ' +
@@ -161,12 +161,16 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
           ...editsFormSchema,
           required: ['image', ...editsFormSchema.required],
           properties: {
-            image: { type: 'string', format: 'binary', description: `PNG under ${limits.maxBytes} bytes (also image[]; the first is used).` },
+            image: {
+              type: 'string',
+              format: 'binary',
+              description: `PNG, JPEG or WebP, at most ${limits.maxBytes} bytes, EXIF orientation applied (also image[]: each is checked, the first is used).`,
+            },
             mask: {
               type: 'string',
               format: 'binary',
               description:
-                "PNG with the image's dimensions: fully transparent pixels are repainted (OpenAI's convention); in a mask without transparency, white ones are.",
+                "PNG (or JPEG/WebP) with the image's dimensions: fully transparent pixels are repainted (OpenAI's convention); in a mask without transparency, white ones are.",
             },
             ...editsFormSchema.properties,
           },
