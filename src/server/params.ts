@@ -117,6 +117,20 @@ export const FIELDS: Record<string, FieldSpec> = {
     description: `Extension: how much of the input is redrawn, 0 < strength <= 1 (default ${DEFAULT_STRENGTH} for image-to-image, ${DEFAULT_INPAINT_STRENGTH} for inpainting; not used in pose mode).`,
   },
   stream: { type: 'boolean', description: 'Streaming is not supported; only `false` is accepted.' },
+  // OpenAI's fields that Kiln cannot honour: accepted where that changes nothing a client relies on.
+  background: {
+    type: 'string',
+    enum: ['auto', 'opaque', 'transparent'],
+    description: "GPT image models' background: `auto` and `opaque` are accepted (Kiln's images are opaque); `transparent` is refused (400).",
+  },
+  style: { type: 'string', enum: ['vivid', 'natural'], description: "DALL-E 3's style: accepted and ignored (Kiln's models have no such switch; say it in the prompt)." },
+  moderation: { type: 'string', enum: ['auto', 'low'], description: "GPT image models' moderation level: accepted and ignored (Kiln moderates nothing)." },
+  input_fidelity: {
+    type: 'string',
+    enum: ['high', 'low'],
+    only: 'edits',
+    description: "GPT image models' input fidelity: accepted and ignored (`strength` is Kiln's control of how much of the upload is kept).",
+  },
 };
 
 /** Validated, defaulted parameters of one images request. */
@@ -240,7 +254,7 @@ function checkField(name: string, spec: FieldSpec, value: unknown): void {
 
 /**
  * Validates a request's fields (a parsed JSON body, or a form's text fields) and fills the
- * defaults. Unknown fields are ignored (clients send OpenAI-only ones such as `style`).
+ * defaults. Unknown fields are ignored; OpenAI's that Kiln cannot honour are checked (background: transparent is a 400).
  * Throws ApiError(400) naming the field.
  */
 export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 'form', nMeaning: NMeaning = 'seed'): ImageParams {
@@ -274,6 +288,14 @@ export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 
       `Invalid value for 'size': '${show(size)}'. Supported values are: ${DEFAULT_SIZES.map((v) => `'${v}'`).join(', ')}, 'auto', or 'WxH' with both sides multiples of ${SIZE_STEP} within the model's range.`,
       'size',
       'invalid_value',
+    );
+  }
+  if (values.background === 'transparent') {
+    throw new ApiError(
+      400,
+      "Kiln's models draw opaque images, so 'background: transparent' cannot be honoured; leave 'background' out or send 'opaque' or 'auto'.",
+      'background',
+      'unsupported_value',
     );
   }
   const n = values.n as number | undefined;

@@ -244,3 +244,21 @@ describe('auth', () => {
     assert.equal((await getJson(`${t.url}/v1/models`, { authorization: 'Bearer anything' })).status, 200);
   });
 });
+
+describe("OpenAI's fields Kiln cannot honour", () => {
+  test('background: transparent is a 400 saying why; auto/opaque, style, moderation and input_fidelity are accepted and change nothing', async () => {
+    const e = expectError(await postJson(GEN(), { prompt: 'x', size: '256x256', steps: 1, background: 'transparent' }), 400, 'background', 'unsupported_value');
+    assert.match(e.message, /draw opaque images/);
+    expectError(await postForm(EDIT(), { prompt: 'x', image: png(await makePng()), background: 'transparent' }), 400, 'background');
+    expectError(await postJson(GEN(), { prompt: 'x', style: 'dramatic' }), 400, 'style');
+    const base = { prompt: 'x', size: '256x256', steps: 1, n: 3, response_format: 'b64_json' };
+    const plain = await postJson(GEN(), base);
+    const extra = await postJson(GEN(), { ...base, background: 'opaque', style: 'natural', moderation: 'low' });
+    const auto = await postJson(GEN(), { ...base, background: 'auto', style: 'vivid', moderation: 'auto' });
+    assert.equal(plain.status, 200);
+    assert.equal(extra.json.data[0].b64_json, plain.json.data[0].b64_json, 'ignored fields do not change the image');
+    assert.equal(auto.json.data[0].b64_json, plain.json.data[0].b64_json);
+    const edited = await postForm(EDIT(), { prompt: 'x', image: png(await makePng()), size: '256x256', steps: '1', input_fidelity: 'high', response_format: 'b64_json' });
+    assert.equal(edited.status, 200);
+  });
+});
