@@ -111,6 +111,11 @@ function makeLogger(option: Logger | string | undefined): Logger {
   return pino({ level: option ?? 'info', base: { service: 'kiln' } });
 }
 
+/** A URL fit for logs: the value of any `signature` query parameter replaced. */
+export function redactUrl(url: string): string {
+  return url.replace(/([?&]signature=)[^&#]*/gi, '$1[redacted]');
+}
+
 function formatHost(host: string): string {
   return host.includes(':') ? `[${host}]` : host;
 }
@@ -159,6 +164,8 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       return typeof given === 'string' && REQUEST_ID.test(given) ? given : `req_${randomBytes(12).toString('hex')}`;
     },
     bodyLimit: 1024 * 1024,
+    // Logged by the hooks below instead, with image URLs' signatures redacted.
+    disableRequestLogging: true,
     forceCloseConnections: 'idle',
     frameworkErrors,
     clientErrorHandler,
@@ -198,6 +205,11 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
 
   // Hooks and handlers on the root instance reach every route plugin below, and unknown routes.
   app.addHook('onRequest', async (request, reply) => {
+    // Fastify's access-log line, but an image URL's signature is a credential: never in the logs.
+    request.log.info(
+      { req: { method: request.method, url: redactUrl(request.url), host: request.host, ip: request.ip, socket: request.socket, headers: request.headers } },
+      'incoming request',
+    );
     reply.header('x-request-id', request.id);
     if (closing) {
       throw new ApiError(503, 'The server is shutting down.', null, 'shutting_down', { headers: { 'x-should-retry': 'true' } });
@@ -205,6 +217,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   });
   addApiKeyAuth(app, options.apiKeys ?? []);
   app.addHook('onResponse', async (request, reply) => {
+    request.log.info({ res: reply, responseTime: reply.elapsedTime }, 'request completed');
     const route = request.routeOptions.url ?? 'unmatched';
     metrics.httpRequests.inc({ method: request.method, route, status: String(reply.statusCode) });
     metrics.httpDuration.observe({ method: request.method, route }, reply.elapsedTime / 1000);
