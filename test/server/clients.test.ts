@@ -62,7 +62,7 @@ test('Open WebUI: dall-e-2 (its default model) and gpt-image-1 generations, and 
   const generate = async (data: Record<string, unknown>) => {
     const r = await fetch(`${t.baseURL}/images/generations`, { method: 'POST', headers: { ...auth, 'Content-Type': 'application/json' }, body: JSON.stringify(data) });
     assert.equal(r.status, 200, await r.clone().text());
-    return r.json();
+    return (await r.json()) as any;
   };
   // No model configured: get_image_model() answers 'dall-e-2'; '' does not match '^gpt-image', so b64_json is asked for.
   const dalle = await generate({ model: 'dall-e-2', prompt: 'a lighthouse at dusk', n: 1, size: '512x512', response_format: 'b64_json' });
@@ -79,7 +79,7 @@ test('Open WebUI: dall-e-2 (its default model) and gpt-image-1 generations, and 
     for (const [name, bytes] of files) form.append(name, new Blob([new Uint8Array(bytes)], { type: 'image/jpeg' }), `${crypto.randomUUID()}.jpg`);
     const r = await fetch(`${t.baseURL}/images/edits`, { method: 'POST', headers: auth, body: form });
     assert.equal(r.status, 200, await r.clone().text());
-    return r.json();
+    return (await r.json()) as any;
   };
   const jpeg = await photo();
   const one = await edit({ model: 'dall-e-2', prompt: 'make it snowy', n: '1', size: '512x512', response_format: 'b64_json' }, [['image', jpeg]]);
