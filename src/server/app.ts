@@ -14,7 +14,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { join, resolve } from 'node:path';
-import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import multipart from '@fastify/multipart';
 import swagger from '@fastify/swagger';
 import { pino, type Logger } from 'pino';
@@ -116,6 +116,30 @@ export function redactUrl(url: string): string {
   return url.replace(/([?&]signature=)[^&#]*/gi, '$1[redacted]');
 }
 
+/** What Fastify's `req` log serializer reads, with the URL redacted. */
+function loggedRequest(request: FastifyRequest) {
+  return { method: request.method, url: redactUrl(request.url), headers: request.headers, host: request.host, ip: request.ip, socket: request.socket };
+}
+
+/**
+ * Fastify's own log lines, except that a URL never appears whole: an image URL's signature is
+ * its credential. (The lines that carry the URL: incoming request, 5xx errors, unknown routes.)
+ */
+class RedactingLogController extends LogController {
+  override incomingRequest(request: FastifyRequest): void {
+    if (!this.isLogDisabled(request)) request.log.info({ req: loggedRequest(request) }, 'incoming request');
+  }
+
+  override defaultErrorLog(error: Error, request: FastifyRequest, reply: FastifyReply, metadata?: Record<string, unknown>): void {
+    if (reply.statusCode >= 500 && !this.isLogDisabled(request)) reply.log.error({ req: loggedRequest(request), res: reply, err: error }, error?.message);
+    else super.defaultErrorLog(error, request, reply, metadata);
+  }
+
+  override routeNotFound(request: FastifyRequest): void {
+    if (!this.isLogDisabled(request)) request.log.info(`Route ${request.method}:${redactUrl(request.url)} not found`);
+  }
+}
+
 function formatHost(host: string): string {
   return host.includes(':') ? `[${host}]` : host;
 }
@@ -164,8 +188,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       return typeof given === 'string' && REQUEST_ID.test(given) ? given : `req_${randomBytes(12).toString('hex')}`;
     },
     bodyLimit: 1024 * 1024,
-    // Logged by the hooks below instead, with image URLs' signatures redacted.
-    disableRequestLogging: true,
+    logController: new RedactingLogController(),
     forceCloseConnections: 'idle',
     frameworkErrors,
     clientErrorHandler,
@@ -205,11 +228,6 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
 
   // Hooks and handlers on the root instance reach every route plugin below, and unknown routes.
   app.addHook('onRequest', async (request, reply) => {
-    // Fastify's access-log line, but an image URL's signature is a credential: never in the logs.
-    request.log.info(
-      { req: { method: request.method, url: redactUrl(request.url), host: request.host, ip: request.ip, socket: request.socket, headers: request.headers } },
-      'incoming request',
-    );
     reply.header('x-request-id', request.id);
     if (closing) {
       throw new ApiError(503, 'The server is shutting down.', null, 'shutting_down', { headers: { 'x-should-retry': 'true' } });
@@ -217,7 +235,6 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   });
   addApiKeyAuth(app, options.apiKeys ?? []);
   app.addHook('onResponse', async (request, reply) => {
-    request.log.info({ res: reply, responseTime: reply.elapsedTime }, 'request completed');
     const route = request.routeOptions.url ?? 'unmatched';
     metrics.httpRequests.inc({ method: request.method, route, status: String(reply.statusCode) });
     metrics.httpDuration.observe({ method: request.method, route }, reply.elapsedTime / 1000);
