@@ -1,6 +1,8 @@
 /**
  * The `kiln` command.
  */
+import { readFileSync } from 'node:fs';
+import { resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { registerConvertCommand } from './convert.js';
 import { registerImportCommand } from './import.js';
@@ -11,11 +13,24 @@ import { registerModelCommands } from './models.js';
 import { registerPullCommand } from './pull.js';
 import { registerServeCommand } from './serve.js';
 
+// src/cli/main.ts and dist/cli/main.js are both two levels below the package root.
+const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+
 const program = new Command();
 program
   .name('kiln')
   .description('Self-hosted, OpenAI-compatible image generation (Block Entropy images API) on ONNX Runtime')
+  .version(pkg.version, '-V, --version', 'print the version')
   .showHelpAfterError();
+
+export const HOME_HELP = "Kiln's home folder: models/, aliases.json, images/, cache/ (default $KILN_HOME or ~/.local/share/kiln)";
+
+// Every command takes --home; setting KILN_HOME before the action makes every reader of the home
+// (model lookup, aliases, pulls, the server's workers) agree on it.
+program.hook('preAction', (_root, command) => {
+  const home = (command.opts() as { home?: string }).home;
+  if (home) process.env.KILN_HOME = resolve(home);
+});
 
 export function parseInteger(value: string): number {
   if (!/^\d+$/.test(value.trim())) throw new InvalidArgumentError('expected a non-negative integer');
@@ -47,7 +62,7 @@ program
   .requiredOption('-p, --prompt <text>', 'what to draw; inline weights like (ball)0.5 or word++ work')
   .option('--negative <text>', 'negative prompt')
   .option('-s, --seed <n>', 'seed (the API\'s n); random when absent', parseInteger)
-  .option('--size <WxH>', 'image size: 256x256, 512x512 or 1024x1024', '512x512')
+  .option('--size <WxH>', 'image size: 256x256, 512x512, 1024x1024, 1792x1024, 1024x1792, 1536x1024, 1024x1536, auto (the native size), or WxH in multiples of 64 within the model\'s range', '512x512')
   .option('-q, --quality <name>', 'draft|low, smooth|standard|medium|auto, hd|high', 'smooth')
   .option('--scheduler <name>', 'euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras, dpm_single, unipc, lcm')
   .option('--steps <n>', 'denoising steps (overrides quality)', parseInteger)
@@ -63,6 +78,10 @@ registerPullCommand(program);
 registerModelCommands(program);
 registerConvertCommand(program);
 registerImportCommand(program);
+
+for (const command of program.commands) {
+  if (!command.options.some((o) => o.long === '--home')) command.option('--home <dir>', HOME_HELP);
+}
 
 try {
   await program.parseAsync(process.argv);

@@ -4,16 +4,20 @@
 import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { builtinModelsDir, defaultModelName, kilnHome, locateModel, modelSearchDirs, REFERENCE_DEFAULT_MODEL } from '../engine/locate.js';
+import { builtinModelsDir, defaultModelName, isModelPath, kilnHome, locateModel, modelSearchDirs, REFERENCE_DEFAULT_MODEL } from '../engine/locate.js';
+import { MODEL_NAME, OPENAI_IMAGE_MODELS } from '../server/model-catalog.js';
 import type { Device } from '../engine/onnx.js';
 import { createServer } from '../server/app.js';
 import { fileModelFolder, isWeightsFilePath } from '../graphs/checkpoint.js';
+import { MAX_IMAGES, N_MEANINGS, type NMeaning } from '../server/params.js';
 
 export interface ServeFlags {
   host: string;
   port: number;
   home?: string;
   defaultModel?: string;
+  modelAlias?: Record<string, string>;
+  nAs: NMeaning;
   apiKey?: string[];
   publicUrl?: string;
   urlTtl: number;
@@ -49,6 +53,17 @@ function parsePort(value: string): number {
 
 function collect(value: string, previous: string[] = []): string[] {
   return [...previous, value];
+}
+
+/** `NAME=MODEL` (repeatable) into a table; a folder MODEL is made absolute here, against the cwd. */
+export function parseModelAlias(value: string, previous: Record<string, string> = {}): Record<string, string> {
+  const at = value.indexOf('=');
+  const name = at > 0 ? value.slice(0, at).trim() : '';
+  const model = at > 0 ? value.slice(at + 1).trim() : '';
+  if (!MODEL_NAME.test(name) || !model) {
+    throw new InvalidArgumentError('expected NAME=MODEL, e.g. dall-e-3=be-stable-diffusion-xl-base-1.0 (NAME: letters, digits, . _ + -; MODEL: an installed name or a folder)');
+  }
+  return { ...previous, [name]: isModelPath(model) ? resolve(model) : model };
 }
 
 function parseUrl(value: string): string {
@@ -94,6 +109,8 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
     port: flags.port,
     publicUrl: flags.publicUrl,
     defaultModel,
+    modelAliases: flags.modelAlias,
+    nMeaning: flags.nAs,
     apiKeys,
     urlTtlMs: flags.urlTtl,
     maxQueue: flags.maxQueue,
@@ -127,7 +144,12 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
   process.stderr.write(
     `kiln: serving the images API at ${url}/v1 (image URLs at ${server.publicUrl}; ` +
       `${apiKeys.length ? `${apiKeys.length} API key(s) required` : 'no API key required'}; Ctrl-C to stop)\n` +
-      `kiln: default model ${describeDefaultModel(flags.defaultModel, home)}\n`,
+      (flags.nAs === 'count' ? `kiln: n is the number of images (1 to ${MAX_IMAGES}, each with its own seed; --n-as count)\n` : '') +
+      `kiln: default model ${describeDefaultModel(flags.defaultModel, home)}; it also serves OpenAI's model names ` +
+      `(${OPENAI_IMAGE_MODELS.join(', ')}, any dall-e-* or gpt-image-*)${flags.modelAlias ? ' not mapped by --model-alias' : ''}\n` +
+      Object.entries(flags.modelAlias ?? {})
+        .map(([name, model]) => `kiln: model alias ${name} -> ${model}\n`)
+        .join(''),
   );
 }
 
@@ -139,6 +161,12 @@ export function registerServeCommand(program: Command): void {
     .option('--port <port>', 'port to listen on (0: any free port)', parsePort, 1234)
     .option('--home <dir>', "Kiln's home folder: models/, images/, the URL secret (default $KILN_HOME or ~/.local/share/kiln)")
     .option('--default-model <name|dir|file>', 'model for requests that name none: a name, a model folder or a single-file checkpoint (default: be-stable-diffusion-xl-base-1.0 if installed, else kiln-tiny-xl)')
+    .option('--model-alias <name=model>', 'serve requests naming NAME with MODEL, an installed name or a folder (repeatable; over aliases.json)', parseModelAlias)
+    .addOption(
+      new Option('--n-as <meaning>', "what the API's n means: seed (the reference: n is the seed, one image) or count (OpenAI: n images, each with a random seed)")
+        .choices([...N_MEANINGS])
+        .default('seed'),
+    )
     .option('--api-key <key>', 'require this bearer key on /v1/* (repeatable; also KILN_API_KEYS=k1,k2)', collect)
     .option('--public-url <url>', 'base URL clients reach this server at, for image URLs (behind a reverse proxy)', parseUrl)
     .addOption(new Option('--url-ttl <duration>', 'lifetime of image URLs and their files').argParser(parseDuration).default(3_600_000, '60m'))

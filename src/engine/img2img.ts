@@ -18,11 +18,13 @@ export interface Img2ImgOptions extends GenerateOptions {
 }
 
 /**
- * Brings an uploaded picture to the requested size. The documented rule: alpha is composited
- * on white, then the largest centred square is cropped and resized (Lanczos) to width x height.
+ * Brings an uploaded picture to the requested size. The documented rule: the EXIF orientation is
+ * applied, alpha is composited on white, then the largest centred region of the output's shape
+ * is cropped and resized (Lanczos) to width x height.
  */
 export async function prepareInitImage(input: Buffer, width: number, height: number): Promise<RgbImage> {
   const { data, info } = await sharp(input)
+    .rotate()
     .flatten({ background: '#ffffff' })
     .resize(width, height, { fit: 'cover', position: 'centre', kernel: 'lanczos3' })
     .removeAlpha()

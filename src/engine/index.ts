@@ -14,6 +14,7 @@ export {
   runDiffusion,
   denoise,
   resolveSettings,
+  resolveModelSize,
   guidanceEmbedding,
   MAX_STEPS,
   MAX_GUIDANCE,
@@ -28,7 +29,19 @@ export { loadClipTokenizer, createClipTokenizer, type ClipTokenizer } from './to
 export { parsePromptWeights, type WeightedFragment } from './prompt-weights.js';
 export * from './schedulers/index.js';
 export { createRng, randomSeed, MAX_SEED, type Rng } from './rng.js';
-export { QUALITY_NAMES, DEFAULT_QUALITY, DEFAULT_SIZES, DEFAULT_STEPS, parseSize, qualityTier, type QualityTier } from './presets.js';
+export {
+  QUALITY_NAMES,
+  DEFAULT_QUALITY,
+  DEFAULT_SIZES,
+  DEFAULT_STEPS,
+  SIZE_RANGES,
+  parseSize,
+  resolveSize,
+  sizeForUpload,
+  qualityTier,
+  type QualityTier,
+  type Size,
+} from './presets.js';
 export { decodeLatents, encodeImageToLatents, type RgbImage } from './vae.js';
 export { encodeImage, encodeGeneratedPng, insertPngText, readPngText, parametersText, OUTPUT_FORMATS, type OutputFormat } from './image-codec.js';
 export { locateModel, listInstalledModels, kilnHome, builtinModelsDir, modelSearchDirs, defaultModelName, REFERENCE_DEFAULT_MODEL, BUILTIN_DEFAULT_MODEL } from './locate.js';

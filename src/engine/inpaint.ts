@@ -29,10 +29,10 @@ export interface InpaintOptions extends Img2ImgOptions {
   mask: Float32Array;
 }
 
-/** Size of a PNG (or any image sharp reads), for the mask-matches-image check. */
+/** Size of an upload (any image sharp reads) as used, upright: for the mask-matches-image check. */
 async function dimensions(input: Buffer): Promise<{ width: number; height: number }> {
   const meta = await sharp(input).metadata();
-  return { width: meta.width ?? 0, height: meta.height ?? 0 };
+  return meta.autoOrient ?? { width: meta.width ?? 0, height: meta.height ?? 0 };
 }
 
 /** Throws InvalidOptionError(param "mask") when the mask's dimensions differ from the image's. */
@@ -48,7 +48,7 @@ export async function checkMaskMatchesImage(image: Buffer, mask: Buffer): Promis
  * convention rule above at the upload's resolution, then the image's crop and resize.
  */
 export async function prepareMask(input: Buffer, width: number, height: number): Promise<Float32Array> {
-  const { data, info } = await sharp(input).ensureAlpha().raw().toBuffer({ resolveWithObject: true });
+  const { data, info } = await sharp(input).rotate().ensureAlpha().raw().toBuffer({ resolveWithObject: true });
   const pixels = info.width * info.height;
   let transparent = false;
   for (let i = 0; i < pixels && !transparent; i++) transparent = data[i * 4 + 3]! < 255;

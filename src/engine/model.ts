@@ -15,7 +15,7 @@ import { ModelLoadError } from './errors.js';
 import { OnnxModel, type Device, type RunStats } from './onnx.js';
 import { loadClipTokenizer, type ClipTokenizer } from './tokenizer.js';
 import type { SchedulerConfig } from './schedulers/index.js';
-import { DEFAULT_STEPS, type StepsByTier } from './presets.js';
+import { DEFAULT_STEPS, type Size, type StepsByTier } from './presets.js';
 import { replaceRandomNormalLike } from './seeded-sampling.js';
 
 export type ModelFamily = 'sd1' | 'sd2' | 'sdxl';
@@ -40,6 +40,8 @@ export interface ModelLayout {
   /** SDXL: an absent negative prompt is zero embeddings (model_index.json, default true as in diffusers). */
   forceZerosForEmptyPrompt: boolean;
   hasVaeEncoder: boolean;
+  /** The size `auto` means: unet/config.json's sample_size x 8, else 1024 (SDXL) or 512 (SD). */
+  nativeSize: Size;
   defaults: ModelDefaults;
 }
 
@@ -171,8 +173,18 @@ export function detectLayout(dirArg: string): ModelLayout {
     vaeForceUpcast: vaeConfig.force_upcast === true,
     forceZerosForEmptyPrompt: index.force_zeros_for_empty_prompt !== false,
     hasVaeEncoder: format === 'safetensors' || existsSync(join(dir, 'vae_encoder/model.onnx')),
+    nativeSize: nativeSize(unetConfig.sample_size, family),
     defaults: readDefaults(dir, family, distillation),
   };
+}
+
+/** sample_size is the latent side (or [height, width]); the VAE scales it by 8. */
+function nativeSize(sampleSize: unknown, family: ModelFamily): Size {
+  const latent = (v: unknown) => (Number.isInteger(v) && (v as number) > 0 ? (v as number) : undefined);
+  const [h, w] = Array.isArray(sampleSize) ? [latent(sampleSize[0]), latent(sampleSize[1])] : [latent(sampleSize), latent(sampleSize)];
+  if (h !== undefined && w !== undefined) return { width: w * 8, height: h * 8 };
+  const side = family === 'sdxl' ? 1024 : 512;
+  return { width: side, height: side };
 }
 
 function readDefaults(dir: string, family: ModelFamily, distillation: Distillation): ModelDefaults {

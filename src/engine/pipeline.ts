@@ -12,7 +12,7 @@ import { decodeLatents, type RgbImage } from './vae.js';
 import { unetOutputName, type DiffusionModel } from './model.js';
 import { timestepDims, type Feed, type OnnxModel, type TensorInfo } from './onnx.js';
 import { createRng, MAX_SEED, type Rng } from './rng.js';
-import { DEFAULT_QUALITY, DEFAULT_SIZES, parseSize, qualityTier } from './presets.js';
+import { DEFAULT_QUALITY, parseSize, qualityTier, resolveSize, type Size } from './presets.js';
 import { GenerationCancelledError, InvalidOptionError, ModelLoadError } from './errors.js';
 import { loraSettings, withPromptLoras, type AppliedLora } from './loras.js';
 import { imagePromptInputs, type ImagePrompt } from './image-prompt.js';
@@ -40,8 +40,13 @@ export interface GenerateOptions {
    * by the scheduler's initial sigma, like diffusers' `latents=`). txt2img only.
    */
   latents?: Float32Array;
-  /** `WxH`, one of `allowedSizes` (default 256/512/1024 square). */
+  /**
+   * `WxH`: a named size (256/512/1024 squares, 1792x1024, 1024x1792, 1536x1024, 1024x1536),
+   * `auto` (the model's native size) or sides that are multiples of 64 within the family's range
+   * (presets.ts resolveSize). Default 512x512.
+   */
   size?: string;
+  /** Only these sizes instead (exact `WxH` strings). */
   allowedSizes?: readonly string[];
   quality?: string;
   /** Overrides the quality preset's step count. */
@@ -106,7 +111,7 @@ export function resolveSettings(model: DiffusionModel, options: GenerateOptions)
   if (!Number.isInteger(options.seed) || options.seed < 0 || options.seed > MAX_SEED) {
     throw new InvalidOptionError(`seed must be an integer from 0 to ${MAX_SEED}`, 'seed');
   }
-  const { width, height } = parseSize(options.size ?? '512x512', options.allowedSizes ?? DEFAULT_SIZES);
+  const { width, height } = resolveModelSize(model, options);
   const quality = options.quality ?? DEFAULT_QUALITY;
   const tier = qualityTier(quality);
   const defaults = model.layout.defaults;
@@ -131,6 +136,12 @@ export function resolveSettings(model: DiffusionModel, options: GenerateOptions)
     quality,
     ...loraSettings(model),
   };
+}
+
+/** The output size a request asks of a model (see GenerateOptions.size). Throws InvalidOptionError ('size'). */
+export function resolveModelSize(model: DiffusionModel, options: Pick<GenerateOptions, 'size' | 'allowedSizes'>): Size {
+  const size = options.size ?? '512x512';
+  return options.allowedSizes ? parseSize(size, options.allowedSizes) : resolveSize(size, model.layout);
 }
 
 /**

@@ -6,11 +6,10 @@
 import { generateWithControl, prepareControl } from './controlnet.js';
 import type { DiffusionModel } from './model.js';
 import type { OnnxModel } from './onnx.js';
-import type { GenerateOptions, GenerateResult } from './pipeline.js';
+import { resolveModelSize, type GenerateOptions, type GenerateResult } from './pipeline.js';
 import { drawSkeleton, estimatePose } from './pose/index.js';
 import type { RgbImage } from './vae.js';
 import { InvalidOptionError } from './errors.js';
-import { parseSize } from './presets.js';
 
 export interface PoseAssets {
   controlNet: OnnxModel;
@@ -40,7 +39,7 @@ export class NoPersonError extends InvalidOptionError {
 }
 
 export async function poseGenerate(model: DiffusionModel, assets: PoseAssets, options: PoseGenerateOptions): Promise<PoseGenerateResult> {
-  const { width, height } = parseSize(options.size ?? '512x512', options.allowedSizes);
+  const { width, height } = resolveModelSize(model, options);
   // Refuse a ControlNet that cannot be used before spending the pose estimation on it.
   const control = await prepareControl(model, assets.controlNet, options.controlScale);
   const people = await estimatePose(assets.detector, assets.poseNet, options.image);

@@ -6,6 +6,7 @@
  * `low`/`medium`/`high`, `auto`) and a `draft` tier all map onto three tiers.
  */
 import { InvalidOptionError } from './errors.js';
+import type { ModelFamily } from './model.js';
 
 export type QualityTier = 'draft' | 'smooth' | 'hd';
 
@@ -43,14 +44,34 @@ export function qualityTier(quality: string | undefined): QualityTier {
   return tier;
 }
 
-export const DEFAULT_SIZES: readonly string[] = ['256x256', '512x512', '1024x1024'];
+/** The squares of the reference API. */
+export const SQUARE_SIZES: readonly string[] = ['256x256', '512x512', '1024x1024'];
+/** The sizes every model takes by name: the squares and OpenAI's wide and tall ones (DALL-E 3, GPT image). */
+export const DEFAULT_SIZES: readonly string[] = [...SQUARE_SIZES, '1792x1024', '1024x1792', '1536x1024', '1024x1536'];
+/** Other sizes: both sides a multiple of this (the UNet halves the latent three times), within the family's range. */
+export const SIZE_STEP = 64;
+
+export interface SizeRange {
+  min: number;
+  max: number;
+}
+
+/**
+ * The sides a family takes besides the named sizes. SDXL was trained on buckets from 512 to 2048
+ * pixels a side (1024² area); SD 1.x/2.x at 512 or 768, and much past 1024 they repeat subjects.
+ */
+export const SIZE_RANGES: Readonly<Record<ModelFamily, SizeRange>> = {
+  sd1: { min: 256, max: 1024 },
+  sd2: { min: 256, max: 1024 },
+  sdxl: { min: 256, max: 2048 },
+};
 
 export interface Size {
   width: number;
   height: number;
 }
 
-/** Parses `WxH` and checks it against the allowed list (square 256/512/1024 by default). */
+/** Parses `WxH` and checks it against an explicit list of sizes (default: the named sizes). */
 export function parseSize(size: string, allowed: readonly string[] = DEFAULT_SIZES): Size {
   const normalized = size.trim().toLowerCase();
   if (!allowed.includes(normalized)) {
@@ -58,4 +79,45 @@ export function parseSize(size: string, allowed: readonly string[] = DEFAULT_SIZ
   }
   const [w, h] = normalized.split('x').map(Number) as [number, number];
   return { width: w, height: h };
+}
+
+/** What a size depends on: the model's family (its range) and its native size (`auto`). */
+export interface SizeContext {
+  family: ModelFamily;
+  nativeSize: Size;
+}
+
+/**
+ * A request's size for a model: a named size, `auto` (the model's native size), or `WxH` with
+ * both sides multiples of 64 within the family's range. Throws InvalidOptionError ('size').
+ */
+export function resolveSize(size: string, model: SizeContext): Size {
+  const normalized = size.trim().toLowerCase();
+  if (normalized === 'auto') return { ...model.nativeSize };
+  if (DEFAULT_SIZES.includes(normalized)) return parseSize(normalized);
+  const range = SIZE_RANGES[model.family];
+  const m = /^(\d{1,6})x(\d{1,6})$/.exec(normalized);
+  if (m) {
+    const width = Number(m[1]);
+    const height = Number(m[2]);
+    const fits = (v: number) => v % SIZE_STEP === 0 && v >= range.min && v <= range.max;
+    if (fits(width) && fits(height)) return { width, height };
+  }
+  throw new InvalidOptionError(
+    `unsupported size "${size.length > 40 ? `${size.slice(0, 37)}...` : size}"; allowed: ${DEFAULT_SIZES.join(', ')}, auto (the model's native size, ` +
+      `${model.nativeSize.width}x${model.nativeSize.height}), or WxH with both sides multiples of ${SIZE_STEP} from ${range.min} to ${range.max} for this model`,
+    'size',
+  );
+}
+
+/**
+ * `auto` for an edit: the upload's shape at the model's native area, sides rounded to multiples
+ * of 64 and kept within the family's range (the upload is then cropped to that shape, if at all,
+ * by a sliver).
+ */
+export function sizeForUpload(upload: Size, model: SizeContext): Size {
+  const range = SIZE_RANGES[model.family];
+  const scale = Math.sqrt((model.nativeSize.width * model.nativeSize.height) / (upload.width * upload.height));
+  const side = (v: number) => Math.min(range.max, Math.max(range.min, Math.round((v * scale) / SIZE_STEP) * SIZE_STEP));
+  return { width: side(upload.width), height: side(upload.height) };
 }

@@ -18,8 +18,12 @@
  *     "pose": { "repo": "yzd-v/DWPose", "files": ["yolox_l.onnx", "dw-ll_ucoco_384.onnx"],
  *               "kind": "annotator", "dir": "annotators/dwpose" },
  *     "cn": { "repo": "TensorStack/ControlNet-onnx",
- *             "files": [{ "path": "SD/OpenPose/model.onnx", "as": "model.onnx" }], "kind": "controlnet" }
+ *             "files": [{ "path": "SD/OpenPose/model.onnx", "as": "model.onnx" }], "kind": "controlnet" },
+ *     "dall-e-3": { "model": "be-stable-diffusion-xl-base-1.0" }
  *   }
+ *
+ * An entry with `"model"` instead of `"repo"` is a serving alias: the server answers requests
+ * naming it with that model (an installed name, or a folder). Nothing is pulled for it.
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -195,10 +199,15 @@ function validateEntry(name: string, raw: unknown, file: string): AliasEntry {
   return entry;
 }
 
-/** The user's aliases from `$KILN_HOME/aliases.json` (empty when the file is absent). Throws on a malformed file. */
-export function readUserAliases(home: string): Record<string, AliasEntry> {
+/** Whether an aliases.json value is a serving alias (`{ "model": ... }`, no `repo`). */
+function isModelAliasValue(value: unknown): value is { model: unknown } {
+  return !!value && typeof value === 'object' && !Array.isArray(value) && 'model' in value && !('repo' in value);
+}
+
+/** The entries of `$KILN_HOME/aliases.json` (empty when the file is absent), names checked. Throws on a malformed file. */
+function readAliasFile(home: string): { file: string; entries: [string, unknown][] } {
   const file = join(home, ALIAS_FILE);
-  if (!existsSync(file)) return {};
+  if (!existsSync(file)) return { file, entries: [] };
   let raw: unknown;
   try {
     raw = JSON.parse(readFileSync(file, 'utf8'));
@@ -207,11 +216,40 @@ export function readUserAliases(home: string): Record<string, AliasEntry> {
   }
   if (!raw || typeof raw !== 'object' || Array.isArray(raw)) throw new PullError(`${file} must hold a JSON object of aliases`, 'alias-file');
   const table = (raw as { aliases?: unknown }).aliases && typeof (raw as { aliases?: unknown }).aliases === 'object' ? (raw as { aliases: object }).aliases : raw;
-  const out: Record<string, AliasEntry> = {};
+  const entries: [string, unknown][] = [];
   for (const [name, value] of Object.entries(table as Record<string, unknown>)) {
     if (name.startsWith('$') || name === 'aliases') continue; // room for "$schema"/comments
     if (!isValidModelName(name)) throw new PullError(`${file}: "${name}" is not a valid alias name (letters, digits, . _ -)`, 'alias-file');
+    entries.push([name, value]);
+  }
+  return { file, entries };
+}
+
+/** The user's pull aliases from `$KILN_HOME/aliases.json` (serving aliases left out). Throws on a malformed file. */
+export function readUserAliases(home: string): Record<string, AliasEntry> {
+  const { file, entries } = readAliasFile(home);
+  const out: Record<string, AliasEntry> = {};
+  for (const [name, value] of entries) {
+    if (isModelAliasValue(value)) continue;
     out[name] = validateEntry(name, value, file);
+  }
+  return out;
+}
+
+/**
+ * The user's serving aliases from `$KILN_HOME/aliases.json`: `{ "dall-e-3": { "model": "sdxl" } }`
+ * gives `{ "dall-e-3": "sdxl" }`. Throws on a malformed file.
+ */
+export function readModelAliases(home: string): Record<string, string> {
+  const { file, entries } = readAliasFile(home);
+  const out: Record<string, string> = {};
+  for (const [name, value] of entries) {
+    if (!isModelAliasValue(value)) continue;
+    const target = value.model;
+    if (typeof target !== 'string' || target.trim() === '' || target.length > 1024) {
+      throw new PullError(`${file}: alias "${name}": "model" must name an installed model or a model folder`, 'alias-file');
+    }
+    out[name] = target;
   }
   return out;
 }
@@ -257,6 +295,10 @@ export function resolvePullSpec(spec: string, home: string): PullTarget {
   const key = table[repo] ? repo : Object.keys(table).find((k) => k.toLowerCase() === repo.toLowerCase());
   const entry = key ? table[key] : undefined;
   if (!key || !entry) {
+    const served = readModelAliases(home)[repo];
+    if (served !== undefined) {
+      throw new PullError(`"${repo}" is a serving alias for "${served}" in ${join(home, ALIAS_FILE)}: there is nothing to pull for it`, 'unknown-alias');
+    }
     throw new PullError(
       `"${repo}" is neither an alias nor an owner/name repository id. Aliases: ${Object.keys(table).sort().join(', ')} ` +
         `(add your own in ${join(home, ALIAS_FILE)})`,

@@ -14,7 +14,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { join, resolve } from 'node:path';
-import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import multipart from '@fastify/multipart';
 import swagger from '@fastify/swagger';
 import { pino, type Logger } from 'pino';
@@ -31,6 +31,8 @@ import { ApiError } from './errors.js';
 import { createImagesService } from './images-service.js';
 import { createMetrics, type Metrics } from './metrics.js';
 import { createModelCatalog } from './model-catalog.js';
+import { readModelAliases } from '../models/aliases.js';
+import type { NMeaning } from './params.js';
 import { fileRoutes } from './routes/files.js';
 import { imageRoutes } from './routes/images.js';
 import { UploadBudget } from './upload-budget.js';
@@ -48,6 +50,10 @@ export interface ServerOptions {
   publicUrl?: string;
   /** Model name or folder used when a request names none; default: defaultModelName(). */
   defaultModel?: string;
+  /** Names served by another model (`--model-alias NAME=MODEL`); they win over aliases.json. */
+  modelAliases?: Record<string, string>;
+  /** `n` is the seed (the reference's meaning, default) or the number of images (OpenAI's, `--n-as count`). */
+  nMeaning?: NMeaning;
   /** Folders model names are looked up in; default: <home>/models, then the built-in models/. */
   searchDirs?: string[];
   /** When non-empty, /v1/* requires `Authorization: Bearer <one of these>`. */
@@ -105,6 +111,35 @@ function makeLogger(option: Logger | string | undefined): Logger {
   return pino({ level: option ?? 'info', base: { service: 'kiln' } });
 }
 
+/** A URL fit for logs: the value of any `signature` query parameter replaced. */
+export function redactUrl(url: string): string {
+  return url.replace(/([?&]signature=)[^&#]*/gi, '$1[redacted]');
+}
+
+/** What Fastify's `req` log serializer reads, with the URL redacted. */
+function loggedRequest(request: FastifyRequest) {
+  return { method: request.method, url: redactUrl(request.url), headers: request.headers, host: request.host, ip: request.ip, socket: request.socket };
+}
+
+/**
+ * Fastify's own log lines, except that a URL never appears whole: an image URL's signature is
+ * its credential. (The lines that carry the URL: incoming request, 5xx errors, unknown routes.)
+ */
+class RedactingLogController extends LogController {
+  override incomingRequest(request: FastifyRequest): void {
+    if (!this.isLogDisabled(request)) request.log.info({ req: loggedRequest(request) }, 'incoming request');
+  }
+
+  override defaultErrorLog(error: Error, request: FastifyRequest, reply: FastifyReply, metadata?: Record<string, unknown>): void {
+    if (reply.statusCode >= 500 && !this.isLogDisabled(request)) reply.log.error({ req: loggedRequest(request), res: reply, err: error }, error?.message);
+    else super.defaultErrorLog(error, request, reply, metadata);
+  }
+
+  override routeNotFound(request: FastifyRequest): void {
+    if (!this.isLogDisabled(request)) request.log.info(`Route ${request.method}:${redactUrl(request.url)} not found`);
+  }
+}
+
 function formatHost(host: string): string {
   return host.includes(':') ? `[${host}]` : host;
 }
@@ -118,7 +153,12 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   const limits: UploadLimits = { maxBytes: options.maxUploadBytes ?? 4 * 1024 * 1024, maxPixels: options.maxUploadPixels ?? 4096 * 4096 };
   const maxFiles = options.maxUploadFiles ?? 16;
   const logger = makeLogger(options.logger);
-  const models = createModelCatalog(searchDirs, options.defaultModel);
+  const models = createModelCatalog(searchDirs, { defaultModel: options.defaultModel, aliases: options.modelAliases, home });
+  try {
+    readModelAliases(home);
+  } catch (err) {
+    logger.warn(`${(err as Error).message}; its serving aliases are ignored`);
+  }
 
   const runner =
     options.runner ??
@@ -148,6 +188,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       return typeof given === 'string' && REQUEST_ID.test(given) ? given : `req_${randomBytes(12).toString('hex')}`;
     },
     bodyLimit: 1024 * 1024,
+    logController: new RedactingLogController(),
     forceCloseConnections: 'idle',
     frameworkErrors,
     clientErrorHandler,
@@ -162,7 +203,10 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       info: {
         title: 'Kiln images API',
         version: '0.1.0',
-        description: "Block Entropy's OpenAI-compatible images API, served by Kiln. `n` is the seed; one image per request.",
+        description:
+          options.nMeaning === 'count'
+            ? "Block Entropy's OpenAI-compatible images API, served by Kiln. This server counts images with `n` (OpenAI's meaning); the seed goes in `seed`."
+            : "Block Entropy's OpenAI-compatible images API, served by Kiln. `n` is the seed; one image per request.",
       },
       components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer' } } },
     },
@@ -199,7 +243,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
 
   const images = createImagesService({ queue, store, signer, models, home, ttlMs, requestTimeoutMs, publicUrl: () => publicBase });
   const budget = new UploadBudget(options.maxUploadMemory ?? 256 * 1024 * 1024);
-  await app.register(imageRoutes, { images, limits, maxFiles, budget });
+  await app.register(imageRoutes, { images, limits, maxFiles, budget, nMeaning: options.nMeaning ?? 'seed' });
   await app.register(fileRoutes, { store, signer });
   await app.register(modelRoutes, { models });
   await app.register(opsRoutes, { queue, metrics });

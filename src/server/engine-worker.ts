@@ -12,7 +12,7 @@ import { dirname } from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
 import sharp from 'sharp';
 import { Engine } from '../engine/engine.js';
-import { generate, type GenerateResult } from '../engine/pipeline.js';
+import { generate, resolveModelSize, type GenerateResult } from '../engine/pipeline.js';
 import { img2img, prepareInitImage } from '../engine/img2img.js';
 import { inpaint, prepareMask } from '../engine/inpaint.js';
 import { poseGenerate, type PoseAssets } from '../engine/pose-control.js';
@@ -21,7 +21,6 @@ import { InvalidOptionError } from '../engine/errors.js';
 import { OnnxModel } from '../engine/onnx.js';
 import type { DiffusionModel } from '../engine/model.js';
 import type { RgbImage } from '../engine/vae.js';
-import { parseSize } from '../engine/presets.js';
 import { encodeGeneratedPng, encodeImage } from '../engine/image-codec.js';
 import { serializeError, type EditJobSpec, type FromWorker, type ToWorker, type WorkerInit } from './engine-protocol.js';
 
@@ -72,17 +71,19 @@ async function poseAssets(paths: NonNullable<EditJobSpec['pose']>): Promise<Pose
 }
 
 /**
- * The upload pose is estimated on: alpha composited on white and the largest centred square
- * cropped (the edit rule, so the skeleton lands where it was), at its own resolution.
+ * The upload pose is estimated on: upright (EXIF orientation), alpha composited on white and the largest centred region of
+ * the output's shape cropped (the edit rule, so the skeleton lands where it was), at its own
+ * resolution.
  */
-async function poseInput(bytes: Buffer): Promise<RgbImage> {
+async function poseInput(bytes: Buffer, outWidth: number, outHeight: number): Promise<RgbImage> {
   const meta = await sharp(bytes).metadata();
-  const width = meta.width ?? 0;
-  const height = meta.height ?? 0;
-  const side = Math.min(width, height);
+  const { width, height } = meta.autoOrient ?? { width: meta.width ?? 0, height: meta.height ?? 0 };
+  const cropW = Math.min(width, Math.round((height * outWidth) / outHeight));
+  const cropH = Math.min(height, Math.round((width * outHeight) / outWidth));
   const { data, info } = await sharp(bytes)
+    .rotate()
     .flatten({ background: '#ffffff' })
-    .extract({ left: Math.floor((width - side) / 2), top: Math.floor((height - side) / 2), width: side, height: side })
+    .extract({ left: Math.floor((width - cropW) / 2), top: Math.floor((height - cropH) / 2), width: cropW, height: cropH })
     .removeAlpha()
     .toColourspace('srgb')
     .raw()
@@ -129,15 +130,15 @@ async function run(id: number, spec: EditJobSpec): Promise<void> {
       const first = spec.images?.[0];
       if (!first) throw new Error('an edit job needs an image');
       const upload = toBuffer(first);
+      const { width, height } = resolveModelSize(model, spec.options);
       if (spec.pose) {
         const assets = await poseAssets(spec.pose);
-        const image = await poseInput(upload);
+        const image = await poseInput(upload, width, height);
         checkCancel();
         const posed = await poseGenerate(model, assets, { ...options, image, controlScale: spec.pose.scale });
         ({ pose, people } = posed);
         result = posed;
       } else {
-        const { width, height } = parseSize(spec.options.size);
         const image = await prepareInitImage(upload, width, height);
         if (spec.mask) {
           const mask = await prepareMask(toBuffer(spec.mask), width, height);

@@ -5,8 +5,11 @@
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { FastifyBaseLogger } from 'fastify';
-import { randomSeed } from '../engine/rng.js';
-import { JobCancelledError, type JobQueue, type JobSpec } from '../queue/types.js';
+import { ModelLoadError } from '../engine/errors.js';
+import { detectLayout, type ModelLayout } from '../engine/model.js';
+import { resolveSize, sizeForUpload, type Size } from '../engine/presets.js';
+import { MAX_SEED, randomSeed } from '../engine/rng.js';
+import { JobCancelledError, JobTimeoutError, type JobQueue, type JobSpec } from '../queue/types.js';
 import type { ImageStore } from '../store/types.js';
 import { ClientGoneError } from './errors.js';
 import type { EditJobOutput, EditJobSpec } from './engine-protocol.js';
@@ -41,12 +44,15 @@ export interface Caller {
 /** A validated edit upload: the init image, an optional mask (inpainting) or pose scale (pose mode). */
 export interface EditUpload {
   image: Buffer;
+  /** The image's size as it will be used (upright); `size: auto` follows its shape. */
+  imageSize: Size;
   mask?: Buffer;
   poseScale?: number;
 }
 
 interface EditInput {
   images: Buffer[];
+  imageSize: Size;
   mask?: Buffer;
   pose?: EditJobSpec['pose'];
 }
@@ -58,34 +64,31 @@ function headerValue(v: string | number): string {
 export type ImagesService = ReturnType<typeof createImagesService>;
 
 export function createImagesService({ queue, store, signer, models, home, ttlMs, requestTimeoutMs, publicUrl }: ImagesServiceOptions) {
-  async function runImageJob(caller: Caller, params: ImageParams, kind: JobSpec['kind'], edit?: EditInput, resolved?: ResolvedModel) {
-    const model = resolved ?? models.resolve(params.model);
-    const seed = params.seed ?? randomSeed();
-    const spec: EditJobSpec = {
-      kind,
-      model: model.ref,
-      options: {
-        prompt: params.prompt,
-        negativePrompt: params.negativePrompt,
-        seed,
-        size: params.size,
-        quality: params.quality,
-        steps: params.steps,
-        scheduler: params.scheduler,
-        guidanceScale: params.guidanceScale,
-      },
-      output: { format: params.outputFormat, quality: params.outputCompression },
-    };
-    const mode = kind === 'generate' ? 'generate' : edit?.pose ? 'pose' : edit?.mask ? 'inpaint' : 'img2img';
-    if (edit) {
-      spec.images = edit.images;
-      if (edit.mask) spec.mask = edit.mask;
-      if (edit.pose) spec.pose = edit.pose;
-      else spec.strength = params.strength ?? (edit.mask ? DEFAULT_INPAINT_STRENGTH : DEFAULT_STRENGTH);
+  /**
+   * The size to queue, checked against the model's family and native size now rather than after
+   * a worker has loaded the model (InvalidOptionError: 400 `size`). An edit's `auto` becomes the
+   * upload's shape at the model's native area.
+   */
+  function requestSize(params: ImageParams, model: ResolvedModel, upload?: Size): string {
+    let layout: ModelLayout;
+    try {
+      layout = detectLayout(models.dir(model));
+    } catch (err) {
+      if (err instanceof ModelLoadError) return params.size; // a broken folder: the worker reports it
+      throw err;
     }
-    const received = performance.now();
-    const job = queue.submit(spec, { timeoutMs: requestTimeoutMs, requestId: caller.id });
-    caller.log.debug({ job: job.id, kind, mode, model: model.id, seed }, 'job queued');
+    if (upload && params.size === 'auto') {
+      const size = sizeForUpload(upload, layout);
+      return `${size.width}x${size.height}`;
+    }
+    resolveSize(params.size, layout);
+    return params.size;
+  }
+
+  /** Runs one job to its end, cancelling it when the client goes away. */
+  async function runJob(caller: Caller, spec: EditJobSpec, timeoutMs: number) {
+    const job = queue.submit(spec, { timeoutMs, requestId: caller.id });
+    caller.log.debug({ job: job.id, kind: spec.kind, model: spec.model, seed: spec.options.seed }, 'job queued');
     const onClose = () => {
       if (!caller.res.writableEnded) job.cancel(new JobCancelledError('the client disconnected', 'client'));
     };
@@ -105,48 +108,104 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
       caller.res.off('close', onClose);
     }
     if (caller.res.destroyed) throw new ClientGoneError(`client disconnected; job ${job.id} finished unread`);
+    return { output, queueMs: job.queuedMs ?? 0 };
+  }
 
-    const s = output.settings;
-    const queueMs = job.queuedMs ?? 0;
+  async function runImageJob(caller: Caller, params: ImageParams, kind: JobSpec['kind'], edit?: EditInput, resolved?: ResolvedModel) {
+    const model = resolved ?? models.resolve(params.model);
+    const size = requestSize(params, model, edit?.imageSize);
+    // One seed per image: the given one (then +1 each, so a request stays reproducible), else random each.
+    const first = params.seed;
+    const seeds = Array.from({ length: params.count }, (_, i) => (first === undefined ? randomSeed() : (first + i) % (MAX_SEED + 1)));
+    const mode = kind === 'generate' ? 'generate' : edit?.pose ? 'pose' : edit?.mask ? 'inpaint' : 'img2img';
+    const specFor = (seed: number): EditJobSpec => {
+      const spec: EditJobSpec = {
+        kind,
+        model: model.ref,
+        options: {
+          prompt: params.prompt,
+          negativePrompt: params.negativePrompt,
+          seed,
+          size,
+          quality: params.quality,
+          steps: params.steps,
+          scheduler: params.scheduler,
+          guidanceScale: params.guidanceScale,
+        },
+        output: { format: params.outputFormat, quality: params.outputCompression },
+      };
+      if (edit) {
+        spec.images = edit.images;
+        if (edit.mask) spec.mask = edit.mask;
+        if (edit.pose) spec.pose = edit.pose;
+        else spec.strength = params.strength ?? (edit.mask ? DEFAULT_INPAINT_STRENGTH : DEFAULT_STRENGTH);
+      }
+      return spec;
+    };
+
+    const received = performance.now();
+    // The images of one request run one after another: a request holds one queue place at a time,
+    // and the per-request limit covers them all.
+    const outputs: EditJobOutput[] = [];
+    let queueMs = 0;
+    let generationMs = 0;
+    for (const seed of seeds) {
+      const left = requestTimeoutMs - (performance.now() - received);
+      if (left <= 0) throw new JobTimeoutError(requestTimeoutMs);
+      const done = await runJob(caller, specFor(seed), left);
+      outputs.push(done.output);
+      queueMs += done.queueMs;
+      generationMs += done.output.timings.totalMs;
+    }
+
+    const s = outputs[0]!.settings;
     const totalMs = performance.now() - received;
-    const item: Record<string, unknown> = {};
     let expiresAt: number | undefined;
-    const put = async (bytes: Buffer) => {
-      const stored = await store.put(bytes, { contentType: output.contentType, ttlMs });
+    const put = async (bytes: Buffer, contentType: string) => {
+      const stored = await store.put(bytes, { contentType, ttlMs });
       expiresAt = stored.expiresAt;
       return (await store.externalUrl?.(stored)) ?? `${publicUrl()}${signer.path(stored.key, stored.expiresAt)}`;
     };
-    if (params.responseFormat === 'b64_json') {
-      item.b64_json = output.bytes.toString('base64');
-      if (output.pose) item.b64_json_pose = output.pose.toString('base64');
-    } else {
-      item.url = await put(output.bytes);
-      if (output.pose) item.url_pose = await put(output.pose);
+    const data: Record<string, unknown>[] = [];
+    for (const output of outputs) {
+      const item: Record<string, unknown> = {};
+      if (params.responseFormat === 'b64_json') {
+        item.b64_json = output.bytes.toString('base64');
+        if (output.pose) item.b64_json_pose = output.pose.toString('base64');
+      } else {
+        item.url = await put(output.bytes, output.contentType);
+        if (output.pose) item.url_pose = await put(output.pose, output.contentType);
+      }
+      item.seed = output.settings.seed;
+      item.revised_prompt = null;
+      data.push(item);
     }
-    item.seed = s.seed;
-    item.revised_prompt = null;
+    const allSeeds = outputs.map((o) => o.settings.seed);
 
     const headers: Record<string, string> = {
       'x-kiln-model': headerValue(model.id),
-      'x-kiln-seed': String(s.seed),
+      'x-kiln-seed': allSeeds.join(','),
       'x-kiln-size': `${s.width}x${s.height}`,
       'x-kiln-quality': headerValue(s.quality),
       'x-kiln-steps': String(s.steps),
       'x-kiln-scheduler': headerValue(s.scheduler),
       'x-kiln-guidance-scale': String(s.guidanceScale),
       'x-kiln-queue-ms': queueMs.toFixed(0),
-      'x-kiln-generation-ms': output.timings.totalMs.toFixed(0),
-      'server-timing': `queue;dur=${queueMs.toFixed(1)}, generate;dur=${output.timings.totalMs.toFixed(1)}, total;dur=${totalMs.toFixed(1)}`,
+      'x-kiln-generation-ms': generationMs.toFixed(0),
+      'server-timing': `queue;dur=${queueMs.toFixed(1)}, generate;dur=${generationMs.toFixed(1)}, total;dur=${totalMs.toFixed(1)}`,
     };
+    const people = outputs.map((o) => o.people ?? null);
     const body = {
       created: Math.floor(Date.now() / 1000),
-      data: [item],
+      data,
       size: `${s.width}x${s.height}`,
       quality: s.quality,
-      output_format: output.format,
+      output_format: outputs[0]!.format,
       kiln: {
         model: model.id,
+        ...(model.requested !== undefined ? { requested_model: model.requested } : {}),
         seed: s.seed,
+        ...(outputs.length > 1 ? { seeds: allSeeds } : {}),
         size: `${s.width}x${s.height}`,
         quality: s.quality,
         steps: s.steps,
@@ -155,11 +214,11 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
         negative_prompt: s.negativePrompt,
         ...(kind === 'edit' ? { mode } : {}),
         ...(s.strength !== undefined ? { strength: s.strength } : {}),
-        ...(edit?.pose ? { control_scale: edit.pose.scale, people: output.people ?? null } : {}),
+        ...(edit?.pose ? { control_scale: edit.pose.scale, people: people.length > 1 ? people : people[0] } : {}),
         ...(expiresAt !== undefined ? { expires_at: Math.floor(expiresAt / 1000) } : {}),
         timings: {
           queue_ms: Math.round(queueMs),
-          generation_ms: Math.round(output.timings.totalMs),
+          generation_ms: Math.round(generationMs),
           total_ms: Math.round(totalMs),
         },
       },
@@ -182,7 +241,7 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
         caller.log.debug({ model: model.id, ...assets.sources }, 'pose assets');
         pose = { scale: upload.poseScale, controlNet: assets.controlNet, dwpose: assets.dwpose };
       }
-      return runImageJob(caller, params, 'edit', { images: [upload.image], mask: upload.mask, pose }, model);
+      return runImageJob(caller, params, 'edit', { images: [upload.image], imageSize: upload.imageSize, mask: upload.mask, pose }, model);
     },
   };
 }

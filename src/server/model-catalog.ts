@@ -2,12 +2,32 @@
  * Which models a request may name: those installed in the home's model folders (read from disk
  * on every call, so a `kiln pull` shows up without a restart), plus the operator's
  * --default-model, which may be a folder that clients can name only by its id.
+ *
+ * Names that stock OpenAI clients send (`dall-e-3`, `gpt-image-1`, anything starting with
+ * `dall-e` or `gpt-image`) are served by the default model, unless the operator maps a name
+ * elsewhere: `--model-alias NAME=MODEL` (over) `{ "NAME": { "model": "MODEL" } }` entries in
+ * `$KILN_HOME/aliases.json` (re-read per request). An alias wins over an installed model of the
+ * same name; the OpenAI fallback only applies to names nothing else answers to.
  */
+import { existsSync } from 'node:fs';
 import { basename, resolve } from 'node:path';
 import { defaultModelName, isModelPath, listInstalledModels, locateModel } from '../engine/locate.js';
 import { ModelNotFoundError } from '../engine/errors.js';
+import { readModelAliases } from '../models/aliases.js';
 
-const MODEL_NAME = /^[A-Za-z0-9][A-Za-z0-9._+-]{0,255}$/;
+export const MODEL_NAME = /^[A-Za-z0-9][A-Za-z0-9._+-]{0,255}$/;
+
+/** OpenAI's image model names; any name starting with `dall-e` or `gpt-image` counts too. */
+export const OPENAI_IMAGE_MODELS = ['dall-e-2', 'dall-e-3', 'gpt-image-1', 'gpt-image-1-mini', 'gpt-image-1.5', 'gpt-image-2'] as const;
+
+export function isOpenAiImageModel(name: string): boolean {
+  return /^(dall-e|gpt-image)/i.test(name);
+}
+
+/** GPT image models only ever answer in base64, so clients asking for them read `b64_json`. */
+export function isGptImageModel(name: string | undefined): boolean {
+  return name !== undefined && /^gpt-image/i.test(name);
+}
 
 /** A model as a request resolves it: the id clients see and the ref the engine loads. */
 export interface ResolvedModel {
@@ -15,10 +35,12 @@ export interface ResolvedModel {
   ref: string;
   /** The installed folder, when resolving found it in the model folders. */
   dir?: string;
+  /** The name the request asked for, when an alias or the OpenAI fallback answered it with `id`. */
+  requested?: string;
 }
 
 export interface ModelCatalog {
-  /** Installed models (and the configured default when it is not among them). */
+  /** Installed models, the configured default when it is not among them, and the operator's aliases. */
   installed(): { id: string; dir: string }[];
   /** The model a request names (or the default), or ModelNotFoundError (404). */
   resolve(requested: string | undefined): ResolvedModel;
@@ -26,7 +48,30 @@ export interface ModelCatalog {
   dir(model: ResolvedModel): string;
 }
 
-export function createModelCatalog(searchDirs: string[], defaultModel: string | undefined): ModelCatalog {
+export interface CatalogOptions {
+  /** Model name or folder for requests that name none. */
+  defaultModel?: string;
+  /** `--model-alias NAME=MODEL` entries; they win over aliases.json. */
+  aliases?: Record<string, string>;
+  /** Kiln's home, for its aliases.json. */
+  home?: string;
+}
+
+/** aliases.json's serving aliases, or none when the file is absent or malformed (the server warns at start). */
+function fileAliases(home: string | undefined): Record<string, string> {
+  if (!home) return {};
+  try {
+    return readModelAliases(home);
+  } catch {
+    return {};
+  }
+}
+
+const shorten = (name: string) => (name.length > 80 ? `${name.slice(0, 77)}...` : name);
+
+export function createModelCatalog(searchDirs: string[], options: CatalogOptions = {}): ModelCatalog {
+  const { defaultModel, home } = options;
+  const operatorAliases = options.aliases ?? {};
   // An operator's --default-model may be a folder; clients may only name installed models.
   const configuredDefault = defaultModel
     ? isModelPath(defaultModel)
@@ -34,32 +79,86 @@ export function createModelCatalog(searchDirs: string[], defaultModel: string | 
       : { id: defaultModel, ref: defaultModel }
     : undefined;
 
+  const aliasTable = () => ({ ...fileAliases(home), ...operatorAliases });
+  const installedEntry = (name: string) => (MODEL_NAME.test(name) ? listInstalledModels(searchDirs).find((m) => m.name === name) : undefined);
+
+  function notInstalled(name: string): ModelNotFoundError {
+    const shown = shorten(name);
+    return new ModelNotFoundError(
+      MODEL_NAME.test(name)
+        ? `The model '${shown}' is not installed on this server. Install it with \`kiln pull ${shown}\` (GET /v1/models lists installed models).`
+        : `The model '${shown}' does not exist: model names are letters, digits and . _ + - (GET /v1/models lists installed models).`,
+      name,
+    );
+  }
+
+  /** A model by its own name (no aliases): the configured default, or an installed model. */
+  function direct(name: string): ResolvedModel | undefined {
+    if (configuredDefault?.id === name) return configuredDefault;
+    const entry = installedEntry(name);
+    return entry ? { id: name, ref: name, dir: entry.dir } : undefined;
+  }
+
+  function defaultResolved(): ResolvedModel {
+    if (configuredDefault) return configuredDefault;
+    const name = defaultModelName(searchDirs);
+    const found = direct(name);
+    if (!found) throw notInstalled(name);
+    return found;
+  }
+
+  /** What an alias points at: an installed name, the default's id, or a model folder. */
+  function aliasTarget(alias: string, target: string): ResolvedModel {
+    if (isModelPath(target)) {
+      const ref = resolve(target);
+      if (!existsSync(ref)) throw new ModelNotFoundError(`The model '${shorten(alias)}' is an alias for the folder ${ref}, which does not exist.`, alias);
+      return { id: basename(ref), ref, dir: ref };
+    }
+    const found = direct(target);
+    if (!found) {
+      throw new ModelNotFoundError(
+        `The model '${shorten(alias)}' is an alias for '${shorten(target)}', which is not installed on this server (\`kiln pull ${shorten(target)}\`).`,
+        alias,
+      );
+    }
+    return found;
+  }
+
+  function resolveModel(requested: string | undefined): ResolvedModel {
+    if (requested === undefined) return defaultResolved();
+    const withName = (m: ResolvedModel): ResolvedModel => (m.id === requested ? m : { ...m, requested });
+    const target = aliasTable()[requested];
+    if (target !== undefined) return withName(aliasTarget(requested, target));
+    const found = direct(requested);
+    if (found) return found;
+    if (isOpenAiImageModel(requested) && MODEL_NAME.test(requested)) {
+      try {
+        return withName(defaultResolved());
+      } catch (err) {
+        if (!(err instanceof ModelNotFoundError)) throw err;
+        throw new ModelNotFoundError(`The model '${shorten(requested)}' is served by this server's default model, '${err.model}', which is not installed (\`kiln pull ${err.model}\`).`, requested);
+      }
+    }
+    throw notInstalled(requested);
+  }
+
   function installed(): { id: string; dir: string }[] {
     const list = listInstalledModels(searchDirs).map((m) => ({ id: m.name, dir: m.dir }));
     if (configuredDefault && !list.some((m) => m.id === configuredDefault.id)) {
       list.push({ id: configuredDefault.id, dir: configuredDefault.ref });
     }
+    for (const [alias, target] of Object.entries(aliasTable()).sort(([a], [b]) => a.localeCompare(b))) {
+      try {
+        const m = aliasTarget(alias, target);
+        const entry = { id: alias, dir: m.dir ?? locateModel(m.ref, searchDirs) };
+        const at = list.findIndex((x) => x.id === alias);
+        if (at >= 0) list[at] = entry; // the alias answers that name
+        else list.push(entry);
+      } catch {
+        // an alias whose model is gone is not listed (requests naming it get the 404 saying why)
+      }
+    }
     return list;
-  }
-
-  function fallback(): ResolvedModel {
-    if (configuredDefault) return configuredDefault;
-    const name = defaultModelName(searchDirs);
-    return { id: name, ref: name };
-  }
-
-  function resolveModel(requested: string | undefined): ResolvedModel {
-    const chosen = requested === undefined ? fallback() : configuredDefault?.id === requested ? configuredDefault : { id: requested, ref: requested };
-    if (chosen === configuredDefault) return chosen;
-    const entry = MODEL_NAME.test(chosen.id) ? listInstalledModels(searchDirs).find((m) => m.name === chosen.id) : undefined;
-    if (entry) return { ...chosen, dir: entry.dir };
-    const shown = chosen.id.length > 80 ? `${chosen.id.slice(0, 77)}...` : chosen.id;
-    throw new ModelNotFoundError(
-      MODEL_NAME.test(chosen.id)
-        ? `The model '${shown}' is not installed on this server. Install it with \`kiln pull ${shown}\` (GET /v1/models lists installed models).`
-        : `The model '${shown}' does not exist: model names are letters, digits and . _ + - (GET /v1/models lists installed models).`,
-      chosen.id,
-    );
   }
 
   // Installed models carry the folder resolve() found; the configured default is located here.

@@ -4,10 +4,11 @@
  */
 import { MAX_SEED } from '../engine/rng.js';
 import { MAX_GUIDANCE, MAX_STEPS } from '../engine/pipeline.js';
-import { DEFAULT_QUALITY, DEFAULT_SIZES, QUALITY_NAMES, qualityTier } from '../engine/presets.js';
+import { DEFAULT_QUALITY, DEFAULT_SIZES, QUALITY_NAMES, SIZE_RANGES, SIZE_STEP, qualityTier } from '../engine/presets.js';
 import { SCHEDULER_NAMES, schedulerClassFor } from '../engine/schedulers/index.js';
 import { OUTPUT_FORMATS, type OutputFormat } from '../engine/image-codec.js';
 import { ApiError } from './errors.js';
+import { isGptImageModel } from './model-catalog.js';
 
 /** Longest prompt (and negative prompt) accepted, in characters (Unicode code points). */
 export const MAX_PROMPT_CHARS = 4000;
@@ -22,6 +23,15 @@ export const MAX_POSE_WEIGHT = 2;
 
 type Endpoint = 'generations' | 'edits';
 
+/** What `n` means on this server: the seed (the reference, default) or the number of images (OpenAI). */
+export type NMeaning = 'seed' | 'count';
+export const N_MEANINGS: readonly NMeaning[] = ['seed', 'count'];
+/** Most images one request may ask for with `--n-as count` (OpenAI's limit). */
+export const MAX_IMAGES = 10;
+
+/** What `size` may look like; the model decides whether it takes it. */
+const SIZE_PATTERN = /^(auto|[1-9][0-9]{0,5}x[1-9][0-9]{0,5})$/;
+
 interface FieldSpec {
   type: 'string' | 'integer' | 'number' | 'boolean';
   description: string;
@@ -32,6 +42,9 @@ interface FieldSpec {
   exclusiveMinimum?: number;
   minLength?: number;
   maxLength?: number;
+  /** For the OpenAPI document only (readParams checks the form itself). */
+  pattern?: string;
+  examples?: readonly string[];
   /** Only on these endpoints (default: both). */
   only?: Endpoint;
 }
@@ -44,12 +57,40 @@ export const FIELDS: Record<string, FieldSpec> = {
     maxLength: MAX_PROMPT_CHARS,
     description: `What to draw; inline weights like \`(ball)0.5\` or \`word++\` work. At most ${MAX_PROMPT_CHARS} characters.`,
   },
-  model: { type: 'string', maxLength: 256, description: 'An installed model name (GET /v1/models); default: the server\'s default model.' },
-  n: { type: 'integer', minimum: 0, maximum: MAX_SEED, description: 'The seed of the generator (one image per request). Random when absent; reported back.' },
-  seed: { type: 'integer', minimum: 0, maximum: MAX_SEED, description: 'Extension: the seed; wins over `n`.' },
+  model: {
+    type: 'string',
+    maxLength: 256,
+    description:
+      "An installed model name or alias (GET /v1/models); default: the server's default model, which also serves OpenAI's names (dall-e-*, gpt-image-*) unless the operator maps them.",
+  },
+  n: {
+    type: 'integer',
+    minimum: 0,
+    maximum: MAX_SEED,
+    description:
+      `The seed of the generator (one image per request; random when absent, reported back). On a server started with \`--n-as count\`, ` +
+      `OpenAI's meaning instead: the number of images, 1 to ${MAX_IMAGES} (default 1), each with its own seed.`,
+  },
+  seed: {
+    type: 'integer',
+    minimum: 0,
+    maximum: MAX_SEED,
+    description: 'Extension: the seed; wins over `n`. With `--n-as count`, the first image\'s seed (the next ones count up from it).',
+  },
   quality: { type: 'string', enum: QUALITY_NAMES, description: `Step-count preset; default \`${DEFAULT_QUALITY}\`.` },
-  response_format: { type: 'string', enum: RESPONSE_FORMATS, description: '`url` (default) or `b64_json`.' },
-  size: { type: 'string', enum: DEFAULT_SIZES, description: `Image size; default ${DEFAULT_SIZE}.` },
+  response_format: { type: 'string', enum: RESPONSE_FORMATS, description: '`url` or `b64_json`; default `url`, but `b64_json` for a `gpt-image*` model name (those never return URLs).' },
+  size: {
+    type: 'string',
+    maxLength: 32,
+    pattern: SIZE_PATTERN.source,
+    examples: [...DEFAULT_SIZES, 'auto'],
+    description:
+      `Image size; default ${DEFAULT_SIZE}. ${DEFAULT_SIZES.join(', ')}; \`auto\` (the model's native size; for edits, the upload's shape at that area); ` +
+      `or WxH with both sides multiples of ${SIZE_STEP} within the model's range (${Object.entries(SIZE_RANGES)
+        .filter(([f]) => f !== 'sd2')
+        .map(([f, r]) => `${f === 'sdxl' ? 'SDXL' : 'SD 1.x/2.x'} ${r.min}-${r.max}`)
+        .join(', ')}).`,
+  },
   user: {
     type: 'string',
     maxLength: 256,
@@ -76,6 +117,20 @@ export const FIELDS: Record<string, FieldSpec> = {
     description: `Extension: how much of the input is redrawn, 0 < strength <= 1 (default ${DEFAULT_STRENGTH} for image-to-image, ${DEFAULT_INPAINT_STRENGTH} for inpainting; not used in pose mode).`,
   },
   stream: { type: 'boolean', description: 'Streaming is not supported; only `false` is accepted.' },
+  // OpenAI's fields that Kiln cannot honour: accepted where that changes nothing a client relies on.
+  background: {
+    type: 'string',
+    enum: ['auto', 'opaque', 'transparent'],
+    description: "GPT image models' background: `auto` and `opaque` are accepted (Kiln's images are opaque); `transparent` is refused (400).",
+  },
+  style: { type: 'string', enum: ['vivid', 'natural'], description: "DALL-E 3's style: accepted and ignored (Kiln's models have no such switch; say it in the prompt)." },
+  moderation: { type: 'string', enum: ['auto', 'low'], description: "GPT image models' moderation level: accepted and ignored (Kiln moderates nothing)." },
+  input_fidelity: {
+    type: 'string',
+    enum: ['high', 'low'],
+    only: 'edits',
+    description: "GPT image models' input fidelity: accepted and ignored (`strength` is Kiln's control of how much of the upload is kept).",
+  },
 };
 
 /** Validated, defaulted parameters of one images request. */
@@ -83,6 +138,8 @@ export interface ImageParams {
   prompt: string;
   model?: string;
   seed?: number;
+  /** Images to make (1 unless `n` counts them). */
+  count: number;
   quality: string;
   responseFormat: ResponseFormat;
   size: string;
@@ -197,10 +254,10 @@ function checkField(name: string, spec: FieldSpec, value: unknown): void {
 
 /**
  * Validates a request's fields (a parsed JSON body, or a form's text fields) and fills the
- * defaults. Unknown fields are ignored (clients send OpenAI-only ones such as `style`).
+ * defaults. Unknown fields are ignored; OpenAI's that Kiln cannot honour are checked (background: transparent is a 400).
  * Throws ApiError(400) naming the field.
  */
-export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 'form'): ImageParams {
+export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 'form', nMeaning: NMeaning = 'seed'): ImageParams {
   if (input === null || typeof input !== 'object' || Array.isArray(input)) {
     throw new ApiError(400, `The request body must be a JSON object, but got ${describe(input)}.`, null, 'invalid_type');
   }
@@ -223,6 +280,33 @@ export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 
   if (values.stream === true) {
     throw new ApiError(400, 'Streaming is not supported by this server; leave `stream` unset or false.', 'stream', 'unsupported_value');
   }
+  const size = values.size as string | undefined;
+  // The model decides the rest (its range, its native size): checked before queueing, in images-service.
+  if (size !== undefined && !SIZE_PATTERN.test(size)) {
+    throw new ApiError(
+      400,
+      `Invalid value for 'size': '${show(size)}'. Supported values are: ${DEFAULT_SIZES.map((v) => `'${v}'`).join(', ')}, 'auto', or 'WxH' with both sides multiples of ${SIZE_STEP} within the model's range.`,
+      'size',
+      'invalid_value',
+    );
+  }
+  if (values.background === 'transparent') {
+    throw new ApiError(
+      400,
+      "Kiln's models draw opaque images, so 'background: transparent' cannot be honoured; leave 'background' out or send 'opaque' or 'auto'.",
+      'background',
+      'unsupported_value',
+    );
+  }
+  const n = values.n as number | undefined;
+  if (nMeaning === 'count' && n !== undefined && (n < 1 || n > MAX_IMAGES)) {
+    throw new ApiError(
+      400,
+      `Invalid 'n': ${n}. On this server n is the number of images (OpenAI's meaning), from 1 to ${MAX_IMAGES}; the seed goes in 'seed'.`,
+      'n',
+      n < 1 ? 'integer_below_min_value' : 'integer_above_max_value',
+    );
+  }
   const quality = (values.quality as string | undefined) ?? DEFAULT_QUALITY;
   qualityTier(quality); // enum-checked already; keeps the engine's rule the one truth
   const scheduler = values.scheduler as string | undefined;
@@ -237,10 +321,12 @@ export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 
   return {
     prompt: values.prompt as string,
     model: values.model as string | undefined,
-    seed: (values.seed ?? values.n) as number | undefined,
+    seed: (nMeaning === 'count' ? values.seed : (values.seed ?? n)) as number | undefined,
+    count: nMeaning === 'count' ? (n ?? 1) : 1,
     quality,
-    responseFormat: (values.response_format as ResponseFormat | undefined) ?? 'url',
-    size: (values.size as string | undefined) ?? DEFAULT_SIZE,
+    // OpenAI's GPT image models only answer in base64, so their clients read b64_json unasked.
+    responseFormat: (values.response_format as ResponseFormat | undefined) ?? (isGptImageModel(values.model as string | undefined) ? 'b64_json' : 'url'),
+    size: size ?? DEFAULT_SIZE,
     user: values.user as string | undefined,
     negativePrompt: (values.negative_prompt ?? values.negprompt) as string | undefined,
     steps: values.steps as number | undefined,
@@ -292,12 +378,12 @@ export function paramsSchema(endpoint: Endpoint, source: 'json' | 'form'): Recor
   const required: string[] = [];
   for (const [name, spec] of Object.entries(FIELDS)) {
     if (spec.only && spec.only !== endpoint) continue;
-    const { type, description, enum: values, minimum, maximum, exclusiveMinimum, minLength, maxLength } = spec;
+    const { type, description, enum: values, minimum, maximum, exclusiveMinimum, minLength, maxLength, pattern, examples } = spec;
     const prop: Record<string, unknown> = { type: spec.required || source === 'form' ? type : [type, 'null'], description };
     if (values) prop.enum = source === 'form' || spec.required ? [...values] : [...values, null];
     Object.assign(
       prop,
-      Object.fromEntries(Object.entries({ minimum, maximum, exclusiveMinimum, minLength, maxLength }).filter(([, v]) => v !== undefined)),
+      Object.fromEntries(Object.entries({ minimum, maximum, exclusiveMinimum, minLength, maxLength, pattern, examples }).filter(([, v]) => v !== undefined)),
     );
     properties[name] = prop;
     if (spec.required) required.push(name);

@@ -27,6 +27,7 @@ import { existsSync, readFileSync, statSync } from 'node:fs';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { detectLayout, CONTROL_UNET_PATH, type ModelFamily } from '../engine/model.js';
 import { DWPOSE_DETECTOR_FILE, DWPOSE_POSE_FILE } from '../engine/pose/index.js';
+import { builtinModelsDir } from '../engine/locate.js';
 import { findInstalled } from '../models/installed.js';
 import { ApiError } from './errors.js';
 
@@ -34,10 +35,29 @@ export const OPENPOSE_FOLDER = 'controlnet-openpose';
 export const OPENPOSE_KILN_KEY = 'controlnet_openpose';
 export const DWPOSE_NAME = 'dwpose';
 export const ANNOTATOR_DIR = join('annotators', 'dwpose');
+/** The built-in alias of an SD 1.5 model with a ControlNet-UNet. */
+export const SD15_CONTROLNET_MODEL = 'stable-diffusion-v1-5-controlnet';
 
 /** The installed name of the OpenPose ControlNet for a model family (also the `kiln pull` alias). */
 export function openposeAlias(family: ModelFamily): string {
   return family === 'sdxl' ? 'controlnet-openpose-sdxl' : 'controlnet-openpose';
+}
+
+/** The pulls that give SD 1.5 pose mode (every piece has a built-in alias). */
+const SD15_POSE = `\`kiln pull ${SD15_CONTROLNET_MODEL} && kiln pull ${openposeAlias('sd1')} && kiln pull ${DWPOSE_NAME}\`, then send model=${SD15_CONTROLNET_MODEL}`;
+
+/** What would make pose mode work, for a model that lacks a ControlNet-UNet. */
+export function poseRecipe(family: ModelFamily, builtin: boolean): string {
+  if (builtin) return `Kiln's built-in models have no pose models; pose mode works with SD 1.5: ${SD15_POSE}.`;
+  if (family === 'sd1') return `For SD 1.x: ${SD15_POSE}; or give this model a ${CONTROL_UNET_PATH} of its own.`;
+  if (family === 'sdxl') {
+    return (
+      `None of the models \`kiln pull\` knows ships an SDXL ControlNet-UNet: pose mode on SDXL needs a model folder in the split layout ` +
+      `(${CONTROL_UNET_PATH}, as in TensorStack/OnnxStack exports), then \`kiln pull ${openposeAlias('sdxl')} && kiln pull ${DWPOSE_NAME}\`. ` +
+      `Or use SD 1.5: ${SD15_POSE}.`
+    );
+  }
+  return `Kiln knows no pose models for SD 2.x; pose mode works with SD 1.5: ${SD15_POSE}.`;
 }
 
 export interface PoseAssetPaths {
@@ -113,7 +133,7 @@ export function resolvePoseAssets(modelDir: string, modelName: string, home: str
   if (!isFile(controlUnet)) {
     throw new PoseUnavailableError(
       `${prefix}: it has no ControlNet-UNet (${CONTROL_UNET_PATH} in its folder, the UNet that takes ControlNet residuals). ` +
-        `Use a model that ships one${family === 'sdxl' ? '' : ', e.g. `kiln pull stable-diffusion-v1-5-controlnet`'}.`,
+        poseRecipe(family, resolve(modelDir).startsWith(builtinModelsDir())),
     );
   }
 

@@ -1,7 +1,7 @@
 /**
- * Checks on uploaded images, run before any work is queued: the PNG signature, the header's
- * dimensions against a pixel budget (a small file can declare a huge image: a decompression
- * bomb), and a full decode.
+ * Checks on uploaded images (PNG, JPEG or WebP), run before any work is queued: the format's
+ * signature, the declared dimensions against a pixel budget (a small file can declare a huge
+ * image: a decompression bomb), and a full decode. For PNGs also every chunk's CRC up to IEND.
  */
 import { crc32 } from 'node:zlib';
 import sharp from 'sharp';
@@ -16,15 +16,76 @@ export interface UploadLimits {
   maxPixels: number;
 }
 
-/** Throws ApiError (413, 415 or 400, naming `param`) unless `bytes` is a decodable PNG within the limits. */
-export async function checkPngUpload(bytes: Buffer, param: string, limits: UploadLimits): Promise<{ width: number; height: number }> {
+export type UploadFormat = 'png' | 'jpeg' | 'webp';
+
+/** The format from the file's first bytes (never from its name or declared type). */
+export function sniffImageFormat(bytes: Buffer): UploadFormat | undefined {
+  if (bytes.length >= 8 && bytes.subarray(0, 8).equals(PNG_SIGNATURE)) return 'png';
+  if (bytes.length >= 3 && bytes[0] === 0xff && bytes[1] === 0xd8 && bytes[2] === 0xff) return 'jpeg';
+  if (bytes.length >= 12 && bytes.toString('latin1', 0, 4) === 'RIFF' && bytes.toString('latin1', 8, 12) === 'WEBP') return 'webp';
+  return undefined;
+}
+
+export interface CheckedUpload {
+  format: UploadFormat;
+  /** As Kiln uses it: upright, after the EXIF orientation. */
+  width: number;
+  height: number;
+}
+
+/**
+ * Throws ApiError (413, 415 or 400, naming `param`) unless `bytes` is a decodable PNG, JPEG or
+ * WebP within the limits; returns its format and upright size.
+ */
+export async function checkImageUpload(bytes: Buffer, param: string, limits: UploadLimits): Promise<CheckedUpload> {
   if (bytes.length > limits.maxBytes) {
     throw new ApiError(413, `'${param}' is larger than ${limits.maxBytes} bytes.`, param, 'file_too_large');
   }
-  if (bytes.length < 8 || !bytes.subarray(0, 8).equals(PNG_SIGNATURE)) {
-    throw new ApiError(415, `'${param}' must be a PNG file.`, param, 'invalid_image_format');
+  const format = sniffImageFormat(bytes);
+  if (!format) throw new ApiError(415, `'${param}' must be a PNG, JPEG or WebP file.`, param, 'invalid_image_format');
+  const label = format === 'png' ? 'PNG' : format === 'jpeg' ? 'JPEG' : 'WebP';
+
+  const tooLarge = (width: number, height: number) =>
+    new ApiError(400, `'${param}' is ${width}x${height} pixels; at most ${limits.maxPixels} pixels are accepted.`, param, 'image_too_large');
+  if (format === 'png') {
+    // The declared size first, from the bytes themselves: libvips is not handed a bomb at all.
+    const { width, height } = pngHeader(bytes, param);
+    if (width * height > limits.maxPixels) throw tooLarge(width, height);
+    checkChunks(bytes, param);
   }
-  // The first chunk must be IHDR: length 13, then width and height (big-endian uint32).
+  // The header only (no pixel is decoded): dimensions, and the size once the EXIF orientation is applied.
+  let meta: sharp.Metadata;
+  try {
+    meta = await sharp(bytes, { limitInputPixels: false }).metadata();
+  } catch (err) {
+    throw new ApiError(400, `'${param}' is not a valid ${label}: ${firstLine(err)}.`, param, 'invalid_image');
+  }
+  const width = meta.width ?? 0;
+  const height = meta.height ?? 0;
+  if (width === 0 || height === 0) throw new ApiError(400, `'${param}' is not a valid ${label}: it declares a ${width}x${height} image.`, param, 'invalid_image');
+  if (width * height > limits.maxPixels) throw tooLarge(width, height);
+  const upright = meta.autoOrient ?? { width, height };
+  try {
+    // Decodes every row (streamed and shrunk, so memory stays small) and fails on damage: any
+    // libpng warning for PNGs (whose CRCs were checked too); for JPEG/WebP a truncated file or
+    // a decode error (libjpeg reports harmless oddities of camera files as warnings: those pass).
+    await sharp(bytes, { limitInputPixels: limits.maxPixels, sequentialRead: true, failOn: format === 'png' ? 'warning' : 'error' })
+      .rotate()
+      .resize(16, 16, { fit: 'fill' })
+      .raw()
+      .toBuffer();
+  } catch (err) {
+    throw new ApiError(400, `'${param}' could not be decoded as a ${label} (${firstLine(err)}).`, param, 'invalid_image');
+  }
+  return { format, ...upright };
+}
+
+function firstLine(err: unknown): string {
+  return (err instanceof Error ? err.message.split('\n')[0] : String(err)) ?? '';
+}
+
+/** The first chunk must be IHDR: length 13, then width and height (big-endian uint32). */
+function pngHeader(bytes: Buffer, param: string): { width: number; height: number } {
   if (bytes.length < 33 || bytes.readUInt32BE(8) !== 13 || bytes.toString('latin1', 12, 16) !== 'IHDR') {
     throw new ApiError(400, `'${param}' is not a valid PNG: its header is missing or malformed.`, param, 'invalid_image');
   }
@@ -32,25 +93,6 @@ export async function checkPngUpload(bytes: Buffer, param: string, limits: Uploa
   const height = bytes.readUInt32BE(20);
   if (width === 0 || height === 0) {
     throw new ApiError(400, `'${param}' is not a valid PNG: it declares a ${width}x${height} image.`, param, 'invalid_image');
-  }
-  if (width * height > limits.maxPixels) {
-    throw new ApiError(
-      400,
-      `'${param}' is ${width}x${height} pixels; at most ${limits.maxPixels} pixels are accepted.`,
-      param,
-      'image_too_large',
-    );
-  }
-  checkChunks(bytes, param);
-  try {
-    // Decodes every row (streamed and shrunk, so memory stays small) and fails on any error.
-    await sharp(bytes, { limitInputPixels: limits.maxPixels, sequentialRead: true, failOn: 'warning' })
-      .resize(16, 16, { fit: 'fill' })
-      .raw()
-      .toBuffer();
-  } catch (err) {
-    const detail = err instanceof Error ? err.message.split('\n')[0] : String(err);
-    throw new ApiError(400, `'${param}' could not be decoded as a PNG (${detail}).`, param, 'invalid_image');
   }
   return { width, height };
 }

@@ -5,7 +5,7 @@ import { fromFloat16Bits, toFloat16Bits, float32ToFloat16Bits, float16BitsToFloa
 import { encodeImage, insertPngText, readPngText } from '../../src/engine/image-codec.js';
 import { guidanceEmbedding } from '../../src/engine/pipeline.js';
 import { applyTokenWeights } from '../../src/engine/conditioning.js';
-import { parseSize, qualityTier, QUALITY_NAMES } from '../../src/engine/presets.js';
+import { parseSize, qualityTier, resolveSize, sizeForUpload, QUALITY_NAMES, SIZE_RANGES } from '../../src/engine/presets.js';
 import { InvalidOptionError } from '../../src/engine/errors.js';
 
 test('float16: exact values, rounding, overflow, subnormals, NaN', () => {
@@ -79,10 +79,38 @@ test('quality names map to tiers; unknown names list the allowed ones', () => {
   );
 });
 
-test('sizes: the three squares by default, others refused with the list', () => {
+test('sizes: parseSize takes the named sizes (or an explicit list) and refuses others with the list', () => {
   assert.deepEqual(parseSize('512x512'), { width: 512, height: 512 });
   assert.deepEqual(parseSize('1024x1024'), { width: 1024, height: 1024 });
-  for (const bad of ['640x480', '512', 'x', '0x0', '256X256x']) {
+  assert.deepEqual(parseSize('1792x1024'), { width: 1792, height: 1024 });
+  assert.deepEqual(parseSize('1024x1536'), { width: 1024, height: 1536 });
+  assert.deepEqual(parseSize('640x448', ['640x448']), { width: 640, height: 448 });
+  for (const bad of ['640x480', '512', 'x', '0x0', '256X256x', 'auto']) {
     assert.throws(() => parseSize(bad), (e: unknown) => e instanceof InvalidOptionError && e.param === 'size' && /256x256/.test(e.message));
   }
+});
+
+test('sizes: resolveSize adds auto and WxH in multiples of 64 within the family range; sizeForUpload keeps the shape', () => {
+  const xl = { family: 'sdxl' as const, nativeSize: { width: 1024, height: 1024 } };
+  const sd = { family: 'sd1' as const, nativeSize: { width: 512, height: 512 } };
+  assert.deepEqual(resolveSize('auto', xl), { width: 1024, height: 1024 });
+  assert.deepEqual(resolveSize('auto', sd), { width: 512, height: 512 });
+  assert.deepEqual(resolveSize('1792x1024', sd), { width: 1792, height: 1024 }, 'named sizes on every family');
+  assert.deepEqual(resolveSize('2048x256', xl), { width: 2048, height: 256 });
+  assert.deepEqual(resolveSize('1024x640', sd), { width: 1024, height: 640 });
+  assert.deepEqual([SIZE_RANGES.sd1, SIZE_RANGES.sd2, SIZE_RANGES.sdxl], [{ min: 256, max: 1024 }, { min: 256, max: 1024 }, { min: 256, max: 2048 }]);
+  const refused = (size: string, model: typeof xl | typeof sd, range: RegExp) =>
+    assert.throws(() => resolveSize(size, model), (e: unknown) => e instanceof InvalidOptionError && e.param === 'size' && range.test(e.message) && /1536x1024/.test(e.message), size);
+  refused('2112x1024', xl, /from 256 to 2048/);
+  refused('1088x1024', sd, /from 256 to 1024/);
+  refused('192x256', xl, /from 256 to 2048/);
+  refused('300x300', xl, /multiples of 64/);
+  refused('autox', xl, /native size, 1024x1024/);
+  assert.deepEqual(resolveSize(' AUTO ', sd), { width: 512, height: 512 }, 'the engine reads sizes as parseSize does: trimmed, any case');
+
+  assert.deepEqual(sizeForUpload({ width: 384, height: 256 }, sd), { width: 640, height: 448 });
+  assert.deepEqual(sizeForUpload({ width: 3000, height: 3000 }, xl), { width: 1024, height: 1024 });
+  assert.deepEqual(sizeForUpload({ width: 1080, height: 1920 }, xl), { width: 768, height: 1344 });
+  // A strip is clamped to the range on both sides (the crop then trims it).
+  assert.deepEqual(sizeForUpload({ width: 5000, height: 100 }, sd), { width: 1024, height: 256 });
 });

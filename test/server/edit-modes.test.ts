@@ -185,10 +185,10 @@ describe('image-to-image and inpainting', () => {
     const small = await rgbPng(128, 128, () => [255, 255, 255]);
     const err = await badRequest(edit(a, { image: await png(input), mask: await png(small, 'mask.png') }), 'mask');
     assert.match(err.message, /128x128.*256x256/);
-    // Not a PNG: like images, 415 naming the mask.
-    const jpeg = await sharp(input).jpeg().toBuffer();
+    // Not a PNG, JPEG or WebP: like images, 415 naming the mask.
+    const gif = await sharp(input).gif().toBuffer();
     await assert.rejects(
-      edit(a, { image: await png(input), mask: await toFile(jpeg, 'mask.jpg', { type: 'image/jpeg' }) }),
+      edit(a, { image: await png(input), mask: await toFile(gif, 'mask.gif', { type: 'image/gif' }) }),
       (e: unknown) => e instanceof OpenAI.APIError && e.status === 415 && e.param === 'mask',
     );
     // A mask and pose mode do not combine.

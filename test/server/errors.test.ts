@@ -86,7 +86,9 @@ describe('generations: 400 for what the client sent, naming the field', () => {
   test('size, quality, response_format, scheduler, steps, guidance_scale, output_format, output_compression, stream', async () => {
     const cases: [Record<string, unknown>, string][] = [
       [{ size: '300x300' }, 'size'],
-      [{ size: '1792x1024' }, 'size'],
+      [{ size: '1792x1000' }, 'size'],
+      [{ size: '4096x4096' }, 'size'],
+      [{ size: 'auto ' }, 'size'],
       [{ size: 512 }, 'size'],
       [{ quality: 'ultra' }, 'quality'],
       [{ response_format: 'png' }, 'response_format'],
@@ -158,9 +160,9 @@ describe('edits: every upload is checked before any work is queued', () => {
     expectError(await postForm(EDIT(), { image: png(await makePng()), prompt: 'x', size: '100x100' }), 400, 'size');
   });
 
-  test('not a PNG: 415; corrupt PNG: 400; a PNG declaring huge dimensions: 400; too large: 413', async () => {
-    const jpeg = await (await import('sharp')).default(await makePng()).jpeg().toBuffer();
-    expectError(await postForm(EDIT(), { prompt: 'x', image: png(jpeg) }), 415, 'image', 'invalid_image_format');
+  test('not a PNG, JPEG or WebP: 415; corrupt PNG: 400; a PNG declaring huge dimensions: 400; too large: 413', async () => {
+    const gif = await (await import('sharp')).default(await makePng()).gif().toBuffer();
+    expectError(await postForm(EDIT(), { prompt: 'x', image: png(gif) }), 415, 'image', 'invalid_image_format');
     expectError(await postForm(EDIT(), { prompt: 'x', image: png(Buffer.from('hello')) }), 415, 'image');
     const good = await makePng();
     const corrupt = Buffer.from(good);
@@ -174,13 +176,13 @@ describe('edits: every upload is checked before any work is queued', () => {
     const big = Buffer.concat([good, Buffer.alloc(4 * 1024 * 1024)]);
     expectError(await postForm(EDIT(), { prompt: 'x', image: png(big) }), 413, 'image', 'file_too_large');
     // A bad second image fails the request too.
-    expectError(await postForm(EDIT(), { prompt: 'x', 'image[]': [png(good), png(jpeg)] }), 415, 'image');
+    expectError(await postForm(EDIT(), { prompt: 'x', 'image[]': [png(good), png(gif)] }), 415, 'image');
   });
 
   test('masks are checked like images and must match the image; pose mode needs its models; a bad pose weight', async () => {
     const good = await makePng();
-    const jpeg = await (await import('sharp')).default(good).jpeg().toBuffer();
-    expectError(await postForm(EDIT(), { prompt: 'x', image: png(good), mask: png(jpeg) }), 415, 'mask', 'invalid_image_format');
+    const gif = await (await import('sharp')).default(good).gif().toBuffer();
+    expectError(await postForm(EDIT(), { prompt: 'x', image: png(good), mask: png(gif) }), 415, 'mask', 'invalid_image_format');
     const corrupt = Buffer.from(good);
     corrupt.fill(0x41, 40, corrupt.length - 12);
     expectError(await postForm(EDIT(), { prompt: 'x', image: png(good), mask: png(corrupt) }), 400, 'mask', 'invalid_image');
@@ -240,5 +242,23 @@ describe('auth', () => {
   test('without keys: any or no key works', async () => {
     assert.equal((await getJson(`${t.url}/v1/models`)).status, 200);
     assert.equal((await getJson(`${t.url}/v1/models`, { authorization: 'Bearer anything' })).status, 200);
+  });
+});
+
+describe("OpenAI's fields Kiln cannot honour", () => {
+  test('background: transparent is a 400 saying why; auto/opaque, style, moderation and input_fidelity are accepted and change nothing', async () => {
+    const e = expectError(await postJson(GEN(), { prompt: 'x', size: '256x256', steps: 1, background: 'transparent' }), 400, 'background', 'unsupported_value');
+    assert.match(e.message, /draw opaque images/);
+    expectError(await postForm(EDIT(), { prompt: 'x', image: png(await makePng()), background: 'transparent' }), 400, 'background');
+    expectError(await postJson(GEN(), { prompt: 'x', style: 'dramatic' }), 400, 'style');
+    const base = { prompt: 'x', size: '256x256', steps: 1, n: 3, response_format: 'b64_json' };
+    const plain = await postJson(GEN(), base);
+    const extra = await postJson(GEN(), { ...base, background: 'opaque', style: 'natural', moderation: 'low' });
+    const auto = await postJson(GEN(), { ...base, background: 'auto', style: 'vivid', moderation: 'auto' });
+    assert.equal(plain.status, 200);
+    assert.equal(extra.json.data[0].b64_json, plain.json.data[0].b64_json, 'ignored fields do not change the image');
+    assert.equal(auto.json.data[0].b64_json, plain.json.data[0].b64_json);
+    const edited = await postForm(EDIT(), { prompt: 'x', image: png(await makePng()), size: '256x256', steps: '1', input_fidelity: 'high', response_format: 'b64_json' });
+    assert.equal(edited.status, 200);
   });
 });

@@ -123,7 +123,7 @@ test('200+ malformed requests: each a 4xx in the envelope; nothing queued; the s
     scheduler: [...notString, 'bogus', ''],
     quality: [...notString, 'ultra', ''],
     response_format: [...notString, 'png', 'URL'],
-    size: [...notString, '1x1', '1024X1024 ', '2048x2048', ''],
+    size: [...notString, '1x1', '1024X1024 ', '4096x4096', '1000x1000', 'AUTO', ''],
     output_format: [...notString, 'gif', 'jpg'],
     n: ['1', 1.5, true, [], {}, -1, 4294967296, 'INF'],
     seed: ['1', 1.5, true, [], {}, -1, 4294967296],

@@ -162,7 +162,8 @@ test('/ping, /health, /metrics, /openapi.json, x-request-id', async () => {
   for (const f of ['prompt', 'model', 'n', 'quality', 'response_format', 'size', 'user', 'negprompt', 'seed', 'steps', 'output_format']) {
     assert.ok(props[f], `openapi documents ${f}`);
   }
-  assert.deepEqual(props.size.enum, ['256x256', '512x512', '1024x1024', null]);
+  assert.deepEqual(props.size.examples, ['256x256', '512x512', '1024x1024', '1792x1024', '1024x1792', '1536x1024', '1024x1536', 'auto']);
+  assert.ok(new RegExp(props.size.pattern).test('640x448') && !new RegExp(props.size.pattern).test('640x'));
   assert.ok(doc.paths['/v1/images/edits'].post.requestBody.content['multipart/form-data']);
   assert.ok(doc.paths['/v1/models']);
 

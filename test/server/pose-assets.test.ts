@@ -9,7 +9,9 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ensureFixture } from '../../tools/fixtures/variants.js';
-import { resolvePoseAssets, PoseUnavailableError } from '../../src/server/pose-assets.js';
+import { poseRecipe, resolvePoseAssets, PoseUnavailableError } from '../../src/server/pose-assets.js';
+import { builtinModelsDir } from '../../src/engine/locate.js';
+import { BUILTIN_ALIASES } from '../../src/models/aliases.js';
 import { parsePoseUser } from '../../src/server/params.js';
 import { ApiError, toApiError } from '../../src/server/errors.js';
 import { deserializeError, serializeError } from '../../src/server/engine-protocol.js';
@@ -53,6 +55,21 @@ describe('resolvePoseAssets: the documented order', () => {
     graph(join(model, 'controlnet-openpose'));
     dwpose(join(model, 'annotators', 'dwpose'));
     missing(() => resolvePoseAssets(model, 'm', home), /ControlNet-UNet \(controlnet\/model\.onnx/);
+  });
+
+  test('without a ControlNet-UNet the answer says what would make pose mode work for the family (or that built-in models have none)', async () => {
+    const sd15Lines = /`kiln pull stable-diffusion-v1-5-controlnet && kiln pull controlnet-openpose && kiln pull dwpose`, then send model=stable-diffusion-v1-5-controlnet/;
+    const { home, model } = setup('sd15', true);
+    missing(() => resolvePoseAssets(model, 'm', home), new RegExp(`For SD 1\\.x: ${sd15Lines.source}`));
+    const xl = setup('sdxl', true);
+    missing(() => resolvePoseAssets(xl.model, 'm', xl.home), /SDXL ControlNet-UNet.*`kiln pull controlnet-openpose-sdxl && kiln pull dwpose`.*Or use SD 1\.5: `kiln pull stable-diffusion-v1-5-controlnet/);
+    assert.match(poseRecipe('sd2', false), /no pose models for SD 2\.x.*kiln pull stable-diffusion-v1-5-controlnet/);
+    // Kiln's own kiln-tiny models, from the package's models/ folder.
+    for (const name of ['kiln-tiny', 'kiln-tiny-xl']) {
+      missing(() => resolvePoseAssets(join(builtinModelsDir(), name), name, home), new RegExp(`Kiln's built-in models have no pose models; pose mode works with SD 1\\.5: ${sd15Lines.source}`));
+    }
+    // Every alias named is one `kiln pull` knows.
+    for (const alias of ['stable-diffusion-v1-5-controlnet', 'controlnet-openpose', 'controlnet-openpose-sdxl', 'dwpose']) assert.ok(BUILTIN_ALIASES[alias], alias);
   });
 
   test("ControlNet graph: the model's own folder, then kiln.json, then the installed one of the family", () => {

@@ -7,7 +7,10 @@ import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { Writable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { pino } from 'pino';
+import { redactUrl } from '../../src/server/app.js';
 import { makeHome, startTestServer, postJson, envelope } from './helpers.js';
 
 const homes: string[] = [];
@@ -143,5 +146,38 @@ test('URLs are built from --public-url, else the listening address, never from t
     assert.ok(json.data[0].url.startsWith(`${plain.url}/images/`), json.data[0].url);
   } finally {
     await plain.close();
+  }
+});
+
+test('the access log never holds a whole signed URL: each request is logged with its signature redacted', async () => {
+  const lines: any[] = [];
+  const sink = new Writable({
+    write(chunk, _encoding, done) {
+      for (const line of String(chunk).split('\n').filter(Boolean)) lines.push(JSON.parse(line));
+      done();
+    },
+  });
+  const t = await startTestServer({ logger: pino({ level: 'info' }, sink) });
+  try {
+    const url = await generateUrl(t.url);
+    const signature = new URL(url).searchParams.get('signature')!;
+    assert.equal(await statusOf(url), 200);
+    assert.equal(await statusOf(url.replace(/signature=[^&]*/, 'signature=forged')), 403);
+    await t.close();
+    const text = JSON.stringify(lines);
+    assert.ok(!text.includes(signature), 'the signature is in no log line');
+    const incoming = lines.filter((l) => l.msg === 'incoming request' && String(l.req?.url).startsWith('/images/'));
+    assert.equal(incoming.length, 2, 'both image fetches are logged');
+    for (const l of incoming) {
+      assert.match(l.req.url, /^\/images\/[0-9a-z]+_[0-9a-f]{48}\.png\?expires=\d+&signature=\[redacted\]$/);
+      assert.equal(l.req.method, 'GET');
+      assert.ok(l.reqId);
+    }
+    const completed = lines.filter((l) => l.msg === 'request completed');
+    assert.deepEqual(completed.map((l) => l.res.statusCode).sort(), [200, 200, 403]);
+    assert.ok(completed.every((l) => typeof l.responseTime === 'number'));
+    assert.equal(redactUrl('/a?x=1&signature=abc&y=2#f'), '/a?x=1&signature=[redacted]&y=2#f');
+  } finally {
+    await t.close();
   }
 });

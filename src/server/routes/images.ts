@@ -7,8 +7,8 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { checkMaskMatchesImage } from '../../engine/inpaint.js';
 import { ApiError } from '../errors.js';
 import type { Caller, EditUpload, ImagesService } from '../images-service.js';
-import { paramsSchema, parsePoseUser, readParams, type ImageParams } from '../params.js';
-import { checkPngUpload, type UploadLimits } from '../uploads.js';
+import { paramsSchema, parsePoseUser, readParams, type ImageParams, type NMeaning } from '../params.js';
+import { checkImageUpload, type UploadLimits } from '../uploads.js';
 import type { UploadBudget, UploadHold } from '../upload-budget.js';
 
 export interface ImageRoutesOptions {
@@ -18,6 +18,8 @@ export interface ImageRoutesOptions {
   maxFiles: number;
   /** Upload bytes all requests may hold at once. */
   budget: UploadBudget;
+  /** What `n` means (the seed, or the number of images). */
+  nMeaning: NMeaning;
 }
 
 const imageItemSchema = {
@@ -102,24 +104,25 @@ async function readEditForm(request: FastifyRequest, maxFiles: number, hold: Upl
   return { fields, images, mask };
 }
 
-/** The checks on an edit's files, in order: an image, each a PNG within the limits, a mask matching the image and not combined with pose mode. */
+/** The checks on an edit's files, in order: an image, each a PNG, JPEG or WebP within the limits, a mask matching the image and not combined with pose mode. */
 async function checkEditUpload(form: { images: Buffer[]; mask?: Buffer }, params: ImageParams, limits: UploadLimits): Promise<EditUpload> {
-  if (form.images.length === 0) throw new ApiError(400, "Missing required parameter: 'image' (a PNG file).", 'image', 'missing_required_parameter');
-  for (const image of form.images) await checkPngUpload(image, 'image', limits);
+  if (form.images.length === 0) throw new ApiError(400, "Missing required parameter: 'image' (a PNG, JPEG or WebP file).", 'image', 'missing_required_parameter');
+  const sizes = [];
+  for (const image of form.images) sizes.push(await checkImageUpload(image, 'image', limits));
   const image = form.images[0]!;
   const mask = form.mask;
   if (mask) {
-    await checkPngUpload(mask, 'mask', limits);
+    await checkImageUpload(mask, 'mask', limits);
     await checkMaskMatchesImage(image, mask);
   }
   const poseScale = parsePoseUser(params.user);
   if (poseScale !== undefined && mask) {
     throw new ApiError(400, 'A mask cannot be combined with pose mode (user=cn / pose:<w>); send one or the other.', 'mask', 'unsupported_value');
   }
-  return { image, mask, poseScale };
+  return { image, imageSize: sizes[0]!, mask, poseScale };
 }
 
-export async function imageRoutes(app: FastifyInstance, { images, limits, maxFiles, budget }: ImageRoutesOptions): Promise<void> {
+export async function imageRoutes(app: FastifyInstance, { images, limits, maxFiles, budget, nMeaning }: ImageRoutesOptions): Promise<void> {
   app.post(
     '/v1/images/generations',
     {
@@ -137,7 +140,7 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
       },
     },
     async (request, reply) => {
-      const params = readParams(request.body, 'generations', 'json');
+      const params = readParams(request.body, 'generations', 'json', nMeaning);
       return send(reply, await images.generate(caller(request, reply), params));
     },
   );
@@ -147,7 +150,7 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
     '/v1/images/edits',
     {
       schema: {
-        summary: 'Edit an uploaded PNG: image-to-image, inpainting (with a mask) or pose-guided (user=cn)',
+        summary: 'Edit an uploaded picture (PNG, JPEG or WebP): image-to-image, inpainting (with a mask) or pose-guided (user=cn)',
         description:
           'Without a mask: image-to-image (strength default 0.75). With a mask (same dimensions as the image; transparent pixels, ' +
           'or white ones in a mask without transparency, are repainted): inpainting (strength default 1). With `user=cn`, `pose:<w>` ' +
@@ -158,12 +161,16 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
           ...editsFormSchema,
           required: ['image', ...editsFormSchema.required],
           properties: {
-            image: { type: 'string', format: 'binary', description: `PNG under ${limits.maxBytes} bytes (also image[]; the first is used).` },
+            image: {
+              type: 'string',
+              format: 'binary',
+              description: `PNG, JPEG or WebP, at most ${limits.maxBytes} bytes, EXIF orientation applied (also image[]: each is checked, the first is used).`,
+            },
             mask: {
               type: 'string',
               format: 'binary',
               description:
-                "PNG with the image's dimensions: fully transparent pixels are repainted (OpenAI's convention); in a mask without transparency, white ones are.",
+                "PNG (or JPEG/WebP) with the image's dimensions: fully transparent pixels are repainted (OpenAI's convention); in a mask without transparency, white ones are.",
             },
             ...editsFormSchema.properties,
           },
@@ -183,7 +190,7 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
       const hold = budget.holder();
       try {
         const form = await readEditForm(request, maxFiles, hold);
-        const params = readParams(form.fields, 'edits', 'form');
+        const params = readParams(form.fields, 'edits', 'form', nMeaning);
         const upload = await checkEditUpload(form, params, limits);
         return send(reply, await images.edit(caller(request, reply), params, upload));
       } finally {

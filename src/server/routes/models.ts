@@ -3,6 +3,7 @@ import { statSync } from 'node:fs';
 import type { FastifyInstance } from 'fastify';
 import { ApiError } from '../errors.js';
 import type { ModelCatalog } from '../model-catalog.js';
+import { ModelNotFoundError } from '../../engine/errors.js';
 
 function modelObject(m: { id: string; dir: string }) {
   let created = 0;
@@ -20,10 +21,18 @@ export async function modelRoutes(app: FastifyInstance, { models }: { models: Mo
     data: models.installed().map(modelObject),
   }));
 
-  app.get('/v1/models/:model', { schema: { summary: 'One installed model', security: [{ bearer: [] }] } }, async (request) => {
+  // Any name a request may use answers here, the OpenAI names the default model serves included.
+  app.get('/v1/models/:model', { schema: { summary: 'One model a request may name', security: [{ bearer: [] }] } }, async (request) => {
     const { model } = request.params as { model: string };
     const found = models.installed().find((m) => m.id === model);
-    if (!found) throw new ApiError(404, `The model '${model.slice(0, 80)}' does not exist; install it with \`kiln pull ${model.slice(0, 80)}\`.`, 'model', 'model_not_found');
-    return modelObject(found);
+    if (found) return modelObject(found);
+    let resolved;
+    try {
+      resolved = models.resolve(model);
+    } catch (err) {
+      if (!(err instanceof ModelNotFoundError)) throw err;
+      throw new ApiError(404, err.message, 'model', 'model_not_found');
+    }
+    return modelObject({ id: model, dir: models.dir(resolved) });
   });
 }

@@ -1,0 +1,50 @@
+/**
+ * Options every `kiln` command shares: --version, and --home (which wins over $KILN_HOME).
+ */
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { ensureFixture } from '../../tools/fixtures/variants.js';
+
+const run = promisify(execFile);
+const scratch = mkdtempSync(join(tmpdir(), 'kiln-cli-options-'));
+after(() => rmSync(scratch, { recursive: true, force: true }));
+
+// $KILN_HOME points somewhere else, so only --home can make these commands see the test home.
+const kiln = (args: string[]) =>
+  run(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', ...args], { env: { ...process.env, KILN_HOME: join(scratch, 'elsewhere') } });
+
+test('kiln --version prints the package version', async () => {
+  const { version } = JSON.parse(readFileSync('package.json', 'utf8'));
+  for (const flag of ['--version', '-V']) {
+    const { stdout } = await kiln([flag]);
+    assert.equal(stdout.trim(), version);
+  }
+});
+
+test('--home is taken by every command, and wins over $KILN_HOME', async () => {
+  const home = join(scratch, 'home');
+  mkdirSync(join(home, 'models'), { recursive: true });
+  symlinkSync(await ensureFixture('sdxl'), join(home, 'models', 'my-fixture'), 'dir');
+  writeFileSync(join(home, 'aliases.json'), JSON.stringify({ 'my-alias': 'someone/some-repo' }));
+
+  const { stdout: help } = await kiln(['--help']);
+  const commands = [...help.matchAll(/^  ([a-z]+)(?:\|[a-z]+)? /gm)].map((m) => m[1]!).filter((c) => c !== 'help');
+  assert.ok(commands.length >= 6, `commands found in the help: ${commands.join(', ')}`);
+  for (const command of commands) {
+    const { stdout } = await kiln([command, '--help']);
+    assert.match(stdout, /--home <dir>/, `kiln ${command} --help lists --home`);
+  }
+
+  const { stdout: models } = await kiln(['models', '--home', home]);
+  assert.match(models, /^my-fixture\s+SDXL/m);
+  const { stdout: aliases } = await kiln(['models', '--aliases', '--home', home]);
+  assert.match(aliases, /^my-alias\s+someone\/some-repo/m);
+  const out = join(scratch, 'x.png');
+  const { stdout: generated } = await kiln(['generate', '--home', home, '--model', 'my-fixture', '--prompt', 'x', '--steps', '1', '--size', '256x256', '--out', out]);
+  assert.match(generated, /model=my-fixture/);
+});
