@@ -40,6 +40,7 @@ export class DDIMScheduler implements Scheduler {
   readonly alphasCumprod: Float64Array;
   private readonly table: NoiseTable;
   private readonly finalAlphaCumprod: number;
+  lastPredOriginal: Float32Array | undefined;
   private numInferenceSteps: number | null = null;
 
   constructor(raw: SchedulerConfig = {}) {
@@ -109,6 +110,7 @@ export class DDIMScheduler implements Scheduler {
     const clip = cfg.clip_sample ? cfg.clip_sample_range : Infinity;
     const pred = cfg.prediction_type;
     const out = new Float32Array(sample.length);
+    const predOriginal = new Float32Array(sample.length);
     for (let k = 0; k < out.length; k++) {
       const x = sample[k]!;
       const m = modelOutput[k]!;
@@ -126,8 +128,10 @@ export class DDIMScheduler implements Scheduler {
       }
       // eps is taken before clipping, as diffusers does (use_clipped_model_output = false).
       x0 = Math.min(clip, Math.max(-clip, x0));
+      predOriginal[k] = x0;
       out[k] = saPrev * x0 + dirScale * eps;
     }
+    this.lastPredOriginal = predOriginal;
     return out;
   }
 

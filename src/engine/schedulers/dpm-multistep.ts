@@ -32,6 +32,7 @@ import {
 } from './common.js';
 import {
   convertDpmOutput,
+  dataPrediction,
   firstOrderCoefficients,
   lambdaClippedEnd,
   readDpmAlgorithm,
@@ -76,6 +77,7 @@ export class DPMSolverMultistepScheduler extends IndexedScheduler implements Sch
   /** float32 sigmas, one per timestep plus the final one. */
   sigmas: number[];
   private readonly table: NoiseTable;
+  lastPredOriginal: Float32Array | undefined;
   private modelOutputs: (Float32Array | null)[];
   private lowerOrderNums = 0;
   private numInferenceSteps: number | null = null;
@@ -158,6 +160,7 @@ export class DPMSolverMultistepScheduler extends IndexedScheduler implements Sch
     const finalSecondOrder = i === n - 2 && cfg.lower_order_final && n < 15;
 
     const converted = convertDpmOutput(cfg.algorithm_type, cfg.prediction_type, this.sigmas[i]!, modelOutput, sample);
+    this.lastPredOriginal = dataPrediction(cfg.algorithm_type, cfg.prediction_type, this.sigmas[i]!, modelOutput, sample, converted);
     this.modelOutputs.shift();
     this.modelOutputs.push(converted);
 

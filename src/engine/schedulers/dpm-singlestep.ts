@@ -30,6 +30,7 @@ import {
 } from './common.js';
 import {
   convertDpmOutput,
+  dataPrediction,
   firstOrderCoefficients,
   lambdaClippedEnd,
   readDpmAlgorithm,
@@ -84,6 +85,7 @@ export class DPMSolverSinglestepScheduler extends IndexedScheduler implements Sc
   /** Solver order at each step index. */
   orderList: number[];
   private readonly table: NoiseTable;
+  lastPredOriginal: Float32Array | undefined;
   private modelOutputs: (Float32Array | null)[];
   /** The sample the current multi-step update started from. */
   private anchor: Float32Array | null = null;
@@ -163,6 +165,7 @@ export class DPMSolverSinglestepScheduler extends IndexedScheduler implements Sc
     if (i >= this.timesteps.length) throw new RangeError('step called past the end of the schedule');
 
     const converted = convertDpmOutput(cfg.algorithm_type, cfg.prediction_type, this.sigmas[i]!, modelOutput, sample);
+    this.lastPredOriginal = dataPrediction(cfg.algorithm_type, cfg.prediction_type, this.sigmas[i]!, modelOutput, sample, converted);
     this.modelOutputs.shift();
     this.modelOutputs.push(converted);
 

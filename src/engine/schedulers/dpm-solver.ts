@@ -43,6 +43,19 @@ export function convertDpmOutput(
   return convertModelOutput(dataPrediction, prediction, sigma, modelOutput, sample);
 }
 
+/** The x0 prediction (pred_original_sample): `converted` itself for the ++ variants, else converted anew. */
+export function dataPrediction(
+  algorithm: DpmAlgorithm,
+  prediction: PredictionType,
+  sigma: number,
+  modelOutput: Float32Array,
+  sample: Float32Array,
+  converted: Float32Array,
+): Float32Array {
+  if (algorithm === 'dpmsolver++' || algorithm === 'sde-dpmsolver++') return converted;
+  return convertModelOutput(true, prediction, sigma, modelOutput, sample);
+}
+
 /**
  * One past the highest training timestep the schedule may start from: the top timesteps whose
  * lambda = log(alpha_t) - log(sigma_t) (float32, as diffusers' lambda_t) falls below

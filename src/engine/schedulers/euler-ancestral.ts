@@ -47,6 +47,7 @@ export class EulerAncestralDiscreteScheduler extends IndexedScheduler implements
   /** float32 sigmas, one per timestep plus the final 0. */
   sigmas: number[];
   private readonly table: NoiseTable;
+  lastPredOriginal: Float32Array | undefined;
 
   constructor(raw: SchedulerConfig = {}) {
     super('throw');
@@ -107,12 +108,15 @@ export class EulerAncestralDiscreteScheduler extends IndexedScheduler implements
     const vOut = -sigma / Math.sqrt(sigma * sigma + 1);
     const vSkip = 1 / (sigma * sigma + 1);
     const out = new Float32Array(sample.length);
+    const predOriginal = new Float32Array(sample.length);
     for (let k = 0; k < out.length; k++) {
       const x = sample[k]!;
       const m = modelOutput[k]!;
       const x0 = v ? m * vOut + x * vSkip : x - sigma * m;
+      predOriginal[k] = x0;
       out[k] = x + ((x - x0) / sigma) * dt + (noise ? noise[k]! * up : 0);
     }
+    this.lastPredOriginal = predOriginal;
     this.stepIdx = i + 1;
     return out;
   }

@@ -52,6 +52,7 @@ export class EulerDiscreteScheduler extends IndexedScheduler implements Schedule
   /** float32 sigmas, one per timestep plus the final one. */
   sigmas: number[];
   private readonly table: NoiseTable;
+  lastPredOriginal: Float32Array | undefined;
 
   constructor(raw: SchedulerConfig = {}) {
     super('throw');
@@ -117,12 +118,15 @@ export class EulerDiscreteScheduler extends IndexedScheduler implements Schedule
     // Rounded to float32 where torch rounds, so long runs track diffusers' numbers closely.
     const vOut = -sigma / Math.sqrt(sigma * sigma + 1);
     const vSkip = 1 / (sigma * sigma + 1);
+    const predOriginal = new Float32Array(sample.length);
     for (let k = 0; k < out.length; k++) {
       const x = sample[k]!;
       const m = modelOutput[k]!;
       const x0 = pred === 'epsilon' ? f32(x - f32(sigma * m)) : pred === 'v_prediction' ? m * vOut + x * vSkip : m;
+      predOriginal[k] = x0;
       out[k] = x + f32(f32(f32(x - x0) / sigma) * dt);
     }
+    this.lastPredOriginal = predOriginal;
     this.stepIdx = i + 1;
     return out;
   }

@@ -47,6 +47,7 @@ export class LCMScheduler extends IndexedScheduler implements Scheduler {
   /** float32 alphas_cumprod of the training schedule. */
   readonly alphasCumprod: Float64Array;
   private readonly finalAlphaCumprod: number;
+  lastPredOriginal: Float32Array | undefined;
   private numInferenceSteps: number | null = null;
 
   constructor(raw: SchedulerConfig = {}) {
@@ -126,14 +127,18 @@ export class LCMScheduler extends IndexedScheduler implements Scheduler {
     const keep = last ? 1 : Math.sqrt(aPrev);
     const renoise = Math.sqrt(1 - aPrev);
     const out = new Float32Array(sample.length);
+    const predOriginal = new Float32Array(sample.length);
     for (let e = 0; e < out.length; e++) {
       const x = sample[e]!;
       const m = modelOutput[e]!;
       let x0 = pred === 'epsilon' ? (x - sb * m) / sa : pred === 'sample' ? m : sa * x - sb * m;
       x0 = Math.min(clip, Math.max(-clip, x0));
+      predOriginal[e] = x0;
       const denoised = cOut * x0 + cSkip * x;
       out[e] = keep * denoised + (noise ? renoise * noise[e]! : 0);
     }
+    // x0 before the boundary condition, as diffusers' pred_original_sample (its `denoised` mixes x back in).
+    this.lastPredOriginal = predOriginal;
     this.stepIdx = i + 1;
     return out;
   }

@@ -93,6 +93,13 @@ export interface Scheduler {
   scaleModelInput(sample: Float32Array, t: number): Float32Array;
   /** One denoising step: the sample at the next (less noisy) timestep. Never mutates its inputs. */
   step(modelOutput: Float32Array, t: number, sample: Float32Array, rng?: Rng): Float32Array;
+  /**
+   * The clean sample x0 the last `step()` predicted from its model output (diffusers'
+   * `pred_original_sample`), in the same latent space; undefined before the first step. A new
+   * array per step, never changed afterwards (previews read it while the loop goes on).
+   * Optional so that a scheduler written elsewhere still fits; Kiln's all set it.
+   */
+  readonly lastPredOriginal?: Float32Array;
   /** The forward process: `original` noised to the level of timestep `t` (img2img). */
   addNoise(original: Float32Array, noise: Float32Array, t: number): Float32Array;
 }

@@ -63,6 +63,7 @@ export class UniPCMultistepScheduler extends IndexedScheduler implements Schedul
   timesteps: number[];
   /** float32 sigmas, one per timestep plus the final one. */
   sigmas: number[];
+  lastPredOriginal: Float32Array | undefined;
   private readonly table: NoiseTable;
   private modelOutputs: (Float32Array | null)[];
   private lowerOrderNums = 0;
@@ -143,6 +144,7 @@ export class UniPCMultistepScheduler extends IndexedScheduler implements Schedul
 
     const useCorrector = i > 0 && !cfg.disable_corrector.includes(i - 1) && this.lastSample !== null;
     const converted = convertModelOutput(cfg.predict_x0, cfg.prediction_type, this.sigmas[i]!, modelOutput, sample);
+    this.lastPredOriginal = cfg.predict_x0 ? converted : convertModelOutput(true, cfg.prediction_type, this.sigmas[i]!, modelOutput, sample);
     let x = sample;
     if (useCorrector) x = this.correct(converted, this.lastSample!, sample, this.thisOrder, i);
 
