@@ -68,7 +68,7 @@ test('lastPredOriginal is a new array each step, left as it was', () => {
   for (const name of SCHEDULER_NAMES) {
     const s = createScheduler(name, SD15_PNDM);
     s.setTimesteps(4);
-    let x = rng.normals(N).map((v) => v * s.initNoiseSigma);
+    let x: Float32Array = rng.normals(N).map((v) => v * s.initNoiseSigma);
     const seen: Float32Array[] = [];
     const copies: Float32Array[] = [];
     for (const t of s.timesteps) {
