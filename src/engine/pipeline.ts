@@ -29,6 +29,18 @@ export interface Progress {
   totalSteps: number;
 }
 
+/** One denoising step's state, for previews (preview.ts). */
+export interface StepLatents {
+  /** Steps done, 1 after the first. */
+  step: number;
+  totalSteps: number;
+  /** The latents after this step, [1, 4, h, w]. */
+  latents: Float32Array;
+  /** The clean sample the scheduler predicted at this step (its lastPredOriginal), if it says. */
+  predOriginal: Float32Array | undefined;
+  latentDims: number[];
+}
+
 export interface GenerateOptions {
   prompt: string;
   /** Absent and "" differ for SDXL (zeros vs the encoding of ""), as in diffusers. */
@@ -60,6 +72,8 @@ export interface GenerateOptions {
    */
   imagePrompt?: ImagePrompt;
   onProgress?: (progress: Progress) => void;
+  /** After every denoising step, synchronously: keep it cheap (the arrays are never changed later). */
+  onStepLatents?: (step: StepLatents) => void;
   signal?: AbortSignal;
 }
 
@@ -197,6 +211,8 @@ export interface DenoiseArgs {
   onStep?: (step: number, total: number) => void;
   /** Hook after each scheduler step (inpainting blends known latents back in here). */
   afterStep?: (latents: Float32Array, stepIndex: number, t: number) => Float32Array;
+  /** After each step (and afterStep): the latents and the scheduler's predicted clean sample. */
+  onLatents?: (step: StepLatents) => void;
   /** ControlNet conditioning: its residuals feed a residual-taking UNet (`unet`). */
   control?: ControlInput;
   /** The UNet to run (default: the model's; inpainting may bring a 9-channel one). */
@@ -346,6 +362,7 @@ export async function denoise(args: DenoiseArgs): Promise<{ latents: Float32Arra
     latents = scheduler.step(noise, t, latents, args.rng);
     if (args.afterStep) latents = args.afterStep(latents, i, t);
     timings.schedulerMs += performance.now() - started;
+    args.onLatents?.({ step: i + 1, totalSteps: total, latents, predOriginal: scheduler.lastPredOriginal, latentDims: args.latentDims });
     args.onStep?.(i + 1, total);
   }
   return { latents, unetCalls };
@@ -438,6 +455,7 @@ async function runDiffusionOn(
     signal,
     onStep: (step, total) => onProgress?.({ stage: 'denoise', step, totalSteps: total }),
     afterStep: extra.afterStep,
+    onLatents: options.onStepLatents,
     extraChannels: extra.extraChannels,
     unet: imagePrompt?.unet ?? extra.unet,
     extraFeeds: imagePrompt?.feeds,

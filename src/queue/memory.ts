@@ -18,6 +18,7 @@ import {
   type JobRunner,
   type JobSpec,
   type JobState,
+  type PartialImageEvent,
   type QueueEvents,
   type QueueStats,
   type SubmitOptions,
@@ -167,7 +168,8 @@ export class InProcessQueue implements JobQueue {
     };
     let run: Promise<JobOutput>;
     try {
-      run = this.runner.run(job.spec, { signal: job.controller.signal, onProgress });
+      const onPartial = (partial: PartialImageEvent) => job.events.emit('partial', partial);
+      run = this.runner.run(job.spec, { signal: job.controller.signal, onProgress, onPartial });
     } catch (err) {
       run = Promise.reject(err);
     }

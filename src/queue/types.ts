@@ -29,6 +29,20 @@ export interface JobSpec {
   /** Edits: img2img strength (0 < s <= 1). */
   strength?: number;
   output: { format: OutputFormat; quality?: number };
+  /** Streaming: how many partial images to make while it runs (0 or absent: none). */
+  partialImages?: number;
+}
+
+/** A preview made during a run (streaming), encoded like the final image. */
+export interface PartialImageEvent {
+  /** 0-based, in the order they were made. */
+  index: number;
+  /** Steps done when it was taken, of `totalSteps`. */
+  step: number;
+  totalSteps: number;
+  width: number;
+  height: number;
+  bytes: Buffer;
 }
 
 export interface JobOutput {
@@ -45,6 +59,8 @@ export type JobState = 'queued' | 'running' | 'done' | 'failed' | 'cancelled';
 export interface JobEvents {
   /** Per stage and per denoising step, as the engine reports it. */
   progress: [Progress];
+  /** Partial images of a streaming job (spec.partialImages). */
+  partial: [PartialImageEvent];
   state: [JobState];
 }
 
@@ -110,6 +126,7 @@ export interface QueueEvents {
 export interface RunContext {
   signal: AbortSignal;
   onProgress: (progress: Progress) => void;
+  onPartial?: (partial: PartialImageEvent) => void;
 }
 
 /** Runs jobs (a pool of engine worker threads, a remote GPU box, a fake in tests). */

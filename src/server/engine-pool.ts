@@ -85,6 +85,12 @@ class WorkerSlot {
       case 'progress':
         if (p?.id === msg.id) p.context.onProgress(msg.progress);
         break;
+      case 'partial':
+        if (p?.id === msg.id) {
+          const { index, step, totalSteps, width, height } = msg;
+          p.context.onPartial?.({ index, step, totalSteps, width, height, bytes: Buffer.from(msg.bytes) });
+        }
+        break;
       case 'done':
         if (p?.id === msg.id) {
           this.pending = undefined;

@@ -2,7 +2,7 @@
  * Messages between the server (EnginePool) and its inference worker threads (engine-worker.ts).
  *
  *   server -> worker   run {id, spec}   cancel {id}   preload {model}   close
- *   worker -> server   ready   progress {id, progress}   done {id, bytes, ...}   failed {id, error}
+ *   worker -> server   ready   progress {id, progress}   partial {id, index, ...}   done {id, bytes, ...}   failed {id, error}
  *                      preloaded {model, error?}
  *
  * A worker runs one job at a time. Besides `cancel`, the server writes the id of a job to stop
@@ -65,6 +65,7 @@ export interface SerializedError {
 export type FromWorker =
   | { type: 'ready' }
   | { type: 'progress'; id: number; progress: Progress }
+  | { type: 'partial'; id: number; index: number; step: number; totalSteps: number; width: number; height: number; bytes: ArrayBuffer }
   | {
       type: 'done';
       id: number;

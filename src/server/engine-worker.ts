@@ -22,6 +22,7 @@ import { OnnxModel } from '../engine/onnx.js';
 import type { DiffusionModel } from '../engine/model.js';
 import type { RgbImage } from '../engine/vae.js';
 import { encodeGeneratedPng, encodeImage } from '../engine/image-codec.js';
+import { createPreviewer, learnFromResult } from '../engine/preview.js';
 import { serializeError, type EditJobSpec, type FromWorker, type ToWorker, type WorkerInit } from './engine-protocol.js';
 
 const init = workerData as WorkerInit;
@@ -111,13 +112,31 @@ async function run(id: number, spec: EditJobSpec): Promise<void> {
   const checkCancel = () => {
     if (!controller.signal.aborted && Atomics.load(cancelCell, 0) === id) controller.abort();
   };
+  let previewer: ReturnType<typeof createPreviewer> | undefined;
   try {
     checkCancel();
     const model = await engine.model(spec.model);
     checkCancel();
+    const format = spec.output.format;
+    // Streaming: partial images made beside the denoising loop, each posted as soon as it is encoded.
+    if (spec.partialImages) {
+      const { width, height } = resolveModelSize(model, spec.options);
+      previewer = createPreviewer(model, {
+        count: spec.partialImages,
+        width,
+        height,
+        format,
+        quality: spec.output.quality,
+        onPartial: (p) => {
+          const data = standalone(p.bytes);
+          post({ type: 'partial', id, index: p.index, step: p.step, totalSteps: p.totalSteps, width, height, bytes: data.buffer }, [data.buffer]);
+        },
+      });
+    }
     const options = {
       ...spec.options,
       signal: controller.signal,
+      onStepLatents: previewer?.onStepLatents,
       onProgress: (progress: { stage: 'encode' | 'denoise' | 'decode'; step: number; totalSteps: number }) => {
         checkCancel();
         post({ type: 'progress', id, progress });
@@ -154,7 +173,9 @@ async function run(id: number, spec: EditJobSpec): Promise<void> {
       refuseInpaintOnly(model, 'model');
       result = await generate(model, options);
     }
-    const format = spec.output.format;
+    // Every partial goes out before the final image.
+    await previewer?.flush();
+    if (!model.layout.hasVaeEncoder) await learnFromResult(model, result);
     const encodeOptions = { format, quality: spec.output.quality };
     const bytes = format === 'png' ? await encodeGeneratedPng(result.image, result.settings) : await encodeImage(result.image, encodeOptions);
     // Standalone ArrayBuffers (a Buffer may be a view into a shared pool) to transfer, not copy.
@@ -174,6 +195,8 @@ async function run(id: number, spec: EditJobSpec): Promise<void> {
       poseData ? [data.buffer, poseData.buffer] : [data.buffer],
     );
   } catch (err) {
+    // Partials already under way still go out, before the failure (a stream shows them, then the error).
+    await previewer?.flush().catch(() => {});
     post({ type: 'failed', id, error: serializeError(err), cancelled: controller.signal.aborted });
   } finally {
     current = undefined;

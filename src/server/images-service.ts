@@ -9,7 +9,7 @@ import { ModelLoadError } from '../engine/errors.js';
 import { detectLayout, type ModelLayout } from '../engine/model.js';
 import { resolveSize, sizeForUpload, type Size } from '../engine/presets.js';
 import { MAX_SEED, randomSeed } from '../engine/rng.js';
-import { JobCancelledError, JobTimeoutError, type JobQueue, type JobSpec } from '../queue/types.js';
+import { JobCancelledError, JobTimeoutError, type JobQueue, type JobSpec, type PartialImageEvent } from '../queue/types.js';
 import type { ImageStore } from '../store/types.js';
 import { ClientGoneError } from './errors.js';
 import type { EditJobOutput, EditJobSpec } from './engine-protocol.js';
@@ -50,6 +50,11 @@ export interface EditUpload {
   poseScale?: number;
 }
 
+/** A streamed request (streaming.ts): its partial images as they come, per image of the request. */
+export interface StreamHooks {
+  onPartial(partial: PartialImageEvent & { imageIndex: number; seed: number }): void;
+}
+
 interface EditInput {
   images: Buffer[];
   imageSize: Size;
@@ -86,8 +91,9 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
   }
 
   /** Runs one job to its end, cancelling it when the client goes away. */
-  async function runJob(caller: Caller, spec: EditJobSpec, timeoutMs: number) {
+  async function runJob(caller: Caller, spec: EditJobSpec, timeoutMs: number, onPartial?: (partial: PartialImageEvent) => void) {
     const job = queue.submit(spec, { timeoutMs, requestId: caller.id });
+    if (onPartial) job.events.on('partial', onPartial);
     caller.log.debug({ job: job.id, kind: spec.kind, model: spec.model, seed: spec.options.seed }, 'job queued');
     const onClose = () => {
       if (!caller.res.writableEnded) job.cancel(new JobCancelledError('the client disconnected', 'client'));
@@ -111,7 +117,7 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
     return { output, queueMs: job.queuedMs ?? 0 };
   }
 
-  async function runImageJob(caller: Caller, params: ImageParams, kind: JobSpec['kind'], edit?: EditInput, resolved?: ResolvedModel) {
+  async function runImageJob(caller: Caller, params: ImageParams, kind: JobSpec['kind'], edit?: EditInput, resolved?: ResolvedModel, stream?: StreamHooks) {
     const model = resolved ?? models.resolve(params.model);
     const size = requestSize(params, model, edit?.imageSize);
     // One seed per image: the given one (then +1 each, so a request stays reproducible), else random each.
@@ -134,6 +140,7 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
         },
         output: { format: params.outputFormat, quality: params.outputCompression },
       };
+      if (stream && params.partialImages > 0) spec.partialImages = params.partialImages;
       if (edit) {
         spec.images = edit.images;
         if (edit.mask) spec.mask = edit.mask;
@@ -149,10 +156,11 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
     const outputs: EditJobOutput[] = [];
     let queueMs = 0;
     let generationMs = 0;
-    for (const seed of seeds) {
+    for (const [imageIndex, seed] of seeds.entries()) {
       const left = requestTimeoutMs - (performance.now() - received);
       if (left <= 0) throw new JobTimeoutError(requestTimeoutMs);
-      const done = await runJob(caller, specFor(seed), left);
+      const onPartial = stream && ((partial: PartialImageEvent) => stream.onPartial({ ...partial, imageIndex, seed }));
+      const done = await runJob(caller, specFor(seed), left, onPartial || undefined);
       outputs.push(done.output);
       queueMs += done.queueMs;
       generationMs += done.output.timings.totalMs;
@@ -169,10 +177,12 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
     const data: Record<string, unknown>[] = [];
     for (const output of outputs) {
       const item: Record<string, unknown> = {};
-      if (params.responseFormat === 'b64_json') {
+      // A streamed answer always carries the image inline (as OpenAI's does), and the URL when asked.
+      if (params.responseFormat === 'b64_json' || stream) {
         item.b64_json = output.bytes.toString('base64');
         if (output.pose) item.b64_json_pose = output.pose.toString('base64');
-      } else {
+      }
+      if (params.responseFormat === 'url') {
         item.url = await put(output.bytes, output.contentType);
         if (output.pose) item.url_pose = await put(output.pose, output.contentType);
       }
@@ -228,12 +238,12 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
 
   return {
     /** POST /v1/images/generations: an image from a prompt. */
-    async generate(caller: Caller, params: ImageParams) {
-      return runImageJob(caller, params, 'generate');
+    async generate(caller: Caller, params: ImageParams, stream?: StreamHooks) {
+      return runImageJob(caller, params, 'generate', undefined, undefined, stream);
     },
 
     /** POST /v1/images/edits: img2img, inpainting (with a mask) or pose-guided (with a pose scale). */
-    async edit(caller: Caller, params: ImageParams, upload: EditUpload) {
+    async edit(caller: Caller, params: ImageParams, upload: EditUpload, stream?: StreamHooks) {
       const model = models.resolve(params.model);
       let pose: EditJobSpec['pose'];
       if (upload.poseScale !== undefined) {
@@ -241,7 +251,7 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
         caller.log.debug({ model: model.id, ...assets.sources }, 'pose assets');
         pose = { scale: upload.poseScale, controlNet: assets.controlNet, dwpose: assets.dwpose };
       }
-      return runImageJob(caller, params, 'edit', { images: [upload.image], imageSize: upload.imageSize, mask: upload.mask, pose }, model);
+      return runImageJob(caller, params, 'edit', { images: [upload.image], imageSize: upload.imageSize, mask: upload.mask, pose }, model, stream);
     },
   };
 }

@@ -28,6 +28,8 @@ export type NMeaning = 'seed' | 'count';
 export const N_MEANINGS: readonly NMeaning[] = ['seed', 'count'];
 /** Most images one request may ask for with `--n-as count` (OpenAI's limit). */
 export const MAX_IMAGES = 10;
+/** Most partial images per streamed image (OpenAI's limit). */
+export const MAX_PARTIAL_IMAGES = 3;
 
 /** What `size` may look like; the model decides whether it takes it. */
 const SIZE_PATTERN = /^(auto|[1-9][0-9]{0,5}x[1-9][0-9]{0,5})$/;
@@ -116,7 +118,18 @@ export const FIELDS: Record<string, FieldSpec> = {
     only: 'edits',
     description: `Extension: how much of the input is redrawn, 0 < strength <= 1 (default ${DEFAULT_STRENGTH} for image-to-image, ${DEFAULT_INPAINT_STRENGTH} for inpainting; not used in pose mode).`,
   },
-  stream: { type: 'boolean', description: 'Streaming is not supported; only `false` is accepted.' },
+  stream: {
+    type: 'boolean',
+    description:
+      'Answer with server-sent events (OpenAI\'s shape): `partial_images` previews while the image is drawn, then the final image, ' +
+      'always inline as `b64_json` (plus `url` when `response_format` is `url`).',
+  },
+  partial_images: {
+    type: 'integer',
+    minimum: 0,
+    maximum: MAX_PARTIAL_IMAGES,
+    description: `With \`stream\`: previews to send while drawing, 0 to ${MAX_PARTIAL_IMAGES} (default 0: only the final image), spread over the steps.`,
+  },
   // OpenAI's fields that Kiln cannot honour: accepted where that changes nothing a client relies on.
   background: {
     type: 'string',
@@ -151,6 +164,10 @@ export interface ImageParams {
   outputFormat: OutputFormat;
   outputCompression?: number;
   strength?: number;
+  /** Server-sent events instead of one JSON answer (streaming.ts). */
+  stream: boolean;
+  /** Streaming: previews per image (0..3). */
+  partialImages: number;
 }
 
 function describe(value: unknown): string {
@@ -277,9 +294,6 @@ export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 
     checkField(name, spec, value);
     values[name] = value;
   }
-  if (values.stream === true) {
-    throw new ApiError(400, 'Streaming is not supported by this server; leave `stream` unset or false.', 'stream', 'unsupported_value');
-  }
   const size = values.size as string | undefined;
   // The model decides the rest (its range, its native size): checked before queueing, in images-service.
   if (size !== undefined && !SIZE_PATTERN.test(size)) {
@@ -335,6 +349,8 @@ export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 
     outputFormat: (values.output_format as OutputFormat | undefined) ?? 'png',
     outputCompression: values.output_compression as number | undefined,
     strength: values.strength as number | undefined,
+    stream: values.stream === true,
+    partialImages: (values.partial_images as number | undefined) ?? 0,
   };
 }
 

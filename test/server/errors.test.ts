@@ -83,7 +83,7 @@ describe('generations: 400 for what the client sent, naming the field', () => {
     expectError(await postJson(GEN(), { prompt: 'x', seed: -3 }), 400, 'seed');
   });
 
-  test('size, quality, response_format, scheduler, steps, guidance_scale, output_format, output_compression, stream', async () => {
+  test('size, quality, response_format, scheduler, steps, guidance_scale, output_format, output_compression, stream, partial_images', async () => {
     const cases: [Record<string, unknown>, string][] = [
       [{ size: '300x300' }, 'size'],
       [{ size: '1792x1000' }, 'size'],
@@ -100,7 +100,9 @@ describe('generations: 400 for what the client sent, naming the field', () => {
       [{ guidance_scale: 'high' }, 'guidance_scale'],
       [{ output_format: 'gif' }, 'output_format'],
       [{ output_compression: 101 }, 'output_compression'],
-      [{ stream: true }, 'stream'],
+      [{ stream: 'yes' }, 'stream'],
+      [{ stream: true, partial_images: 4 }, 'partial_images'],
+      [{ stream: true, partial_images: 1.5 }, 'partial_images'],
       [{ model: 7 }, 'model'],
       [{ user: { id: 1 } }, 'user'],
     ];

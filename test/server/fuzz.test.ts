@@ -130,7 +130,8 @@ test('200+ malformed requests: each a 4xx in the envelope; nothing queued; the s
     steps: ['1', 1.5, true, [], {}, 0, 151, -1],
     output_compression: ['1', 1.5, true, [], {}, -1, 101],
     guidance_scale: ['1', true, [], {}, -1, 31, 'INF'],
-    stream: ['true', 1, [], {}, true],
+    stream: ['true', 1, [], {}],
+    partial_images: ['1', 1.5, true, [], {}, -1, 4],
   };
   for (const [field, values] of Object.entries(invalid)) {
     for (const v of values) {

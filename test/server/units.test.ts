@@ -220,7 +220,11 @@ describe('params', () => {
     assert.equal(p.strength, 0.5);
     assert.throws(() => readParams({ prompt: 'x', n: '1.5' }, 'edits', 'form'), (e: unknown) => e instanceof ApiError && e.param === 'n');
     assert.throws(() => readParams({ prompt: ['a', 'b'] }, 'edits', 'form'), (e: unknown) => e instanceof ApiError && e.param === 'prompt');
-    assert.throws(() => readParams({ prompt: 'x', stream: 'true' }, 'edits', 'form'), (e: unknown) => e instanceof ApiError && e.param === 'stream');
+    assert.throws(() => readParams({ prompt: 'x', stream: 'yes' }, 'edits', 'form'), (e: unknown) => e instanceof ApiError && e.param === 'stream');
+    // What the SDK sends for edits({ stream: true, partial_images: 2 }).
+    const streamed = readParams({ prompt: 'x', stream: 'true', partial_images: '2' }, 'edits', 'form');
+    assert.deepEqual([streamed.stream, streamed.partialImages], [true, 2]);
+    assert.deepEqual([p.stream, p.partialImages], [false, 0]);
   });
 
   test('JSON: defaults, seed over n, negative_prompt over negprompt, quality case-insensitive, strength only on edits', () => {

@@ -10,6 +10,7 @@ import type { Caller, EditUpload, ImagesService } from '../images-service.js';
 import { paramsSchema, parsePoseUser, readParams, type ImageParams, type NMeaning } from '../params.js';
 import { checkImageUpload, type UploadLimits } from '../uploads.js';
 import type { UploadBudget, UploadHold } from '../upload-budget.js';
+import { streamImages } from '../streaming.js';
 
 export interface ImageRoutesOptions {
   images: ImagesService;
@@ -141,7 +142,9 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
     },
     async (request, reply) => {
       const params = readParams(request.body, 'generations', 'json', nMeaning);
-      return send(reply, await images.generate(caller(request, reply), params));
+      const who = caller(request, reply);
+      if (params.stream) return streamImages(who, reply, 'image_generation', params, (hooks) => images.generate(who, params, hooks));
+      return send(reply, await images.generate(who, params));
     },
   );
 
@@ -192,7 +195,9 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
         const form = await readEditForm(request, maxFiles, hold);
         const params = readParams(form.fields, 'edits', 'form', nMeaning);
         const upload = await checkEditUpload(form, params, limits);
-        return send(reply, await images.edit(caller(request, reply), params, upload));
+        const who = caller(request, reply);
+        if (params.stream) return await streamImages(who, reply, 'image_edit', params, (hooks) => images.edit(who, params, upload, hooks));
+        return send(reply, await images.edit(who, params, upload));
       } finally {
         hold.release();
       }
