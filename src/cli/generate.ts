@@ -1,7 +1,8 @@
 /**
  * `kiln generate`: one image from the command line, with a progress bar on a terminal.
  */
-import { writeFile } from 'node:fs/promises';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { SingleBar, Presets } from 'cli-progress';
 import { Engine } from '../engine/engine.js';
 import { BuildProgress } from './convert.js';
@@ -11,6 +12,8 @@ import { encodeGeneratedPng } from '../engine/image-codec.js';
 import type { Device } from '../engine/onnx.js';
 import { generate, type Progress } from '../engine/pipeline.js';
 import type { AppliedLora } from '../engine/loras.js';
+import { createPreviewer } from '../engine/preview.js';
+import { resolveModelSize } from '../engine/pipeline.js';
 
 export interface GenerateFlags {
   model?: string;
@@ -26,6 +29,10 @@ export interface GenerateFlags {
   out?: string;
   /** `--lora NAME[:SCALE]`, repeatable: LoRAs from $KILN_HOME/loras, added to the model's own. */
   lora?: AppliedLora[];
+  /** Write partial images (previews) here as they come. */
+  previewDir?: string;
+  /** How many (default 3). */
+  previews?: number;
 }
 
 export async function generateCommand(flags: GenerateFlags): Promise<void> {
@@ -45,7 +52,23 @@ export async function generateCommand(flags: GenerateFlags): Promise<void> {
       if (p.stage === 'encode') bar.start(p.totalSteps, 0, { stage: 'encode ' });
       else bar.update(p.step, { stage: p.stage === 'decode' ? 'decode ' : 'denoise' });
     };
+    // Previews are written while the loop goes on; the bar keeps its line (nothing is printed for them).
+    const writes: Promise<void>[] = [];
+    let previewer: ReturnType<typeof createPreviewer> | undefined;
+    if (flags.previewDir) {
+      const dir = flags.previewDir;
+      await mkdir(dir, { recursive: true });
+      const { width, height } = resolveModelSize(model, { size: flags.size });
+      previewer = createPreviewer(model, {
+        count: flags.previews ?? 3,
+        width,
+        height,
+        format: 'png',
+        onPartial: (p) => writes.push(writeFile(join(dir, `partial-${p.index}-step-${p.step}.png`), p.bytes)),
+      });
+    }
     const result = await generate(model, {
+      onStepLatents: previewer?.onStepLatents,
       prompt: flags.prompt,
       negativePrompt: flags.negative,
       seed,
@@ -57,6 +80,8 @@ export async function generateCommand(flags: GenerateFlags): Promise<void> {
       onProgress,
     });
     bar?.stop();
+    await previewer?.flush();
+    await Promise.all(writes);
     const png = await encodeGeneratedPng(result.image, result.settings);
     const out = flags.out ?? `kiln-${seed}.png`;
     await writeFile(out, png);
@@ -65,7 +90,7 @@ export async function generateCommand(flags: GenerateFlags): Promise<void> {
     const loras = s.loras?.length ? ` loras=${s.loras.map((l) => `${l.name}:${l.scale}`).join(',')}` : '';
     process.stdout.write(
       `${out}: ${s.width}x${s.height} model=${s.model} seed=${s.seed} steps=${s.steps} scheduler=${s.scheduler} ` +
-        `guidance=${s.guidanceScale}${loras} time=${seconds}s (generation ${(result.timings.totalMs / 1000).toFixed(2)}s)\n`,
+        `guidance=${s.guidanceScale}${loras}${flags.previewDir ? ` previews=${writes.length}` : ''} time=${seconds}s (generation ${(result.timings.totalMs / 1000).toFixed(2)}s)\n`,
     );
   } finally {
     bar?.stop();

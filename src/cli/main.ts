@@ -70,6 +70,8 @@ program
   .addOption(new Option('--device <device>', 'execution provider').choices(['cpu', 'cuda']).default('cpu'))
   .option('-o, --out <file>', 'output PNG path (default: kiln-<seed>.png)')
   .option('--lora <name[:scale]>', 'apply a LoRA from $KILN_HOME/loras (repeatable; also <lora:NAME:SCALE> in the prompt)', collectLora)
+  .option('--preview-dir <dir>', 'write previews of the image in progress there as PNGs (partial-<i>-step-<n>.png), as they come')
+  .option('--previews <n>', 'how many previews with --preview-dir, spread over the steps', parseInteger, 3)
   .action(generateCommand);
 
 registerServeCommand(program);

@@ -1,7 +1,7 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -32,6 +32,22 @@ test('kiln generate writes a PNG with its parameters and prints a summary line',
   // A second run in another process gives the same bytes.
   await kiln(args.map((a) => (a === out ? join(scratch, 'again.png') : a)));
   assert.ok(readFileSync(join(scratch, 'again.png')).equals(png));
+});
+
+test('kiln generate --preview-dir writes the partial images as PNGs at the image size', async () => {
+  const model = await ensureFixture('sdxl');
+  const dir = join(scratch, 'previews');
+  const { stdout } = await kiln(['generate', '--model', model, '--prompt', 'a fox', '--seed', '3', '--size', '256x256', '--steps', '8', '--out', join(scratch, 'fox.png'), '--preview-dir', dir]);
+  assert.match(stdout, / previews=3 /);
+  const files = readdirSync(dir).sort();
+  assert.deepEqual(files, ['partial-0-step-2.png', 'partial-1-step-4.png', 'partial-2-step-6.png']);
+  for (const f of files) {
+    const meta = await sharp(readFileSync(join(dir, f))).metadata();
+    assert.deepEqual([meta.format, meta.width, meta.height], ['png', 256, 256], f);
+  }
+  await kiln(['generate', '--model', model, '--prompt', 'a fox', '--seed', '3', '--size', '256x256', '--steps', '8', '--out', join(scratch, 'fox2.png'), '--preview-dir', join(scratch, 'one'), '--previews', '1']);
+  assert.deepEqual(readdirSync(join(scratch, 'one')), ['partial-0-step-4.png']);
+  assert.ok(readFileSync(join(scratch, 'fox2.png')).equals(readFileSync(join(scratch, 'fox.png'))), 'previews change nothing in the image');
 });
 
 test('kiln generate: bad options and unknown models exit non-zero with one clear line', async () => {
