@@ -3,8 +3,12 @@
  * percentiles, plus /health latency while the server is loaded.
  *
  *   npm run bench:server -- [--clients 4] [--requests 32] [--size 256x256] [--steps 8]
- *                           [--format b64_json|url] [--workers 1]
+ *                           [--format b64_json|url] [--workers 1] [--partial-images N]
  *                           [--model NAME|DIR | --fixture VARIANT [--channels N]] [--url http://HOST:PORT]
+ *
+ * --partial-images N: the preview cost. Requests alternate between a plain one and a streamed one
+ * (`stream: true, partial_images: N`, read to its completed event), same settings otherwise, so
+ * outside load falls on both alike; each kind's latency is reported and the streamed / plain ratio.
  *
  * Without --url it starts a server in this process (inference in its worker threads) on a temp
  * home whose default model is the given model (default: the SDXL-layout fixture, 8 channels).
@@ -30,8 +34,10 @@ const { values: args } = parseArgs({
     channels: { type: 'string' },
     url: { type: 'string' },
     prompt: { type: 'string', default: 'a lighthouse on a cliff at dusk, oil painting' },
+    'partial-images': { type: 'string' },
   },
 });
+const partialImages = args['partial-images'] === undefined ? undefined : Number(args['partial-images']);
 
 const percentile = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1))]!;
 const ms = (x: number) => `${x.toFixed(0)} ms`;
@@ -68,7 +74,18 @@ async function main(): Promise<void> {
     base = await server.listen();
   }
 
-  const body = JSON.stringify({ prompt: args.prompt, size: args.size, steps: Number(args.steps), response_format: args.format });
+  const fields = { prompt: args.prompt, size: args.size, steps: Number(args.steps), response_format: args.format };
+  const body = JSON.stringify(fields);
+  const streamBody = JSON.stringify({ ...fields, stream: true, partial_images: partialImages });
+  /** A streamed request read to its end; ok when it ended with the completed event after the partials asked for. */
+  const postStream = async (): Promise<{ ms: number; status: number; partials: number }> => {
+    const started = performance.now();
+    const res = await fetch(`${base}/v1/images/generations`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: streamBody });
+    const events = (await res.text()).split('\n\n').filter((f) => f.startsWith('data: ')).map((f) => JSON.parse(f.slice(6)) as { type: string });
+    const partials = events.filter((e) => e.type.endsWith('.partial_image')).length;
+    const status = res.ok && events.at(-1)?.type === 'image_generation.completed' ? res.status : res.ok ? 599 : res.status;
+    return { ms: performance.now() - started, status, partials };
+  };
   const post = async (): Promise<{ ms: number; status: number }> => {
     const started = performance.now();
     const res = await fetch(`${base}/v1/images/generations`, { method: 'POST', headers: { 'content-type': 'application/json' }, body });
@@ -80,6 +97,16 @@ async function main(): Promise<void> {
   // One warm-up request loads the model; it is not counted.
   const warm = await post();
   if (warm.status !== 200) throw new Error(`warm-up request answered ${warm.status}`);
+  if (partialImages !== undefined) {
+    // The preview map is fitted on the first streamed request: not counted either.
+    const warmStream = await postStream();
+    if (warmStream.status !== 200) throw new Error(`streamed warm-up request answered ${warmStream.status}`);
+  }
+  const streamed: number[] = [];
+  let partialsSeen = 0;
+  // CPU seconds of this whole process (server, inference threads, client) per request: with one
+  // client a request's share is its own, whatever else runs on the host.
+  const cpuMs = { plain: [] as number[], stream: [] as number[] };
 
   let next = 0;
   const latencies: number[] = [];
@@ -98,10 +125,15 @@ async function main(): Promise<void> {
   await Promise.all(
     Array.from({ length: clients }, async () => {
       while (next < total) {
-        next++;
-        const r = await post();
+        const i = next++;
+        const stream = partialImages !== undefined && i % 2 === 1;
+        const cpu0 = process.cpuUsage();
+        const r = stream ? await postStream() : { ...(await post()), partials: 0 };
+        const cpu = process.cpuUsage(cpu0);
+        if (clients === 1) cpuMs[stream ? 'stream' : 'plain'].push((cpu.user + cpu.system) / 1000);
         statuses.set(r.status, (statuses.get(r.status) ?? 0) + 1);
-        if (r.status === 200) latencies.push(r.ms);
+        if (r.status === 200) (stream ? streamed : latencies).push(r.ms);
+        partialsSeen += r.partials;
       }
     }),
   );
@@ -110,20 +142,32 @@ async function main(): Promise<void> {
   await probe;
 
   latencies.sort((a, b) => a - b);
+  streamed.sort((a, b) => a - b);
   healthMs.sort((a, b) => a - b);
-  const ok = latencies.length;
+  const ok = latencies.length + streamed.length;
+  const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
   const cpu = os.cpus()[0]?.model ?? 'unknown CPU';
   const command =
     `npm run bench:server -- --clients ${clients} --requests ${total} --size ${args.size} --steps ${args.steps} --format ${args.format} --workers ${args.workers}` +
+    (partialImages !== undefined ? ` --partial-images ${partialImages}` : '') +
     (args.url ? ` --url ${args.url}` : args.model ? ` --model ${args.model}` : ` --fixture ${args.fixture ?? 'sdxl'} --channels ${args.channels ?? 8}`);
   const lines = [
     `kiln server benchmark: ${label}, ${args.size}, ${args.steps} steps, ${args.format}, ${clients} concurrent clients, ${total} requests, ${args.workers} worker(s)`,
     `host: ${cpu}, ${os.cpus().length} cores, node ${process.version}`,
     `throughput: ${((ok / wallMs) * 1000).toFixed(2)} images/s (${ok} ok in ${(wallMs / 1000).toFixed(1)} s)` +
       `; statuses ${[...statuses].map(([s, n]) => `${s}x${n}`).join(' ')}`,
-    ok
-      ? `latency: p50 ${ms(percentile(latencies, 50))}, p90 ${ms(percentile(latencies, 90))}, p99 ${ms(percentile(latencies, 99))}, max ${ms(latencies[ok - 1]!)}`
+    latencies.length
+      ? `latency${partialImages !== undefined ? ' (plain)' : ''}: p50 ${ms(percentile(latencies, 50))}, p90 ${ms(percentile(latencies, 90))}, p99 ${ms(percentile(latencies, 99))}, max ${ms(latencies.at(-1)!)}, mean ${ms(mean(latencies))}`
       : 'latency: no successful requests',
+    partialImages !== undefined && streamed.length
+      ? `latency (stream, partial_images ${partialImages}, ${(partialsSeen / streamed.length).toFixed(1)} partials each): p50 ${ms(percentile(streamed, 50))}, ` +
+        `p90 ${ms(percentile(streamed, 90))}, max ${ms(streamed.at(-1)!)}, mean ${ms(mean(streamed))}; ` +
+        `stream / plain: p50 ${(percentile(streamed, 50) / percentile(latencies, 50)).toFixed(3)}, mean ${(mean(streamed) / mean(latencies)).toFixed(3)}`
+      : '',
+    partialImages !== undefined && cpuMs.plain.length && cpuMs.stream.length
+      ? `CPU per image (this process, all threads): plain ${ms(mean(cpuMs.plain))}, stream ${ms(mean(cpuMs.stream))}, ` +
+        `stream / plain ${(mean(cpuMs.stream) / mean(cpuMs.plain)).toFixed(3)}`
+      : '',
     healthMs.length
       ? `/health under load: ${healthMs.length} probes, p50 ${percentile(healthMs, 50).toFixed(1)} ms, p99 ${percentile(healthMs, 99).toFixed(1)} ms, max ${healthMs[healthMs.length - 1]!.toFixed(1)} ms`
       : '',

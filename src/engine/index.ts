@@ -22,6 +22,7 @@ export {
   type GenerateResult,
   type EffectiveSettings,
   type Progress,
+  type StepLatents,
   type Timings,
 } from './pipeline.js';
 export { encodePrompts, chunkPrompt, applyTokenWeights, type TextConditioning } from './conditioning.js';
@@ -43,6 +44,17 @@ export {
   type Size,
 } from './presets.js';
 export { decodeLatents, encodeImageToLatents, type RgbImage } from './vae.js';
+export {
+  createPreviewer,
+  previewSteps,
+  latentRgbMap,
+  latentsToRgb,
+  encodePreview,
+  learnFromResult,
+  type LatentRgbMap,
+  type PartialImage,
+  type PreviewerOptions,
+} from './preview.js';
 export { encodeImage, encodeGeneratedPng, insertPngText, readPngText, parametersText, OUTPUT_FORMATS, type OutputFormat } from './image-codec.js';
 export { locateModel, listInstalledModels, kilnHome, builtinModelsDir, modelSearchDirs, defaultModelName, REFERENCE_DEFAULT_MODEL, BUILTIN_DEFAULT_MODEL } from './locate.js';
 export { OnnxModel, type Device } from './onnx.js';

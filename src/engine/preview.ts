@@ -16,7 +16,7 @@ import type { DiffusionModel } from './model.js';
 import type { OnnxModel } from './onnx.js';
 import type { StepLatents } from './pipeline.js';
 import { encodeImageToLatents, type RgbImage } from './vae.js';
-import { encodeImage, type OutputFormat } from './image-codec.js';
+import type { OutputFormat } from './image-codec.js';
 import { solveLinear } from './schedulers/common.js';
 
 const CHANNELS = 4;
@@ -187,15 +187,23 @@ export function previewSteps(totalSteps: number, count: number): number[] {
   return [...steps].sort((a, b) => a - b);
 }
 
-/** A preview scaled to the image size and encoded like the final image (PNG without text chunks). */
+/**
+ * A preview scaled to the image size (bilinear) and encoded in the image's format, in one sharp
+ * pipeline (PNG as the final image but without text chunks; WebP at the lowest effort: a preview
+ * is not worth the slow settings).
+ */
 export async function encodePreview(image: RgbImage, width: number, height: number, format: OutputFormat, quality?: number): Promise<Buffer> {
-  const { data } = await sharp(Buffer.from(image.pixels.buffer, image.pixels.byteOffset, image.pixels.byteLength), {
+  const scaled = sharp(Buffer.from(image.pixels.buffer, image.pixels.byteOffset, image.pixels.byteLength), {
     raw: { width: image.width, height: image.height, channels: 3 },
-  })
-    .resize(width, height, { kernel: 'linear', fit: 'fill' })
-    .raw()
-    .toBuffer({ resolveWithObject: true });
-  return encodeImage({ width, height, pixels: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) }, { format, quality });
+  }).resize(width, height, { kernel: 'linear', fit: 'fill' });
+  switch (format) {
+    case 'jpeg':
+      return scaled.jpeg({ quality: quality ?? 90 }).toBuffer();
+    case 'webp':
+      return scaled.webp({ quality: quality ?? 90, effort: 0 }).toBuffer();
+    case 'png':
+      return scaled.png({ compressionLevel: 6, adaptiveFiltering: false }).toBuffer();
+  }
 }
 
 export interface PartialImage {

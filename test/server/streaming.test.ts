@@ -216,3 +216,24 @@ test('errors before the stream starts are ordinary HTTP errors: bad fields, an u
     return true;
   });
 });
+
+test('--n-as count, n 2: each image its partial images (image_index), then a completed event per image', async () => {
+  const counting = await startTestServer({ home, nMeaning: 'count' });
+  try {
+    const stream = await counting.client().images.generate({ ...base, ...{ steps: 4 }, n: 2, stream: true, partial_images: 1 });
+    const events = await collect(stream);
+    assert.deepEqual(
+      events.map((e) => [e.type, e.image_index, e.seed]),
+      [
+        ['image_generation.partial_image', 0, 21],
+        ['image_generation.partial_image', 1, 22],
+        ['image_generation.completed', 0, 21],
+        ['image_generation.completed', 1, 22],
+      ],
+    );
+    assert.deepEqual(events.slice(0, 2).map((e) => e.partial_image_index), [0, 0]);
+    assert.deepEqual(events[2]!.kiln.seeds, [21, 22]);
+  } finally {
+    await counting.close();
+  }
+});

@@ -129,6 +129,7 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
     {
       schema: {
         summary: 'Create an image from a prompt',
+        description: 'With `stream: true`: server-sent events (text/event-stream), `partial_images` previews then the completed image (OpenAI\'s shape).',
         body: paramsSchema('generations', 'json'),
         response: imagesResponseSchema,
         security: [{ bearer: [] }],
@@ -158,7 +159,7 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
           'Without a mask: image-to-image (strength default 0.75). With a mask (same dimensions as the image; transparent pixels, ' +
           'or white ones in a mask without transparency, are repainted): inpainting (strength default 1). With `user=cn`, `pose:<w>` ' +
           'or a weight list with `pose`: the pose of the person in the image guides a new image (ControlNet OpenPose); the skeleton ' +
-          'picture comes back as `url_pose` / `b64_json_pose`.',
+          'picture comes back as `url_pose` / `b64_json_pose`. With `stream: true`: server-sent events, `partial_images` previews then the completed image.',
         consumes: ['multipart/form-data'],
         body: {
           ...editsFormSchema,
