@@ -3,6 +3,7 @@
  *
  *   POST /v1/images/generations   JSON          -> queue -> inference worker -> store / inline
  *   POST /v1/images/edits         multipart     img2img; + mask: inpainting; user=cn / pose:<w>: pose (ControlNet)
+ *                                               user=style:<w> / face:<w>: image prompt (IP-Adapter)
  *   GET  /v1/models, /v1/models/:id             installed models, read from disk per request
  *   GET  /images/:key?expires&signature         signed, expiring image URLs (no API key)
  *   GET  /ping /health /metrics /openapi.json
@@ -167,7 +168,8 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       searchDirs,
       device: options.device ?? 'cpu',
       env: { ...process.env, KILN_HOME: home },
-      onEvent: (e) => (e.type === 'crash' || e.error ? logger.error({ err: e.error }, e.message) : logger.info(e.message)),
+      onEvent: (e) =>
+        e.type === 'crash' || e.error ? logger.error({ err: e.error }, e.message) : e.type === 'warning' ? logger.warn(e.message) : logger.info(e.message),
     });
   const queue = options.queue ?? new InProcessQueue(runner, { maxQueued: options.maxQueue ?? 16 });
   const store: ImageStore =

@@ -16,8 +16,8 @@ export interface EnginePoolOptions {
   device?: Device;
   /** Environment of the worker threads (e.g. KILN_HOME, which alias lookups read). */
   env?: NodeJS.ProcessEnv;
-  /** Worker lifecycle messages (crashes, preload results). */
-  onEvent?: (event: { type: 'crash' | 'preloaded'; message: string; error?: Error }) => void;
+  /** Worker lifecycle messages (crashes, preload results) and the engine's warnings. */
+  onEvent?: (event: { type: 'crash' | 'preloaded' | 'warning'; message: string; error?: Error }) => void;
 }
 
 interface Pending {
@@ -114,6 +114,9 @@ class WorkerSlot {
           message: msg.error ? `could not preload ${msg.model}: ${msg.error.message}` : `preloaded ${msg.model}`,
           error: msg.error ? deserializeError(msg.error) : undefined,
         });
+        break;
+      case 'warning':
+        this.pool.options.onEvent?.({ type: 'warning', message: msg.message });
         break;
       case 'ready':
         break;

@@ -7,7 +7,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { checkMaskMatchesImage } from '../../engine/inpaint.js';
 import { ApiError } from '../errors.js';
 import type { Caller, EditUpload, ImagesService } from '../images-service.js';
-import { paramsSchema, parsePoseUser, readParams, type ImageParams, type NMeaning } from '../params.js';
+import { editWeights, paramsSchema, readParams, type ImageParams, type NMeaning } from '../params.js';
 import { checkImageUpload, type UploadLimits } from '../uploads.js';
 import type { UploadBudget, UploadHold } from '../upload-budget.js';
 
@@ -104,7 +104,11 @@ async function readEditForm(request: FastifyRequest, maxFiles: number, hold: Upl
   return { fields, images, mask };
 }
 
-/** The checks on an edit's files, in order: an image, each a PNG, JPEG or WebP within the limits, a mask matching the image and not combined with pose mode. */
+/**
+ * The checks on an edit's files, in order: an image, each a PNG, JPEG or WebP within the limits, a
+ * mask matching the image; then what `user` / `style` ask for: pose mode takes no mask, and not
+ * an image prompt (yet).
+ */
 async function checkEditUpload(form: { images: Buffer[]; mask?: Buffer }, params: ImageParams, limits: UploadLimits): Promise<EditUpload> {
   if (form.images.length === 0) throw new ApiError(400, "Missing required parameter: 'image' (a PNG, JPEG or WebP file).", 'image', 'missing_required_parameter');
   const sizes = [];
@@ -115,11 +119,21 @@ async function checkEditUpload(form: { images: Buffer[]; mask?: Buffer }, params
     await checkImageUpload(mask, 'mask', limits);
     await checkMaskMatchesImage(image, mask);
   }
-  const poseScale = parsePoseUser(params.user);
+  const { pose: poseScale, imagePrompt } = editWeights(params);
   if (poseScale !== undefined && mask) {
     throw new ApiError(400, 'A mask cannot be combined with pose mode (user=cn / pose:<w>); send one or the other.', 'mask', 'unsupported_value');
   }
-  return { image, imageSize: sizes[0]!, mask, poseScale };
+  // ControlNet and IP-Adapter in one UNet is not built yet; weight 0 everywhere asks for no adapter.
+  if (poseScale !== undefined && imagePrompt && (imagePrompt.style > 0 || (imagePrompt.face ?? 0) > 0)) {
+    throw new ApiError(
+      400,
+      `Pose mode (pose:${poseScale}) together with an image prompt (style:${imagePrompt.style}${imagePrompt.face !== undefined ? `, face:${imagePrompt.face}` : ''}) is not supported yet: ` +
+        'send either the pose weight (user=cn or pose:<w>) or the image-prompt weights (style:<w>, face:<w>), or set the image-prompt weights to 0.',
+      'user',
+      'unsupported_value',
+    );
+  }
+  return { image, imageSize: sizes[0]!, mask, poseScale, imagePrompt };
 }
 
 export async function imageRoutes(app: FastifyInstance, { images, limits, maxFiles, budget, nMeaning }: ImageRoutesOptions): Promise<void> {
@@ -150,12 +164,14 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
     '/v1/images/edits',
     {
       schema: {
-        summary: 'Edit an uploaded picture (PNG, JPEG or WebP): image-to-image, inpainting (with a mask) or pose-guided (user=cn)',
+        summary: 'Edit an uploaded picture (PNG, JPEG or WebP): image-to-image, inpainting (with a mask), pose-guided (user=cn) or as an image prompt (user=style:<w> / face:<w>)',
         description:
           'Without a mask: image-to-image (strength default 0.75). With a mask (same dimensions as the image; transparent pixels, ' +
           'or white ones in a mask without transparency, are repainted): inpainting (strength default 1). With `user=cn`, `pose:<w>` ' +
           'or a weight list with `pose`: the pose of the person in the image guides a new image (ControlNet OpenPose); the skeleton ' +
-          'picture comes back as `url_pose` / `b64_json_pose`.',
+          'picture comes back as `url_pose` / `b64_json_pose`. With `style:<w>` / `face:<w>` in `user` (or a `style` weight): the upload ' +
+          'is an image prompt (IP-Adapter) steering a new image at those weights (from noise; from the upload when `strength` is given; ' +
+          'inpainting with a mask).',
         consumes: ['multipart/form-data'],
         body: {
           ...editsFormSchema,
