@@ -183,7 +183,9 @@ export class EnginePool extends EventEmitter implements JobRunner {
         if (w.exited) return;
         const exited = new Promise((resolve) => w.worker.once('exit', resolve));
         w.post({ type: 'close' });
-        const timer = setTimeout(() => void w.worker.terminate(), 3_000);
+        // The worker stops its job at the next step and frees its sessions; terminating it while
+        // ONNX Runtime is mid-run can abort the whole process, so it gets ample time first.
+        const timer = setTimeout(() => void w.worker.terminate(), 15_000);
         await exited;
         clearTimeout(timer);
       }),

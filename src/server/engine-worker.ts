@@ -34,6 +34,8 @@ const post = (msg: FromWorker, transfer: ArrayBuffer[] = []) => port.postMessage
 // Warnings (LoRA modules that match nothing, unused checkpoint tensors) go to the server's log.
 const engine = new Engine({ device: init.device, searchDirs: init.searchDirs, onWarning: (message) => post({ type: 'warning', message }) });
 let current: { id: number; controller: AbortController } | undefined;
+/** The job in flight: sessions are released only after it settles (releasing one mid-run aborts the process). */
+let running: Promise<void> = Promise.resolve();
 
 const CONTENT_TYPES = { png: 'image/png', jpeg: 'image/jpeg', webp: 'image/webp' } as const;
 
@@ -248,7 +250,7 @@ function standalone(bytes: Buffer): Uint8Array<ArrayBuffer> {
 port.on('message', (msg: ToWorker) => {
   switch (msg.type) {
     case 'run':
-      void run(msg.id, msg.spec);
+      running = run(msg.id, msg.spec);
       break;
     case 'cancel':
       if (current?.id === msg.id) current.controller.abort();
@@ -261,7 +263,8 @@ port.on('message', (msg: ToWorker) => {
       break;
     case 'close':
       current?.controller.abort();
-      void Promise.allSettled([
+      // The abort takes effect at the next step; wait for it before freeing the sessions the job runs on.
+      void running.catch(() => undefined).then(() => Promise.allSettled([
         engine.close(),
         ...[...controlNets.values()].map(async (c) => (await c.loading).release()),
         ...[...runners.values()].map((r) => r.runner.release()),
@@ -269,7 +272,7 @@ port.on('message', (msg: ToWorker) => {
           const { detector, poseNet } = await p.loading;
           await Promise.all([detector.release(), poseNet.release()]);
         }),
-      ]).finally(() => port.close());
+      ])).finally(() => port.close());
       break;
   }
 });
