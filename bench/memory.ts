@@ -4,20 +4,21 @@
  * of malformed requests (tools/hostile/: broken JSON and HTTP, wrong types, huge strings, PNG
  * bombs, bad CRCs, APNG, many-file uploads, tampered URLs, no key, unknown routes, absolute-form
  * targets), with a valid image now and then, and slowloris connections (a request or upload
- * sent but for its end, then a byte a second) opened through it. It prints the server's RSS after warm-up, at every
- * tenth of the batch and at the end, and its peak; the target is an end RSS within 1.5x of the
- * warm-up one and flat over the last half.
+ * sent but for its end, then a byte a second) opened through it. It prints the server's RSS
+ * after warm-up, at every tenth of the batch and at the end, its peak, and its RSS once no slow
+ * peer is left (the server cuts them, or this closes them 30 s after the batch); the target is
+ * an end RSS within 1.5x of the warm-up one and flat over the last half.
  *
  *   npm run bench:memory -- [--requests 10000] [--concurrency 8] [--valid-every 200]
  *                           [--slow 200] [--fixture sdxl [--channels 8] | --model NAME|DIR] [--valid-size 256x256]
- *                           [--seed 1] [--only REGEX] [--serve-arg ARG ...]
+ *                           [--seed 1] [--only REGEX] [--log FILE] [--serve-arg ARG ...]
  *
  * The server runs in its own process so that its RSS is its own, not the load generator's.
  */
 import { parseArgs } from 'node:util';
 import os from 'node:os';
 import { spawn } from 'node:child_process';
-import { mkdtempSync, mkdirSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
+import { createWriteStream, mkdtempSync, mkdirSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import sharp from 'sharp';
@@ -39,6 +40,7 @@ const { values: args } = parseArgs({
     seed: { type: 'string', default: '1' },
     only: { type: 'string' },
     slow: { type: 'string', default: '200' },
+    log: { type: 'string' },
     'serve-arg': { type: 'string', multiple: true, default: [] },
   },
 });
@@ -96,8 +98,23 @@ async function main(): Promise<void> {
     { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, KILN_API_KEYS: '' } },
   );
   let logBytes = 0;
-  child.stdout.on('data', (c: Buffer) => (logBytes += c.length));
+  // The last lines of its output, to show if it dies.
+  let tail = '';
+  const keep = (c: Buffer) => (tail = (tail + c.toString()).slice(-6000));
+  const logFile = args.log ? createWriteStream(args.log) : undefined;
+  child.stdout.on('data', (c: Buffer) => {
+    logBytes += c.length;
+    keep(c);
+    logFile?.write(c);
+  });
+  child.stderr.on('data', keep);
+  let finished = false;
   const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+  void exited.then((code) => {
+    if (finished) return;
+    process.stderr.write(`bench:memory: kiln serve exited (${code}) during the run; its last output:\n${tail}\n`);
+    process.exit(1);
+  });
   const base = await new Promise<string>((resolveUrl, reject) => {
     let err = '';
     child.stderr.on('data', (c: Buffer) => {
@@ -156,6 +173,7 @@ async function main(): Promise<void> {
 
   const statuses = new Map<string, number>();
   const unexpected: string[] = [];
+  const slowest: [number, string][] = [];
   const run = async (count: number, source: Generator<HostileRequest>, validEvery: number, onSent?: (sent: number) => Promise<void>) => {
     let sent = 0;
     let checkpoint = Promise.resolve();
@@ -165,13 +183,18 @@ async function main(): Promise<void> {
           const n = ++sent;
           const r = validEvery > 0 && n % validEvery === 0 ? (n % (2 * validEvery) === 0 ? validEdit() : validGeneration()) : source.next().value!;
           let key: string;
+          const t0 = performance.now();
           try {
-            const a = await sendHostile(base, r, 60_000);
+            // Its number as the request id, to find it in the server's log (--log).
+            const a = await sendHostile(base, r.raw === undefined ? { ...r, headers: { 'x-request-id': `bench-${n}`, ...r.headers } } : r, 60_000);
+            slowest.push([performance.now() - t0, `${r.label} (${a.status})`]);
+            if (slowest.length > 50) slowest.sort((x, y) => y[0] - x[0]).splice(10);
             key = String(a.status);
             const valid = r.label.startsWith('valid');
             if (valid ? a.status !== 200 : a.status >= 500 || a.status < 400) unexpected.push(`${r.label}: ${a.status} ${a.body.slice(0, 120)}`);
           } catch (err) {
             key = `error ${(err as Error).cause ? String((err as { cause: { code?: string } }).cause.code) : (err as Error).name}`;
+            unexpected.push(`${r.label} (bench-${n}): ${key}`);
           }
           statuses.set(key, (statuses.get(key) ?? 0) + 1);
           if (onSent) {
@@ -193,6 +216,7 @@ async function main(): Promise<void> {
   await run(warmCount, warmRound, 0);
   statuses.clear();
   unexpected.length = 0;
+  slowest.length = 0;
 
   const samples: Sample[] = [];
   const sample = async (sent: number) => {
@@ -215,11 +239,19 @@ async function main(): Promise<void> {
   await sample(total);
   const peak = procMemory(child.pid!)?.peak;
   const slowOpen = slow.filter((c) => c.closedAt === undefined).length;
+  // Then the same server once no slow peer is left: those the server has not cut within 30 s
+  // more are closed here.
+  const gone = performance.now() + 30_000;
+  while (slow.some((c) => c.closedAt === undefined) && performance.now() < gone) await new Promise((r) => setTimeout(r, 250));
+  const slowLeft = slow.filter((c) => c.closedAt === undefined).length;
   const slowAges = slow.filter((c) => c.closedByServer).map((c) => (c.closedAt! - c.openedAt) / 1000).sort((a, b) => a - b);
   const slowStatuses = new Map<string, number>();
   for (const c of slow.filter((c) => c.closedByServer)) slowStatuses.set(`${c.kind}:${c.status}`, (slowStatuses.get(`${c.kind}:${c.status}`) ?? 0) + 1);
   for (const c of slow) c.close();
+  await new Promise((r) => setTimeout(r, 1000));
+  const peerless = slowCount > 0 ? await serverMemory(base).then((m) => ({ ...m, rss: procMemory(child.pid!)?.rss ?? m.rss })) : undefined;
 
+  finished = true;
   child.kill('SIGTERM');
   await exited;
   rmSync(home, { recursive: true, force: true });
@@ -242,15 +274,21 @@ async function main(): Promise<void> {
     `requests: ${total} in ${wallS.toFixed(1)} s (${(total / wallS).toFixed(0)}/s); statuses ${[...statuses].sort().map(([s, n]) => `${s}x${n}`).join(' ')}; server log ${mib(logBytes)}`,
     ...(slowCount > 0
       ? [
-          `slow connections (1 byte/s): ${slow.length} opened, ${slowAges.length} closed by the server` +
+          `slow connections (1 byte/s): ${slow.length} opened, ${slowOpen} still open at the end of the batch; ${slowAges.length} closed by the server` +
             (slowAges.length ? ` after ${slowAges[0]!.toFixed(1)}-${slowAges[slowAges.length - 1]!.toFixed(1)} s (median ${slowAges[slowAges.length >> 1]!.toFixed(1)} s; ${[...slowStatuses].sort().map(([k, n]) => `${k}x${n}`).join(' ')})` : '') +
-            `, ${slowOpen} still open at the end`,
+            (slowLeft ? `, ${slowLeft} not within 30 s after the batch` : ''),
         ]
       : []),
-    ...(unexpected.length ? [`unexpected answers (${unexpected.length}): ${unexpected.slice(0, 5).join(' | ')}`] : []),
+    `slowest answers: ${slowest.sort((x, y) => y[0] - x[0]).slice(0, 5).map(([ms, l]) => `${l} ${(ms / 1000).toFixed(1)} s`).join(', ')}`,
+    ...(unexpected.length ? [`unexpected answers (${unexpected.length}): ${[...new Set(unexpected)].slice(0, 8).join(" | ")}`] : []),
     'sent      RSS       heap used  external',
     ...samples.map((s) => `${String(s.sent).padEnd(9)} ${mib(s.rss).padEnd(9)} ${mib(s.heapUsed).padEnd(10)} ${mib(s.external)}`),
     `RSS after warm-up ${mib(warm.rss)}, at the middle (${middle.sent}) ${mib(middle.rss)}, at the end ${mib(end.rss)}` + (peak ? `, peak ${mib(peak)}` : ''),
+    ...(peerless
+      ? [
+          `with no slow peer left (${slowLeft ? `${slowLeft} closed by the bench after 30 s` : 'all cut by the server'}): RSS ${mib(peerless.rss)}, heap used ${mib(peerless.heapUsed)}, external ${mib(peerless.external)}`,
+        ]
+      : []),
     `end / warm-up ${(end.rss / warm.rss).toFixed(2)}x (target <= 1.5x); last half ${end.rss >= middle.rss ? '+' : ''}${(((end.rss - middle.rss) / middle.rss) * 100).toFixed(1)}% (target: flat)`,
     `reproduce: ${command}`,
   ];

@@ -69,8 +69,10 @@ export interface ServerOptions {
   maxUploadPixels?: number;
   /** Most images per edit request (default 16). */
   maxUploadFiles?: number;
-  /** Upload bytes all requests together may hold; past it an edit answers 503 (default 256 MiB). */
+  /** Request-body and upload bytes all requests together may hold; past it a request answers 503 (default 256 MiB). */
   maxUploadMemory?: number;
+  /** Of those, the bytes of bodies still arriving (default 64 MiB, at most maxUploadMemory); past it: 503. */
+  maxIncomingMemory?: number;
   /** How often expired images are deleted (default: a quarter of the TTL, between 0.5 and 15 s). */
   sweepIntervalMs?: number;
   /** Load the default model in the workers at start (default true). */
@@ -195,10 +197,21 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
     metrics.httpRequests.inc({ method: request.method, route, status: String(reply.statusCode) });
     metrics.httpDuration.observe({ method: request.method, route }, reply.elapsedTime / 1000);
   });
+  // An answer sent before its request's body was read to the end (an early error in a form, a
+  // refused upload) leaves the rest paused in a parser, and the connection would never get to
+  // its next request: read and discard it, as Node does for bodies nobody reads.
+  app.addHook('onResponse', async (request) => {
+    const raw = request.raw;
+    if (!raw.complete && !raw.destroyed) {
+      raw.unpipe();
+      raw.resume();
+    }
+  });
   setErrorHandlers(app, metrics);
 
   const images = createImagesService({ queue, store, signer, models, home, ttlMs, requestTimeoutMs, publicUrl: () => publicBase });
-  const budget = new UploadBudget(options.maxUploadMemory ?? 256 * 1024 * 1024);
+  const maxUploadMemory = options.maxUploadMemory ?? 256 * 1024 * 1024;
+  const budget = new UploadBudget(maxUploadMemory, Math.min(options.maxIncomingMemory ?? 64 * 1024 * 1024, maxUploadMemory));
   await app.register(imageRoutes, { images, limits, maxFiles, budget });
   await app.register(fileRoutes, { store, signer });
   await app.register(modelRoutes, { models });

@@ -1,19 +1,28 @@
 /**
- * The shared upload budget: the bytes an edit request uploaded stay counted until its job is done;
- * another request whose files would go past the budget gets a 503 (retry later) in the envelope,
- * and the budget is free again once the first request has its answer.
+ * The shared upload budgets: the bytes an edit request uploaded stay counted until its job is done,
+ * and the bytes of bodies still arriving against a smaller cap; another request that would go past
+ * either gets a 503 (retry later) in the envelope, and the budget is free again once the first
+ * request has its answer. A request refused before its body was read does not wedge its connection.
  */
 import test from 'node:test';
 import assert from 'node:assert/strict';
+import { connect } from 'node:net';
 import { toFile } from 'openai';
 import { rgbPng, startTestServer } from './helpers.js';
 import { createRng } from '../../src/engine/rng.js';
+import { multipartBody } from '../../tools/hostile/requests.js';
+
+/** Noise does not compress: a 128x128 PNG is ~49 kB. */
+async function noisyPng(): Promise<Buffer> {
+  const rng = createRng(1);
+  const png = await rgbPng(128, 128, () => [0, 1, 2].map(() => Math.floor(rng.uniform() * 256)) as [number, number, number]);
+  assert.ok(png.length > 45_000 && png.length < 80_000, String(png.length));
+  return png;
+}
 
 test('edits past the shared upload budget answer 503 uploads_busy while another holds it; freed afterwards', async () => {
-  // Noise does not compress: a 128x128 PNG is ~49 kB; two of them exceed an 80 kB budget.
-  const rng = createRng(1);
-  const noisy = await rgbPng(128, 128, () => [0, 1, 2].map(() => Math.floor(rng.uniform() * 256)) as [number, number, number]);
-  assert.ok(noisy.length > 45_000 && noisy.length < 80_000, String(noisy.length));
+  // Two ~49 kB uploads exceed an 80 kB budget.
+  const noisy = await noisyPng();
   const t = await startTestServer({ models: { 'kiln-tiny-xl': { variant: 'sdxl', options: { channels: 64 } } }, maxUploadMemory: 80_000 });
   try {
     const client = t.client();
@@ -49,6 +58,55 @@ test('edits past the shared upload budget answer 503 uploads_busy while another 
 
     await slow;
     await edit({ image: await image(), steps: 2 });
+  } finally {
+    await t.close();
+  }
+});
+
+test('a request refused before its body was read leaves the keep-alive connection usable', async () => {
+  const t = await startTestServer({ maxUploadMemory: 200_000 });
+  try {
+    const u = new URL(t.url);
+    const big = Buffer.alloc(600_000, 7);
+    const cases: [string, string, Buffer][] = [];
+    const unknownField = multipartBody([{ name: 'picture', filename: 'a.png', data: big }, { name: 'prompt', data: 'x' }]);
+    cases.push(['a file field it does not take, before the rest of the form', unknownField.type, unknownField.body]);
+    const overBudget = multipartBody([{ name: 'prompt', data: 'x' }, { name: 'image', filename: 'a.png', type: 'image/png', data: big }]);
+    cases.push(['an upload past the budget', overBudget.type, overBudget.body]);
+    cases.push(['a JSON body past the budget', 'application/json', Buffer.from(JSON.stringify({ prompt: 'x', pad: 'p'.repeat(600_000) }))]);
+    for (const [label, type, body] of cases) {
+      const path = type.startsWith('multipart') ? '/v1/images/edits' : '/v1/images/generations';
+      const request = Buffer.concat([Buffer.from(`POST ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: ${type}\r\nContent-Length: ${body.length}\r\n\r\n`), body]);
+      // Both requests at once on one connection: the second is answered only if the rest of the
+      // first's body was read; else the server must at least close the connection (as Fastify
+      // does after a body it could not parse), never leave it open and deaf.
+      const outcome = await new Promise<{ data: string; closed: boolean }>((resolve) => {
+        const socket = connect(Number(u.port), u.hostname);
+        let data = '';
+        const done = (closed: boolean) => {
+          clearTimeout(timer);
+          socket.destroy();
+          resolve({ data, closed });
+        };
+        const timer = setTimeout(() => done(false), 5_000);
+        socket.on('data', (c) => {
+          data += c.toString('latin1');
+          if ((data.match(/HTTP\/1\.1 \d{3}/g) ?? []).length >= 2 && data.endsWith('}')) done(false);
+        });
+        socket.on('close', () => done(true));
+        socket.on('error', () => {});
+        socket.write(request);
+        socket.write('GET /health HTTP/1.1\r\nHost: x\r\n\r\n');
+      });
+      const statuses = outcome.data.match(/HTTP\/1\.1 \d{3}/g) ?? [];
+      assert.match(statuses[0] ?? '', /HTTP\/1\.1 (4\d\d|503)/, label);
+      if (statuses.length < 2) {
+        assert.ok(outcome.closed, `${label}: the connection was left open with the next request unanswered`);
+        assert.match(outcome.data, /\r\nconnection: close\r\n/i, `${label}: closed without saying so`);
+      } else {
+        assert.equal(statuses[1], 'HTTP/1.1 200', label);
+      }
+    }
   } finally {
     await t.close();
   }

@@ -395,7 +395,8 @@ export function openSlowConnection(
       Buffer.from(`POST /v1/images/${kind === 'upload' ? 'edits' : 'generations'} HTTP/1.1\r\nHost: ${u.host}\r\n${auth}Content-Type: ${type}\r\nContent-Length: ${body.length}\r\n\r\n`),
       body.subarray(0, cut),
     ]);
-    rest = body.subarray(cut);
+    // A copy: a view would keep the whole body alive as long as this connection object.
+    rest = Buffer.from(body.subarray(cut));
   }
   const socket = connect(Number(u.port), u.hostname);
   let received = '';
@@ -409,7 +410,7 @@ export function openSlowConnection(
       return conn.closedAt !== undefined && !closedHere;
     },
     close() {
-      closedHere = true;
+      if (conn.closedAt === undefined) closedHere = true;
       clearInterval(timer);
       socket.destroy();
     },
