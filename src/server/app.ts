@@ -26,7 +26,7 @@ import { LocalDiskStore } from '../store/local.js';
 import type { ImageStore } from '../store/types.js';
 import { addApiKeyAuth } from './auth.js';
 import { EnginePool } from './engine-pool.js';
-import { clientErrorHandler, frameworkErrors, setErrorHandlers } from './error-handlers.js';
+import { answerAndClose, clientErrorHandler, frameworkErrors, setErrorHandlers } from './error-handlers.js';
 import { ApiError } from './errors.js';
 import { createImagesService } from './images-service.js';
 import { createMetrics, type Metrics } from './metrics.js';
@@ -37,6 +37,7 @@ import { UploadBudget } from './upload-budget.js';
 import { modelRoutes } from './routes/models.js';
 import { opsRoutes } from './routes/ops.js';
 import { loadOrCreateSecret, UrlSigner } from './signing.js';
+import { BodyRateGuard, connectionsCheckingInterval, DEFAULT_SLOW_CLIENT_LIMITS, type SlowClientLimits } from './slow-clients.js';
 import type { UploadLimits } from './uploads.js';
 
 export interface ServerOptions {
@@ -73,6 +74,14 @@ export interface ServerOptions {
   maxUploadMemory?: number;
   /** Of those, the bytes of bodies still arriving (default 64 MiB, at most maxUploadMemory); past it: 503. */
   maxIncomingMemory?: number;
+  /** The header block must arrive within this of the request's first byte (default 10 s); past it: 408. */
+  headersTimeoutMs?: number;
+  /** The whole request, body included, must arrive within this (default 2 min); past it: 408. */
+  bodyTimeoutMs?: number;
+  /** While a body arrives, each window must bring at least this many bytes per second (default 1024; 0: no check); else 408. */
+  minBodyRate?: number;
+  /** The window the body rate is measured over (default 10 s). */
+  bodyRateWindowMs?: number;
   /** How often expired images are deleted (default: a quarter of the TTL, between 0.5 and 15 s). */
   sweepIntervalMs?: number;
   /** Load the default model in the workers at start (default true). */
@@ -142,8 +151,24 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   const signer = new UrlSigner(loadOrCreateSecret(join(home, 'secret')));
   const metrics = createMetrics(queue);
 
+  const bodyTimeoutMs = options.bodyTimeoutMs ?? DEFAULT_SLOW_CLIENT_LIMITS.bodyTimeoutMs;
+  const slow: SlowClientLimits = {
+    bodyTimeoutMs,
+    // Node refuses a header deadline past the whole request's.
+    headersTimeoutMs: Math.min(options.headersTimeoutMs ?? DEFAULT_SLOW_CLIENT_LIMITS.headersTimeoutMs, bodyTimeoutMs),
+    minBodyRate: options.minBodyRate ?? DEFAULT_SLOW_CLIENT_LIMITS.minBodyRate,
+    bodyRateWindowMs: options.bodyRateWindowMs ?? DEFAULT_SLOW_CLIENT_LIMITS.bodyRateWindowMs,
+  };
+
   const app = Fastify({
     loggerInstance: logger as FastifyBaseLogger,
+    // Fastify's default (0) would let a request take forever to arrive.
+    requestTimeout: slow.bodyTimeoutMs,
+    http: {
+      headersTimeout: slow.headersTimeoutMs,
+      requestTimeout: slow.bodyTimeoutMs,
+      connectionsCheckingInterval: connectionsCheckingInterval(slow),
+    },
     requestIdHeader: false,
     genReqId: (req) => {
       const given = req.headers['x-request-id'];
@@ -184,8 +209,14 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   let listenUrl = '';
   let publicBase = options.publicUrl?.replace(/\/+$/, '') ?? '';
 
+  const rateGuard = new BodyRateGuard(slow, (request, socket) => {
+    logger.info({ method: request.method, url: request.url?.slice(0, 200), minBodyRate: slow.minBodyRate }, 'request body too slow: connection closed');
+    answerAndClose(socket, 408, 'Request Timeout', `The request body arrived slower than ${slow.minBodyRate} bytes per second.`, 'request_timeout');
+  });
+
   // Hooks and handlers on the root instance reach every route plugin below, and unknown routes.
   app.addHook('onRequest', async (request, reply) => {
+    rateGuard.track(request.raw);
     reply.header('x-request-id', request.id);
     if (closing) {
       throw new ApiError(503, 'The server is shutting down.', null, 'shutting_down', { headers: { 'x-should-retry': 'true' } });
@@ -199,7 +230,8 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   });
   // An answer sent before its request's body was read to the end (an early error in a form, a
   // refused upload) leaves the rest paused in a parser, and the connection would never get to
-  // its next request: read and discard it, as Node does for bodies nobody reads.
+  // its next request: read and discard it, as Node does for bodies nobody reads (the slow-client
+  // limits bound how long that may take).
   app.addHook('onResponse', async (request) => {
     const raw = request.raw;
     if (!raw.complete && !raw.destroyed) {
@@ -264,6 +296,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
         clearTimeout(grace);
         app.server.closeAllConnections();
         await appClosed;
+        rateGuard.close();
         await runner.close();
         await store.close();
       })();

@@ -2,7 +2,8 @@
  * The shared upload budgets: the bytes an edit request uploaded stay counted until its job is done,
  * and the bytes of bodies still arriving against a smaller cap; another request that would go past
  * either gets a 503 (retry later) in the envelope, and the budget is free again once the first
- * request has its answer. A request refused before its body was read does not wedge its connection.
+ * request has its answer (or a stalled one is cut). A request refused before its body was read
+ * does not wedge its connection.
  */
 import test from 'node:test';
 import assert from 'node:assert/strict';
@@ -10,7 +11,7 @@ import { connect } from 'node:net';
 import { toFile } from 'openai';
 import { rgbPng, startTestServer } from './helpers.js';
 import { createRng } from '../../src/engine/rng.js';
-import { multipartBody } from '../../tools/hostile/requests.js';
+import { multipartBody, openSlowConnection } from '../../tools/hostile/requests.js';
 
 /** Noise does not compress: a 128x128 PNG is ~49 kB. */
 async function noisyPng(): Promise<Buffer> {
@@ -58,6 +59,47 @@ test('edits past the shared upload budget answer 503 uploads_busy while another 
 
     await slow;
     await edit({ image: await image(), steps: 2 });
+  } finally {
+    await t.close();
+  }
+});
+
+test('an upload that stalls is counted for what it sent: others past the incoming cap get 503 until the stalled one is cut', async () => {
+  const noisy = await noisyPng();
+  // The slow-client window is short here, so the stalled upload is cut within a second or so.
+  const t = await startTestServer({ maxUploadMemory: 1_000_000, maxIncomingMemory: 300_000, minBodyRate: 1024, bodyRateWindowMs: 600 });
+  try {
+    const stalled = openSlowConnection(t.url, 'upload', { uploadBytes: 280_000, dribbleMs: 1000 });
+    const edit = () => {
+      const form = new FormData();
+      form.append('prompt', 'a fox');
+      form.append('size', '256x256');
+      form.append('steps', '1');
+      form.append('response_format', 'b64_json');
+      form.append('image', new Blob([noisy], { type: 'image/png' }), 'noise.png');
+      return fetch(`${t.baseURL}/images/edits`, { method: 'POST', body: form });
+    };
+    // Wait until the server has the stalled upload's bytes: the next edit does not fit beside them.
+    let busy: Response | undefined;
+    for (let i = 0; i < 100 && !busy; i++) {
+      const res = await edit();
+      if (res.status === 503) busy = res;
+      else await res.arrayBuffer();
+    }
+    assert.ok(busy, 'no edit was refused while the stalled upload was held');
+    assert.equal(busy.headers.get('retry-after'), '2');
+    const body = (await busy.json()) as any;
+    assert.equal(body.error.code, 'uploads_busy');
+    assert.match(body.error.message, /receiving its limit of 300000 bytes/);
+    assert.equal(stalled.closedAt, undefined, 'the stalled upload is still open');
+
+    // The slow-client limit cuts it (408), which frees its bytes.
+    for (let i = 0; i < 100 && stalled.closedAt === undefined; i++) await new Promise((r) => setTimeout(r, 50));
+    assert.equal(stalled.status, 408);
+    const after = await edit();
+    assert.equal(after.status, 200, await after.text());
+    await after.arrayBuffer().catch(() => {});
+    stalled.close();
   } finally {
     await t.close();
   }
