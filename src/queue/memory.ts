@@ -2,6 +2,7 @@
  * The in-process queue: a bounded FIFO in front of a JobRunner's slots. Waiting jobs live in
  * memory; a cancelled waiting job is simply dropped, a cancelled running one is aborted through
  * its AbortSignal (the engine stops at its next step) and keeps its runner slot until it has.
+ * On close, waiting jobs are cancelled at once and running ones get until the deadline.
  */
 import { EventEmitter } from 'node:events';
 import { randomBytes } from 'node:crypto';
@@ -113,6 +114,9 @@ export class InProcessQueue implements JobQueue {
 
   async close(deadlineMs: number): Promise<void> {
     this.closed = true;
+    const reason = () => new JobCancelledError('the server is shutting down; retry on another server or after the restart', 'shutdown');
+    // Waiting jobs are answered now, so that their clients can go elsewhere at once.
+    for (const job of [...this.waiting]) job.cancel(reason());
     if (this.isIdle()) return;
     let timer: NodeJS.Timeout | undefined;
     const deadline = new Promise<'deadline'>((resolve) => {
@@ -121,9 +125,7 @@ export class InProcessQueue implements JobQueue {
     const outcome = await Promise.race([this.whenIdle(), deadline]);
     clearTimeout(timer);
     if (outcome === 'deadline') {
-      const reason = () => new JobCancelledError('the server shut down before the image was ready', 'shutdown');
-      for (const job of [...this.waiting]) job.cancel(reason());
-      for (const job of [...this.running]) job.cancel(reason());
+      for (const job of [...this.running]) job.cancel(new JobCancelledError('the server shut down before the image was ready', 'shutdown'));
       // Running jobs stop at their next step; the runner's own close() bounds a stuck one.
       await Promise.race([this.whenIdle(), new Promise((r) => setTimeout(r, 5_000).unref())]);
     }

@@ -89,8 +89,9 @@ export interface JobQueue {
   /** Emits 'finished' (handle, outcome, durations) for metrics. */
   readonly events: EventEmitter<QueueEvents>;
   /**
-   * Stops accepting jobs, lets queued and running ones finish for up to `deadlineMs`, then
-   * cancels what is left (JobCancelledError with a shutdown reason). Resolves when none is left.
+   * Stops accepting jobs and cancels the queued ones at once; lets running ones finish for up to
+   * `deadlineMs`, then cancels them too (JobCancelledError with a shutdown reason). Resolves
+   * when none is left.
    */
   close(deadlineMs: number): Promise<void>;
 }

@@ -27,7 +27,7 @@ import type { ImageStore } from '../store/types.js';
 import { addApiKeyAuth } from './auth.js';
 import { EnginePool } from './engine-pool.js';
 import { answerAndClose, clientErrorHandler, frameworkErrors, setErrorHandlers } from './error-handlers.js';
-import { ApiError } from './errors.js';
+import { ApiError, SHUTTING_DOWN_HEADERS } from './errors.js';
 import { createImagesService } from './images-service.js';
 import { createMetrics, type Metrics } from './metrics.js';
 import { createModelCatalog } from './model-catalog.js';
@@ -104,7 +104,7 @@ export interface KilnServer {
   /** The base image URLs are built on. */
   readonly publicUrl: string;
   listen(): Promise<string>;
-  /** Graceful: stop accepting, let jobs finish until the shutdown deadline, cancel the rest. */
+  /** Graceful: stop accepting, answer queued jobs 503 at once, let running ones finish until the shutdown deadline, cancel the rest. */
   close(): Promise<void>;
 }
 
@@ -219,7 +219,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
     rateGuard.track(request.raw);
     reply.header('x-request-id', request.id);
     if (closing) {
-      throw new ApiError(503, 'The server is shutting down.', null, 'shutting_down', { headers: { 'x-should-retry': 'true' } });
+      throw new ApiError(503, 'The server is shutting down.', null, 'shutting_down', { headers: { ...SHUTTING_DOWN_HEADERS } });
     }
   });
   addApiKeyAuth(app, options.apiKeys ?? []);
@@ -288,7 +288,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
         closing = true;
         // Stop listening and drop idle keep-alive connections now; requests in flight go on.
         const appClosed = app.close();
-        // Jobs finish until the deadline, then are cancelled (their requests answer 503).
+        // Queued jobs are cancelled now, running ones finish until the deadline (their requests answer 503 otherwise).
         await queue.close(shutdownTimeoutMs);
         // Responses still being written (a client that stopped reading) get a short grace.
         let grace: NodeJS.Timeout | undefined;

@@ -83,6 +83,9 @@ function fromFastify(err: { code?: string; statusCode?: number; message: string 
   return undefined;
 }
 
+/** What a request refused or cancelled by a shutdown carries: retry soon (elsewhere, or after the restart). */
+export const SHUTTING_DOWN_HEADERS: Readonly<Record<string, string>> = { 'retry-after': '5', 'x-should-retry': 'true' };
+
 /** Maps anything thrown while serving a request to the API error to send. */
 export function toApiError(err: unknown): ApiError {
   if (err instanceof ApiError) return err;
@@ -100,13 +103,13 @@ export function toApiError(err: unknown): ApiError {
     });
   }
   if (err instanceof QueueClosedError) {
-    return new ApiError(503, err.message, null, 'shutting_down', { headers: { 'retry-after': '5', 'x-should-retry': 'true' } });
+    return new ApiError(503, err.message, null, 'shutting_down', { headers: { ...SHUTTING_DOWN_HEADERS } });
   }
   if (err instanceof JobTimeoutError) {
     return new ApiError(504, err.message, null, 'timeout', { headers: { 'x-should-retry': 'false' } });
   }
   if (err instanceof JobCancelledError && err.reason === 'shutdown') {
-    return new ApiError(503, err.message, null, 'shutting_down', { headers: { 'x-should-retry': 'true' } });
+    return new ApiError(503, err.message, null, 'shutting_down', { headers: { ...SHUTTING_DOWN_HEADERS } });
   }
   if (err instanceof JobCancelledError || err instanceof GenerationCancelledError) {
     return new ApiError(503, 'The generation was cancelled.', null, 'cancelled', { headers: { 'x-should-retry': 'false' } });

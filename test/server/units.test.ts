@@ -108,15 +108,23 @@ describe('InProcessQueue', () => {
     assert.equal(outcome, 'timeout');
   });
 
-  test('close: refuses new jobs, waits for running ones, cancels them past the deadline', async () => {
+  test('close: refuses new jobs, cancels queued ones at once, waits for running ones, cancels them past the deadline', async () => {
     const runner = new FakeRunner(1);
-    const q = new InProcessQueue(runner, { maxQueued: 1 });
+    const q = new InProcessQueue(runner, { maxQueued: 2 });
     const a = q.submit(spec('a'));
+    const queued = [q.submit(spec('q1')), q.submit(spec('q2'))];
     const closing = q.close(5_000);
     assert.throws(() => q.submit(spec('x')), QueueClosedError);
+    // The queued ones are answered before the running one is done, and never start.
+    for (const job of queued) {
+      await assert.rejects(job.result, (e: unknown) => e instanceof JobCancelledError && e.reason === 'shutdown');
+      assert.equal(job.state, 'cancelled');
+    }
+    assert.equal(a.state, 'running');
     setTimeout(() => runner.started[0]!.finish(), 30);
     await closing;
     assert.equal((await a.result).bytes.toString(), 'a');
+    assert.equal(runner.started.length, 1);
 
     const runner2 = new FakeRunner(1);
     const q2 = new InProcessQueue(runner2, { maxQueued: 1 });
