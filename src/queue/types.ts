@@ -84,7 +84,7 @@ export interface JobQueue {
   /** Throws QueueFullError when `maxQueued` jobs wait already, QueueClosedError after close(). */
   submit(spec: JobSpec, options?: SubmitOptions): JobHandle;
   stats(): QueueStats;
-  /** A rough wait in seconds for a new job (for `retry-after`). */
+  /** A rough wait in seconds for a new job (for `retry-after`): what the jobs ahead of it still need. */
   estimatedWaitSeconds(): number;
   /** Emits 'finished' (handle, outcome, durations) for metrics. */
   readonly events: EventEmitter<QueueEvents>;

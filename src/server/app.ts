@@ -13,13 +13,15 @@
  * JobQueue and ImageStore interfaces (src/queue, src/store).
  */
 import { randomBytes } from 'node:crypto';
+import { readdirSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import multipart from '@fastify/multipart';
 import swagger from '@fastify/swagger';
 import { pino, type Logger } from 'pino';
-import { modelSearchDirs } from '../engine/locate.js';
+import { locateModel, modelSearchDirs } from '../engine/locate.js';
 import type { Device } from '../engine/onnx.js';
+import { priorMsPerStepMp } from '../queue/estimate.js';
 import { InProcessQueue } from '../queue/memory.js';
 import type { JobQueue, JobRunner } from '../queue/types.js';
 import { LocalDiskStore } from '../store/local.js';
@@ -116,6 +118,16 @@ function makeLogger(option: Logger | string | undefined): Logger {
   return pino({ level: option ?? 'info', base: { service: 'kiln' } });
 }
 
+/** Bytes of a model's UNet on disk (every file of unet/, external weights included); undefined when unknown. */
+function unetBytes(model: string, searchDirs: string[]): number | undefined {
+  try {
+    const dir = join(locateModel(model, searchDirs), 'unet');
+    return readdirSync(dir).reduce((sum, name) => sum + statSync(join(dir, name)).size, 0);
+  } catch {
+    return undefined; // not installed, or a layout without unet/: the default prior
+  }
+}
+
 function formatHost(host: string): string {
   return host.includes(':') ? `[${host}]` : host;
 }
@@ -131,16 +143,24 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   const logger = makeLogger(options.logger);
   const models = createModelCatalog(searchDirs, options.defaultModel);
 
+  const device = options.device ?? 'cpu';
   const runner =
     options.runner ??
     new EnginePool({
       size: options.workers ?? 1,
       searchDirs,
-      device: options.device ?? 'cpu',
+      device,
       env: { ...process.env, KILN_HOME: home },
       onEvent: (e) => (e.type === 'crash' || e.error ? logger.error({ err: e.error }, e.message) : logger.info(e.message)),
     });
-  const queue = options.queue ?? new InProcessQueue(runner, { maxQueued: options.maxQueue ?? 16 });
+  // retry-after before any job is measured: a guess from the size of the model's UNet (read once per model).
+  const priors = new Map<string, number>();
+  const prior = (model: string) => {
+    let ms = priors.get(model);
+    if (ms === undefined) priors.set(model, (ms = priorMsPerStepMp(unetBytes(model, searchDirs), device)));
+    return ms;
+  };
+  const queue = options.queue ?? new InProcessQueue(runner, { maxQueued: options.maxQueue ?? 16, priorMsPerStepMp: (spec) => prior(spec.model) });
   const store: ImageStore =
     options.store ??
     new LocalDiskStore({
