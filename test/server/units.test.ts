@@ -270,6 +270,10 @@ describe('signing', () => {
       }
       assert.ok(!signer.verify(key, expires, ''));
       assert.ok(!signer.verify(key, '-1', sig));
+      // Only the canonical spelling of the expiry: the same number written otherwise is refused.
+      for (const other of [`0${expires}`, `00${expires}`, `+${expires}`, ` ${expires}`, `${expires}.0`, `${expires}e0`]) {
+        assert.ok(!signer.verify(key, other, sig), other);
+      }
       assert.ok(!new UrlSigner(Buffer.alloc(32, 1)).verify(key, expires, sig), 'another secret');
     } finally {
       rmSync(dir, { recursive: true, force: true });
