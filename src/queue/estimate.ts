@@ -68,14 +68,15 @@ export class RunTimeEstimator {
 
 /**
  * A prior from the model's size, before anything is measured: milliseconds per step and
- * megapixel from the bytes of its UNet. Calibrated on 2 CPU cores, where it grows with the
- * square root of the size (a 64 kB test UNet ~300 ms, the 6 MB kiln-tiny ones ~1.4 s measured,
- * 2.9 s here), which puts SDXL's 10 GB fp32 UNet near 2 minutes, as its compute suggests. A GPU
- * is taken as ~500x faster, with a floor for small models (kernel launches). Rough on purpose:
- * the first denoising steps measured replace it.
+ * megapixel from the bytes of its UNet. On 2 CPU cores it grows about with the square root of
+ * the size (measured: a 64 kB test UNet 100-340 ms, a 2 MB one 170-980 ms, the 6 MB kiln-tiny
+ * ones 1.1-1.7 s, depending on the load), which puts SDXL's 10 GB fp32 UNet near a minute. A GPU
+ * is taken as ~500x faster, with a floor for small models (kernel launches). Rough on purpose,
+ * and on the low side (a client that retries early is told again; one told to wait too long
+ * waits for nothing): the first denoising steps measured replace it.
  */
 export function priorMsPerStepMp(unetBytes: number | undefined, device: 'cpu' | 'cuda'): number {
   if (!unetBytes || !(unetBytes > 0)) return DEFAULT_MS_PER_STEP_MP;
-  const cpu = 300 * Math.sqrt(Math.max(1, unetBytes / 65_536));
+  const cpu = 150 * Math.sqrt(Math.max(1, unetBytes / 65_536));
   return device === 'cuda' ? Math.max(20, cpu / 500) : cpu;
 }
