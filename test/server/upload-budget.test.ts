@@ -120,8 +120,7 @@ test('a request refused before its body was read leaves the keep-alive connectio
       const path = type.startsWith('multipart') ? '/v1/images/edits' : '/v1/images/generations';
       const request = Buffer.concat([Buffer.from(`POST ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: ${type}\r\nContent-Length: ${body.length}\r\n\r\n`), body]);
       // Both requests at once on one connection: the second is answered only if the rest of the
-      // first's body was read; else the server must at least close the connection (as Fastify
-      // does after a body it could not parse), never leave it open and deaf.
+      // first's body was read (a connection left open and deaf would time out here).
       const outcome = await new Promise<{ data: string; closed: boolean }>((resolve) => {
         const socket = connect(Number(u.port), u.hostname);
         let data = '';
@@ -142,12 +141,7 @@ test('a request refused before its body was read leaves the keep-alive connectio
       });
       const statuses = outcome.data.match(/HTTP\/1\.1 \d{3}/g) ?? [];
       assert.match(statuses[0] ?? '', /HTTP\/1\.1 (4\d\d|503)/, label);
-      if (statuses.length < 2) {
-        assert.ok(outcome.closed, `${label}: the connection was left open with the next request unanswered`);
-        assert.match(outcome.data, /\r\nconnection: close\r\n/i, `${label}: closed without saying so`);
-      } else {
-        assert.equal(statuses[1], 'HTTP/1.1 200', label);
-      }
+      assert.equal(statuses[1], 'HTTP/1.1 200', `${label}: the next request on the connection was not answered (${outcome.closed ? 'closed' : 'left open'})`);
     }
   } finally {
     await t.close();

@@ -149,10 +149,18 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
       preParsing: async (request, reply, payload) => {
         const hold = budget.holder();
         reply.raw.once('close', () => hold.release());
+        // A declared length is taken at once: refused here, the answer keeps the connection
+        // (Fastify closes it after a refusal while parsing), and the body is read and dropped.
+        const declared = Number(request.headers['content-length']);
+        const reserved = declared > 0 && declared <= request.routeOptions.bodyLimit ? declared : 0;
+        if (reserved) hold.take(reserved);
+        let seen = 0;
         const counted = new Transform({
           transform(chunk: Buffer, _encoding, done) {
             try {
-              hold.take(chunk.length);
+              const beyond = Math.max(0, seen + chunk.length - Math.max(seen, reserved));
+              seen += chunk.length;
+              if (beyond) hold.take(beyond);
               done(null, chunk);
             } catch (err) {
               done(err as Error);
