@@ -93,6 +93,9 @@ export function redactPaths(message: string): string {
   return message.replace(path, (_, before: string, dirs: string, last: string) => before + (last || dirs.split('/').at(-2)!));
 }
 
+/** What a request refused or cancelled by a shutdown carries: retry soon (elsewhere, or after the restart). */
+export const SHUTTING_DOWN_HEADERS: Readonly<Record<string, string>> = { 'retry-after': '5', 'x-should-retry': 'true' };
+
 /** Maps anything thrown while serving a request to the API error to send. */
 export function toApiError(err: unknown): ApiError {
   if (err instanceof ApiError) return err;
@@ -110,13 +113,13 @@ export function toApiError(err: unknown): ApiError {
     });
   }
   if (err instanceof QueueClosedError) {
-    return new ApiError(503, err.message, null, 'shutting_down', { headers: { 'retry-after': '5', 'x-should-retry': 'true' } });
+    return new ApiError(503, err.message, null, 'shutting_down', { headers: { ...SHUTTING_DOWN_HEADERS } });
   }
   if (err instanceof JobTimeoutError) {
     return new ApiError(504, err.message, null, 'timeout', { headers: { 'x-should-retry': 'false' } });
   }
   if (err instanceof JobCancelledError && err.reason === 'shutdown') {
-    return new ApiError(503, err.message, null, 'shutting_down', { headers: { 'x-should-retry': 'true' } });
+    return new ApiError(503, err.message, null, 'shutting_down', { headers: { ...SHUTTING_DOWN_HEADERS } });
   }
   if (err instanceof JobCancelledError || err instanceof GenerationCancelledError) {
     return new ApiError(503, 'The generation was cancelled.', null, 'cancelled', { headers: { 'x-should-retry': 'false' } });

@@ -3,6 +3,8 @@
  * the request, call the images service, reply. The schemas document the API (OpenAPI);
  * validation is params.ts and uploads.ts, which answer in OpenAI's shape.
  */
+import { Transform } from 'node:stream';
+import type { MultipartFile } from '@fastify/multipart';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { checkMaskMatchesImage } from '../../engine/inpaint.js';
 import { ApiError } from '../errors.js';
@@ -16,7 +18,7 @@ export interface ImageRoutesOptions {
   limits: UploadLimits;
   /** Most images per edit request. */
   maxFiles: number;
-  /** Upload bytes all requests may hold at once. */
+  /** Request-body and upload bytes all requests may hold at once. */
   budget: UploadBudget;
   /** What `n` means (the seed, or the number of images). */
   nMeaning: NMeaning;
@@ -67,8 +69,23 @@ function send<T>(reply: FastifyReply, result: { headers: Record<string, string>;
   return result.body;
 }
 
+/**
+ * Reads one uploaded file, counting every chunk against the shared budget as it arrives: a
+ * client that sends most of a file and then stalls holds budget, not uncounted memory.
+ */
+async function readFilePart(part: MultipartFile, param: 'image' | 'mask', hold: UploadHold, maxBytes: number): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of part.file as AsyncIterable<Buffer>) {
+    hold.take(chunk.length);
+    chunks.push(chunk);
+  }
+  // Busboy stops at the per-file limit and marks the stream truncated.
+  if (part.file.truncated) throw new ApiError(413, `'${param}' is larger than ${maxBytes} bytes.`, param, 'file_too_large');
+  return Buffer.concat(chunks);
+}
+
 /** The edit form's text fields (repeated ones as arrays), its images and its mask; ApiError for anything else. */
-async function readEditForm(request: FastifyRequest, maxFiles: number, hold: UploadHold) {
+async function readEditForm(request: FastifyRequest, maxFiles: number, maxBytes: number, hold: UploadHold) {
   const fields: Record<string, string | string[]> = {};
   const images: Buffer[] = [];
   let mask: Buffer | undefined;
@@ -78,12 +95,9 @@ async function readEditForm(request: FastifyRequest, maxFiles: number, hold: Upl
       if (part.type === 'file') {
         if (name === 'image' || name === 'image[]') {
           if (images.length >= maxFiles) throw new ApiError(400, `At most ${maxFiles} images per request.`, 'image', 'too_many_files');
-          const image = await part.toBuffer();
-          hold.take(image.length);
-          images.push(image);
+          images.push(await readFilePart(part, 'image', hold, maxBytes));
         } else if (name === 'mask') {
-          mask = await part.toBuffer();
-          hold.take(mask.length);
+          mask = await readFilePart(part, 'mask', hold, maxBytes);
         } else {
           throw new ApiError(400, `Unexpected file field '${name.slice(0, 64)}'; files go in 'image' (or 'image[]') and 'mask'.`, name.slice(0, 64), 'invalid_field');
         }
@@ -93,6 +107,8 @@ async function readEditForm(request: FastifyRequest, maxFiles: number, hold: Upl
         }
         if (part.valueTruncated) throw new ApiError(413, `Form field '${name.slice(0, 64)}' is too long.`, name.slice(0, 64), 'field_too_large');
         const value = String(part.value);
+        // Fields are held until the request is done, like files.
+        hold.take(value.length);
         const prev = fields[name];
         fields[name] = prev === undefined ? value : Array.isArray(prev) ? [...prev, value] : [prev, value];
       }
@@ -145,6 +161,41 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
         body: paramsSchema('generations', 'json'),
         response: imagesResponseSchema,
         security: [{ bearer: [] }],
+      },
+      // A JSON body is counted against the shared budgets as it arrives (its parsed form is held until the answer).
+      preParsing: async (request, reply, payload) => {
+        const hold = budget.holder();
+        reply.raw.once('close', () => hold.release());
+        // A declared length is taken at once: refused here, the answer keeps the connection
+        // (Fastify closes it after a refusal while parsing), and the body is read and dropped.
+        const declared = Number(request.headers['content-length']);
+        const reserved = declared > 0 && declared <= request.routeOptions.bodyLimit ? declared : 0;
+        if (reserved) hold.take(reserved);
+        let seen = 0;
+        const counted = new Transform({
+          transform(chunk: Buffer, _encoding, done) {
+            try {
+              const beyond = Math.max(0, seen + chunk.length - Math.max(seen, reserved));
+              seen += chunk.length;
+              if (beyond) hold.take(beyond);
+              done(null, chunk);
+            } catch (err) {
+              done(err as Error);
+            }
+          },
+          flush(done) {
+            hold.arrived();
+            done();
+          },
+        });
+        // Bytes flow only once Fastify reads (it resumes the stream with its listeners on), so a
+        // refusal reaches it as an error instead of being emitted before anyone listens.
+        counted.once('resume', () => payload.pipe(counted));
+        // pipe() does not pass errors on: an aborted client must end the parse too. After a 413
+        // on Content-Length Fastify never reads, and nothing may then go unhandled.
+        payload.once('error', (err) => counted.destroy(err));
+        counted.on('error', () => {});
+        return counted;
       },
       preValidation: async (request) => {
         const type = String(request.headers['content-type'] ?? '').split(';')[0]!.trim().toLowerCase();
@@ -205,7 +256,8 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
       // The uploaded bytes stay held (and counted) until the job is done and the reply is built.
       const hold = budget.holder();
       try {
-        const form = await readEditForm(request, maxFiles, hold);
+        const form = await readEditForm(request, maxFiles, limits.maxBytes, hold);
+        hold.arrived();
         const params = readParams(form.fields, 'edits', 'form', nMeaning);
         const upload = await checkEditUpload(form, params, limits);
         return send(reply, await images.edit(caller(request, reply), params, upload));
