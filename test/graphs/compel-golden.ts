@@ -43,10 +43,15 @@ export interface CompelCase {
   id: string;
   key_prefix: string;
   encoder_set: EncoderSet;
-  prompt: string | { positive: string; negative: string };
+  /** Absent for the pair, which has `positive` and `negative`. */
+  prompt?: string;
+  positive?: string;
+  negative?: string;
   options: { truncate_long_prompts: boolean };
-  parsed_fragments: { text: string; weight: number }[][];
-  token_ids: Record<string, number[] | Record<string, number[]>>;
+  parsed_fragments?: { text: string; weight: number }[][];
+  parsed_fragments_positive?: { text: string; weight: number }[];
+  parsed_fragments_negative?: { text: string; weight: number }[];
+  token_ids: Record<string, number[]>;
   events: CompelEvent[];
   outputs: Record<string, { key: string; shape: number[] }>;
 }
@@ -101,4 +106,13 @@ export function compelFolder(set: EncoderSet): string {
     symlinkSync(join(COMPEL_GOLDEN_DIR, `text_encoder${n}`), join(dir, `text_encoder${n}`));
   }
   return dir;
+}
+
+/** The prompts of a case in compel's call order (the pair: positive, negative), with compel's parse of each. */
+export function casePrompts(c: CompelCase): { prompt: string; fragments: { text: string; weight: number }[] }[] {
+  if (c.prompt !== undefined) return [{ prompt: c.prompt, fragments: c.parsed_fragments![0] ?? [] }];
+  return [
+    { prompt: c.positive!, fragments: c.parsed_fragments_positive! },
+    { prompt: c.negative!, fragments: c.parsed_fragments_negative! },
+  ];
 }
