@@ -1,5 +1,5 @@
 /**
- * `kiln convert SRC --out DIR [--dtype fp32|fp16]`: a diffusers folder with safetensors weights
+ * `kiln convert SRC --out DIR [--dtype fp32|fp16] [--attention-mask]`: a diffusers folder with safetensors weights
  * -> the diffusers ONNX layout (the graphs Kiln builds itself), with a progress bar per component.
  */
 import { existsSync, readdirSync } from 'node:fs';
@@ -44,6 +44,7 @@ export class BuildProgress {
 export interface ConvertFlags {
   out: string;
   dtype: GraphDtype;
+  attentionMask?: boolean;
 }
 
 export function convertCommand(src: string, flags: ConvertFlags): void {
@@ -56,7 +57,7 @@ export function convertCommand(src: string, flags: ConvertFlags): void {
   const progress = new BuildProgress();
   const started = performance.now();
   try {
-    const result = convertPipeline(from, out, { dtype: flags.dtype, onProgress: progress.handle });
+    const result = convertPipeline(from, out, { dtype: flags.dtype, textAttentionMask: flags.attentionMask ?? false, onProgress: progress.handle });
     progress.stop();
     for (const c of result.components) {
       const copied = c.stats.copiedFiles.length ? `, ${c.stats.copiedFiles.length} file(s) copied (no hard link across filesystems)` : '';
@@ -77,5 +78,6 @@ export function registerConvertCommand(program: Command): void {
     .argument('<src>', 'diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, ...)')
     .requiredOption('-o, --out <dir>', 'output folder (created; must be empty)')
     .addOption(new Option('--dtype <dtype>', 'graph precision (fp16 keeps norms and softmax in fp32, and the SDXL VAE)').choices(['fp32', 'fp16']).default('fp32'))
+    .option('--attention-mask', 'text encoders also take attention_mask (exact compel down-weighting in Kiln; consumers that feed input_ids alone cannot run them)')
     .action(convertCommand);
 }

@@ -22,6 +22,12 @@ export type GraphDtype = 'fp32' | 'fp16';
 
 export interface ConvertOptions {
   dtype?: GraphDtype;
+  /**
+   * Text encoders also take `attention_mask` (compel's down-weighting masks tokens with it,
+   * engine/weighting.ts). Off by default: the contract's encoders take `input_ids` alone, which is
+   * all other ONNX consumers feed. Kiln's own cache builds turn it on.
+   */
+  textAttentionMask?: boolean;
   /** Called as weights are written: the component, bytes done and bytes in all for that component. */
   onProgress?: (event: { component: string; done: number; total: number }) => void;
 }
@@ -43,6 +49,9 @@ interface ComponentPlan {
 
 const CLIP_TEXT = ['CLIPTextModel', 'CLIPTextModelWithProjection'];
 
+const buildTextEncoder = (attentionMask: boolean, withProjection?: boolean) => (g: GraphBuilder, config: Record<string, unknown>, p: Params) =>
+  void buildClipText(g, config, p, { attentionMask, withProjection });
+
 const COMPONENTS: ComponentPlan[] = [
   { source: 'text_encoder', target: 'text_encoder', build: buildClipText, classes: CLIP_TEXT },
   { source: 'text_encoder_2', target: 'text_encoder_2', build: buildClipText, classes: CLIP_TEXT },
@@ -51,6 +60,8 @@ const COMPONENTS: ComponentPlan[] = [
   { source: 'vae', target: 'vae_encoder', build: buildVaeEncoder, fp32: (c) => c.force_upcast === true, classes: ['AutoencoderKL'] },
   { source: 'vae', target: 'vae_decoder', build: buildVaeDecoder, fp32: (c) => c.force_upcast === true, classes: ['AutoencoderKL'] },
 ];
+
+const CLIP_TEXT_SOURCES = ['text_encoder', 'text_encoder_2'];
 
 /** Refuses a config whose class is not the one the page builds (a ControlNet in unet/, say). */
 export function checkClass(config: Record<string, unknown>, classes: readonly string[], component: string, path: string): void {
@@ -131,7 +142,8 @@ export function buildComponent(
  */
 export function convertPipeline(src: string, out: string, options: ConvertOptions = {}): ConvertResult {
   if (!existsSync(join(src, 'model_index.json'))) throw new ModelLoadError(`${src} has no model_index.json: not a diffusers pipeline folder`, src);
-  const planned = componentsOf(src).map((plan) => {
+  const planned = componentsOf(src).map((component) => {
+    const plan = CLIP_TEXT_SOURCES.includes(component.source) ? { ...component, build: buildTextEncoder(options.textAttentionMask ?? false) } : component;
     const from = join(src, plan.source);
     const config = readConfig(join(from, 'config.json'), plan.source);
     checkClass(config, plan.classes, plan.source, join(from, 'config.json'));
@@ -154,4 +166,19 @@ export function convertPipeline(src: string, out: string, options: ConvertOption
     result.components.push({ name: plan.target, ...written });
   }
   return result;
+}
+
+/**
+ * Converts one transformers text-encoder folder (`config.json` and safetensors weights) into
+ * `out/model.onnx` beside a copy of its config. `withProjection` overrides what config.json's
+ * `architectures` says (configs written without it, as tiny test models are).
+ */
+export function convertTextEncoder(src: string, out: string, options: ConvertOptions & { withProjection?: boolean; component?: string } = {}): ConvertResult {
+  const component = options.component ?? 'text_encoder';
+  const config = readConfig(join(src, 'config.json'), component);
+  checkClass(config, CLIP_TEXT, component, join(src, 'config.json'));
+  const built = buildGraph({ build: buildTextEncoder(options.textAttentionMask ?? false, options.withProjection) }, component, config, componentWeights(src, component), options);
+  const written = writeBuiltGraph(built, out, options);
+  writeFileSync(join(out, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
+  return { components: [{ name: component, ...written }] };
 }
