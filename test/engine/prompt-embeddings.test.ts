@@ -8,7 +8,7 @@
  * Two deliberate exceptions, in README's Prompts section: Block Entropy's `photorealistic(1.5)` and
  * A1111's `(ball:1.2)`. compel reads both as literal text; Kiln weights them (1.5 and 1.2), so they
  * are checked against compel's output for the same weights in compel's syntax
- * (`fixtures/compel-extra.*`, tools/compel-oracle/extra.py). Encoders without an attention_mask
+ * (`fixtures/compel-extra.*`, tools/oracle/compel_extra.py). Encoders without an attention_mask
  * input take compel's DownweightMode.REMOVE, checked against compel in that mode.
  */
 import { after, before, test, type TestContext } from 'node:test';

@@ -5,7 +5,7 @@
 
 Run in the oracle environment (../../../shared/oracle/README.md) with compel v2.3.1's src/ on PYTHONPATH:
   source ../shared/oracle/env.sh SRC_DIR; PYTHONPATH=$PYTHONPATH:COMPEL_SRC \
-  /usr/bin/python3 tools/compel-oracle/extra.py ../shared/data/compel-golden test/engine/fixtures
+  /usr/bin/python3 tools/oracle/compel_extra.py ../shared/data/compel-golden test/engine/fixtures
 The golden tokenizer folders hold configs only; their vocabulary is tools/data/clip-tokenizer.
 This machine's torch differs from the golden set's by up to ~1e-6 (CPU kernels); the drift is recorded.
 """
