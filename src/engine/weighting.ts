@@ -21,6 +21,10 @@
  *  5. compel's quirks are kept: truncated, a fragment starting past the 75 kept ids is dropped with
  *     its weight, and a down-weighted fragment cut by the limit masks the EOS too; chunked, a mask
  *     never covers a chunk's first or last position.
+ *
+ * One bound compel does not have: the extra passes of one prompt encode at most MAX_EXTRA_ROWS
+ * rows (a 4000-character prompt can hold hundreds of down-weighted fragments, each a pass, and in
+ * REMOVE mode each pass re-encodes every chunk). Fragments past it keep step 3's weighting only.
  */
 import type { ClipTokenizer } from './tokenizer.js';
 import type { WeightedFragment } from './prompt-weights.js';
@@ -31,7 +35,12 @@ export interface WeightingOptions {
   /** Cut to one 77-token row (compel's default) rather than chunking long prompts. */
   truncate: boolean;
   downweight: DownweightMode;
+  /** Encoder rows the down-weighting passes may add (default MAX_EXTRA_ROWS). */
+  maxExtraRows?: number;
 }
+
+/** Rows the passes of one prompt may add: far beyond any hand-written prompt, bounded for a server. */
+export const MAX_EXTRA_ROWS = 48;
 
 /** A fragment as token ids, with its weight (a double, as the parser gives it). */
 export interface TokenFragment {
@@ -164,10 +173,13 @@ export function planWeighting(tokenizer: ClipTokenizer, fragments: readonly Toke
   const base = layoutChunks(tokenizer, fragments, options.truncate);
   const S = tokenizer.modelMaxLength;
   const passes: DownweightPass[] = [];
-  fragments.forEach((f, k) => {
+  let budget = options.maxExtraRows ?? MAX_EXTRA_ROWS;
+  for (const [k, f] of fragments.entries()) {
     const range = base.ranges[k];
-    if (!range || !(f.weight < 1)) return;
+    if (!range || !(f.weight < 1)) continue;
     const lerp = Math.tan((1 - Math.max(1e-5, f.weight)) * (Math.PI / 2));
+    let pass: DownweightPass;
+    let rows: number;
     if (options.downweight === 'mask') {
       const mask = new Int32Array(base.ids.length).fill(1);
       mask.fill(0, range[0], range[1] + 1);
@@ -177,13 +189,18 @@ export function planWeighting(tokenizer: ClipTokenizer, fragments: readonly Toke
           mask[c * S + S - 1] = 1;
         }
       }
-      passes.push({ fragment: k, mask, lerp });
+      pass = { fragment: k, mask, lerp };
+      rows = Math.floor(range[1] / S) - Math.floor(range[0] / S) + 1;
     } else {
       // compel re-tokenizes the remaining fragments as they are (not merged again).
       const rest = fragments.filter((_, i) => i !== k);
-      passes.push({ fragment: k, layout: layoutChunks(tokenizer, rest, options.truncate), lerp });
+      pass = { fragment: k, layout: layoutChunks(tokenizer, rest, options.truncate), lerp };
+      rows = pass.layout!.chunks;
     }
-  });
+    if (rows > budget) break;
+    budget -= rows;
+    passes.push(pass);
+  }
   const t = Float32Array.from([1, ...passes.map((p) => p.lerp)]);
   let sum = 0;
   for (const v of t) sum = Math.fround(sum + v);
@@ -280,13 +297,19 @@ export async function runPlans(
     return out;
   };
   const results = plans.map((plan, i) => {
-    const weighted = [applyWeights(gather(indices[i]!.base), empty, plan.base.weights, dim)];
+    const base = applyWeights(gather(indices[i]!.base), empty, plan.base.weights, dim);
+    if (plan.passes.length === 0) return blendPasses([base], plan.blend);
+    // Σ n_k·W_k accumulated pass by pass (the same float32 sums, in the same order, as blendPasses).
+    const acc = new Float32Array(base.length);
+    const n0 = plan.blend[0]!;
+    for (let j = 0; j < acc.length; j++) acc[j] = Math.fround(base[j]! * n0);
     plan.passes.forEach((p, k) => {
       // A remove pass can chunk differently: it is fitted to the base's length with empty-prompt rows.
-      const w = applyWeights(gather(indices[i]!.passes[k]!), empty, (p.layout ?? plan.base).weights, dim);
-      weighted.push(fitChunks(w, empty, plan.base.chunks));
+      const w = fitChunks(applyWeights(gather(indices[i]!.passes[k]!), empty, (p.layout ?? plan.base).weights, dim), empty, plan.base.chunks);
+      const nk = plan.blend[k + 1]!;
+      for (let j = 0; j < acc.length; j++) acc[j] = Math.fround(acc[j]! + Math.fround(w[j]! * nk));
     });
-    return blendPasses(weighted, plan.blend);
+    return acc;
   });
   return { results, empty, dim };
 }

@@ -9,7 +9,8 @@ import { before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { loadClipTokenizer, type ClipTokenizer } from '../../src/engine/tokenizer.js';
-import { applyWeights, blendPasses, layoutChunks, planWeighting, runPlans, tokenFragments, type EncoderRow, type WeightingPlan } from '../../src/engine/weighting.js';
+import { parsePromptWeights } from '../../src/engine/prompt-weights.js';
+import { applyWeights, blendPasses, layoutChunks, MAX_EXTRA_ROWS, planWeighting, runPlans, tokenFragments, type EncoderRow, type WeightingPlan } from '../../src/engine/weighting.js';
 import { casePrompts, compelCases, compelFolder, compelTensor, type CompelEvent, type EncoderCall, type LerpEvent, type WeightedEvent } from '../graphs/compel-golden.js';
 
 const tokenizers: Record<string, ClipTokenizer> = {};
@@ -153,4 +154,26 @@ test('chunking splits at the last sentence end, then phrase end, then word end',
   assert.deepEqual(chunksOf(`${words(20)}. ${words(20)}, ${words(40)}`), [21, 61]);
   // Truncated: one row whatever the length.
   assert.equal(layoutChunks(tok, tokenFragments(tok, [{ text: words(200), weight: 1 }]), true).chunks, 1);
+});
+
+test('the extra passes of one prompt are bounded: hundreds of down-weighted fragments encode at most MAX_EXTRA_ROWS more rows', async () => {
+  const tok = tokenizers.text_encoder!;
+  // 4000 characters of `cat- dog cat-- dog ...`: 421 fragments below 1, 12 chunks.
+  const prompt = Array.from({ length: 800 }, (_, i) => `cat${'-'.repeat(1 + (i % 2))} dog`).join(' ').slice(0, 4000);
+  const fragments = tokenFragments(tok, parsePromptWeights(prompt));
+  const down = fragments.filter((f) => f.weight < 1).length;
+  assert.ok(down > 400, `${down} fragments below 1`);
+  for (const downweight of ['mask', 'remove'] as const) {
+    const plan = planWeighting(tok, fragments, { truncate: false, downweight });
+    assert.ok(plan.base.chunks > 10, `${plan.base.chunks} chunks`);
+    assert.ok(plan.passes.length >= 1 && plan.passes.length <= MAX_EXTRA_ROWS, `${downweight}: ${plan.passes.length} passes`);
+    let encoded = 0;
+    await runPlans(tok, [plan], async (rows) => {
+      encoded = rows.length;
+      return { data: new Float32Array(rows.length * 77 * 4).fill(0.5), dim: 4 };
+    });
+    assert.ok(encoded <= 1 + plan.base.chunks + MAX_EXTRA_ROWS, `${downweight}: ${encoded} rows`);
+    // The budget is used: it stops only when the next pass would not fit.
+    assert.ok(encoded > 1 + plan.base.chunks + MAX_EXTRA_ROWS - (downweight === 'remove' ? plan.base.chunks + 1 : 2), `${downweight}: ${encoded} rows`);
+  }
 });
