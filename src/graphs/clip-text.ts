@@ -13,8 +13,14 @@
  * causal mask adds float32's lowest value (not -inf) above the diagonal.
  *
  * Graph I/O (onnx-model-contracts.md §2.1/2.2): `input_ids` int64 [batch, sequence] (sequence at
- * most max_position_embeddings); outputs `last_hidden_state`, `pooler_output` (or `text_embeds`
- * first, without `pooler_output`), then `hidden_states.0` … `hidden_states.L`.
+ * most max_position_embeddings), and with the `attentionMask` option `attention_mask` int64
+ * [batch, sequence]; outputs `last_hidden_state`, `pooler_output` (or `text_embeds` first, without
+ * `pooler_output`), then `hidden_states.0` … `hidden_states.L`.
+ *
+ * attention_mask is transformers' padding mask: a key whose mask is not 1 gets float32's lowest
+ * value added to its scores, on top of the causal mask (two lowests make -inf, as in torch). An
+ * all-ones mask adds 0, so the outputs are bit-identical to the graph without the input. compel's
+ * down-weighting (conditioning.ts) masks tokens this way.
  */
 import { clipConfigReader, clipEncoderLayer, type ClipActivation } from './clip-encoder.js';
 import type { GraphBuilder } from './onnx-builder.js';
@@ -26,6 +32,8 @@ export interface ClipTextOptions {
   withProjection?: boolean;
   /** Expose `hidden_states.0..L` (default true; SDXL reads the penultimate one). */
   hiddenStates?: boolean;
+  /** Take an `attention_mask` input after `input_ids` (default false: the contract's single input). */
+  attentionMask?: boolean;
 }
 
 export interface ClipTextConfig {
@@ -78,6 +86,7 @@ export function buildClipText(g: GraphBuilder, config: Record<string, unknown>, 
   const tm = p.at('text_model');
 
   const ids = g.input('input_ids', 'int64', ['batch', 'sequence']);
+  const padMask = options.attentionMask ? g.input('attention_mask', 'int64', ['batch', 'sequence']) : undefined;
   const pooledName = withProjection ? 'text_embeds' : 'pooler_output';
   const pooledDim = withProjection ? c.projectionDim : D;
   // Declaration order is the output order the contract gives.
@@ -101,10 +110,20 @@ export function buildClipText(g: GraphBuilder, config: Record<string, unknown>, 
   });
 
   // Causal mask [S, S]: 0 on and below the diagonal, float32's lowest value above it.
-  const mask = g.scope('causal_mask', () => {
+  const causal = g.scope('causal_mask', () => {
     const full = g.op('Expand', [g.constF32([FLOAT32_LOWEST], []), g.op('Concat', [seqLen, seqLen], { axis: 0 })]);
     return g.op('Trilu', [full, g.constI64([1], [])], { upper: 1 });
   });
+  // Padding mask [B, 1, 1, S] (0 where attention_mask is 1, else float32's lowest) added to the
+  // causal one: [B, 1, S, S]. Adding both at once gives torch's two additions bit for bit, since
+  // one of each pair of summands is 0 or both are the lowest value (-inf either way).
+  const mask = !padMask
+    ? causal
+    : g.scope('attention_mask', () => {
+        const keep = g.op('Equal', [padMask, g.constI64([1], [])]);
+        const add = g.op('Where', [keep, g.constF32([0], []), g.constF32([FLOAT32_LOWEST], [])]);
+        return g.op('Add', [causal, g.op('Unsqueeze', [add, g.constI64([1, 2])])]);
+      });
 
   for (let i = 0; i < c.layers; i++) {
     x = g.scope(`layers.${i}`, () => clipEncoderLayer(g, tm.at(`encoder.layers.${i}`), x, c, mask, hiddenNames[i + 1]));

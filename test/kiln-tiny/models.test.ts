@@ -79,3 +79,22 @@ test('kiln serve with only the built-in models: kiln-tiny-xl is the default; 512
     await t.close();
   }
 });
+
+test('kiln-tiny: a weight below 1 takes the word out of the picture (compel\'s rule, REMOVE mode on its ONNX encoder)', async () => {
+  const model = await DiffusionModel.load(locateModel('kiln-tiny', [builtinModelsDir()]), { device: 'cpu' });
+  try {
+    const base = { seed: 7, size: '256x256', steps: 12 };
+    const draw = async (prompt: string) => (await generate(model, { ...base, prompt })).image.pixels;
+    const plain = await draw('a large red circle at the left on a blue background');
+    const change = (pixels: ArrayLike<number>) => {
+      let sum = 0;
+      for (let i = 0; i < pixels.length; i++) sum += Math.abs(pixels[i]! - plain[i]!);
+      return sum / pixels.length;
+    };
+    assert.deepEqual(await draw('a large (red)1.0 circle at the left on a blue background'), plain);
+    const down = change(await draw('a large (red)0.1 circle at the left on a blue background'));
+    assert.ok(down > 5, `weight 0.1 changed pixels by ${down.toFixed(2)} of 255`);
+  } finally {
+    await model.release();
+  }
+});
