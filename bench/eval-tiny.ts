@@ -8,8 +8,10 @@
  *        [--schedulers euler,euler_a,ddim,dpmpp_2m,unipc] [--size 256x256] [--quality smooth]
  *        [--guidance G] [--failures DIR]
  *
- * Every scheduler sees the same pairs. `--failures DIR` writes the images that missed an
- * attribute as PNGs named after what was asked and what was seen.
+ * Every scheduler sees the same pairs. `--size` is the requested (output) size, 256x256 by
+ * default; a model whose kiln.json declares `native_size` denoises at that size and resizes (the
+ * table says so). `--failures DIR` writes the images that missed an attribute as PNGs named after
+ * what was asked and what was seen.
  */
 import { parseArgs } from 'node:util';
 import { mkdirSync, writeFileSync } from 'node:fs';
@@ -18,7 +20,7 @@ import path from 'node:path';
 import sharp from 'sharp';
 import cliProgress from 'cli-progress';
 import { DiffusionModel } from '../src/engine/model.js';
-import { generate } from '../src/engine/pipeline.js';
+import { denoiseSize, generate, resolveModelSize } from '../src/engine/pipeline.js';
 import { locateModel } from '../src/engine/locate.js';
 import { median } from './stats.js';
 import {
@@ -48,11 +50,16 @@ async function main(): Promise<void> {
   const rows: string[] = [];
   const header = `${'model'.padEnd(14)}${'scheduler'.padEnd(10)}${ATTRIBUTES.map((a) => a.padStart(7)).join('')}   images  ms/image  bar`;
   let allPass = true;
+  const denoised: string[] = [];
   for (const name of models) {
     const model = await DiffusionModel.load(locateModel(name), { device: 'cpu' });
+    const output = resolveModelSize(model, { size: args.size });
+    const work = denoiseSize(model, output);
+    denoised.push(`${name} ${work.width === output.width && work.height === output.height ? 'at that size' : `at ${work.width}x${work.height} (kiln.json native_size), resized`}`);
     const total = emptyTally();
-    const times: number[] = [];
+    const allTimes: number[] = [];
     for (const scheduler of schedulers) {
+      const times: number[] = [];
       const tally = emptyTally();
       const bar = new cliProgress.SingleBar(
         { format: `${name} ${scheduler.padEnd(9)} [{bar}] {value}/{total} {duration}s`, hideCursor: true },
@@ -66,6 +73,10 @@ async function main(): Promise<void> {
           prompt: pair.caption, seed, size: args.size, quality: args.quality, scheduler, guidanceScale,
         });
         times.push(performance.now() - t0);
+        allTimes.push(times.at(-1)!);
+        if (r.image.width !== output.width || r.image.height !== output.height) {
+          throw new Error(`${name} returned ${r.image.width}x${r.image.height} for ${args.size}`);
+        }
         const scored = scoreImage(r.image.pixels, r.image.width, r.image.height);
         tallyImage(total, pair, scored);
         const wrong = tallyImage(tally, pair, scored);
@@ -84,11 +95,12 @@ async function main(): Promise<void> {
       rows.push(`${name.padEnd(14)}${scheduler.padEnd(10)}${ATTRIBUTES.map((a) => pct(acc[a]).padStart(7)).join('')}   ${String(pairs.length).padStart(6)}  ${median(times).toFixed(0).padStart(8)}  ${pass ? 'pass' : 'FAIL'}`);
     }
     const acc = accuracy(total);
-    rows.push(`${name.padEnd(14)}${'(all)'.padEnd(10)}${ATTRIBUTES.map((a) => pct(acc[a]).padStart(7)).join('')}   ${String(pairs.length * schedulers.length).padStart(6)}  ${median(times).toFixed(0).padStart(8)}`);
+    rows.push(`${name.padEnd(14)}${'(all)'.padEnd(10)}${ATTRIBUTES.map((a) => pct(acc[a]).padStart(7)).join('')}   ${String(pairs.length * schedulers.length).padStart(6)}  ${median(allTimes).toFixed(0).padStart(8)}`);
     await model.release();
   }
-  console.log(`\nkiln-tiny accuracy (% of images whose caption states the attribute), ${args.size}, quality ${args.quality}` +
+  console.log(`\nkiln-tiny accuracy (% of images whose caption states the attribute), size ${args.size}, quality ${args.quality}` +
     `${guidanceScale === undefined ? '' : `, guidance ${guidanceScale}`}, ${pairs.length} (caption, seed) pairs from seed ${args.seed}`);
+  console.log(`denoised: ${denoised.join('; ')}`);
   console.log(header);
   for (const r of rows) console.log(r);
   console.log(`bar: ${Object.entries(ACCURACY_BAR).map(([a, v]) => `${a} >= ${100 * v!}%`).join(', ')}: ${allPass ? 'every row passes' : 'NOT MET'}`);

@@ -40,7 +40,7 @@ import { GraphBuilder } from '../src/graphs/onnx-builder.js';
 import { REFERENCE_MODELS, SD15_UNET, SD_VAE, SDXL_BASE_UNET, type ReferenceModel } from '../src/graphs/reference-configs.js';
 import { buildUnet } from '../src/graphs/unet.js';
 import { buildVaeDecoder, buildVaeEncoder } from '../src/graphs/vae.js';
-import { componentWeights, Params, RandomWeights, type WeightEntry, type WeightSource } from '../src/graphs/weights.js';
+import { componentWeights, Params, RandomWeights, RecordingWeights } from '../src/graphs/weights.js';
 import { writeGraph } from '../src/graphs/write.js';
 import { median } from './stats.js';
 
@@ -287,23 +287,6 @@ async function kilnServePhase(): Promise<void> {
 // ---------------------------------------------------------------------------------------------
 // Phase: SDXL-sized conversion (child process)
 
-/** Records every weight a page asks for (the shapes of a real checkpoint of that config). */
-class ShapeRecorder implements WeightSource {
-  readonly location = 'shape recorder';
-  readonly shapes = new Map<string, number[]>();
-  constructor(readonly component: string) {}
-  lookup(key: string, shape: readonly number[]): WeightEntry {
-    this.shapes.set(key, [...shape]);
-    return { shape: [...shape], dtype: 'F32', source: { kind: 'values', values: () => new Float32Array(0) } };
-  }
-  has(): boolean {
-    return true;
-  }
-  keys(): string[] {
-    return [];
-  }
-}
-
 /**
  * Streams a safetensors file of random fp16 values (|x| in [2^-6, 2^-2)) one chunk at a time,
  * never holding more than a few MB: the file is as large as a real SDXL fp16 UNet.
@@ -370,7 +353,8 @@ interface ConversionResult {
 }
 
 async function conversionPhase(): Promise<ConversionResult> {
-  const recorder = new ShapeRecorder('unet');
+  // The shapes of a real checkpoint of this config (the recorded graph is never written: no values are made).
+  const recorder = new RecordingWeights('unet');
   buildUnet(new GraphBuilder('unet'), { ...SDXL_BASE_UNET }, Params.of(new GraphBuilder('unet'), recorder));
   const root = mkdtempSync(join(os.tmpdir(), 'kiln-bench-sdxl-conversion-'));
   try {

@@ -34,7 +34,7 @@ import { GraphBuilder } from '../src/graphs/onnx-builder.js';
 import { SD15_UNET } from '../src/graphs/reference-configs.js';
 import { writeSafetensors, type TensorToWrite } from '../src/graphs/safetensors.js';
 import { buildUnet } from '../src/graphs/unet.js';
-import { Params, RandomWeights, type WeightEntry, type WeightSource } from '../src/graphs/weights.js';
+import { Params, RecordingWeights, type WeightEntry, type WeightSource } from '../src/graphs/weights.js';
 import { writeGraph } from '../src/graphs/write.js';
 
 const SELF = fileURLToPath(import.meta.url);
@@ -88,24 +88,6 @@ function sessionCosts(models: string[], runs: number): SessionCost[] {
   return best;
 }
 
-/** Records every weight the UNet page asks for (random values), to write the graph and plan the LoRA. */
-class Recording implements WeightSource {
-  readonly component = 'unet';
-  readonly location = 'random weights';
-  readonly shapes = new Map<string, number[]>();
-  private readonly random = new RandomWeights('unet');
-  lookup(key: string, shape: readonly number[]): WeightEntry {
-    this.shapes.set(key, [...shape]);
-    return this.random.lookup(key, shape);
-  }
-  has(): boolean {
-    return true;
-  }
-  keys(): string[] {
-    return [];
-  }
-}
-
 /** Zeros of the recorded shapes: the JS fuse timed without the cost of reading base weights. */
 class Zeros implements WeightSource {
   readonly component = 'unet';
@@ -132,7 +114,8 @@ try {
   const rank = Number(args.rank);
   console.log(`host: ${os.cpus().length} cores, load ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}; ORT threads ${threads}; rank ${rank}`);
   let t = performance.now();
-  const rec = new Recording();
+  // Every weight the UNet page asks for (random values), to write the graph and plan the LoRA.
+  const rec = new RecordingWeights('unet');
   const g = new GraphBuilder('unet');
   buildUnet(g, SD15_UNET as Record<string, unknown>, Params.of(g, rec));
   const unetDir = join(dir, 'unet');

@@ -1,6 +1,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { join } from 'node:path';
 import { parsePromptWeights, MAX_PROMPT_WEIGHT, type WeightedFragment } from '../src/engine/prompt-weights.js';
+import { loadClipTokenizer } from '../src/engine/tokenizer.js';
+import { COMPEL_GOLDEN_DIR, readGoldenJson } from './graphs/golden.js';
 
 type Pair = [string, number];
 
@@ -245,4 +248,52 @@ test('deep nesting and long input never throw', () => {
   }
   // Non-strings from untyped callers give no fragments rather than throwing.
   assert.deepEqual(parsePromptWeights(undefined as unknown as string), []);
+});
+
+// ---------------------------------------------------------------------------------------------
+// Against compel 2.3.1's own parse (compel-golden `parse_examples`): the same tokens with the same
+// float32 weights, except where Kiln deliberately reads the text otherwise (README, Prompts).
+
+const KILN_DIFFERS: Record<string, string> = {
+  // The two deliberate exceptions: compel reads both as literal text.
+  'a photorealistic(1.5) image': "Block Entropy's documented form: Kiln weights the word 1.5",
+  '(word:1.2)': "A1111's colon form: Kiln weights the group 1.2",
+  'a cat, (ball:1.3), dog': "A1111's colon form",
+  // Kiln keeps malformed or doubtful weight syntax as typed; compel consumes part of it.
+  'a photorealistic (1.5) image': 'a number group not used as a weight keeps its parentheses',
+  '"a red ball"0.5': 'quotes are not group delimiters in Kiln',
+  '(ball)1.': 'the trailing "." stays text',
+  '(ball)1.2x': 'a weight must end at a space or punctuation: literal',
+  '(ball)1e1': 'literal (compel reads weight 1, then "e1")',
+  '(ball)-0.5': 'literal (compel reads "-", then "0.5")',
+  '(ball)1,5': 'literal (compel reads weight 1, then ", 5")',
+  'ball.attend(1.5)': "compel's .attend() is not supported",
+  '((ball)0.5': 'an unmatched "(" stays text, the matched group still weighs (compel: all literal)',
+  'a cat.(dog)1.2': 'a group after punctuation weighs (compel: one literal word)',
+  '()0.5': 'literal text (compel raises IndexError)',
+};
+
+test("compel's parse_examples: Kiln's tokens and weights equal compel's, the listed differences aside", async () => {
+  const tok = await loadClipTokenizer(join(import.meta.dirname, '..', 'models', '.clip-tokenizer'));
+  const { parse_examples: examples } = readGoldenJson<{ parse_examples: { prompt: string; fragments: { text: string; weight: number }[][] }[] }>(
+    join(COMPEL_GOLDEN_DIR, 'cases.json'),
+  );
+  assert.equal(examples.length, 43);
+  const flat = (fragments: readonly { text: string; weight: number }[]) => {
+    const ids: number[] = [];
+    const weights: number[] = [];
+    for (const f of fragments) {
+      for (const id of tok.tokenize(f.text)) {
+        ids.push(id);
+        weights.push(Math.fround(f.weight));
+      }
+    }
+    return { ids, weights };
+  };
+  const differing: string[] = [];
+  for (const e of examples) {
+    const same = JSON.stringify(flat(parsePromptWeights(e.prompt))) === JSON.stringify(flat(e.fragments[0] ?? []));
+    if (!same) differing.push(e.prompt);
+  }
+  assert.deepEqual(differing.sort(), Object.keys(KILN_DIFFERS).sort());
 });

@@ -1,9 +1,11 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
 import { mkdtemp, mkdir, copyFile, writeFile, rm, readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createClipTokenizer, loadClipTokenizer, type ClipTokenizer } from '../src/engine/tokenizer.js';
+import { COMPEL_GOLDEN_DIR, readGoldenJson } from './graphs/golden.js';
 
 const DATA = join(import.meta.dirname, '..', 'models', '.clip-tokenizer');
 const BOS = 49406;
@@ -289,4 +291,43 @@ test('merges without a #version header are all used', () => {
   const toyVocab = { a: 0, b: 1, 'b</w>': 2, 'ab</w>': 3, '<|startoftext|>': 4, '<|endoftext|>': 5 };
   assert.deepEqual(createClipTokenizer(toyVocab, ['a b</w>']).tokenize('ab'), [3]);
   assert.deepEqual(createClipTokenizer(toyVocab, []).tokenize('ab'), [0, 2]);
+});
+
+// ---------------------------------------------------------------------------------------------
+// Hugging Face's ids for text beyond ASCII: transformers' slow CLIPTokenizer (no ftfy, as diffusers
+// runs it) on accents, CJK, other scripts, emoji, mixed scripts, odd whitespace and control
+// characters (fixtures/clip-tokenizer-ids.json, tools/oracle/clip_tokenizer_ids.py), and the ids
+// compel-golden records for its parse examples, with both SD's and SDXL's tokenizer_2 padding.
+
+interface ReferenceIds {
+  text: string;
+  tokenizer: number[];
+  tokenizer_2: number[];
+}
+
+test("non-Latin text, emoji and odd whitespace: transformers' ids, both tokenizers", async () => {
+  const t2 = await loadClipTokenizer(await folder('sdxl2-reference', { 'special_tokens_map.json': { pad_token: '!' } }));
+  const fixture = JSON.parse(await readFile(join(import.meta.dirname, 'fixtures', 'clip-tokenizer-ids.json'), 'utf8')) as { cases: ReferenceIds[] };
+  assert.ok(fixture.cases.length >= 50);
+  const wrong: string[] = [];
+  for (const c of fixture.cases) {
+    if (JSON.stringify(clip.encode(c.text)) !== JSON.stringify(c.tokenizer)) wrong.push(`tokenizer ${JSON.stringify(c.text)}: ${clip.encode(c.text)} vs ${c.tokenizer}`);
+    if (JSON.stringify(t2.encode(c.text)) !== JSON.stringify(c.tokenizer_2)) wrong.push(`tokenizer_2 ${JSON.stringify(c.text)}: ${t2.encode(c.text)} vs ${c.tokenizer_2}`);
+  }
+  assert.deepEqual(wrong, []);
+  // The fixture exercises what it claims: multi-byte pieces and ids that only tokenizer_2 changes.
+  assert.ok(fixture.cases.some((c) => c.tokenizer.length > [...c.text].length + 2), 'some text splits into byte pieces');
+  assert.ok(fixture.cases.some((c) => JSON.stringify(c.tokenizer) !== JSON.stringify(c.tokenizer_2)));
+});
+
+test("compel-golden's parse examples: the golden tokenizers' ids of each raw prompt", async () => {
+  const golden = (name: string) => folder(`compel-${name}`, Object.fromEntries(
+    ['tokenizer_config.json', 'special_tokens_map.json'].map((f) => [f, JSON.parse(readFileSync(join(COMPEL_GOLDEN_DIR, name, f), 'utf8'))]),
+  ));
+  const [t1, t2] = await Promise.all([loadClipTokenizer(await golden('tokenizer')), loadClipTokenizer(await golden('tokenizer_2'))]);
+  const { parse_examples } = readGoldenJson<{ parse_examples: { prompt: string; tokenizer_ids: number[]; tokenizer_2_ids: number[] }[] }>(join(COMPEL_GOLDEN_DIR, 'cases.json'));
+  for (const e of parse_examples) {
+    assert.deepEqual(t1.encode(e.prompt), e.tokenizer_ids, `tokenizer ${JSON.stringify(e.prompt)}`);
+    assert.deepEqual(t2.encode(e.prompt), e.tokenizer_2_ids, `tokenizer_2 ${JSON.stringify(e.prompt)}`);
+  }
 });

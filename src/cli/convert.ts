@@ -1,8 +1,8 @@
 /**
- * `kiln convert SRC --out DIR [--dtype fp32|fp16] [--lora FILE[:SCALE]]...`: a diffusers folder
- * with safetensors weights, or a single-file checkpoint, -> the diffusers ONNX layout (the graphs
- * Kiln builds itself), with a progress bar per component. With --lora the UNet and text encoder
- * graphs apply the LoRAs (folded in when ONNX Runtime loads them; lora-graph.ts).
+ * `kiln convert SRC --out DIR [--dtype fp32|fp16] [--lora FILE[:SCALE]]... [--attention-mask]`: a
+ * diffusers folder with safetensors weights, or a single-file checkpoint, -> the diffusers ONNX
+ * layout (the graphs Kiln builds itself), with a progress bar per component. With --lora the UNet
+ * and text encoder graphs apply the LoRAs (folded in when ONNX Runtime loads them; lora-graph.ts).
  */
 import { existsSync, mkdtempSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
@@ -57,6 +57,7 @@ export interface ConvertFlags {
   vae?: string;
   config?: string;
   predictionType?: PredictionType;
+  attentionMask?: boolean;
 }
 
 /** `--lora FILE[:SCALE]` (repeatable): a LoRA file and its scale (default 1). */
@@ -94,7 +95,7 @@ export function convertCommand(src: string, flags: ConvertFlags): void {
       process.stdout.write(`${from}: ${r.detected.description} checkpoint\n`);
       from = r.dir;
     }
-    const result = convertPipeline(from, out, { dtype: flags.dtype, onProgress: progress.handle, onWarning: (m) => process.stderr.write(`kiln: warning: ${m}\n`) });
+    const result = convertPipeline(from, out, { dtype: flags.dtype, textAttentionMask: flags.attentionMask ?? false, onProgress: progress.handle, onWarning: (m) => process.stderr.write(`kiln: warning: ${m}\n`) });
     progress.stop();
     if (flags.lora?.length) applyLoras(out, flags.lora);
     // Marks the folder as Kiln's own graphs (LoRAs can be applied to it as to a cache entry).
@@ -140,5 +141,6 @@ export function registerConvertCommand(program: Command): void {
     .option('--vae <file>', 'single-file checkpoints: a separate VAE that replaces the embedded one')
     .option('--config <dir>', 'single-file checkpoints: a diffusers folder to take the configs from')
     .addOption(new Option('--prediction-type <type>', 'single-file SD 2.x checkpoints: epsilon or v_prediction').choices([...PREDICTION_TYPES]))
+    .option('--attention-mask', 'text encoders also take attention_mask (exact compel down-weighting in Kiln; consumers that feed input_ids alone cannot run them)')
     .action(convertCommand);
 }

@@ -25,6 +25,9 @@ export interface ServeFlags {
   workers: number;
   timeout: number;
   shutdownTimeout: number;
+  headersTimeout: number;
+  bodyTimeout: number;
+  minBodyRate: number;
   device: Device;
   logLevel: string;
   preload: boolean;
@@ -117,6 +120,9 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
     workers: flags.workers,
     requestTimeoutMs: flags.timeout,
     shutdownTimeoutMs: flags.shutdownTimeout,
+    headersTimeoutMs: flags.headersTimeout,
+    bodyTimeoutMs: flags.bodyTimeout,
+    minBodyRate: flags.minBodyRate,
     device: flags.device,
     logger: flags.logLevel,
     preload: flags.preload,
@@ -178,6 +184,13 @@ export function registerServeCommand(program: Command): void {
         .argParser(parseDuration)
         .default(30_000, '30s'),
     )
+    .addOption(
+      new Option('--headers-timeout <duration>', "a request's headers must arrive within this (else 408)").argParser(parseDuration).default(10_000, '10s'),
+    )
+    .addOption(
+      new Option('--body-timeout <duration>', 'a whole request, body included, must arrive within this (else 408)').argParser(parseDuration).default(120_000, '2m'),
+    )
+    .option('--min-body-rate <bytes/s>', 'a body that brings less than this per second over 10 s is cut (408); 0: no check', parseCount, 1024)
     .addOption(new Option('--device <device>', 'execution provider').choices(['cpu', 'cuda']).default('cpu'))
     .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'))
     .option('--no-preload', 'do not load the default model at start')

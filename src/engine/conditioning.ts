@@ -1,22 +1,26 @@
 /**
  * Prompt -> text conditioning (the UNet's `encoder_hidden_states`, plus SDXL's pooled vector).
  *
- * - Inline weights (`(ball)0.5`, `word++`) become a weight per token; the encoder's hidden
- *   states are scaled token by token and then rescaled so their overall mean is unchanged
- *   (compel / A1111 style), which keeps the UNet's input statistics in range.
- * - Prompts longer than 75 tokens are split into 75-token chunks, each wrapped in BOS/EOS and
- *   padded to 77, encoded in one batch, and concatenated along the sequence axis, so nothing
- *   is silently cut. Positive and negative are padded to the same number of chunks.
+ * - Inline weights (`(ball)0.5`, `word++`) follow compel's rule (weighting.ts): weighted rows move
+ *   away from (w > 1) or toward (w < 1) the empty prompt's encoding, and each down-weighted
+ *   fragment is also blended with a pass that masks it out of attention (or, for encoders without
+ *   an `attention_mask` input, with the prompt re-encoded without it).
+ * - Prompts longer than 75 tokens are split into 77-token chunks at sentence ends (compel's
+ *   `truncate_long_prompts=False`), each wrapped in BOS/EOS and padded, and concatenated along the
+ *   sequence axis, so nothing is silently cut. Positive and negative are padded to the same
+ *   number of chunks with the empty prompt's encoding (compel's padding).
  * - SDXL: both encoders' penultimate hidden states (`hidden_states.{n-2}`) concatenated on the
- *   feature axis; the pooled vector is encoder 2's `text_embeds` of the first chunk; an absent
- *   negative prompt gives zeros when the pipeline sets `force_zeros_for_empty_prompt` (as diffusers
- *   does: `negative_prompt=None` is zeros, `negative_prompt=""` is the encoding of "").
+ *   feature axis, each encoder weighted on its own. The pooled vector is not weighted: it is
+ *   encoder 2's `text_embeds` of the raw prompt, syntax included, cut to 77 tokens (what compel
+ *   gives). An absent negative prompt gives zeros when the pipeline sets
+ *   `force_zeros_for_empty_prompt` (as diffusers does: `negative_prompt=None` is zeros,
+ *   `negative_prompt=""` is the encoding of "").
  */
-import type { DiffusionModel } from './model.js';
 import type { FloatTensor, OnnxModel } from './onnx.js';
 import type { ClipTokenizer } from './tokenizer.js';
 import { parsePromptWeights } from './prompt-weights.js';
 import { ModelLoadError } from './errors.js';
+import { layoutChunks, planWeighting, runPlans, fitChunks, tokenFragments, type EncoderRow, type WeightingPlan } from './weighting.js';
 
 export interface TextConditioning {
   /** [1, 77·chunks, D] */
@@ -25,45 +29,36 @@ export interface TextConditioning {
   pooled?: FloatTensor;
 }
 
+/** What conditioning needs of a model (a DiffusionModel has it). */
+export interface TextEncoders {
+  readonly isXL: boolean;
+  readonly tokenizer: ClipTokenizer;
+  readonly textEncoder: OnnxModel;
+  readonly tokenizer2?: ClipTokenizer;
+  readonly textEncoder2?: OnnxModel;
+}
+
+export interface ConditioningOptions {
+  /** Cut each prompt to one 77-token row, as compel does by default; Kiln chunks (false). */
+  truncate?: boolean;
+}
+
 /** Token ids per 77-long chunk, with a weight per position. */
 export interface TokenChunks {
   ids: number[][];
   weights: number[][];
 }
 
-/** Splits a weighted prompt into padded 77-token chunks (at least one, even for ""). */
+/** A weighted prompt as Kiln feeds it to one encoder: padded 77-token chunks (at least one, even for ""). */
 export function chunkPrompt(tokenizer: ClipTokenizer, prompt: string): TokenChunks {
-  const body: number[] = [];
-  const bodyWeights: number[] = [];
-  for (const fragment of parsePromptWeights(prompt)) {
-    const ids = tokenizer.tokenize(fragment.text);
-    body.push(...ids);
-    for (let i = 0; i < ids.length; i++) bodyWeights.push(fragment.weight);
-  }
-  const span = tokenizer.modelMaxLength - 2;
+  const layout = layoutChunks(tokenizer, tokenFragments(tokenizer, parsePromptWeights(prompt)), false);
+  const S = tokenizer.modelMaxLength;
   const chunks: TokenChunks = { ids: [], weights: [] };
-  for (let start = 0; start === 0 || start < body.length; start += span) {
-    const ids = [tokenizer.bosTokenId, ...body.slice(start, start + span), tokenizer.eosTokenId];
-    const weights = [1, ...bodyWeights.slice(start, start + span), 1];
-    while (ids.length < tokenizer.modelMaxLength) {
-      ids.push(tokenizer.padTokenId);
-      weights.push(1);
-    }
-    chunks.ids.push(ids);
-    chunks.weights.push(weights);
+  for (let c = 0; c < layout.chunks; c++) {
+    chunks.ids.push(layout.ids.slice(c * S, (c + 1) * S));
+    chunks.weights.push(Array.from(layout.weights.subarray(c * S, (c + 1) * S)));
   }
   return chunks;
-}
-
-/** Pads a chunk list with empty-prompt chunks up to `count` (so cond and uncond batch together). */
-function padChunks(tokenizer: ClipTokenizer, chunks: TokenChunks, count: number): TokenChunks {
-  const empty = chunkPrompt(tokenizer, '');
-  const out = { ids: [...chunks.ids], weights: [...chunks.weights] };
-  while (out.ids.length < count) {
-    out.ids.push(empty.ids[0]!);
-    out.weights.push(empty.weights[0]!);
-  }
-  return out;
 }
 
 /** Penultimate hidden layer by name (`hidden_states.11` of 0..12), as SDXL uses it. */
@@ -78,31 +73,90 @@ function penultimateOutput(encoder: OnnxModel): string {
   return `hidden_states.${layers[layers.length - 2]}`;
 }
 
-/** Runs one encoder on several 77-token chunks at once: [k, 77] ids -> named outputs. */
-async function runEncoder(encoder: OnnxModel, chunkIds: number[][], outputs: string[]): Promise<Record<string, FloatTensor>> {
-  const seq = chunkIds[0]!.length;
-  return encoder.run({ input_ids: { ints: chunkIds.flat(), dims: [chunkIds.length, seq] } }, outputs);
+/** Rows per session.run: bounds memory when a long prompt has many down-weighted fragments. */
+const MAX_ROWS_PER_RUN = 16;
+
+/**
+ * Runs an encoder on 77-token rows and returns output `name` as [rows·77, D]. Encoders with an
+ * `attention_mask` input get each row's mask (all ones when it has none).
+ */
+async function encodeRows(encoder: OnnxModel, rows: readonly EncoderRow[], name: string): Promise<{ data: Float32Array; dim: number }> {
+  const withMask = encoder.hasInput('attention_mask');
+  const parts: FloatTensor[] = [];
+  for (let at = 0; at < rows.length; at += MAX_ROWS_PER_RUN) {
+    const batch = rows.slice(at, at + MAX_ROWS_PER_RUN);
+    const seq = batch[0]!.ids.length;
+    const dims = [batch.length, seq];
+    const feeds: Parameters<OnnxModel['run']>[0] = { input_ids: { ints: batch.flatMap((r) => r.ids), dims } };
+    if (withMask) {
+      const mask = new Int32Array(batch.length * seq).fill(1);
+      batch.forEach((r, i) => r.mask && mask.set(r.mask, i * seq));
+      feeds.attention_mask = { ints: mask, dims };
+    }
+    parts.push((await encoder.run(feeds, [name]))[name]!);
+  }
+  const dim = parts[0]!.dims.at(-1)!;
+  const data = new Float32Array(parts.reduce((n, p) => n + p.data.length, 0));
+  let offset = 0;
+  for (const p of parts) {
+    data.set(p.data, offset);
+    offset += p.data.length;
+  }
+  return { data, dim };
 }
 
 /**
- * Scales each token's hidden vector by its weight, then restores the tensor's mean
- * (only when some weight differs from 1: unweighted prompts stay bit-exact).
+ * Weighted conditioning of several prompts (positive, negative), all padded to the same number
+ * of chunks; for SDXL also each raw prompt's pooled vector.
  */
-export function applyTokenWeights(hidden: Float32Array, weights: number[], dim: number): void {
-  if (weights.every((w) => w === 1)) return;
-  let before = 0;
-  for (let i = 0; i < hidden.length; i++) before += hidden[i]!;
-  for (let t = 0; t < weights.length; t++) {
-    const w = weights[t]!;
-    if (w === 1) continue;
-    for (let d = 0; d < dim; d++) hidden[t * dim + d]! *= w;
+export async function encodeConditioning(
+  model: TextEncoders,
+  prompts: readonly string[],
+  options: ConditioningOptions = {},
+  timings?: { tokenizeMs: number },
+): Promise<TextConditioning[]> {
+  const sides: { tokenizer: ClipTokenizer; encoder: OnnxModel; output: string }[] = model.isXL
+    ? [
+        { tokenizer: model.tokenizer, encoder: model.textEncoder, output: penultimateOutput(model.textEncoder) },
+        { tokenizer: model.tokenizer2!, encoder: model.textEncoder2!, output: penultimateOutput(model.textEncoder2!) },
+      ]
+    : [{ tokenizer: model.tokenizer, encoder: model.textEncoder, output: 'last_hidden_state' }];
+  const started = performance.now();
+  const parsed = prompts.map((p) => parsePromptWeights(p));
+  const plans: WeightingPlan[][] = sides.map((side) =>
+    parsed.map((fragments) =>
+      planWeighting(side.tokenizer, tokenFragments(side.tokenizer, fragments), {
+        truncate: options.truncate ?? false,
+        downweight: side.encoder.hasInput('attention_mask') ? 'mask' : 'remove',
+      }),
+    ),
+  );
+  if (timings) timings.tokenizeMs += performance.now() - started;
+
+  const encoded: Awaited<ReturnType<typeof runPlans>>[] = [];
+  for (const [i, side] of sides.entries()) {
+    encoded.push(await runPlans(side.tokenizer, plans[i]!, (rows) => encodeRows(side.encoder, rows, side.output)));
   }
-  let after = 0;
-  for (let i = 0; i < hidden.length; i++) after += hidden[i]!;
-  if (after !== 0 && Number.isFinite(before / after)) {
-    const k = before / after;
-    for (let i = 0; i < hidden.length; i++) hidden[i]! *= k;
-  }
+  // SDXL's tokenizer_2 turns each "!" into its pad token, so the encoders can chunk differently:
+  // every side of every prompt is padded to the most chunks.
+  const S = model.tokenizer.modelMaxLength;
+  const count = Math.max(...plans.flat().map((p) => p.base.chunks));
+  const dim = encoded.reduce((n, e) => n + e.dim, 0);
+  const hidden = prompts.map((_, p) => {
+    const data = new Float32Array(count * S * dim);
+    let offset = 0;
+    for (const e of encoded) {
+      const part = fitChunks(e.results[p]!, e.empty, count);
+      for (let r = 0; r < count * S; r++) data.set(part.subarray(r * e.dim, (r + 1) * e.dim), r * dim + offset);
+      offset += e.dim;
+    }
+    return { data, dims: [1, count * S, dim] };
+  });
+  if (!model.isXL) return hidden.map((h) => ({ hidden: h }));
+
+  const rows = prompts.map((p) => ({ ids: model.tokenizer2!.encodePadded(p) }));
+  const pooled = await encodeRows(model.textEncoder2!, rows, 'text_embeds');
+  return hidden.map((h, p) => ({ hidden: h, pooled: { data: pooled.data.slice(p * pooled.dim, (p + 1) * pooled.dim), dims: [1, pooled.dim] } }));
 }
 
 /**
@@ -110,88 +164,24 @@ export function applyTokenWeights(hidden: Float32Array, weights: number[], dim: 
  * with equal sequence length. Both prompts go through each encoder in one batched call.
  */
 export async function encodePrompts(
-  model: DiffusionModel,
+  model: TextEncoders & { layout: { forceZerosForEmptyPrompt: boolean } },
   prompt: string,
   negativePrompt: string | undefined,
   withNegative: boolean,
   timings?: { tokenizeMs: number },
 ): Promise<{ cond: TextConditioning; uncond?: TextConditioning }> {
-  const negative = negativePrompt ?? '';
   const zeroNegative = model.isXL && negativePrompt === undefined && model.layout.forceZerosForEmptyPrompt;
-  const tokenizeStarted = performance.now();
   const encodeNegative = withNegative && !zeroNegative;
-  // Chunk with every tokenizer first: SDXL's tokenizer_2 makes each "!" its pad token, so
-  // the two encoders can need different chunk counts. All sides are padded to the largest.
-  const tokenizers = model.isXL ? [model.tokenizer, model.tokenizer2!] : [model.tokenizer];
-  const pos = tokenizers.map((tok) => chunkPrompt(tok, prompt));
-  const neg = encodeNegative ? tokenizers.map((tok) => chunkPrompt(tok, negative)) : [];
-  const count = Math.max(...[...pos, ...neg].map((c) => c.ids.length));
-  const pos1 = padChunks(model.tokenizer, pos[0]!, count);
-  const neg1 = encodeNegative ? padChunks(model.tokenizer, neg[0]!, count) : undefined;
-
-  // Token weights follow encoder 1's tokens (they line up with encoder 2's but for "!").
-  const batch1 = neg1 ? [...pos1.ids, ...neg1.ids] : pos1.ids;
-  const weights = neg1 ? [...pos1.weights, ...neg1.weights] : pos1.weights;
-
-  let hidden: Float32Array;
-  let dim: number;
-  let pooledAll: FloatTensor | undefined;
-  if (!model.isXL) {
-    if (timings) timings.tokenizeMs += performance.now() - tokenizeStarted;
-    const out = await runEncoder(model.textEncoder, batch1, ['last_hidden_state']);
-    ({ data: hidden } = out.last_hidden_state!);
-    dim = out.last_hidden_state!.dims[2]!;
-  } else {
-    const te2 = model.textEncoder2!;
-    const tok2 = model.tokenizer2!;
-    const pos2 = padChunks(tok2, pos[1]!, count);
-    const neg2 = encodeNegative ? padChunks(tok2, neg[1]!, count) : undefined;
-    const batch2 = neg2 ? [...pos2.ids, ...neg2.ids] : pos2.ids;
-    if (timings) timings.tokenizeMs += performance.now() - tokenizeStarted;
-    const name1 = penultimateOutput(model.textEncoder);
-    const name2 = penultimateOutput(te2);
-    const out1 = await runEncoder(model.textEncoder, batch1, [name1]);
-    const out2 = await runEncoder(te2, batch2, [name2, 'text_embeds']);
-    const h1 = out1[name1]!;
-    const h2 = out2[name2]!;
-    const [rows, seq, d1] = h1.dims as [number, number, number];
-    const d2 = h2.dims[2]!;
-    if (h2.dims[0] !== rows || h2.dims[1] !== seq) {
-      throw new ModelLoadError(`text encoders disagree on shapes: [${h1.dims}] vs [${h2.dims}]`);
-    }
-    dim = d1 + d2;
-    hidden = new Float32Array(rows * seq * dim);
-    for (let r = 0; r < rows * seq; r++) {
-      hidden.set(h1.data.subarray(r * d1, (r + 1) * d1), r * dim);
-      hidden.set(h2.data.subarray(r * d2, (r + 1) * d2), r * dim + d1);
-    }
-    pooledAll = out2.text_embeds;
-  }
-
-  const seq = batch1[0]!.length;
-  const rowSize = seq * dim;
-  // Weight per chunk of each side, then lay the chunks end to end: [1, count·77, D].
-  const side = (first: number): TextConditioning => {
-    const data = new Float32Array(count * rowSize);
-    for (let c = 0; c < count; c++) data.set(hidden.subarray((first + c) * rowSize, (first + c + 1) * rowSize), c * rowSize);
-    applyTokenWeights(data, weights.slice(first, first + count).flat(), dim);
-    const pooled = pooledAll && {
-      data: pooledAll.data.slice(first * pooledAll.dims[1]!, (first + 1) * pooledAll.dims[1]!),
-      dims: [1, pooledAll.dims[1]!],
-    };
-    return { hidden: { data, dims: [1, count * seq, dim] }, pooled };
-  };
-
-  const cond = side(0);
-  if (!withNegative) return { cond };
+  const [cond, uncond] = await encodeConditioning(model, encodeNegative ? [prompt, negativePrompt ?? ''] : [prompt], {}, timings);
+  if (!withNegative) return { cond: cond! };
   if (zeroNegative) {
     return {
-      cond,
+      cond: cond!,
       uncond: {
-        hidden: { data: new Float32Array(cond.hidden.data.length), dims: [...cond.hidden.dims] },
-        pooled: cond.pooled && { data: new Float32Array(cond.pooled.data.length), dims: [...cond.pooled.dims] },
+        hidden: { data: new Float32Array(cond!.hidden.data.length), dims: [...cond!.hidden.dims] },
+        pooled: cond!.pooled && { data: new Float32Array(cond!.pooled.data.length), dims: [...cond!.pooled.dims] },
       },
     };
   }
-  return { cond, uncond: side(count) };
+  return { cond: cond!, uncond };
 }

@@ -1,10 +1,12 @@
 /**
  * Image-to-image: the input picture, VAE-encoded, is noised to `strength` and denoised over
- * the remaining steps (diffusers' StableDiffusionImg2ImgPipeline semantics).
+ * the remaining steps (diffusers' StableDiffusionImg2ImgPipeline semantics). On a model that
+ * declares a native size the input is resized down to the size denoised at, and the result
+ * back up to the input's (pipeline.ts).
  */
 import sharp from 'sharp';
 import { runDiffusion, type GenerateOptions, type GenerateResult, type StartContext } from './pipeline.js';
-import { encodeImageToLatents, type RgbImage } from './vae.js';
+import { encodeImageToLatents, resizeImage, type RgbImage } from './vae.js';
 import type { DiffusionModel } from './model.js';
 import { InvalidOptionError } from './errors.js';
 
@@ -51,14 +53,17 @@ export function checkStrength(strength: number | undefined): number {
   return s;
 }
 
-/** Encodes the input and noises it to the first timestep to be run. */
+/**
+ * Encodes the input (at the output size, brought to the size denoised at) and noises it to the
+ * first timestep to be run.
+ */
 export async function noisedImageLatents(model: DiffusionModel, image: RgbImage, ctx: StartContext, strength: number) {
-  const { settings, scheduler, rng } = ctx;
+  const { settings, scheduler, rng, size } = ctx;
   if (image.width !== settings.width || image.height !== settings.height) {
     throw new InvalidOptionError(`input image is ${image.width}x${image.height}, expected ${settings.width}x${settings.height}`, 'image');
   }
   const { timesteps, beginIndex } = img2imgTimesteps(ctx, strength);
-  const { latents: clean } = await encodeImageToLatents(model, image, rng);
+  const { latents: clean } = await encodeImageToLatents(model, await resizeImage(image, size.width, size.height), rng);
   const noise = rng.normals(clean.length);
   scheduler.setBeginIndex(beginIndex);
   return { clean, noise, latents: scheduler.addNoise(clean, noise, timesteps[0]!), timesteps };

@@ -25,7 +25,8 @@ export {
   type StepLatents,
   type Timings,
 } from './pipeline.js';
-export { encodePrompts, chunkPrompt, applyTokenWeights, type TextConditioning } from './conditioning.js';
+export { encodePrompts, encodeConditioning, chunkPrompt, type TextConditioning, type TextEncoders, type ConditioningOptions } from './conditioning.js';
+export { encodePromptEmbeddings, loadTextEncoders, type PromptEmbeddings, type PromptEmbeddingsOptions } from './prompt-embeddings.js';
 export { loadClipTokenizer, createClipTokenizer, type ClipTokenizer } from './tokenizer.js';
 export { parsePromptWeights, type WeightedFragment } from './prompt-weights.js';
 export * from './schedulers/index.js';

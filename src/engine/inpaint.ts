@@ -13,11 +13,15 @@
  * model has one, is fed [latents, mask, masked-image latents] instead. Finally the decoded
  * picture is blended back onto the input through a softened mask, so unmasked pixels stay the
  * input's own.
+ *
+ * On a model that declares a native size (kiln.json `native_size`) the image and mask are
+ * brought down to the size denoised at and the result back up to the input's size, and the
+ * blend-back happens at the input's size: unmasked pixels still equal the input's.
  */
 import sharp from 'sharp';
-import { runDiffusion, type GenerateResult, type StartContext } from './pipeline.js';
+import { denoiseSize, runDiffusion, type GenerateResult, type StartContext } from './pipeline.js';
 import { checkStrength, noisedImageLatents, type Img2ImgOptions } from './img2img.js';
-import { encodeImageToLatents, type RgbImage } from './vae.js';
+import { encodeImageToLatents, resizeImage, type RgbImage } from './vae.js';
 import { DiffusionModel } from './model.js';
 import { InvalidOptionError } from './errors.js';
 
@@ -66,18 +70,39 @@ export async function prepareMask(input: Buffer, width: number, height: number):
   return Float32Array.from(resized, (v) => v / 255);
 }
 
-/** The mask at latent resolution: a latent cell is repainted if any of its 8x8 pixels is. */
-export function latentMask(mask: Float32Array, width: number, height: number, factor = 8): Float32Array {
-  const w = width / factor;
-  const h = height / factor;
+/**
+ * The mask at latent resolution: a latent cell is repainted if any of its 8x8 pixels is. `grid`
+ * (latent width and height) maps a mask of another size onto the latents (a native-size model):
+ * a cell is repainted if any mask pixel that falls in it is.
+ */
+export function latentMask(
+  mask: Float32Array,
+  width: number,
+  height: number,
+  factor = 8,
+  grid: { width: number; height: number } = { width: width / factor, height: height / factor },
+): Float32Array {
+  const { width: w, height: h } = grid;
   const out = new Float32Array(w * h);
   for (let y = 0; y < height; y++) {
+    const row = Math.floor((y * h) / height) * w;
     for (let x = 0; x < width; x++) {
-      const cell = Math.floor(y / factor) * w + Math.floor(x / factor);
-      if (mask[y * width + x]! >= 0.5) out[cell] = 1;
+      if (mask[y * width + x]! >= 0.5) out[row + Math.floor((x * w) / width)] = 1;
     }
   }
   return out;
+}
+
+/** A mask of repaint weights resized like pictures are (linear: weights stay within [0, 1]). */
+async function resizeMask(mask: Float32Array, width: number, height: number, to: { width: number; height: number }): Promise<Float32Array> {
+  if (width === to.width && height === to.height) return mask;
+  const bytes = Buffer.from(Uint8Array.from(mask, (v) => Math.round(v * 255)));
+  const resized = await sharp(bytes, { raw: { width, height, channels: 1 } })
+    .resize(to.width, to.height, { fit: 'fill', kernel: 'linear' })
+    .extractChannel(0)
+    .raw()
+    .toBuffer();
+  return Float32Array.from(resized, (v) => v / 255);
 }
 
 async function softenedMask(mask: Float32Array, width: number, height: number): Promise<Float32Array> {
@@ -104,20 +129,24 @@ export async function inpaint(model: DiffusionModel, options: InpaintOptions): P
   if (mask.length !== image.width * image.height) {
     throw new InvalidOptionError(`mask has ${mask.length} values for a ${image.width}x${image.height} image`, 'mask');
   }
+  // The blend-back works at the input's size; the latents at the size denoised at.
   const soft = await softenedMask(mask, image.width, image.height);
   const inpaintUnet = await model.inpaintUnet();
-  const small = latentMask(mask, image.width, image.height);
+  const size = denoiseSize(model, image);
+  const small = latentMask(mask, image.width, image.height, 8, { width: size.width / 8, height: size.height / 8 });
 
   // 9-channel UNets also see the mask and the latents of the input with the hole blanked out
   // (diffusers: image * (mask < 0.5), i.e. mid-grey in [-1, 1] space).
   let extraChannels: Float32Array | undefined;
   if (inpaintUnet) {
-    const holed = new Uint8Array(image.pixels);
-    for (let i = 0; i < mask.length; i++) {
-      if (mask[i]! >= 0.5) holed.fill(128, i * 3, i * 3 + 3);
+    const work = await resizeImage(image, size.width, size.height);
+    const workMask = await resizeMask(mask, image.width, image.height, size);
+    const holed = new Uint8Array(work.pixels);
+    for (let i = 0; i < workMask.length; i++) {
+      if (workMask[i]! >= 0.5) holed.fill(128, i * 3, i * 3 + 3);
     }
     // The masked-image latents use the mean path: no extra randomness to keep deterministic.
-    const { latents } = await encodeImageToLatents(model, { ...image, pixels: holed }, null);
+    const { latents } = await encodeImageToLatents(model, { ...work, pixels: holed }, null);
     extraChannels = new Float32Array(small.length + latents.length);
     extraChannels.set(small);
     extraChannels.set(latents, small.length);

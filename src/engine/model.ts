@@ -15,7 +15,7 @@ import { ModelLoadError } from './errors.js';
 import { OnnxModel, type Device, type RunStats } from './onnx.js';
 import { loadClipTokenizer, type ClipTokenizer } from './tokenizer.js';
 import type { SchedulerConfig } from './schedulers/index.js';
-import { DEFAULT_STEPS, type Size, type StepsByTier } from './presets.js';
+import { DEFAULT_STEPS, SIZE_STEP, type Size, type StepsByTier } from './presets.js';
 import { replaceRandomNormalLike } from './seeded-sampling.js';
 
 export type ModelFamily = 'sd1' | 'sd2' | 'sdxl';
@@ -40,7 +40,10 @@ export interface ModelLayout {
   /** SDXL: an absent negative prompt is zero embeddings (model_index.json, default true as in diffusers). */
   forceZerosForEmptyPrompt: boolean;
   hasVaeEncoder: boolean;
-  /** The size `auto` means: unet/config.json's sample_size x 8, else 1024 (SDXL) or 512 (SD). */
+  /**
+   * The size `auto` means: kiln.json's `native_size`, else unet/config.json's sample_size x 8,
+   * else 1024 (SDXL) or 512 (SD).
+   */
   nativeSize: Size;
   defaults: ModelDefaults;
 }
@@ -51,6 +54,12 @@ export interface ModelDefaults {
   guidanceScale: number;
   /** Scheduler to use when the request names none (alias or diffusers class name). */
   scheduler: string | undefined;
+  /**
+   * kiln.json's `native_size`: the model draws well only at this size, so every request is
+   * denoised at this area (with the requested aspect ratio) and the picture resized to the
+   * requested size (pipeline.ts denoiseSize). Absent: the model denoises at the requested size.
+   */
+  nativeSize?: Size;
 }
 
 const SD_SCALING_FACTOR = 0.18215;
@@ -160,6 +169,7 @@ export function detectLayout(dirArg: string): ModelLayout {
   const label =
     distillation === 'lcm' ? (family === 'sdxl' ? 'LCM (SDXL)' : 'LCM') : distillation === 'turbo' ? `${family === 'sdxl' ? 'SDXL' : 'SD'} Turbo` : familyLabel;
 
+  const defaults = readDefaults(dir, family, distillation);
   return {
     dir,
     format,
@@ -173,8 +183,8 @@ export function detectLayout(dirArg: string): ModelLayout {
     vaeForceUpcast: vaeConfig.force_upcast === true,
     forceZerosForEmptyPrompt: index.force_zeros_for_empty_prompt !== false,
     hasVaeEncoder: format === 'safetensors' || existsSync(join(dir, 'vae_encoder/model.onnx')),
-    nativeSize: nativeSize(unetConfig.sample_size, family),
-    defaults: readDefaults(dir, family, distillation),
+    nativeSize: defaults.nativeSize ? { ...defaults.nativeSize } : nativeSize(unetConfig.sample_size, family),
+    defaults,
   };
 }
 
@@ -205,7 +215,30 @@ function readDefaults(dir: string, family: ModelFamily, distillation: Distillati
   }
   if (typeof own.guidance_scale === 'number') base.guidanceScale = own.guidance_scale;
   if (typeof own.scheduler === 'string') base.scheduler = own.scheduler;
+  if (own.native_size !== undefined) base.nativeSize = declaredNativeSize(own.native_size, join(dir, 'kiln.json'));
   return base;
+}
+
+/**
+ * kiln.json `native_size`: a side (`256`, a square) or `"WxH"` (`"768x512"`), each a positive
+ * multiple of 64. A malformed value fails the load: silently ignoring it would bring back the
+ * very pictures it is there to prevent.
+ */
+function declaredNativeSize(value: unknown, path: string): Size {
+  let size: Size | undefined;
+  if (typeof value === 'number') size = { width: value, height: value };
+  else if (typeof value === 'string') {
+    const m = /^\s*(\d+)\s*x\s*(\d+)\s*$/i.exec(value);
+    if (m) size = { width: Number(m[1]), height: Number(m[2]) };
+  }
+  const ok = (v: number) => Number.isInteger(v) && v > 0 && v % SIZE_STEP === 0;
+  if (!size || !ok(size.width) || !ok(size.height)) {
+    throw new ModelLoadError(
+      `kiln.json "native_size" must be a side in pixels (e.g. 256) or "WxH" (e.g. "768x512"), each a positive multiple of ${SIZE_STEP}; got ${JSON.stringify(value)}`,
+      path,
+    );
+  }
+  return size;
 }
 
 export interface LoadOptions {

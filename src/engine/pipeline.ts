@@ -5,14 +5,19 @@
  * latent noise -> text conditioning -> denoise -> VAE decode. Classifier-free guidance runs
  * uncond and cond as one batch-2 UNet call per step; LCM feeds guidance through
  * `timestep_cond` and runs batch 1; Turbo (guidance 0) runs batch 1.
+ *
+ * A model whose kiln.json declares `native_size` is denoised at that area (the request's aspect
+ * ratio, denoiseSize) whatever size is asked, and the decoded picture resized to the request:
+ * such models (the built-in kiln-tiny ones, trained at 256x256) draw tiled, blotchy shapes at
+ * sizes they never saw. Every mode goes through here, so every mode does the same.
  */
 import { createScheduler, schedulerClassFor, isSupportedScheduler, SCHEDULER_NAMES, type Scheduler } from './schedulers/index.js';
 import { encodePrompts, type TextConditioning } from './conditioning.js';
-import { decodeLatents, type RgbImage } from './vae.js';
+import { decodeLatents, resizeImage, type RgbImage } from './vae.js';
 import { unetOutputName, type DiffusionModel } from './model.js';
 import { timestepDims, type Feed, type OnnxModel, type TensorInfo } from './onnx.js';
 import { createRng, MAX_SEED, type Rng } from './rng.js';
-import { DEFAULT_QUALITY, parseSize, qualityTier, resolveSize, type Size } from './presets.js';
+import { DEFAULT_QUALITY, nativeWorkingSize, parseSize, qualityTier, resolveSize, type Size } from './presets.js';
 import { GenerationCancelledError, InvalidOptionError, ModelLoadError } from './errors.js';
 import { loraSettings, withPromptLoras, type AppliedLora } from './loras.js';
 import { imagePromptInputs, type ImagePrompt } from './image-prompt.js';
@@ -49,7 +54,8 @@ export interface GenerateOptions {
   seed: number;
   /**
    * Starting latents [1, 4, h/8, w/8] of unit variance, used instead of the seeded noise (scaled
-   * by the scheduler's initial sigma, like diffusers' `latents=`). txt2img only.
+   * by the scheduler's initial sigma, like diffusers' `latents=`). txt2img only. h and w are the
+   * size denoised at (denoiseSize: the native one for a model that declares it).
    */
   latents?: Float32Array;
   /**
@@ -93,6 +99,11 @@ export interface EffectiveSettings {
   strength?: number;
   /** LoRAs the model ran with (its kiln.json's and the prompt's `<lora:NAME:SCALE>` tags). */
   loras?: AppliedLora[];
+  /**
+   * `WxH` the model denoised at, when its kiln.json declares a native size and that differs
+   * from width x height (the picture was then resized to width x height).
+   */
+  nativeSize?: string;
 }
 
 export interface Timings {
@@ -110,8 +121,12 @@ export interface Timings {
 }
 
 export interface GenerateResult {
+  /** The picture at the requested size (settings.width x settings.height). */
   image: RgbImage;
-  /** The final latents [1, 4, h/8, w/8], before the VAE (diffusers' output_type='latent'). */
+  /**
+   * The final latents [1, 4, h/8, w/8], before the VAE (diffusers' output_type='latent'), at
+   * the size denoised at (settings.nativeSize when present).
+   */
   latents: Float32Array;
   settings: EffectiveSettings;
   timings: Timings;
@@ -137,6 +152,7 @@ export function resolveSettings(model: DiffusionModel, options: GenerateOptions)
   if (!Number.isFinite(guidanceScale) || guidanceScale < 0 || guidanceScale > MAX_GUIDANCE) {
     throw new InvalidOptionError(`guidance_scale must be a number from 0 to ${MAX_GUIDANCE}`, 'guidance_scale');
   }
+  const native = denoiseSize(model, { width, height });
   return {
     model: model.name,
     prompt: options.prompt,
@@ -149,7 +165,19 @@ export function resolveSettings(model: DiffusionModel, options: GenerateOptions)
     guidanceScale,
     quality,
     ...loraSettings(model),
+    ...(native.width !== width || native.height !== height ? { nativeSize: `${native.width}x${native.height}` } : {}),
   };
+}
+
+/**
+ * The size a model denoises at for an output size: the output size itself, unless the model's
+ * kiln.json declares `native_size`; then that area with the output's aspect ratio, both sides
+ * multiples of 64 (presets.ts nativeWorkingSize). A square request on a square native size is
+ * exactly the native size.
+ */
+export function denoiseSize(model: Pick<DiffusionModel, 'layout'>, output: Size): Size {
+  const native = model.layout.defaults.nativeSize;
+  return native ? nativeWorkingSize(output, native) : { width: output.width, height: output.height };
 }
 
 /** The output size a request asks of a model (see GenerateOptions.size). Throws InvalidOptionError ('size'). */
@@ -375,11 +403,15 @@ export interface LatentStart {
 }
 
 export interface StartContext {
+  /** The request's settings: width and height are the output size. */
   settings: EffectiveSettings;
   scheduler: Scheduler;
   /** Seeded stream for the starting latents (noise, VAE sampling). */
   rng: Rng;
+  /** [1, 4, h/8, w/8] at the size denoised at (`size`). */
   latentDims: number[];
+  /** The size denoised at (denoiseSize): an input picture is brought to it before encoding. */
+  size: Size;
 }
 
 /**
@@ -408,7 +440,10 @@ type RunExtra = {
     extraChannels?: Float32Array;
     unet?: OnnxModel;
     control?: ControlInput;
-    /** Post-processing of the decoded picture (inpainting pastes the unmasked input back). */
+    /**
+     * Post-processing of the decoded picture, after it has been resized to the output size
+     * (inpainting pastes the unmasked input back at the size it was given).
+     */
     afterDecode?: (image: RgbImage) => RgbImage;
 };
 
@@ -427,9 +462,10 @@ async function runDiffusionOn(
   throwIfAborted(signal);
 
   const rng = createRng(settings.seed);
-  const latentDims = [1, LATENT_CHANNELS, settings.height / VAE_FACTOR, settings.width / VAE_FACTOR];
+  const size = denoiseSize(model, settings);
+  const latentDims = [1, LATENT_CHANNELS, size.height / VAE_FACTOR, size.width / VAE_FACTOR];
   scheduler.setTimesteps(settings.steps);
-  const begin = await start({ settings, scheduler, rng, latentDims });
+  const begin = await start({ settings, scheduler, rng, latentDims, size });
 
   onProgress?.({ stage: 'encode', step: 0, totalSteps: begin.timesteps.length });
   let started = performance.now();
@@ -449,8 +485,9 @@ async function runDiffusionOn(
     cond,
     uncond,
     guidanceScale: settings.guidanceScale,
-    width: settings.width,
-    height: settings.height,
+    // SDXL's size conditioning: the picture the UNet actually makes.
+    width: size.width,
+    height: size.height,
     rng: rng.fork(),
     signal,
     onStep: (step, total) => onProgress?.({ stage: 'denoise', step, totalSteps: total }),
@@ -459,19 +496,39 @@ async function runDiffusionOn(
     extraChannels: extra.extraChannels,
     unet: imagePrompt?.unet ?? extra.unet,
     extraFeeds: imagePrompt?.feeds,
-    control: extra.control,
+    control: extra.control && (await controlAtSize(extra.control, size)),
     timings,
   });
 
   throwIfAborted(signal);
   onProgress?.({ stage: 'decode', step: begin.timesteps.length, totalSteps: begin.timesteps.length });
   started = performance.now();
-  const decoded = await decodeLatents(model, latents, latentDims);
+  const decoded = await resizeImage(await decodeLatents(model, latents, latentDims), settings.width, settings.height);
   const image = extra.afterDecode ? extra.afterDecode(decoded) : decoded;
   timings.decodeMs = performance.now() - started;
   timings.totalMs = performance.now() - t0;
   timings.sessionRunMs = model.stats.sessionRunMs - runMsBefore;
   return { image, latents, settings, timings, unetCalls };
+}
+
+/**
+ * The ControlNet conditioning picture at the size denoised at: given at the output size, it is
+ * resized like every other picture (RGB bytes in [0, 1], so the round trip through bytes is exact).
+ */
+async function controlAtSize(control: ControlInput, size: Size): Promise<ControlInput> {
+  const [, channels, height, width] = control.imageDims as [number, number, number, number];
+  if (width === size.width && height === size.height) return control;
+  if (channels !== 3) throw new InvalidOptionError(`the control picture has ${channels} channels, expected 3`, 'image');
+  const plane = width * height;
+  const pixels = new Uint8Array(plane * 3);
+  for (let i = 0; i < plane; i++) {
+    for (let c = 0; c < 3; c++) pixels[i * 3 + c] = Math.round(Math.min(1, Math.max(0, control.image[c * plane + i]!)) * 255);
+  }
+  const resized = await resizeImage({ width, height, pixels }, size.width, size.height);
+  const out = size.width * size.height;
+  const image = new Float32Array(out * 3);
+  for (let i = 0; i < out; i++) for (let c = 0; c < 3; c++) image[c * out + i] = resized.pixels[i * 3 + c]! / 255;
+  return { ...control, image, imageDims: [1, 3, size.height, size.width] };
 }
 
 /** Text-to-image's start: seeded Gaussian noise at the scheduler's initial sigma, all steps. */

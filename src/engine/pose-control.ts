@@ -2,6 +2,8 @@
  * Pose-guided generation (the API's `user="cn"`): DWPose finds the people in the uploaded
  * picture, their OpenPose skeleton is drawn as ControlNet-OpenPose was trained on, and the
  * OpenPose ControlNet conditions the generation on it. The skeleton picture is returned too.
+ * The skeleton is drawn at the output size; on a model that declares a native size the pipeline
+ * resizes it to the size denoised at, like the picture it conditions (pipeline.ts).
  */
 import { generateWithControl, prepareControl } from './controlnet.js';
 import type { DiffusionModel } from './model.js';

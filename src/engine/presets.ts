@@ -121,3 +121,32 @@ export function sizeForUpload(upload: Size, model: SizeContext): Size {
   const side = (v: number) => Math.min(range.max, Math.max(range.min, Math.round((v * scale) / SIZE_STEP) * SIZE_STEP));
   return { width: side(upload.width), height: side(upload.height) };
 }
+
+/**
+ * The size a model that declares a native size (kiln.json `native_size`) denoises at for a
+ * requested size: the native area with the requested aspect ratio, both sides multiples of
+ * `step` (at least one step). Of the four roundings of the ideal sides, the one closest in
+ * aspect ratio wins, then the one closest in area; the decoded picture is then resized to the
+ * request (a stretch of a few percent at most for OpenAI's wide and tall sizes).
+ */
+export function nativeWorkingSize(requested: Size, native: Size, step = SIZE_STEP): Size {
+  const area = native.width * native.height;
+  const aspect = requested.width / requested.height;
+  const idealW = Math.sqrt(area * aspect);
+  const idealH = Math.sqrt(area / aspect);
+  const around = (v: number) => [...new Set([Math.floor(v / step), Math.ceil(v / step)].map((k) => Math.max(1, k) * step))];
+  let best: Size = { ...native };
+  let bestScore = [Infinity, Infinity];
+  for (const width of around(idealW)) {
+    for (const height of around(idealH)) {
+      const score = [Math.abs(Math.log(width / height / aspect)), Math.abs(Math.log((width * height) / area))];
+      // Aspect errors within float noise count as equal, so that the area decides.
+      const better = score[0]! < bestScore[0]! - 1e-9 || (Math.abs(score[0]! - bestScore[0]!) <= 1e-9 && score[1]! < bestScore[1]!);
+      if (better) {
+        best = { width, height };
+        bestScore = score;
+      }
+    }
+  }
+  return best;
+}

@@ -1,12 +1,13 @@
 /**
  * Inline prompt weights → a list of text fragments with a weight each.
  *
- * Accepted syntax (weights multiply when nested):
+ * Accepted syntax (weights multiply when nested; conditioning.ts turns them into compel's weighting):
  *  - `(some words)1.2`   a group directly followed by a number (Block Entropy, compel)
  *  - `(some words)(1.2)` a group directly followed by a number in parentheses
- *  - `word(1.2)`         a word directly followed by a number in parentheses (Block Entropy)
+ *  - `word(1.2)`         a word directly followed by a number in parentheses (Block Entropy's
+ *                        documented form; compel reads it as one literal word: a deliberate exception)
  *  - `word+` `word++` `(group)-` `(group)--`  each `+` multiplies by 1.1, each `-` by 0.9 (compel)
- *  - `(some words:1.2)`  A1111 / compel colon form
+ *  - `(some words:1.2)`  A1111's colon form (compel reads it as text: the other deliberate exception)
  *  - `(some words)`      a bare group only groups: weight 1, parentheses removed (compel; NOT
  *                        A1111's implicit 1.1)
  *  - `\(` `\)` `\\` `\+` `\-` `\:`  escapes: the character is plain text

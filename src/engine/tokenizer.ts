@@ -33,6 +33,8 @@ export interface ClipTokenizer {
    * lowercased and with punctuation spaced out (`cat .`). Throws RangeError on an id not in the vocabulary.
    */
   decode(ids: number[]): string;
+  /** The vocabulary entry of an id (`cat</w>`), as transformers' `convert_ids_to_tokens`; undefined if none. */
+  tokenText(id: number): string | undefined;
 }
 
 export interface ClipTokenizerOptions {
@@ -269,7 +271,9 @@ export function createClipTokenizer(
     return text.replaceAll('</w>', ' ').trim();
   };
 
-  return { bosTokenId, eosTokenId, padTokenId, modelMaxLength, tokenize, encode, encodePadded, decode };
+  const tokenText = (id: number) => decoder.get(id);
+
+  return { bosTokenId, eosTokenId, padTokenId, modelMaxLength, tokenize, encode, encodePadded, decode, tokenText };
 }
 
 async function readRequired(path: string): Promise<string> {

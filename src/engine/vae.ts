@@ -1,6 +1,7 @@
 /**
  * The VAE ends of the pipeline: latents -> RGB pixels (decode) and pixels -> latents (encode).
  */
+import sharp from 'sharp';
 import type { DiffusionModel } from './model.js';
 import { NumericalError } from './errors.js';
 import type { Rng } from './rng.js';
@@ -11,6 +12,23 @@ export interface RgbImage {
   width: number;
   height: number;
   pixels: Uint8Array;
+}
+
+/** The filter that brings a picture between a model's native size and the requested one. */
+export const RESIZE_KERNEL = 'lanczos3';
+
+/**
+ * Resizes an RGB picture to exactly width x height (Lanczos 3, sides scaled independently: a
+ * native-size picture has the request's aspect ratio to within a few percent). Same size: the
+ * picture itself.
+ */
+export async function resizeImage(image: RgbImage, width: number, height: number): Promise<RgbImage> {
+  if (image.width === width && image.height === height) return image;
+  const data = await sharp(image.pixels, { raw: { width: image.width, height: image.height, channels: 3 } })
+    .resize(width, height, { fit: 'fill', kernel: RESIZE_KERNEL })
+    .raw()
+    .toBuffer();
+  return { width, height, pixels: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) };
 }
 
 /** Decodes latents [1,4,h,w] (already denoised, *not* divided by the scaling factor). */

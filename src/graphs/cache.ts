@@ -18,10 +18,10 @@ import { createHash } from 'node:crypto';
 import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, join, relative } from 'node:path';
 import { KILN_JSON, readKilnJson, settingsPath } from './checkpoint.js';
-import { BUILD_SETTINGS, convertPipeline, type ConvertOptions, type GraphDtype } from './convert.js';
+import { BUILD_SETTINGS, convertPipeline, type ConvertOptions, type ConvertResult, type GraphDtype } from './convert.js';
 
-/** Bump when the graphs Kiln writes change, so that old cache entries are rebuilt. */
-export const BUILD_FORMAT = 1;
+/** Bump when the graphs Kiln writes change, so that old cache entries are rebuilt (2: text encoders take attention_mask). */
+export const BUILD_FORMAT = 2;
 /** The file a finished build writes last; a folder without it is not a cache entry. */
 export const BUILD_INFO = 'kiln-build.json';
 
@@ -37,8 +37,8 @@ function listFiles(dir: string): string[] {
 }
 
 /** The cache key of a source folder and options (see the file comment for what it covers). */
-export function buildKey(src: string, dtype: GraphDtype): string {
-  const h = createHash('sha256').update(`kiln-graphs ${BUILD_FORMAT}\ndtype ${dtype}\n`);
+export function buildKey(src: string, dtype: GraphDtype, kind = 'pipeline'): string {
+  const h = createHash('sha256').update(`kiln-graphs ${BUILD_FORMAT}\ndtype ${dtype}\nkind ${kind}\n`);
   const hashFile = (path: string, rel: string): void => {
     const st = statSync(path);
     h.update(`${rel}\n${st.size}\n`);
@@ -90,6 +90,11 @@ export interface CachedBuildOptions extends ConvertOptions {
   cacheDir: string;
   /** How often a process waiting for another one's build of the same entry looks again (ms). */
   pollMs?: number;
+  /**
+   * What `src` is built into (default: a whole pipeline, convertPipeline); `kind` names it in the
+   * key, so a component folder built on its own never shares an entry with a pipeline build.
+   */
+  build?: { kind: string; convert: (src: string, out: string, options: ConvertOptions) => ConvertResult };
 }
 
 /**
@@ -100,7 +105,9 @@ export interface CachedBuildOptions extends ConvertOptions {
  */
 export async function ensureBuilt(src: string, options: CachedBuildOptions): Promise<string> {
   const dtype = options.dtype ?? 'fp32';
-  const key = buildKey(src, dtype);
+  const kind = options.build?.kind ?? 'pipeline';
+  const convert = options.build?.convert ?? convertPipeline;
+  const key = buildKey(src, dtype, kind);
   const name = `${basename(src).replace(/[^\w.-]/g, '_')}-${dtype}-${key}`;
   const target = join(options.cacheDir, name);
   const lock = join(options.cacheDir, `.lock-${name}`);
@@ -118,7 +125,8 @@ export async function ensureBuilt(src: string, options: CachedBuildOptions): Pro
     }
     const partial = join(options.cacheDir, `.partial-${name}`);
     try {
-      const result = convertPipeline(src, partial, { ...options, dtype });
+      // Kiln's own builds: text encoders with attention_mask, for compel's masked down-weighting.
+      const result = convert(src, partial, { ...options, dtype, textAttentionMask: true });
       const info = {
         format: BUILD_FORMAT,
         source: src,

@@ -13,12 +13,18 @@
  * causal mask adds float32's lowest value (not -inf) above the diagonal.
  *
  * Graph I/O (onnx-model-contracts.md §2.1/2.2): `input_ids` int64 [batch, sequence] (sequence at
- * most max_position_embeddings); outputs `last_hidden_state`, `pooler_output` (or `text_embeds`
- * first, without `pooler_output`), then `hidden_states.0` … `hidden_states.L`.
+ * most max_position_embeddings), and with the `attentionMask` option `attention_mask` int64
+ * [batch, sequence]; outputs `last_hidden_state`, `pooler_output` (or `text_embeds` first, without
+ * `pooler_output`), then `hidden_states.0` … `hidden_states.L`.
+ *
+ * attention_mask is transformers' padding mask: a key whose mask is not 1 gets float32's lowest
+ * value added to its scores, on top of the causal mask (two lowests make -inf, as in torch). An
+ * all-ones mask adds 0, so the outputs are bit-identical to the graph without the input. compel's
+ * down-weighting (conditioning.ts) masks tokens this way.
  */
-import { ModelLoadError } from '../engine/errors.js';
+import { clipConfigReader, clipEncoderLayer, type ClipActivation } from './clip-encoder.js';
 import type { GraphBuilder } from './onnx-builder.js';
-import { attention, gelu, layerNorm, linear, quickGelu } from './layers.js';
+import { layerNorm, linear } from './layers.js';
 import type { Params } from './weights.js';
 
 export interface ClipTextOptions {
@@ -26,6 +32,8 @@ export interface ClipTextOptions {
   withProjection?: boolean;
   /** Expose `hidden_states.0..L` (default true; SDXL reads the penultimate one). */
   hiddenStates?: boolean;
+  /** Take an `attention_mask` input after `input_ids` (default false: the contract's single input). */
+  attentionMask?: boolean;
 }
 
 export interface ClipTextConfig {
@@ -35,7 +43,7 @@ export interface ClipTextConfig {
   layers: number;
   heads: number;
   maxPositions: number;
-  act: 'quick_gelu' | 'gelu';
+  act: ClipActivation;
   eps: number;
   projectionDim: number;
   eosTokenId: number;
@@ -53,34 +61,20 @@ const FLOAT32_LOWEST = -3.4028234663852886e38;
 
 /** Reads the text config, with transformers' CLIPTextConfig defaults for absent keys. */
 export function clipTextConfig(config: Record<string, unknown>, component = 'text_encoder', where?: string): ClipTextConfig {
-  const int = (key: string, fallback: number): number => {
-    const v = config[key] ?? fallback;
-    if (typeof v !== 'number' || !Number.isInteger(v) || v < 0) {
-      throw new ModelLoadError(`${component}: config.json ${key} must be a non-negative integer, got ${JSON.stringify(v)}`, where);
-    }
-    return v;
-  };
-  const act = config.hidden_act ?? 'quick_gelu';
-  if (act !== 'quick_gelu' && act !== 'gelu') {
-    throw new ModelLoadError(`${component}: config.json hidden_act ${JSON.stringify(act)} is not supported (quick_gelu or gelu)`, where);
-  }
-  const eps = config.layer_norm_eps ?? 1e-5;
-  if (typeof eps !== 'number' || !(eps > 0)) throw new ModelLoadError(`${component}: config.json layer_norm_eps must be a positive number`, where);
+  const r = clipConfigReader(config, component, where, 0);
   const c: ClipTextConfig = {
-    vocabSize: int('vocab_size', 49408),
-    hidden: int('hidden_size', 512),
-    intermediate: int('intermediate_size', 2048),
-    layers: int('num_hidden_layers', 12),
-    heads: int('num_attention_heads', 8),
-    maxPositions: int('max_position_embeddings', 77),
-    act,
-    eps,
-    projectionDim: int('projection_dim', 512),
-    eosTokenId: int('eos_token_id', 49407),
+    vocabSize: r.int('vocab_size', 49408),
+    hidden: r.int('hidden_size', 512),
+    intermediate: r.int('intermediate_size', 2048),
+    layers: r.int('num_hidden_layers', 12),
+    heads: r.int('num_attention_heads', 8),
+    maxPositions: r.int('max_position_embeddings', 77),
+    act: r.act,
+    eps: r.eps,
+    projectionDim: r.int('projection_dim', 512),
+    eosTokenId: r.int('eos_token_id', 49407),
   };
-  if (c.heads === 0 || c.hidden % c.heads !== 0) {
-    throw new ModelLoadError(`${component}: config.json hidden_size ${c.hidden} is not divisible by num_attention_heads ${c.heads}`, where);
-  }
+  r.checkHeads(c.hidden, c.heads);
   return c;
 }
 
@@ -92,6 +86,7 @@ export function buildClipText(g: GraphBuilder, config: Record<string, unknown>, 
   const tm = p.at('text_model');
 
   const ids = g.input('input_ids', 'int64', ['batch', 'sequence']);
+  const padMask = options.attentionMask ? g.input('attention_mask', 'int64', ['batch', 'sequence']) : undefined;
   const pooledName = withProjection ? 'text_embeds' : 'pooler_output';
   const pooledDim = withProjection ? c.projectionDim : D;
   // Declaration order is the output order the contract gives.
@@ -115,27 +110,23 @@ export function buildClipText(g: GraphBuilder, config: Record<string, unknown>, 
   });
 
   // Causal mask [S, S]: 0 on and below the diagonal, float32's lowest value above it.
-  const mask = g.scope('causal_mask', () => {
+  const causal = g.scope('causal_mask', () => {
     const full = g.op('Expand', [g.constF32([FLOAT32_LOWEST], []), g.op('Concat', [seqLen, seqLen], { axis: 0 })]);
     return g.op('Trilu', [full, g.constI64([1], [])], { upper: 1 });
   });
+  // Padding mask [B, 1, 1, S] (0 where attention_mask is 1, else float32's lowest) added to the
+  // causal one: [B, 1, S, S]. Adding both at once gives torch's two additions bit for bit, since
+  // one of each pair of summands is 0 or both are the lowest value (-inf either way).
+  const mask = !padMask
+    ? causal
+    : g.scope('attention_mask', () => {
+        const keep = g.op('Equal', [padMask, g.constI64([1], [])]);
+        const add = g.op('Where', [keep, g.constF32([0], []), g.constF32([FLOAT32_LOWEST], [])]);
+        return g.op('Add', [causal, g.op('Unsqueeze', [add, g.constI64([1, 2])])]);
+      });
 
-  const headDim = D / c.heads;
-  const act = c.act === 'gelu' ? gelu : quickGelu;
   for (let i = 0; i < c.layers; i++) {
-    x = g.scope(`layers.${i}`, () => {
-      const l = tm.at(`encoder.layers.${i}`);
-      const a = l.at('self_attn');
-      const h1 = layerNorm(g, l.at('layer_norm1'), x, D, c.eps);
-      const q = linear(g, a.at('q_proj'), h1, D, D);
-      const k = linear(g, a.at('k_proj'), h1, D, D);
-      const v = linear(g, a.at('v_proj'), h1, D, D);
-      const attn = linear(g, a.at('out_proj'), attention(g, q, k, v, c.heads, headDim, { mask, scaleQuery: true }), D, D);
-      const r = g.op('Add', [x, attn]);
-      const h2 = layerNorm(g, l.at('layer_norm2'), r, D, c.eps);
-      const mlp = linear(g, l.at('mlp.fc2'), act(g, linear(g, l.at('mlp.fc1'), h2, D, c.intermediate)), c.intermediate, D);
-      return g.op('Add', [r, mlp], {}, hiddenNames[i + 1]);
-    });
+    x = g.scope(`layers.${i}`, () => clipEncoderLayer(g, tm.at(`encoder.layers.${i}`), x, c, mask, hiddenNames[i + 1]));
   }
 
   const last = layerNorm(g, tm.at('final_layer_norm'), x, D, c.eps);

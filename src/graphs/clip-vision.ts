@@ -17,8 +17,9 @@
  * `hidden_states.{L-1}` = hidden_states[-2] (Plus / face adapters).
  */
 import { ModelLoadError } from '../engine/errors.js';
+import { clipConfigReader, clipEncoderLayer, type ClipActivation } from './clip-encoder.js';
 import type { GraphBuilder } from './onnx-builder.js';
-import { attention, conv2d, gelu, layerNorm, linear, quickGelu } from './layers.js';
+import { conv2d, layerNorm, linear } from './layers.js';
 import type { Params } from './weights.js';
 
 export interface ClipVisionConfig {
@@ -29,7 +30,7 @@ export interface ClipVisionConfig {
   channels: number;
   imageSize: number;
   patchSize: number;
-  act: 'quick_gelu' | 'gelu';
+  act: ClipActivation;
   eps: number;
   projectionDim: number;
   withProjection: boolean;
@@ -51,38 +52,22 @@ export function clipVisionConfig(raw: Record<string, unknown>, component = 'imag
   if (architectures.length && !architectures.some((a) => known.includes(a))) {
     throw new ModelLoadError(`${component}: config.json names ${architectures.join(', ')}; Kiln builds ${known.join(' or ')} here`, where);
   }
-  const int = (key: string, fallback: number, value: unknown = config[key]): number => {
-    const v = value ?? fallback;
-    if (typeof v !== 'number' || !Number.isInteger(v) || v <= 0) {
-      throw new ModelLoadError(`${component}: config.json ${key} must be a positive integer, got ${JSON.stringify(v)}`, where);
-    }
-    return v;
-  };
-  const act = config.hidden_act ?? 'quick_gelu';
-  if (act !== 'quick_gelu' && act !== 'gelu') {
-    throw new ModelLoadError(`${component}: config.json hidden_act ${JSON.stringify(act)} is not supported (quick_gelu or gelu)`, where);
-  }
-  const eps = config.layer_norm_eps ?? 1e-5;
-  if (typeof eps !== 'number' || !(eps > 0)) throw new ModelLoadError(`${component}: config.json layer_norm_eps must be a positive number`, where);
+  const r = clipConfigReader(config, component, where, 1);
   const c: ClipVisionConfig = {
-    hidden: int('hidden_size', 768),
-    intermediate: int('intermediate_size', 3072),
-    layers: int('num_hidden_layers', 12),
-    heads: int('num_attention_heads', 12),
-    channels: int('num_channels', 3),
-    imageSize: int('image_size', 224),
-    patchSize: int('patch_size', 32),
-    act,
-    eps,
-    projectionDim: int('projection_dim', 512, projectionDim),
+    hidden: r.int('hidden_size', 768),
+    intermediate: r.int('intermediate_size', 3072),
+    layers: r.int('num_hidden_layers', 12),
+    heads: r.int('num_attention_heads', 12),
+    channels: r.int('num_channels', 3),
+    imageSize: r.int('image_size', 224),
+    patchSize: r.int('patch_size', 32),
+    act: r.act,
+    eps: r.eps,
+    projectionDim: r.int('projection_dim', 512, projectionDim),
     withProjection: !architectures.includes('CLIPVisionModel') || architectures.includes('CLIPVisionModelWithProjection'),
   };
-  if (c.hidden % c.heads !== 0) {
-    throw new ModelLoadError(`${component}: config.json hidden_size ${c.hidden} is not divisible by num_attention_heads ${c.heads}`, where);
-  }
-  if (c.imageSize % c.patchSize !== 0) {
-    throw new ModelLoadError(`${component}: config.json image_size ${c.imageSize} is not a multiple of patch_size ${c.patchSize}`, where);
-  }
+  r.checkHeads(c.hidden, c.heads);
+  if (c.imageSize % c.patchSize !== 0) throw r.error(`image_size ${c.imageSize} is not a multiple of patch_size ${c.patchSize}`);
   return c;
 }
 
@@ -125,22 +110,8 @@ export function buildClipVision(g: GraphBuilder, config: Record<string, unknown>
   x = layerNorm(g, vm.at('pre_layrnorm'), x, D, c.eps);
   g.op('Identity', [x], {}, hiddenNames[0]);
 
-  const headDim = D / c.heads;
-  const act = c.act === 'gelu' ? gelu : quickGelu;
   for (let i = 0; i < c.layers; i++) {
-    x = g.scope(`layers.${i}`, () => {
-      const l = vm.at(`encoder.layers.${i}`);
-      const a = l.at('self_attn');
-      const h1 = layerNorm(g, l.at('layer_norm1'), x, D, c.eps);
-      const q = linear(g, a.at('q_proj'), h1, D, D);
-      const k = linear(g, a.at('k_proj'), h1, D, D);
-      const v = linear(g, a.at('v_proj'), h1, D, D);
-      const attn = linear(g, a.at('out_proj'), attention(g, q, k, v, c.heads, headDim, { scaleQuery: true }), D, D);
-      const r = g.op('Add', [x, attn]);
-      const h2 = layerNorm(g, l.at('layer_norm2'), r, D, c.eps);
-      const mlp = linear(g, l.at('mlp.fc2'), act(g, linear(g, l.at('mlp.fc1'), h2, D, c.intermediate)), c.intermediate, D);
-      return g.op('Add', [r, mlp], {}, hiddenNames[i + 1]);
-    });
+    x = g.scope(`layers.${i}`, () => clipEncoderLayer(g, vm.at(`encoder.layers.${i}`), x, c, undefined, hiddenNames[i + 1]));
   }
   g.op('Identity', [x], {}, 'last_hidden_state');
 

@@ -23,13 +23,19 @@ import { toFloat16Graph } from './float16.js';
 import { GraphBuilder } from './onnx-builder.js';
 import { buildUnet } from './unet.js';
 import { buildVaeDecoder, buildVaeEncoder } from './vae.js';
-import { Params, type WeightSource } from './weights.js';
+import { componentWeights, Params, type WeightSource } from './weights.js';
 import { writeGraph, type WriteStats } from './write.js';
 
 export type GraphDtype = 'fp32' | 'fp16';
 
 export interface ConvertOptions {
   dtype?: GraphDtype;
+  /**
+   * Text encoders also take `attention_mask` (compel's down-weighting masks tokens with it,
+   * engine/weighting.ts). Off by default: the contract's encoders take `input_ids` alone, which is
+   * all other ONNX consumers feed. Kiln's own cache builds turn it on.
+   */
+  textAttentionMask?: boolean;
   /** Called as weights are written: the component, bytes done and bytes in all for that component. */
   onProgress?: (event: { component: string; done: number; total: number }) => void;
   /** Told what a build leaves out (tensors of a checkpoint that match no component). */
@@ -53,6 +59,10 @@ interface ComponentPlan {
 }
 
 const CLIP_TEXT = ['CLIPTextModel', 'CLIPTextModelWithProjection'];
+const CLIP_TEXT_SOURCES = ['text_encoder', 'text_encoder_2'];
+
+const buildTextEncoder = (attentionMask: boolean, withProjection?: boolean) => (g: GraphBuilder, config: Record<string, unknown>, p: Params) =>
+  void buildClipText(g, config, p, { attentionMask, withProjection });
 
 const COMPONENTS: ComponentPlan[] = [
   { source: 'text_encoder', target: 'text_encoder', build: buildClipText, classes: CLIP_TEXT },
@@ -160,7 +170,8 @@ export function convertPipeline(src: string, out: string, options: ConvertOption
   }
   const { sources, warnings } = folderSources(src, Object.keys(configs) as FolderComponent[], configs);
   for (const w of warnings) options.onWarning?.(w);
-  const planned = plans.map((plan) => {
+  const planned = plans.map((component) => {
+    const plan = CLIP_TEXT_SOURCES.includes(component.source) ? { ...component, build: buildTextEncoder(options.textAttentionMask ?? false) } : component;
     const config = configs[plan.source as FolderComponent]!;
     return { plan, config, built: buildGraph(plan, plan.target, config, sources[plan.source as FolderComponent]!, options) };
   });
@@ -211,4 +222,19 @@ export function syncSettingsFile(src: string, out: string): void {
   const tmp = `${target}.${randomBytes(4).toString('hex')}.tmp`; // worker threads share a pid
   writeFileSync(tmp, text);
   renameSync(tmp, target);
+}
+
+/**
+ * Converts one transformers text-encoder folder (`config.json` and safetensors weights) into
+ * `out/model.onnx` beside a copy of its config. `withProjection` overrides what config.json's
+ * `architectures` says (configs written without it, as tiny test models are).
+ */
+export function convertTextEncoder(src: string, out: string, options: ConvertOptions & { withProjection?: boolean; component?: string } = {}): ConvertResult {
+  const component = options.component ?? 'text_encoder';
+  const config = readConfig(join(src, 'config.json'), component);
+  checkClass(config, CLIP_TEXT, component, join(src, 'config.json'));
+  const built = buildGraph({ build: buildTextEncoder(options.textAttentionMask ?? false, options.withProjection) }, component, config, componentWeights(src, component), options);
+  const written = writeBuiltGraph(built, out, options);
+  writeFileSync(join(out, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
+  return { components: [{ name: component, ...written }], warnings: [] };
 }

@@ -21,6 +21,7 @@ import {
   OPENCLIP_VIT_H_TEXT,
   SD15_SCHEDULER,
   SD15_UNET,
+  SD21_SCHEDULER,
   SD21_UNET,
   SD_VAE,
   SDXL_BASE_UNET,
@@ -31,25 +32,6 @@ import {
 
 export type PredictionType = 'epsilon' | 'v_prediction';
 export const PREDICTION_TYPES: readonly PredictionType[] = ['epsilon', 'v_prediction'];
-
-/**
- * stabilityai/stable-diffusion-2-1 scheduler/scheduler_config.json (diffusers 0.8.0 file):
- * DDIM over SD's scaled-linear betas, v-prediction.
- */
-export const SD21_SCHEDULER: JsonConfig = {
-  _class_name: 'DDIMScheduler',
-  _diffusers_version: '0.8.0',
-  beta_end: 0.012,
-  beta_schedule: 'scaled_linear',
-  beta_start: 0.00085,
-  clip_sample: false,
-  num_train_timesteps: 1000,
-  prediction_type: 'v_prediction',
-  set_alpha_to_one: false,
-  skip_prk_steps: true,
-  steps_offset: 1,
-  trained_betas: null,
-};
 
 /** The pipeline's component folders. */
 export type FolderComponent = 'unet' | 'vae' | 'text_encoder' | 'text_encoder_2';

@@ -10,6 +10,8 @@
  * 4.45.0.dev0 on torch 1.13 (`bench/graphs_torch.py --config NAME --count-params`).
  */
 
+import type { SchedulerConfig } from '../engine/schedulers/types.js';
+
 export type JsonConfig = Readonly<Record<string, unknown>>;
 
 const SD_DOWN = ['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'];
@@ -132,61 +134,23 @@ export const SDXL_BASE_UNET: JsonConfig = {
 };
 
 /**
- * stabilityai/stable-diffusion-xl-refiner-1.0 unet/config.json (diffusers 0.19.0.dev0 file):
- * 384 base channels, 4 levels with attention at levels 1 and 2 only, 4 transformer layers,
- * 1280-wide context (bigG only), 2560 = 1280 pooled + 5 x 256 (sizes, crop, aesthetic score).
+ * stabilityai/stable-diffusion-xl-refiner-1.0 unet/config.json (diffusers 0.19.0.dev0 file): the
+ * base's keys, in the same order, but for these: 384 base channels, 4 levels with attention at
+ * levels 1 and 2 only, 4 transformer layers, 1280-wide context (bigG only),
+ * 2560 = 1280 pooled + 5 x 256 (sizes, crop, aesthetic score).
  * Checked against Stability-AI/generative-models configs/inference/sd_xl_refiner.yaml
  * (model_channels 384, channel_mult [1,2,4,4], attention_resolutions [4,2], num_head_channels 64,
  * transformer_depth 4, context_dim 1280, adm_in_channels 2560).
  */
 export const SDXL_REFINER_UNET: JsonConfig = {
-  _class_name: 'UNet2DConditionModel',
-  _diffusers_version: '0.19.0.dev0',
-  act_fn: 'silu',
-  addition_embed_type: 'text_time',
-  addition_embed_type_num_heads: 64,
-  addition_time_embed_dim: 256,
+  ...SDXL_BASE_UNET,
   attention_head_dim: [6, 12, 24, 24],
   block_out_channels: [384, 768, 1536, 1536],
-  center_input_sample: false,
-  class_embed_type: null,
-  class_embeddings_concat: false,
-  conv_in_kernel: 3,
-  conv_out_kernel: 3,
   cross_attention_dim: 1280,
-  cross_attention_norm: null,
   down_block_types: ['DownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'],
-  downsample_padding: 1,
-  dual_cross_attention: false,
-  encoder_hid_dim: null,
-  encoder_hid_dim_type: null,
-  flip_sin_to_cos: true,
-  freq_shift: 0,
-  in_channels: 4,
-  layers_per_block: 2,
-  mid_block_only_cross_attention: null,
-  mid_block_scale_factor: 1,
-  mid_block_type: 'UNetMidBlock2DCrossAttn',
-  norm_eps: 1e-5,
-  norm_num_groups: 32,
-  num_attention_heads: null,
-  num_class_embeds: null,
-  only_cross_attention: false,
-  out_channels: 4,
   projection_class_embeddings_input_dim: 2560,
-  resnet_out_scale_factor: 1.0,
-  resnet_skip_time_act: false,
-  resnet_time_scale_shift: 'default',
-  sample_size: 128,
-  time_cond_proj_dim: null,
-  time_embedding_act_fn: null,
-  time_embedding_dim: null,
-  time_embedding_type: 'positional',
-  timestep_post_act: null,
   transformer_layers_per_block: 4,
   up_block_types: ['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'UpBlock2D'],
-  upcast_attention: null,
-  use_linear_projection: true,
 };
 
 /**
@@ -322,7 +286,7 @@ export const OPENCLIP_BIGG_TEXT: JsonConfig = {
  * runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json (diffusers 0.6.0 file; no
  * prediction_type / timestep_spacing keys: the defaults epsilon / leading apply).
  */
-export const SD15_SCHEDULER: JsonConfig = {
+export const SD15_SCHEDULER: Readonly<SchedulerConfig> = {
   _class_name: 'PNDMScheduler',
   _diffusers_version: '0.6.0',
   beta_end: 0.012,
@@ -336,8 +300,27 @@ export const SD15_SCHEDULER: JsonConfig = {
   clip_sample: false,
 };
 
+/**
+ * stabilityai/stable-diffusion-2-1 scheduler/scheduler_config.json (diffusers 0.8.0 file):
+ * DDIM over SD's scaled-linear betas, v-prediction.
+ */
+export const SD21_SCHEDULER: Readonly<SchedulerConfig> = {
+  _class_name: 'DDIMScheduler',
+  _diffusers_version: '0.8.0',
+  beta_end: 0.012,
+  beta_schedule: 'scaled_linear',
+  beta_start: 0.00085,
+  clip_sample: false,
+  num_train_timesteps: 1000,
+  prediction_type: 'v_prediction',
+  set_alpha_to_one: false,
+  skip_prk_steps: true,
+  steps_offset: 1,
+  trained_betas: null,
+};
+
 /** stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json (diffusers 0.19.0.dev0 file). */
-export const SDXL_SCHEDULER: JsonConfig = {
+export const SDXL_SCHEDULER: Readonly<SchedulerConfig> = {
   _class_name: 'EulerDiscreteScheduler',
   _diffusers_version: '0.19.0.dev0',
   beta_end: 0.012,

@@ -175,6 +175,19 @@ export class RandomWeights implements WeightSource {
   }
 }
 
+/**
+ * RandomWeights that records each weight a page asks for with its shape: the full weight list
+ * of a config (what a real checkpoint of it holds), no file needed.
+ */
+export class RecordingWeights extends RandomWeights {
+  readonly shapes = new Map<string, number[]>();
+
+  override lookup(key: string, shape: readonly number[]): WeightEntry {
+    this.shapes.set(key, [...shape]);
+    return super.lookup(key, shape);
+  }
+}
+
 function hash(text: string): number {
   let h = 0x811c9dc5;
   for (let i = 0; i < text.length; i++) {

@@ -106,7 +106,37 @@ export const BUILTIN_ALIASES: Readonly<Record<string, AliasEntry>> = Object.free
     description: 'DWPose: YOLOX-L person detector + RTMPose-l whole-body pose (for OpenPose ControlNet edits)',
     size: '~350 MB',
   },
+  // Image prompts (src/server/image-prompt-assets.ts): h94's files under $KILN_HOME/ip-adapters/,
+  // each pull in its own folder (a pull replaces its whole folder), the encoders where h94 keeps them.
+  ...ipAdapterAliases(),
 } satisfies Record<string, AliasEntry>);
+
+function ipAdapterAliases(): Record<string, AliasEntry> {
+  const adapter = (alias: string, path: string, description: string, size: string): [string, AliasEntry] => [
+    alias,
+    { repo: 'h94/IP-Adapter', files: [{ path, as: path.split('/').at(-1)! }], kind: 'files', dir: `ip-adapters/${alias}`, description, size },
+  ];
+  const encoder = (alias: string, dir: string, description: string, size: string): [string, AliasEntry] => [
+    alias,
+    {
+      repo: 'h94/IP-Adapter',
+      files: ['config.json', 'model.safetensors'].map((f) => ({ path: `${dir}/${f}`, as: f })),
+      kind: 'files',
+      dir: `ip-adapters/${dir}`,
+      description,
+      size,
+    },
+  ];
+  return Object.fromEntries([
+    adapter('ip-adapter-sd15', 'models/ip-adapter_sd15.safetensors', 'IP-Adapter for SD 1.5 (image prompts: the style weight); needs ip-adapter-image-encoder', '~45 MB'),
+    adapter('ip-adapter-plus-face-sd15', 'models/ip-adapter-plus-face_sd15.safetensors', 'IP-Adapter Plus Face for SD 1.5 (image prompts: the face weight); needs ip-adapter-image-encoder', '~98 MB'),
+    adapter('ip-adapter-sdxl-vit-h', 'sdxl_models/ip-adapter_sdxl_vit-h.safetensors', 'IP-Adapter for SDXL, ViT-H encoder (image prompts: the style weight); needs ip-adapter-image-encoder', '~700 MB'),
+    adapter('ip-adapter-sdxl', 'sdxl_models/ip-adapter_sdxl.safetensors', 'IP-Adapter for SDXL, bigG encoder (the style weight, when ip-adapter-sdxl-vit-h is absent); needs ip-adapter-image-encoder-sdxl', '~700 MB'),
+    adapter('ip-adapter-plus-face-sdxl-vit-h', 'sdxl_models/ip-adapter-plus-face_sdxl_vit-h.safetensors', 'IP-Adapter Plus Face for SDXL (image prompts: the face weight); needs ip-adapter-image-encoder', '~850 MB'),
+    encoder('ip-adapter-image-encoder', 'models/image_encoder', 'CLIP ViT-H/14 image encoder of the SD 1.5 and *_vit-h SDXL IP-Adapters', '~2.5 GB'),
+    encoder('ip-adapter-image-encoder-sdxl', 'sdxl_models/image_encoder', 'CLIP ViT-bigG/14 image encoder of ip-adapter-sdxl', '~3.7 GB'),
+  ]);
+}
 
 export const ALIAS_FILE = 'aliases.json';
 

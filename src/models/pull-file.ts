@@ -22,7 +22,7 @@ import { isValidModelName } from './aliases.js';
 import { bytesOnDisk, downloadVerified } from './download.js';
 import { PullError } from './errors.js';
 import { hubConfigFromEnv, hubFetch, listRepoFiles, offlineError, resolveRevision, resolveUrl } from './hub.js';
-import { acquireLock, checkDisk, install, type PullEvent, type PullOptions } from './pull.js';
+import { acquireLock, checkDisk, install, manifestOrigin, type PullEvent, type PullOptions } from './pull.js';
 import { plannedFile } from './select.js';
 import { downloadsDir, MANIFEST_FILE, modelsDir, readManifest, type ManifestFile, type SourceManifest } from './registry.js';
 
@@ -178,12 +178,7 @@ export async function pullFile(spec: string | FileSpec, options: PullFileOptions
     emit({ type: 'file-done', path: target.path, size: file.size, fetchedBytes: outcome.fetched });
 
     const manifest: SourceManifest = {
-      format: 1,
-      source: 'huggingface',
-      endpoint: config.endpoint,
-      repo: target.repo,
-      revision: target.revision,
-      commit,
+      ...manifestOrigin(config.endpoint, target, commit),
       kind: 'diffusion',
       pulledAt: new Date().toISOString(),
       files: [manifestFile],

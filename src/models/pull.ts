@@ -81,6 +81,11 @@ export interface DiffusionManifest extends SourceManifest {
   components?: Record<string, WeightVariant>;
 }
 
+/** The head of every kiln-source.json: where the files came from, and the commit they were fetched at. */
+export function manifestOrigin(endpoint: string, target: { repo: string; revision: string }, commit: string): Pick<SourceManifest, 'format' | 'source' | 'endpoint' | 'repo' | 'revision' | 'commit'> {
+  return { format: 1, source: 'huggingface', endpoint, repo: target.repo, revision: target.revision, commit };
+}
+
 export interface StatfsLike {
   bavail: number | bigint;
   bsize: number | bigint;
@@ -408,12 +413,7 @@ async function pullLocked(
       checkSafetensorsFiles(staging, plan, what);
     }
     const manifest: DiffusionManifest = {
-      format: 1,
-      source: 'huggingface',
-      endpoint: config.endpoint,
-      repo: target.repo,
-      revision: target.revision,
-      commit,
+      ...manifestOrigin(config.endpoint, target, commit),
       ...(target.alias ? { alias: target.alias } : {}),
       kind: target.kind,
       ...layoutInfo,

@@ -2,10 +2,12 @@
  * The in-process queue: a bounded FIFO in front of a JobRunner's slots. Waiting jobs live in
  * memory; a cancelled waiting job is simply dropped, a cancelled running one is aborted through
  * its AbortSignal (the engine stops at its next step) and keeps its runner slot until it has.
+ * On close, waiting jobs are cancelled at once and running ones get until the deadline.
  */
 import { EventEmitter } from 'node:events';
 import { randomBytes } from 'node:crypto';
 import type { Progress } from '../engine/pipeline.js';
+import { megapixels, RunTimeEstimator } from './estimate.js';
 import {
   JobCancelledError,
   JobTimeoutError,
@@ -29,6 +31,11 @@ export interface InProcessQueueOptions {
   maxQueued: number;
   /** Jobs run at once (default: the runner's slots). */
   concurrency?: number;
+  /**
+   * A first guess of a job's milliseconds per denoising step and megapixel, used for
+   * retry-after until a job has been measured (e.g. from the size of the model's UNet).
+   */
+  priorMsPerStepMp?: (spec: JobSpec) => number;
 }
 
 class Job implements JobHandle {
@@ -41,6 +48,9 @@ class Job implements JobHandle {
   state: JobState = 'queued';
   timer: NodeJS.Timeout | undefined;
   progress: Progress | undefined;
+  /** When its first and latest denoising steps were reported: its measured time per step. */
+  firstStep: { at: number; step: number } | undefined;
+  lastStep: { at: number; step: number } | undefined;
   resolve!: (output: JobOutput) => void;
   reject!: (err: unknown) => void;
 
@@ -78,8 +88,8 @@ export class InProcessQueue implements JobQueue {
   private readonly maxQueued: number;
   private closed = false;
   private idleWaiters: (() => void)[] = [];
-  /** Moving average of run times, for retry-after. */
-  private avgRunMs = 10_000;
+  /** Run times, for retry-after. */
+  private readonly estimator: RunTimeEstimator;
 
   constructor(
     private readonly runner: JobRunner,
@@ -87,6 +97,7 @@ export class InProcessQueue implements JobQueue {
   ) {
     this.concurrency = Math.max(1, options.concurrency ?? runner.slots);
     this.maxQueued = Math.max(0, options.maxQueued);
+    this.estimator = new RunTimeEstimator(options.priorMsPerStepMp);
   }
 
   submit(spec: JobSpec, options: SubmitOptions = {}): JobHandle {
@@ -107,13 +118,42 @@ export class InProcessQueue implements JobQueue {
     return { active: this.running.size, queued: this.waiting.length, maxQueued: this.maxQueued, concurrency: this.concurrency };
   }
 
+  /** What the jobs ahead of a new one still need (running: what is left of them), shared among the slots. */
   estimatedWaitSeconds(): number {
-    const ahead = this.waiting.length + this.running.size;
-    return Math.max(1, Math.ceil(((ahead / this.concurrency) * this.avgRunMs) / 1000));
+    const now = performance.now();
+    const live = this.liveMsPerWork();
+    let totalMs = 0;
+    for (const job of this.running) {
+      const perStep = job.firstStep && job.lastStep && job.lastStep.step > job.firstStep.step
+        ? (job.lastStep.at - job.firstStep.at) / (job.lastStep.step - job.firstStep.step)
+        : undefined;
+      const left = perStep !== undefined && job.progress?.stage === 'denoise'
+        ? perStep * (job.progress.totalSteps - job.progress.step + 1) // +1: decoding and encoding the image
+        : this.estimator.estimateMs(job.spec, live) - (now - job.startedAt!);
+      totalMs += Math.max(0, left);
+    }
+    for (const job of this.waiting) totalMs += this.estimator.estimateMs(job.spec, live);
+    return Math.max(1, Math.ceil(totalMs / this.concurrency / 1000));
+  }
+
+  /** Milliseconds per unit of work the running jobs show so far (their denoising steps), if any. */
+  private liveMsPerWork(): number | undefined {
+    let sum = 0;
+    let n = 0;
+    for (const job of this.running) {
+      if (!job.firstStep || !job.lastStep || job.lastStep.step <= job.firstStep.step) continue;
+      const perStep = (job.lastStep.at - job.firstStep.at) / (job.lastStep.step - job.firstStep.step);
+      sum += perStep / megapixels(job.spec.options.size);
+      n++;
+    }
+    return n ? sum / n : undefined;
   }
 
   async close(deadlineMs: number): Promise<void> {
     this.closed = true;
+    const reason = () => new JobCancelledError('the server is shutting down; retry on another server or after the restart', 'shutdown');
+    // Waiting jobs are answered now, so that their clients can go elsewhere at once.
+    for (const job of [...this.waiting]) job.cancel(reason());
     if (this.isIdle()) return;
     let timer: NodeJS.Timeout | undefined;
     const deadline = new Promise<'deadline'>((resolve) => {
@@ -122,9 +162,7 @@ export class InProcessQueue implements JobQueue {
     const outcome = await Promise.race([this.whenIdle(), deadline]);
     clearTimeout(timer);
     if (outcome === 'deadline') {
-      const reason = () => new JobCancelledError('the server shut down before the image was ready', 'shutdown');
-      for (const job of [...this.waiting]) job.cancel(reason());
-      for (const job of [...this.running]) job.cancel(reason());
+      for (const job of [...this.running]) job.cancel(new JobCancelledError('the server shut down before the image was ready', 'shutdown'));
       // Running jobs stop at their next step; the runner's own close() bounds a stuck one.
       await Promise.race([this.whenIdle(), new Promise((r) => setTimeout(r, 5_000).unref())]);
     }
@@ -164,6 +202,11 @@ export class InProcessQueue implements JobQueue {
     job.setState('running');
     const onProgress = (progress: Progress) => {
       job.progress = progress;
+      if (progress.stage === 'denoise') {
+        const mark = { at: performance.now(), step: progress.step };
+        job.firstStep ??= mark;
+        job.lastStep = mark;
+      }
       job.events.emit('progress', progress);
     };
     let run: Promise<JobOutput>;
@@ -176,8 +219,7 @@ export class InProcessQueue implements JobQueue {
     run.then(
       (output) => {
         this.running.delete(job);
-        const runMs = performance.now() - job.startedAt!;
-        this.avgRunMs = this.avgRunMs * 0.7 + runMs * 0.3;
+        this.estimator.finished(job.spec, output, performance.now() - job.startedAt!);
         this.finish(job, 'done', output);
         this.pump();
         this.checkIdle();

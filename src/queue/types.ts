@@ -100,13 +100,14 @@ export interface JobQueue {
   /** Throws QueueFullError when `maxQueued` jobs wait already, QueueClosedError after close(). */
   submit(spec: JobSpec, options?: SubmitOptions): JobHandle;
   stats(): QueueStats;
-  /** A rough wait in seconds for a new job (for `retry-after`). */
+  /** A rough wait in seconds for a new job (for `retry-after`): what the jobs ahead of it still need. */
   estimatedWaitSeconds(): number;
   /** Emits 'finished' (handle, outcome, durations) for metrics. */
   readonly events: EventEmitter<QueueEvents>;
   /**
-   * Stops accepting jobs, lets queued and running ones finish for up to `deadlineMs`, then
-   * cancels what is left (JobCancelledError with a shutdown reason). Resolves when none is left.
+   * Stops accepting jobs and cancels the queued ones at once; lets running ones finish for up to
+   * `deadlineMs`, then cancels them too (JobCancelledError with a shutdown reason). Resolves
+   * when none is left.
    */
   close(deadlineMs: number): Promise<void>;
 }

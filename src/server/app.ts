@@ -3,6 +3,7 @@
  *
  *   POST /v1/images/generations   JSON          -> queue -> inference worker -> store / inline
  *   POST /v1/images/edits         multipart     img2img; + mask: inpainting; user=cn / pose:<w>: pose (ControlNet)
+ *                                               user=style:<w> / face:<w>: image prompt (IP-Adapter)
  *   GET  /v1/models, /v1/models/:id             installed models, read from disk per request
  *   GET  /images/:key?expires&signature         signed, expiring image URLs (no API key)
  *   GET  /ping /health /metrics /openapi.json
@@ -13,21 +14,23 @@
  * JobQueue and ImageStore interfaces (src/queue, src/store).
  */
 import { randomBytes } from 'node:crypto';
+import { readdirSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import multipart from '@fastify/multipart';
 import swagger from '@fastify/swagger';
 import { pino, type Logger } from 'pino';
-import { modelSearchDirs } from '../engine/locate.js';
+import { locateModel, modelSearchDirs } from '../engine/locate.js';
 import type { Device } from '../engine/onnx.js';
+import { priorMsPerStepMp } from '../queue/estimate.js';
 import { InProcessQueue } from '../queue/memory.js';
 import type { JobQueue, JobRunner } from '../queue/types.js';
 import { LocalDiskStore } from '../store/local.js';
 import type { ImageStore } from '../store/types.js';
 import { addApiKeyAuth } from './auth.js';
 import { EnginePool } from './engine-pool.js';
-import { clientErrorHandler, frameworkErrors, setErrorHandlers } from './error-handlers.js';
-import { ApiError } from './errors.js';
+import { answerAndClose, clientErrorHandler, frameworkErrors, setErrorHandlers } from './error-handlers.js';
+import { ApiError, SHUTTING_DOWN_HEADERS } from './errors.js';
 import { createImagesService } from './images-service.js';
 import { createMetrics, type Metrics } from './metrics.js';
 import { createModelCatalog } from './model-catalog.js';
@@ -39,6 +42,7 @@ import { UploadBudget } from './upload-budget.js';
 import { modelRoutes } from './routes/models.js';
 import { opsRoutes } from './routes/ops.js';
 import { loadOrCreateSecret, UrlSigner } from './signing.js';
+import { BodyRateGuard, connectionsCheckingInterval, DEFAULT_SLOW_CLIENT_LIMITS, type SlowClientLimits } from './slow-clients.js';
 import type { UploadLimits } from './uploads.js';
 
 export interface ServerOptions {
@@ -75,8 +79,18 @@ export interface ServerOptions {
   maxUploadPixels?: number;
   /** Most images per edit request (default 16). */
   maxUploadFiles?: number;
-  /** Upload bytes all requests together may hold; past it an edit answers 503 (default 256 MiB). */
+  /** Request-body and upload bytes all requests together may hold; past it a request answers 503 (default 256 MiB). */
   maxUploadMemory?: number;
+  /** Of those, the bytes of bodies still arriving (default 64 MiB, at most maxUploadMemory); past it: 503. */
+  maxIncomingMemory?: number;
+  /** The header block must arrive within this of the request's first byte (default 10 s); past it: 408. */
+  headersTimeoutMs?: number;
+  /** The whole request, body included, must arrive within this (default 2 min); past it: 408. */
+  bodyTimeoutMs?: number;
+  /** While a body arrives, each window must bring at least this many bytes per second (default 1024; 0: no check); else 408. */
+  minBodyRate?: number;
+  /** The window the body rate is measured over (default 10 s). */
+  bodyRateWindowMs?: number;
   /** How often expired images are deleted (default: a quarter of the TTL, between 0.5 and 15 s). */
   sweepIntervalMs?: number;
   /** Load the default model in the workers at start (default true). */
@@ -99,7 +113,7 @@ export interface KilnServer {
   /** The base image URLs are built on. */
   readonly publicUrl: string;
   listen(): Promise<string>;
-  /** Graceful: stop accepting, let jobs finish until the shutdown deadline, cancel the rest. */
+  /** Graceful: stop accepting, answer queued jobs 503 at once, let running ones finish until the shutdown deadline, cancel the rest. */
   close(): Promise<void>;
 }
 
@@ -140,6 +154,16 @@ class RedactingLogController extends LogController {
   }
 }
 
+/** Bytes of a model's UNet on disk (every file of unet/, external weights included); undefined when unknown. */
+function unetBytes(model: string, searchDirs: string[]): number | undefined {
+  try {
+    const dir = join(locateModel(model, searchDirs), 'unet');
+    return readdirSync(dir).reduce((sum, name) => sum + statSync(join(dir, name)).size, 0);
+  } catch {
+    return undefined; // not installed, or a layout without unet/: the default prior
+  }
+}
+
 function formatHost(host: string): string {
   return host.includes(':') ? `[${host}]` : host;
 }
@@ -160,16 +184,25 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
     logger.warn(`${(err as Error).message}; its serving aliases are ignored`);
   }
 
+  const device = options.device ?? 'cpu';
   const runner =
     options.runner ??
     new EnginePool({
       size: options.workers ?? 1,
       searchDirs,
-      device: options.device ?? 'cpu',
+      device,
       env: { ...process.env, KILN_HOME: home },
-      onEvent: (e) => (e.type === 'crash' || e.error ? logger.error({ err: e.error }, e.message) : logger.info(e.message)),
+      onEvent: (e) =>
+        e.type === 'crash' || e.error ? logger.error({ err: e.error }, e.message) : e.type === 'warning' ? logger.warn(e.message) : logger.info(e.message),
     });
-  const queue = options.queue ?? new InProcessQueue(runner, { maxQueued: options.maxQueue ?? 16 });
+  // retry-after before any job is measured: a guess from the size of the model's UNet (read once per model).
+  const priors = new Map<string, number>();
+  const prior = (model: string) => {
+    let ms = priors.get(model);
+    if (ms === undefined) priors.set(model, (ms = priorMsPerStepMp(unetBytes(model, searchDirs), device)));
+    return ms;
+  };
+  const queue = options.queue ?? new InProcessQueue(runner, { maxQueued: options.maxQueue ?? 16, priorMsPerStepMp: (spec) => prior(spec.model) });
   const store: ImageStore =
     options.store ??
     new LocalDiskStore({
@@ -180,8 +213,24 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   const signer = new UrlSigner(loadOrCreateSecret(join(home, 'secret')));
   const metrics = createMetrics(queue);
 
+  const bodyTimeoutMs = options.bodyTimeoutMs ?? DEFAULT_SLOW_CLIENT_LIMITS.bodyTimeoutMs;
+  const slow: SlowClientLimits = {
+    bodyTimeoutMs,
+    // Node refuses a header deadline past the whole request's.
+    headersTimeoutMs: Math.min(options.headersTimeoutMs ?? DEFAULT_SLOW_CLIENT_LIMITS.headersTimeoutMs, bodyTimeoutMs),
+    minBodyRate: options.minBodyRate ?? DEFAULT_SLOW_CLIENT_LIMITS.minBodyRate,
+    bodyRateWindowMs: options.bodyRateWindowMs ?? DEFAULT_SLOW_CLIENT_LIMITS.bodyRateWindowMs,
+  };
+
   const app = Fastify({
     loggerInstance: logger as FastifyBaseLogger,
+    // Fastify's default (0) would let a request take forever to arrive.
+    requestTimeout: slow.bodyTimeoutMs,
+    http: {
+      headersTimeout: slow.headersTimeoutMs,
+      requestTimeout: slow.bodyTimeoutMs,
+      connectionsCheckingInterval: connectionsCheckingInterval(slow),
+    },
     requestIdHeader: false,
     genReqId: (req) => {
       const given = req.headers['x-request-id'];
@@ -226,11 +275,17 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   let listenUrl = '';
   let publicBase = options.publicUrl?.replace(/\/+$/, '') ?? '';
 
+  const rateGuard = new BodyRateGuard(slow, (request, socket) => {
+    logger.info({ method: request.method, url: request.url?.slice(0, 200), minBodyRate: slow.minBodyRate }, 'request body too slow: connection closed');
+    answerAndClose(socket, 408, 'Request Timeout', `The request body arrived slower than ${slow.minBodyRate} bytes per second.`, 'request_timeout');
+  });
+
   // Hooks and handlers on the root instance reach every route plugin below, and unknown routes.
   app.addHook('onRequest', async (request, reply) => {
+    rateGuard.track(request.raw);
     reply.header('x-request-id', request.id);
     if (closing) {
-      throw new ApiError(503, 'The server is shutting down.', null, 'shutting_down', { headers: { 'x-should-retry': 'true' } });
+      throw new ApiError(503, 'The server is shutting down.', null, 'shutting_down', { headers: { ...SHUTTING_DOWN_HEADERS } });
     }
   });
   addApiKeyAuth(app, options.apiKeys ?? []);
@@ -239,10 +294,22 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
     metrics.httpRequests.inc({ method: request.method, route, status: String(reply.statusCode) });
     metrics.httpDuration.observe({ method: request.method, route }, reply.elapsedTime / 1000);
   });
+  // An answer sent before its request's body was read to the end (an early error in a form, a
+  // refused upload) leaves the rest paused in a parser, and the connection would never get to
+  // its next request: read and discard it, as Node does for bodies nobody reads (the slow-client
+  // limits bound how long that may take).
+  app.addHook('onResponse', async (request) => {
+    const raw = request.raw;
+    if (!raw.complete && !raw.destroyed) {
+      raw.unpipe();
+      raw.resume();
+    }
+  });
   setErrorHandlers(app, metrics);
 
   const images = createImagesService({ queue, store, signer, models, home, ttlMs, requestTimeoutMs, publicUrl: () => publicBase });
-  const budget = new UploadBudget(options.maxUploadMemory ?? 256 * 1024 * 1024);
+  const maxUploadMemory = options.maxUploadMemory ?? 256 * 1024 * 1024;
+  const budget = new UploadBudget(maxUploadMemory, Math.min(options.maxIncomingMemory ?? 64 * 1024 * 1024, maxUploadMemory));
   await app.register(imageRoutes, { images, limits, maxFiles, budget, nMeaning: options.nMeaning ?? 'seed' });
   await app.register(fileRoutes, { store, signer });
   await app.register(modelRoutes, { models });
@@ -287,7 +354,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
         closing = true;
         // Stop listening and drop idle keep-alive connections now; requests in flight go on.
         const appClosed = app.close();
-        // Jobs finish until the deadline, then are cancelled (their requests answer 503).
+        // Queued jobs are cancelled now, running ones finish until the deadline (their requests answer 503 otherwise).
         await queue.close(shutdownTimeoutMs);
         // Responses still being written (a client that stopped reading) get a short grace.
         let grace: NodeJS.Timeout | undefined;
@@ -295,6 +362,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
         clearTimeout(grace);
         app.server.closeAllConnections();
         await appClosed;
+        rateGuard.close();
         await runner.close();
         await store.close();
       })();

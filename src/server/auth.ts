@@ -21,14 +21,21 @@ function keyMatches(token: string, keyHashes: Buffer[]): boolean {
 /**
  * Whether a request is under /v1. Both the route the router matched and the percent-decoded
  * path count: the raw URL alone would let `/%761/models` (decoded and routed as /v1/models)
- * through without a key.
+ * through without a key. An absolute-form target (`GET http://host/v1/... HTTP/1.1`) counts by
+ * its path, whether or not a route matched it; a target in any other form (`*`) is guarded.
  */
 export function isGuarded(rawUrl: string, matchedRoute: string | undefined): boolean {
   if (matchedRoute === '/v1' || matchedRoute?.startsWith('/v1/')) return true;
-  const rawPath = rawUrl.split('?')[0]!;
+  let target = rawUrl.split(/[?#]/)[0]!;
+  if (!target.startsWith('/')) {
+    const authority = /^[a-z][a-z0-9+.-]*:\/\/[^/]*/i.exec(target);
+    // `*`, or anything else that is neither a path nor absolute: refuse rather than guess.
+    if (!authority) return true;
+    target = target.slice(authority[0].length) || '/';
+  }
   let path: string;
   try {
-    path = decodeURIComponent(rawPath);
+    path = decodeURIComponent(target);
   } catch {
     return true; // undecodable: refuse rather than guess
   }

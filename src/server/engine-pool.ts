@@ -16,8 +16,8 @@ export interface EnginePoolOptions {
   device?: Device;
   /** Environment of the worker threads (e.g. KILN_HOME, which alias lookups read). */
   env?: NodeJS.ProcessEnv;
-  /** Worker lifecycle messages (crashes, preload results). */
-  onEvent?: (event: { type: 'crash' | 'preloaded'; message: string; error?: Error }) => void;
+  /** Worker lifecycle messages (crashes, preload results) and the engine's warnings. */
+  onEvent?: (event: { type: 'crash' | 'preloaded' | 'warning'; message: string; error?: Error }) => void;
 }
 
 interface Pending {
@@ -121,6 +121,9 @@ class WorkerSlot {
           error: msg.error ? deserializeError(msg.error) : undefined,
         });
         break;
+      case 'warning':
+        this.pool.options.onEvent?.({ type: 'warning', message: msg.message });
+        break;
       case 'ready':
         break;
     }
@@ -186,7 +189,9 @@ export class EnginePool extends EventEmitter implements JobRunner {
         if (w.exited) return;
         const exited = new Promise((resolve) => w.worker.once('exit', resolve));
         w.post({ type: 'close' });
-        const timer = setTimeout(() => void w.worker.terminate(), 3_000);
+        // The worker stops its job at the next step and frees its sessions; terminating it while
+        // ONNX Runtime is mid-run can abort the whole process, so it gets ample time first.
+        const timer = setTimeout(() => void w.worker.terminate(), 15_000);
         await exited;
         clearTimeout(timer);
       }),

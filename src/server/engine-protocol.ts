@@ -3,7 +3,7 @@
  *
  *   server -> worker   run {id, spec}   cancel {id}   preload {model}   close
  *   worker -> server   ready   progress {id, progress}   partial {id, index, ...}   done {id, bytes, ...}   failed {id, error}
- *                      preloaded {model, error?}
+ *                      preloaded {model, error?}   warning {message}
  *
  * A worker runs one job at a time. Besides `cancel`, the server writes the id of a job to stop
  * into the shared Int32 cell `cancel` (workerData), which the worker reads at every step.
@@ -24,13 +24,19 @@ import {
 
 /**
  * What the edits route adds to a queued edit job (the queue passes specs through untouched).
- * Without `mask` and `pose` an edit is image-to-image.
+ * Without `mask`, `pose` and `imagePrompt` an edit is image-to-image.
  */
 export interface EditJobSpec extends JobSpec {
   /** Inpainting: the validated mask PNG (same dimensions as the image; either convention). */
   mask?: Uint8Array;
   /** Pose mode: the ControlNet scale and the assets resolved for the model (pose-assets.ts). */
   pose?: { scale: number; controlNet: string; dwpose: string };
+  /**
+   * The upload is an image prompt: the adapters resolved for the model (image-prompt-assets.ts),
+   * each at its weight; none when every weight is 0 (the plain model). Without a mask or
+   * `strength` the image is drawn from noise; with `strength`, from the upload (image-to-image).
+   */
+  imagePrompt?: { adapters: { adapter: string; imageEncoder: string; weight: number }[] };
 }
 
 /** A finished job; pose mode adds the skeleton picture (same format as the image). */
@@ -78,12 +84,16 @@ export type FromWorker =
       people?: number;
     }
   | { type: 'failed'; id: number; error: SerializedError; cancelled: boolean }
-  | { type: 'preloaded'; model: string; error?: SerializedError };
+  | { type: 'preloaded'; model: string; error?: SerializedError }
+  /** Something the engine reports that does not stop a job (LoRA modules matching nothing, ...). */
+  | { type: 'warning'; message: string };
 
 export function serializeError(err: unknown): SerializedError {
   if (!(err instanceof Error)) return { name: 'Error', message: String(err) };
-  // Subclasses of InvalidOptionError other than NoPersonError travel as their base class.
-  const name = err instanceof InvalidOptionError && !(err instanceof NoPersonError) ? 'InvalidOptionError' : err.name;
+  // Subclasses of InvalidOptionError other than NoPersonError travel as their base class, as do
+  // ModelLoadError's (a broken safetensors file, a LoRA for another model).
+  const name =
+    err instanceof InvalidOptionError && !(err instanceof NoPersonError) ? 'InvalidOptionError' : err instanceof ModelLoadError ? 'ModelLoadError' : err.name;
   const out: SerializedError = { name, message: err.message, stack: err.stack };
   if (err instanceof InvalidOptionError) out.param = err.param;
   if (err instanceof ModelNotFoundError) out.model = err.model;

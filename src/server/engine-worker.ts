@@ -8,7 +8,7 @@
  * this thread busy.
  */
 import { statSync } from 'node:fs';
-import { dirname } from 'node:path';
+import { dirname, join } from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
 import sharp from 'sharp';
 import { Engine } from '../engine/engine.js';
@@ -17,21 +17,26 @@ import { img2img, prepareInitImage } from '../engine/img2img.js';
 import { inpaint, prepareMask } from '../engine/inpaint.js';
 import { poseGenerate, type PoseAssets } from '../engine/pose-control.js';
 import { loadPoseModels, type PoseModels } from '../engine/pose/index.js';
-import { InvalidOptionError } from '../engine/errors.js';
+import { InvalidOptionError, ModelLoadError } from '../engine/errors.js';
+import { loadImagePrompt, type ImagePrompt, type ImagePromptRunner } from '../engine/image-prompt.js';
+import { modelLoras } from '../engine/loras.js';
 import { OnnxModel } from '../engine/onnx.js';
 import type { DiffusionModel } from '../engine/model.js';
 import type { RgbImage } from '../engine/vae.js';
 import { encodeGeneratedPng, encodeImage } from '../engine/image-codec.js';
 import { createPreviewer, learnFromResult } from '../engine/preview.js';
 import { serializeError, type EditJobSpec, type FromWorker, type ToWorker, type WorkerInit } from './engine-protocol.js';
+import { redactPaths } from './errors.js';
 
 const init = workerData as WorkerInit;
 const port = parentPort!;
 const cancelCell = new Int32Array(init.cancel);
-const engine = new Engine({ device: init.device, searchDirs: init.searchDirs });
-let current: { id: number; controller: AbortController } | undefined;
-
 const post = (msg: FromWorker, transfer: ArrayBuffer[] = []) => port.postMessage(msg, transfer);
+// Warnings (LoRA modules that match nothing, unused checkpoint tensors) go to the server's log.
+const engine = new Engine({ device: init.device, searchDirs: init.searchDirs, onWarning: (message) => post({ type: 'warning', message }) });
+let current: { id: number; controller: AbortController } | undefined;
+/** The job in flight: sessions are released only after it settles (releasing one mid-run aborts the process). */
+let running: Promise<void> = Promise.resolve();
 
 const CONTENT_TYPES = { png: 'image/png', jpeg: 'image/jpeg', webp: 'image/webp' } as const;
 
@@ -69,6 +74,56 @@ async function poseAssets(paths: NonNullable<EditJobSpec['pose']>): Promise<Pose
     cached(poseNets, paths.dwpose, fileVersion(paths.dwpose), () => loadPoseModels(paths.dwpose, paths.dwpose, options)),
   ]);
   return { controlNet, detector: pose.detector, poseNet: pose.poseNet };
+}
+
+// ---- image prompts: each model's adapters loaded once, again when their files change -------
+
+const runners = new Map<string, { version: string; runner: ImagePromptRunner }>();
+
+async function imagePromptRunner(model: DiffusionModel, spec: NonNullable<EditJobSpec['imagePrompt']>): Promise<ImagePromptRunner> {
+  const files = spec.adapters.map((a) => ({ adapter: a.adapter, imageEncoder: a.imageEncoder }));
+  const key = JSON.stringify([model.layout.dir, files]);
+  const version = files.map((f) => `${fileVersion(f.adapter)}/${fileVersion(join(f.imageEncoder, 'model.safetensors'))}`).join(',');
+  const known = runners.get(key);
+  if (known && known.version === version && known.runner.model === model) return known.runner;
+  // A re-pulled adapter or encoder, or a reloaded model: the old sessions go (one job runs at a time, none uses them).
+  if (known) {
+    runners.delete(key);
+    await known.runner.release();
+  }
+  const runner = await loadImagePrompt(model, files, engine);
+  runners.set(key, { version, runner });
+  return runner;
+}
+
+/**
+ * The image prompt of an edit: the model's adapters and the upload as CLIP sees it (upright, its
+ * alpha dropped as PIL's convert('RGB') does, at its own resolution: CLIP's preprocessing
+ * resizes and crops it). Undefined when every weight is 0 (the plain model runs).
+ */
+async function imagePromptFor(model: DiffusionModel, spec: EditJobSpec, upload: Buffer): Promise<ImagePrompt | undefined> {
+  const ip = spec.imagePrompt;
+  if (!ip || ip.adapters.length === 0) return undefined;
+  const loras = modelLoras(model);
+  if (loras.length) {
+    // The adapters are built into the UNet's plain weights: its LoRAs would silently drop out.
+    throw new InvalidOptionError(
+      `model ${model.name} runs with LoRAs (${loras.map((l) => l.name).join(', ')}, from its kiln.json), which cannot be combined with an image prompt yet`,
+      'user',
+    );
+  }
+  let runner: ImagePromptRunner;
+  try {
+    runner = await imagePromptRunner(model, ip);
+  } catch (err) {
+    // An adapter of another family, an ONNX-only model, a broken file: the request cannot be served as asked.
+    if (err instanceof ModelLoadError) throw new InvalidOptionError(`the image prompt cannot be used: ${redactPaths(err.message)}`, 'user');
+    throw err;
+  }
+  const { data, info } = await sharp(upload).rotate().removeAlpha().toColourspace('srgb').raw().toBuffer({ resolveWithObject: true });
+  if (info.channels !== 3) throw new Error(`expected RGB after conversion, got ${info.channels} channels`);
+  const image: RgbImage = { width: info.width, height: info.height, pixels: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) };
+  return { runner, image, scale: ip.adapters.map((a) => a.weight) };
 }
 
 /**
@@ -158,15 +213,21 @@ async function run(id: number, spec: EditJobSpec): Promise<void> {
         ({ pose, people } = posed);
         result = posed;
       } else {
-        const image = await prepareInitImage(upload, width, height);
+        if (!spec.mask) refuseInpaintOnly(model, 'mask');
+        const imagePrompt = await imagePromptFor(model, spec, upload);
+        checkCancel();
         if (spec.mask) {
+          const image = await prepareInitImage(upload, width, height);
           const mask = await prepareMask(toBuffer(spec.mask), width, height);
           checkCancel();
-          result = await inpaint(model, { ...options, image, mask, strength: spec.strength });
+          result = await inpaint(model, { ...options, image, mask, strength: spec.strength, imagePrompt });
+        } else if (spec.imagePrompt && spec.strength === undefined) {
+          // An image prompt alone: a new image from noise, steered by the upload.
+          result = await generate(model, { ...options, imagePrompt });
         } else {
-          refuseInpaintOnly(model, 'mask');
+          const image = await prepareInitImage(upload, width, height);
           checkCancel();
-          result = await img2img(model, { ...options, image, strength: spec.strength });
+          result = await img2img(model, { ...options, image, strength: spec.strength, imagePrompt });
         }
       }
     } else {
@@ -212,7 +273,7 @@ function standalone(bytes: Buffer): Uint8Array<ArrayBuffer> {
 port.on('message', (msg: ToWorker) => {
   switch (msg.type) {
     case 'run':
-      void run(msg.id, msg.spec);
+      running = run(msg.id, msg.spec);
       break;
     case 'cancel':
       if (current?.id === msg.id) current.controller.abort();
@@ -225,14 +286,16 @@ port.on('message', (msg: ToWorker) => {
       break;
     case 'close':
       current?.controller.abort();
-      void Promise.allSettled([
+      // The abort takes effect at the next step; wait for it before freeing the sessions the job runs on.
+      void running.catch(() => undefined).then(() => Promise.allSettled([
         engine.close(),
         ...[...controlNets.values()].map(async (c) => (await c.loading).release()),
+        ...[...runners.values()].map((r) => r.runner.release()),
         ...[...poseNets.values()].map(async (p) => {
           const { detector, poseNet } = await p.loading;
           await Promise.all([detector.release(), poseNet.release()]);
         }),
-      ]).finally(() => port.close());
+      ])).finally(() => port.close());
       break;
   }
 });

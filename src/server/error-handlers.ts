@@ -24,24 +24,30 @@ export function frameworkErrors(error: FastifyError, request: FastifyRequest, re
     .send(api.body());
 }
 
-/** Fastify's `clientErrorHandler` option: malformed HTTP (bad request line, oversized headers) still gets OpenAI's envelope. */
-export function clientErrorHandler(err: Error, socket: Socket): void {
-  if ((err as NodeJS.ErrnoException).code === 'ECONNRESET' || socket.destroyed) return;
-  const code = (err as NodeJS.ErrnoException).code;
-  const [status, text, message] =
-    code === 'HPE_HEADER_OVERFLOW'
-      ? [431, 'Request Header Fields Too Large', 'The request headers are too large.']
-      : code === 'ERR_HTTP_REQUEST_TIMEOUT'
-        ? [408, 'Request Timeout', 'The request took too long to arrive.']
-        : [400, 'Bad Request', 'The request is not valid HTTP.'];
-  const body = JSON.stringify(new ApiError(status, message, null, 'malformed_http').body());
-  if (socket.writable) {
+/**
+ * Answers on a bare socket (no Fastify reply exists, or it cannot be used) and closes it. The
+ * answer is written only where it cannot corrupt the stream: no response in flight on this
+ * connection, or one whose headers have not gone out yet (as Node itself does).
+ */
+export function answerAndClose(socket: Socket, status: number, text: string, message: string, code: string): void {
+  const inFlight = (socket as Socket & { _httpMessage?: { headersSent?: boolean } | null })._httpMessage;
+  if (socket.writable && !inFlight?.headersSent) {
+    const body = JSON.stringify(new ApiError(status, message, null, code).body());
     socket.write(
       `HTTP/1.1 ${status} ${text}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nContent-Type: application/json\r\n` +
         `x-should-retry: false\r\nConnection: close\r\n\r\n${body}`,
     );
   }
   socket.destroy();
+}
+
+/** Fastify's `clientErrorHandler` option: malformed HTTP (bad request line, oversized headers) and Node's header and request deadlines still get OpenAI's envelope. */
+export function clientErrorHandler(err: Error, socket: Socket): void {
+  if ((err as NodeJS.ErrnoException).code === 'ECONNRESET' || socket.destroyed) return;
+  const code = (err as NodeJS.ErrnoException).code;
+  if (code === 'HPE_HEADER_OVERFLOW') answerAndClose(socket, 431, 'Request Header Fields Too Large', 'The request headers are too large.', 'malformed_http');
+  else if (code === 'ERR_HTTP_REQUEST_TIMEOUT') answerAndClose(socket, 408, 'Request Timeout', 'The request took too long to arrive.', 'request_timeout');
+  else answerAndClose(socket, 400, 'Bad Request', 'The request is not valid HTTP.', 'malformed_http');
 }
 
 /**

@@ -83,14 +83,27 @@ function fromFastify(err: { code?: string; statusCode?: number; message: string 
   return undefined;
 }
 
+/**
+ * A message fit for clients: every absolute path in it (a server folder, a LoRA or model file)
+ * shortened to its last part. The full message stays in the server's log.
+ */
+export function redactPaths(message: string): string {
+  // API routes (/v1/...) are not server paths.
+  const path = /(^|[\s"'`(=,])\/(?!v1\/)((?:[^\s"'`():,/]+\/)+)([^\s"'`():,/]*)/g;
+  return message.replace(path, (_, before: string, dirs: string, last: string) => before + (last || dirs.split('/').at(-2)!));
+}
+
+/** What a request refused or cancelled by a shutdown carries: retry soon (elsewhere, or after the restart). */
+export const SHUTTING_DOWN_HEADERS: Readonly<Record<string, string>> = { 'retry-after': '5', 'x-should-retry': 'true' };
+
 /** Maps anything thrown while serving a request to the API error to send. */
 export function toApiError(err: unknown): ApiError {
   if (err instanceof ApiError) return err;
   if (err instanceof NoPersonError) return new ApiError(400, err.message, 'image', 'no_person_found');
-  if (err instanceof InvalidOptionError) return new ApiError(400, err.message, err.param, 'invalid_value');
+  if (err instanceof InvalidOptionError) return new ApiError(400, redactPaths(err.message), err.param, 'invalid_value');
   if (err instanceof ModelNotFoundError) return new ApiError(404, err.message, 'model', 'model_not_found');
   if (err instanceof ModelLoadError) {
-    return new ApiError(500, `The model could not be loaded: ${err.message}`, 'model', 'model_load_failed', { cause: err });
+    return new ApiError(500, `The model could not be loaded: ${redactPaths(err.message)}`, 'model', 'model_load_failed', { cause: err });
   }
   if (err instanceof DeviceUnavailableError) return new ApiError(500, err.message, null, 'device_unavailable', { cause: err });
   if (err instanceof NumericalError) return new ApiError(500, err.message, null, 'numerical_error', { cause: err });
@@ -100,13 +113,13 @@ export function toApiError(err: unknown): ApiError {
     });
   }
   if (err instanceof QueueClosedError) {
-    return new ApiError(503, err.message, null, 'shutting_down', { headers: { 'retry-after': '5', 'x-should-retry': 'true' } });
+    return new ApiError(503, err.message, null, 'shutting_down', { headers: { ...SHUTTING_DOWN_HEADERS } });
   }
   if (err instanceof JobTimeoutError) {
     return new ApiError(504, err.message, null, 'timeout', { headers: { 'x-should-retry': 'false' } });
   }
   if (err instanceof JobCancelledError && err.reason === 'shutdown') {
-    return new ApiError(503, err.message, null, 'shutting_down', { headers: { 'x-should-retry': 'true' } });
+    return new ApiError(503, err.message, null, 'shutting_down', { headers: { ...SHUTTING_DOWN_HEADERS } });
   }
   if (err instanceof JobCancelledError || err instanceof GenerationCancelledError) {
     return new ApiError(503, 'The generation was cancelled.', null, 'cancelled', { headers: { 'x-should-retry': 'false' } });

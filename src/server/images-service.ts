@@ -8,13 +8,15 @@ import type { FastifyBaseLogger } from 'fastify';
 import { ModelLoadError } from '../engine/errors.js';
 import { detectLayout, type ModelLayout } from '../engine/model.js';
 import { resolveSize, sizeForUpload, type Size } from '../engine/presets.js';
+import { parsePromptLoras } from '../engine/loras.js';
 import { MAX_SEED, randomSeed } from '../engine/rng.js';
 import { JobCancelledError, JobTimeoutError, type JobQueue, type JobSpec, type PartialImageEvent } from '../queue/types.js';
 import type { ImageStore } from '../store/types.js';
-import { ClientGoneError } from './errors.js';
+import { ApiError, ClientGoneError } from './errors.js';
 import type { EditJobOutput, EditJobSpec } from './engine-protocol.js';
 import type { ModelCatalog, ResolvedModel } from './model-catalog.js';
-import { DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, type ImageParams } from './params.js';
+import { DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, type ImageParams, type ImagePromptWeights } from './params.js';
+import { resolveImagePromptAssets, type ImagePromptAdapter } from './image-prompt-assets.js';
 import { resolvePoseAssets } from './pose-assets.js';
 import type { UrlSigner } from './signing.js';
 
@@ -23,7 +25,7 @@ export interface ImagesServiceOptions {
   store: ImageStore;
   signer: UrlSigner;
   models: ModelCatalog;
-  /** Kiln's home folder (pose-mode assets). */
+  /** Kiln's home folder (pose-mode and image-prompt assets). */
   home: string;
   /** Lifetime of image URLs and their files. */
   ttlMs: number;
@@ -41,13 +43,14 @@ export interface Caller {
   res: ServerResponse;
 }
 
-/** A validated edit upload: the init image, an optional mask (inpainting) or pose scale (pose mode). */
+/** A validated edit upload: the init image, an optional mask (inpainting), pose scale (pose mode) or image-prompt weights. */
 export interface EditUpload {
   image: Buffer;
   /** The image's size as it will be used (upright); `size: auto` follows its shape. */
   imageSize: Size;
   mask?: Buffer;
   poseScale?: number;
+  imagePrompt?: ImagePromptWeights;
 }
 
 /** A streamed request (streaming.ts): its partial images as they come, per image of the request. */
@@ -60,10 +63,20 @@ interface EditInput {
   imageSize: Size;
   mask?: Buffer;
   pose?: EditJobSpec['pose'];
+  imagePrompt?: { weights: ImagePromptWeights; adapters: ImagePromptAdapter[] };
 }
 
 function headerValue(v: string | number): string {
   return encodeURIComponent(String(v)).replace(/%20/g, ' ');
+}
+
+/** `kiln.image_prompt`: the weight of each role asked for (0 included) and the adapter files used. */
+function imagePromptReport(weights: ImagePromptWeights, adapters: ImagePromptAdapter[]) {
+  return {
+    style: weights.style,
+    ...(weights.face !== undefined ? { face: weights.face } : {}),
+    adapters: adapters.map((a) => a.name),
+  };
 }
 
 export type ImagesService = ReturnType<typeof createImagesService>;
@@ -123,7 +136,9 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
     // One seed per image: the given one (then +1 each, so a request stays reproducible), else random each.
     const first = params.seed;
     const seeds = Array.from({ length: params.count }, (_, i) => (first === undefined ? randomSeed() : (first + i) % (MAX_SEED + 1)));
-    const mode = kind === 'generate' ? 'generate' : edit?.pose ? 'pose' : edit?.mask ? 'inpaint' : 'img2img';
+    // An image prompt without a mask draws from noise (the reference's meaning) unless `strength` asks to start from the upload.
+    const fromNoise = edit?.imagePrompt !== undefined && !edit.mask && params.strength === undefined;
+    const mode = kind === 'generate' ? 'generate' : edit?.pose ? 'pose' : edit?.mask ? 'inpaint' : fromNoise ? 'image_prompt' : 'img2img';
     const specFor = (seed: number): EditJobSpec => {
       const spec: EditJobSpec = {
         kind,
@@ -144,8 +159,11 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
       if (edit) {
         spec.images = edit.images;
         if (edit.mask) spec.mask = edit.mask;
+        if (edit.imagePrompt) {
+          spec.imagePrompt = { adapters: edit.imagePrompt.adapters.map(({ adapter, imageEncoder, weight }) => ({ adapter, imageEncoder, weight })) };
+        }
         if (edit.pose) spec.pose = edit.pose;
-        else spec.strength = params.strength ?? (edit.mask ? DEFAULT_INPAINT_STRENGTH : DEFAULT_STRENGTH);
+        else if (!fromNoise) spec.strength = params.strength ?? (edit.mask ? DEFAULT_INPAINT_STRENGTH : DEFAULT_STRENGTH);
       }
       return spec;
     };
@@ -225,6 +243,8 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
         ...(kind === 'edit' ? { mode } : {}),
         ...(s.strength !== undefined ? { strength: s.strength } : {}),
         ...(edit?.pose ? { control_scale: edit.pose.scale, people: people.length > 1 ? people : people[0] } : {}),
+        ...(edit?.imagePrompt ? { image_prompt: imagePromptReport(edit.imagePrompt.weights, edit.imagePrompt.adapters) } : {}),
+        ...(s.loras?.length ? { loras: s.loras } : {}),
         ...(expiresAt !== undefined ? { expires_at: Math.floor(expiresAt / 1000) } : {}),
         timings: {
           queue_ms: Math.round(queueMs),
@@ -242,7 +262,7 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
       return runImageJob(caller, params, 'generate', undefined, undefined, stream);
     },
 
-    /** POST /v1/images/edits: img2img, inpainting (with a mask) or pose-guided (with a pose scale). */
+    /** POST /v1/images/edits: img2img, inpainting (with a mask), pose-guided (with a pose scale) or with an image prompt. */
     async edit(caller: Caller, params: ImageParams, upload: EditUpload, stream?: StreamHooks) {
       const model = models.resolve(params.model);
       let pose: EditJobSpec['pose'];
@@ -251,7 +271,24 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
         caller.log.debug({ model: model.id, ...assets.sources }, 'pose assets');
         pose = { scale: upload.poseScale, controlNet: assets.controlNet, dwpose: assets.dwpose };
       }
-      return runImageJob(caller, params, 'edit', { images: [upload.image], imageSize: upload.imageSize, mask: upload.mask, pose }, model, stream);
+      let imagePrompt: EditInput['imagePrompt'];
+      if (upload.imagePrompt) {
+        // A folder the layout check refuses cannot be served at all: its load error, not an image without the image prompt.
+        const family = detectLayout(models.dir(model)).family;
+        const adapters = resolveImagePromptAssets(family, model.id, home, upload.imagePrompt);
+        if (adapters.length && parsePromptLoras(params.prompt).loras.length) {
+          throw new ApiError(
+            400,
+            'LoRA tags (<lora:NAME:SCALE>) in the prompt cannot be combined with an image prompt yet (the adapters are built into the model\'s own UNet); ' +
+              'send one or the other.',
+            'prompt',
+            'unsupported_value',
+          );
+        }
+        caller.log.debug({ model: model.id, adapters: adapters.map((a) => `${a.name}:${a.weight}`) }, 'image prompt');
+        imagePrompt = { weights: upload.imagePrompt, adapters };
+      }
+      return runImageJob(caller, params, 'edit', { images: [upload.image], imageSize: upload.imageSize, mask: upload.mask, pose, imagePrompt }, model, stream);
     },
   };
 }

@@ -7,6 +7,7 @@ import { MAX_GUIDANCE, MAX_STEPS } from '../engine/pipeline.js';
 import { DEFAULT_QUALITY, DEFAULT_SIZES, QUALITY_NAMES, SIZE_RANGES, SIZE_STEP, qualityTier } from '../engine/presets.js';
 import { SCHEDULER_NAMES, schedulerClassFor } from '../engine/schedulers/index.js';
 import { OUTPUT_FORMATS, type OutputFormat } from '../engine/image-codec.js';
+import { MAX_IMAGE_PROMPT_SCALE } from '../engine/image-prompt.js';
 import { ApiError } from './errors.js';
 import { isGptImageModel } from './model-catalog.js';
 
@@ -20,6 +21,12 @@ export const DEFAULT_STRENGTH = 0.75;
 export const DEFAULT_INPAINT_STRENGTH = 1;
 /** Largest ControlNet conditioning scale (`pose:<w>`). */
 export const MAX_POSE_WEIGHT = 2;
+/** Largest image-prompt weight (`style:<w>`, `face:<w>`, the `style` field): the engine's limit. */
+export const MAX_IMAGE_PROMPT_WEIGHT = MAX_IMAGE_PROMPT_SCALE;
+/** The style weight of an image prompt that does not give one (the reference's `style` default). */
+export const DEFAULT_STYLE_WEIGHT = 0.6;
+/** DALL-E 3's values of `style`, accepted and ignored. */
+const DALLE_STYLES = ['vivid', 'natural'];
 
 type Endpoint = 'generations' | 'edits';
 
@@ -46,6 +53,8 @@ interface FieldSpec {
   maxLength?: number;
   /** For the OpenAPI document only (readParams checks the form itself). */
   pattern?: string;
+  /** A string field that also takes a number (JSON); readParams checks the value. */
+  orNumber?: boolean;
   examples?: readonly string[];
   /** Only on these endpoints (default: both). */
   only?: Endpoint;
@@ -98,7 +107,9 @@ export const FIELDS: Record<string, FieldSpec> = {
     maxLength: 256,
     description:
       'End-user id. On edits, `cn` asks for pose mode (ControlNet OpenPose at scale 1.0), `pose:<w>` for scale w (0 to 2); ' +
-      'in the list form `face:0.5,style:0.6,pose:1.0` only the pose weight is used (face and style image-prompt weights are not supported and are ignored).',
+      `\`style:<w>\` and/or \`face:<w>\` (0 to ${MAX_IMAGE_PROMPT_SCALE}) make the upload an image prompt (IP-Adapter) with those weights ` +
+      `(the style weight defaults to ${DEFAULT_STYLE_WEIGHT} once an image prompt is asked for); the list form is \`face:0.5,style:0.6,pose:1.0\` ` +
+      '(pose together with an image prompt is not supported yet: 400).',
   },
   negprompt: { type: 'string', maxLength: MAX_PROMPT_CHARS, description: 'Extension: negative prompt (Block Entropy\'s name).' },
   negative_prompt: { type: 'string', maxLength: MAX_PROMPT_CHARS, description: 'Extension: negative prompt; wins over `negprompt`.' },
@@ -116,7 +127,9 @@ export const FIELDS: Record<string, FieldSpec> = {
     exclusiveMinimum: 0,
     maximum: 1,
     only: 'edits',
-    description: `Extension: how much of the input is redrawn, 0 < strength <= 1 (default ${DEFAULT_STRENGTH} for image-to-image, ${DEFAULT_INPAINT_STRENGTH} for inpainting; not used in pose mode).`,
+    description:
+      `Extension: how much of the input is redrawn, 0 < strength <= 1 (default ${DEFAULT_STRENGTH} for image-to-image, ${DEFAULT_INPAINT_STRENGTH} for inpainting; not used in pose mode). ` +
+      'With an image prompt and no mask, giving it starts from the upload (image-to-image with the image prompt) instead of from noise.',
   },
   stream: {
     type: 'boolean',
@@ -136,7 +149,15 @@ export const FIELDS: Record<string, FieldSpec> = {
     enum: ['auto', 'opaque', 'transparent'],
     description: "GPT image models' background: `auto` and `opaque` are accepted (Kiln's images are opaque); `transparent` is refused (400).",
   },
-  style: { type: 'string', enum: ['vivid', 'natural'], description: "DALL-E 3's style: accepted and ignored (Kiln's models have no such switch; say it in the prompt)." },
+  style: {
+    type: 'string',
+    orNumber: true,
+    maxLength: 32,
+    examples: ['0.6', 'vivid'],
+    description:
+      `Block Entropy's image-prompt style weight, 0 to ${MAX_IMAGE_PROMPT_SCALE}: on edits (not in pose mode) it makes the upload an image prompt with that weight ` +
+      "(`style:<w>` in `user` wins over it; ignored on generations, which have no upload). DALL-E 3's `vivid` and `natural` are accepted and ignored.",
+  },
   moderation: { type: 'string', enum: ['auto', 'low'], description: "GPT image models' moderation level: accepted and ignored (Kiln moderates nothing)." },
   input_fidelity: {
     type: 'string',
@@ -168,6 +189,8 @@ export interface ImageParams {
   stream: boolean;
   /** Streaming: previews per image (0..3). */
   partialImages: number;
+  /** The `style` field as an image-prompt weight (absent, or DALL-E 3's `vivid` / `natural`: undefined). */
+  styleWeight?: number;
 }
 
 function describe(value: unknown): string {
@@ -209,7 +232,7 @@ function fromForm(name: string, spec: FieldSpec, raw: string): unknown {
 function checkField(name: string, spec: FieldSpec, value: unknown): void {
   const typeOk =
     spec.type === 'string'
-      ? typeof value === 'string'
+      ? typeof value === 'string' || (spec.orNumber === true && typeof value === 'number' && Number.isFinite(value))
       : spec.type === 'integer'
         ? typeof value === 'number' && Number.isInteger(value)
         : spec.type === 'number'
@@ -321,6 +344,7 @@ export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 
       n < 1 ? 'integer_below_min_value' : 'integer_above_max_value',
     );
   }
+  const styleWeight = readStyleWeight(values.style as string | number | undefined);
   const quality = (values.quality as string | undefined) ?? DEFAULT_QUALITY;
   qualityTier(quality); // enum-checked already; keeps the engine's rule the one truth
   const scheduler = values.scheduler as string | undefined;
@@ -351,41 +375,106 @@ export function readParams(input: unknown, endpoint: Endpoint, source: 'json' | 
     strength: values.strength as number | undefined,
     stream: values.stream === true,
     partialImages: (values.partial_images as number | undefined) ?? 0,
+    styleWeight,
   };
 }
 
+/** A weight from form text or a JSON number; undefined when it is not a finite number (the range is the caller's). */
+function weightOf(value: string | number): number | undefined {
+  const weight = typeof value === 'number' ? value : value.trim() === '' ? Number.NaN : Number(value);
+  return Number.isFinite(weight) ? weight : undefined;
+}
+
+/** The `style` field: a weight, or DALL-E 3's `vivid` / `natural` (ignored: undefined). 400 `style` for anything else. */
+function readStyleWeight(style: string | number | undefined): number | undefined {
+  if (style === undefined) return undefined;
+  if (typeof style === 'string' && DALLE_STYLES.includes(style)) return undefined;
+  const weight = weightOf(style);
+  if (weight === undefined) {
+    throw new ApiError(
+      400,
+      `Invalid value for 'style': '${show(style)}'. Supported values are an image-prompt weight from 0 to ${MAX_IMAGE_PROMPT_WEIGHT} (e.g. '${DEFAULT_STYLE_WEIGHT}'), or DALL-E 3's ${DALLE_STYLES.map((v) => `'${v}'`).join(', ')}.`,
+      'style',
+      'invalid_value',
+    );
+  }
+  if (weight < 0 || weight > MAX_IMAGE_PROMPT_WEIGHT) {
+    throw new ApiError(400, `Invalid value for 'style': the style weight must be from 0 to ${MAX_IMAGE_PROMPT_WEIGHT}, but got ${weight}.`, 'style', 'invalid_value');
+  }
+  return weight;
+}
+
 /** The roles of Block Entropy's list form of `user` (`face:0.5,style:0.6,pose:1.0`). */
-const USER_WEIGHT_ROLES = ['face', 'style', 'pose'];
+const USER_WEIGHT_ROLES = ['face', 'style', 'pose'] as const;
+type UserRole = (typeof USER_WEIGHT_ROLES)[number];
 
 /**
- * Pose mode from an edit's `user`: the ControlNet conditioning scale, or undefined when `user` does
- * not ask for pose (then it is an ordinary end-user id, or a weight list without `pose`).
- *   `cn` -> 1;  `pose:<w>` -> w;  `face:0.5,style:0.6,pose:1.0` -> 1 (face/style are ignored).
- * A weight list with a malformed number, or a pose weight outside 0..2, is a 400 (`user`).
+ * The weights an edit's `user` gives, or an empty object when `user` gives none (then it is an
+ * ordinary end-user id):  `cn` -> pose 1;  `pose:<w>` -> pose w;  `face:0.5,style:0.6,pose:1.0` ->
+ * each role's weight. A weight list with a malformed number, a pose weight outside 0..2 or an
+ * image-prompt weight outside 0..MAX_IMAGE_PROMPT_WEIGHT is a 400 (`user`).
  */
-export function parsePoseUser(user: string | undefined): number | undefined {
-  if (user === undefined) return undefined;
+export function parseUserWeights(user: string | undefined): Partial<Record<UserRole, number>> {
+  if (user === undefined) return {};
   const text = user.trim().toLowerCase();
-  if (text === 'cn') return 1;
+  if (text === 'cn') return { pose: 1 };
   const parts = text.split(',').map((p) => p.trim());
   const pairs = parts.map((p) => /^([a-z_]+)\s*:\s*(.*)$/.exec(p));
-  if (!pairs.every((m) => m && USER_WEIGHT_ROLES.includes(m[1]!))) return undefined;
-  let pose: number | undefined;
+  if (!pairs.every((m) => m && (USER_WEIGHT_ROLES as readonly string[]).includes(m[1]!))) return {};
+  const weights: Partial<Record<UserRole, number>> = {};
   for (const m of pairs) {
-    const role = m![1]!;
+    const role = m![1]! as UserRole;
     const value = m![2]!;
-    const weight = Number(value);
-    if (value === '' || !Number.isFinite(weight)) {
-      throw new ApiError(400, `Invalid value for 'user': the ${role} weight '${show(value)}' is not a number (e.g. pose:1.0).`, 'user', 'invalid_value');
+    const weight = weightOf(value);
+    if (weight === undefined) {
+      throw new ApiError(400, `Invalid value for 'user': the ${role} weight '${show(value)}' is not a number (e.g. ${role}:${role === 'pose' ? '1.0' : '0.6'}).`, 'user', 'invalid_value');
     }
-    if (role === 'pose') {
-      if (weight < 0 || weight > MAX_POSE_WEIGHT) {
-        throw new ApiError(400, `Invalid value for 'user': the pose weight must be from 0 to ${MAX_POSE_WEIGHT}, but got ${weight}.`, 'user', 'invalid_value');
-      }
-      pose = weight;
+    const max = role === 'pose' ? MAX_POSE_WEIGHT : MAX_IMAGE_PROMPT_WEIGHT;
+    if (weight < 0 || weight > max) {
+      throw new ApiError(400, `Invalid value for 'user': the ${role} weight must be from 0 to ${max}, but got ${weight}.`, 'user', 'invalid_value');
     }
+    if (weights[role] !== undefined) throw new ApiError(400, `Invalid value for 'user': the ${role} weight is given twice.`, 'user', 'invalid_value');
+    weights[role] = weight;
   }
-  return pose;
+  return weights;
+}
+
+/** Pose mode from an edit's `user`: the ControlNet conditioning scale, or undefined when `user` does not ask for pose. */
+export function parsePoseUser(user: string | undefined): number | undefined {
+  return parseUserWeights(user).pose;
+}
+
+/** An edit's image prompt: the weight of each adapter role, and the field that asked for it (for 400s). */
+export interface ImagePromptWeights {
+  style: number;
+  face?: number;
+  from: 'user' | 'style';
+  /** The style weight is DEFAULT_STYLE_WEIGHT because neither `user` nor the field gave one. */
+  styleDefault?: boolean;
+}
+
+/**
+ * What an edit asks for beyond image-to-image / inpainting: pose mode (its scale) and an image
+ * prompt (its weights). An image prompt is asked for by `style:<w>` / `face:<w>` in `user`, or
+ * by a `style` weight outside pose mode (`cn` / `pose:<w>` alone keep the reference's pose mode,
+ * whose image ignored the style field). Its style weight is `user`'s, else the field's, else
+ * DEFAULT_STYLE_WEIGHT; `face` is used only when given.
+ */
+export function editWeights(params: Pick<ImageParams, 'user' | 'styleWeight'>): { pose?: number; imagePrompt?: ImagePromptWeights } {
+  const user = parseUserWeights(params.user);
+  const listAsks = user.style !== undefined || user.face !== undefined;
+  const fieldAsks = params.styleWeight !== undefined && user.pose === undefined;
+  const out: { pose?: number; imagePrompt?: ImagePromptWeights } = {};
+  if (user.pose !== undefined) out.pose = user.pose;
+  if (listAsks || fieldAsks) {
+    out.imagePrompt = {
+      style: user.style ?? params.styleWeight ?? DEFAULT_STYLE_WEIGHT,
+      ...(user.face !== undefined ? { face: user.face } : {}),
+      from: listAsks ? 'user' : 'style',
+      ...(user.style === undefined && params.styleWeight === undefined ? { styleDefault: true } : {}),
+    };
+  }
+  return out;
 }
 
 /** The JSON Schema of an endpoint's fields (for the OpenAPI document). */
@@ -395,7 +484,8 @@ export function paramsSchema(endpoint: Endpoint, source: 'json' | 'form'): Recor
   for (const [name, spec] of Object.entries(FIELDS)) {
     if (spec.only && spec.only !== endpoint) continue;
     const { type, description, enum: values, minimum, maximum, exclusiveMinimum, minLength, maxLength, pattern, examples } = spec;
-    const prop: Record<string, unknown> = { type: spec.required || source === 'form' ? type : [type, 'null'], description };
+    const types = spec.orNumber && source === 'json' ? [type, 'number'] : [type];
+    const prop: Record<string, unknown> = { type: spec.required || source === 'form' ? (types.length > 1 ? types : type) : [...types, 'null'], description };
     if (values) prop.enum = source === 'form' || spec.required ? [...values] : [...values, null];
     Object.assign(
       prop,

@@ -37,7 +37,8 @@ export class UrlSigner {
 
   /** Constant-time check of a signature taken from a URL. */
   verify(key: string, expires: string, signature: string): boolean {
-    if (!/^\d{1,12}$/.test(expires) || !/^[A-Za-z0-9_-]{43}$/.test(signature)) return false;
+    // Only the spelling sign() writes: `0123` or `+123` would be other URLs for the same signature.
+    if (!/^(0|[1-9]\d{0,11})$/.test(expires) || !/^[A-Za-z0-9_-]{43}$/.test(signature)) return false;
     // Compare the text, not the decoded bytes: a 43-character base64url string carries 2 spare
     // bits in its last character, so decoded comparison would accept 4 spellings of one signature.
     const expected = Buffer.from(this.sign(key, Number(expires)), 'latin1');

@@ -9,6 +9,11 @@ import { ApiError } from './errors.js';
 
 const PNG_SIGNATURE = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
 
+// libvips' operation cache (by default up to 50 MB and 100 operations, for the whole process)
+// only pays off when the same image is processed again; uploads, masks and generated images
+// never are, so it would only keep decoded pixels of hostile uploads alive.
+sharp.cache(false);
+
 export interface UploadLimits {
   /** Largest file in bytes. */
   maxBytes: number;

@@ -14,9 +14,8 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { readPngText } from '../../src/engine/image-codec.js';
 import { DiffusionModel } from '../../src/engine/model.js';
-import { generate } from '../../src/engine/pipeline.js';
 import { BUILD_INFO } from '../../src/graphs/cache.js';
-import { GOLDEN_DIR, maxAbs, maxAbsDiff, readGolden, readGoldenJson, readmeTolerance, roundingTolerance } from '../graphs/golden.js';
+import { assertGoldenCase, GOLDEN_DIR, pipelineCase, runGoldenCase } from '../graphs/golden.js';
 
 const run = promisify(execFile);
 const scratch = mkdtempSync(join(tmpdir(), 'kiln-cli-checkpoints-'));
@@ -79,28 +78,10 @@ test('kiln convert FILE --config DIR --lora FILE:SCALE writes an ONNX folder wit
   assert.ok(existsSync(join(out, BUILD_INFO)));
   assert.deepEqual(readdirSync(scratch).filter((f) => f.startsWith('.kiln-convert-')), [], 'the scratch import is removed');
 
-  const c = readGoldenJson<{ cases: { id: string; prompt: string; negative_prompt: string | null; guidance_scale: number; num_inference_steps: number; width: number; height: number; scheduler: { class: string; config: Record<string, unknown> }; latents_file: string; outputs_file: string }[] }>(
-    'pipelines/cases.json',
-  ).cases.find((x) => x.id === 'sd15_euler_4_lora')!;
+  const c = pipelineCase('sd15_euler_4_lora');
   const model = await DiffusionModel.load(out);
   try {
-    model.layout.schedulerConfig = c.scheduler.config as typeof model.layout.schedulerConfig;
-    const result = await generate(model, {
-      prompt: c.prompt,
-      negativePrompt: c.negative_prompt ?? undefined,
-      seed: 0,
-      size: `${c.width}x${c.height}`,
-      allowedSizes: [`${c.width}x${c.height}`],
-      steps: c.num_inference_steps,
-      guidanceScale: c.guidance_scale,
-      scheduler: c.scheduler.class,
-      latents: readGolden(join('pipelines', c.latents_file)).get('latents')!.data,
-    });
-    const expected = readGolden(join('pipelines', c.outputs_file)).get('latents_final')!.data;
-    const diff = maxAbsDiff(result.latents, expected);
-    const tol = roundingTolerance(readmeTolerance(join('pipelines', c.outputs_file), 'latents_final'), maxAbs(expected));
-    t.diagnostic(`latents_final max abs diff ${diff.toExponential(2)} (allowed ${tol.toExponential(2)})`);
-    assert.ok(diff <= tol);
+    assertGoldenCase(t, await runGoldenCase(model, c), c);
   } finally {
     await model.release();
   }

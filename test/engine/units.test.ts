@@ -4,7 +4,6 @@ import sharp from 'sharp';
 import { fromFloat16Bits, toFloat16Bits, float32ToFloat16Bits, float16BitsToFloat32 } from '../../src/engine/float16.js';
 import { encodeImage, insertPngText, readPngText } from '../../src/engine/image-codec.js';
 import { guidanceEmbedding } from '../../src/engine/pipeline.js';
-import { applyTokenWeights } from '../../src/engine/conditioning.js';
 import { parseSize, qualityTier, resolveSize, sizeForUpload, QUALITY_NAMES, SIZE_RANGES } from '../../src/engine/presets.js';
 import { InvalidOptionError } from '../../src/engine/errors.js';
 
@@ -53,19 +52,6 @@ test('LCM guidance embedding matches diffusers get_guidance_scale_embedding', ()
   // guidance 1 -> w = 0 -> sin half zero, cos half one
   const flat = guidanceEmbedding(1, 8);
   assert.deepEqual(Array.from(flat), [0, 0, 0, 0, 1, 1, 1, 1]);
-});
-
-test('token weights scale tokens and keep the mean; all-ones is a no-op', () => {
-  const dim = 2;
-  const hidden = Float32Array.from([1, 1, 2, 2, 3, 3]);
-  const untouched = Float32Array.from(hidden);
-  applyTokenWeights(hidden, [1, 1, 1], dim);
-  assert.deepEqual(hidden, untouched);
-  applyTokenWeights(hidden, [1, 2, 1], dim);
-  const mean = (a: Float32Array) => a.reduce((s, x) => s + x, 0) / a.length;
-  assert.ok(Math.abs(mean(hidden) - mean(untouched)) < 1e-6);
-  // the weighted token grew relative to its neighbours: ratio 2·2/1 = 4
-  assert.ok(Math.abs(hidden[2]! / hidden[0]! - 4) < 1e-5);
 });
 
 test('quality names map to tiers; unknown names list the allowed ones', () => {

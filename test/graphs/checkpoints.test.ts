@@ -20,7 +20,6 @@ import onnxProto from 'onnx-proto';
 import { Engine } from '../../src/engine/engine.js';
 import { InvalidOptionError, ModelLoadError } from '../../src/engine/errors.js';
 import { locateModel } from '../../src/engine/locate.js';
-import { generate, type GenerateResult } from '../../src/engine/pipeline.js';
 import { decodeLatents } from '../../src/engine/vae.js';
 import { assertNotPickle, folderSources, importCheckpoint, importLora, readKilnJson, vaeSource } from '../../src/graphs/checkpoint.js';
 import { entryValues } from '../../src/graphs/lora.js';
@@ -41,8 +40,8 @@ import {
 import { openSafetensors, readTensorBytes, writeSafetensors, type TensorToWrite } from '../../src/graphs/safetensors.js';
 import { buildUnet } from '../../src/graphs/unet.js';
 import { buildVaeDecoder, buildVaeEncoder } from '../../src/graphs/vae.js';
-import { Params, RandomWeights, type WeightEntry, type WeightSource } from '../../src/graphs/weights.js';
-import { GOLDEN_DIR, maxAbs, maxAbsDiff, readGolden, readGoldenJson, readmeTolerance, roundingTolerance } from './golden.js';
+import { Params, RecordingWeights } from '../../src/graphs/weights.js';
+import { assertGoldenCase, GOLDEN_DIR, pipelineCase, readGolden, runGoldenCase } from './golden.js';
 
 const { onnx } = onnxProto;
 const scratch = mkdtempSync(join(tmpdir(), 'kiln-checkpoints-'));
@@ -54,38 +53,6 @@ type Kind = 'sd15' | 'sdxl';
 const singleFile = (kind: Kind): string => join(GOLDEN_DIR, 'single_file', `${kind}-single-file.safetensors`);
 const pipeline = (kind: Kind): string => join(GOLDEN_DIR, 'pipelines', kind);
 const bits = (a: Float32Array): Uint32Array => new Uint32Array(a.buffer, a.byteOffset, a.length);
-
-interface PipelineCase {
-  id: string;
-  prompt: string;
-  negative_prompt: string | null;
-  guidance_scale: number;
-  num_inference_steps: number;
-  height: number;
-  width: number;
-  scheduler: { class: string; config: Record<string, unknown> };
-  latents_file: string;
-  outputs_file: string;
-}
-const { cases } = readGoldenJson<{ cases: PipelineCase[] }>('pipelines/cases.json');
-
-/** Runs a golden case on `model` (its scheduler, starting latents and arguments). */
-async function runCase(engine: Engine, model: string, id: string): Promise<GenerateResult> {
-  const c = cases.find((x) => x.id === id)!;
-  const m = await engine.model(model);
-  m.layout.schedulerConfig = c.scheduler.config as typeof m.layout.schedulerConfig;
-  return generate(m, {
-    prompt: c.prompt,
-    negativePrompt: c.negative_prompt ?? undefined,
-    seed: 0,
-    size: `${c.width}x${c.height}`,
-    allowedSizes: [`${c.width}x${c.height}`],
-    steps: c.num_inference_steps,
-    guidanceScale: c.guidance_scale,
-    scheduler: c.scheduler.class,
-    latents: readGolden(join('pipelines', c.latents_file)).get('latents')!.data,
-  });
-}
 
 /** A built graph's nodes and declared initializers (names, types, shapes), without where the bytes are. */
 function graphShape(path: string): string {
@@ -116,14 +83,10 @@ for (const kind of ['sd15', 'sdxl'] as const) {
     assert.deepEqual(readKilnJson(r.dir)?.checkpoint, `${kind}-single-file.safetensors`);
     for (const c of ['unet', 'vae', 'text_encoder']) assert.ok(!existsSync(join(r.dir, c, 'diffusion_pytorch_model.safetensors')) && !existsSync(join(r.dir, c, 'model.safetensors')), `no ${c} weights copied`);
 
-    const imported = await runCase(engine, `imported-${kind}`, `${kind}_euler_4`);
-    const folder = await runCase(engine, pipeline(kind), `${kind}_euler_4`);
-    const c = cases.find((x) => x.id === `${kind}_euler_4`)!;
-    const expected = readGolden(join('pipelines', c.outputs_file)).get('latents_final')!.data;
-    const diff = maxAbsDiff(imported.latents, expected);
-    const tol = roundingTolerance(readmeTolerance(join('pipelines', c.outputs_file), 'latents_final'), maxAbs(expected));
-    t.diagnostic(`latents_final max abs diff ${diff.toExponential(2)} (allowed ${tol.toExponential(2)})`);
-    assert.ok(diff <= tol);
+    const c = pipelineCase(`${kind}_euler_4`);
+    const imported = await runGoldenCase(await engine.model(`imported-${kind}`), c);
+    const folder = await runGoldenCase(await engine.model(pipeline(kind)), c);
+    assertGoldenCase(t, imported, c);
     assert.deepEqual(bits(imported.latents), bits(folder.latents), 'the single file and the folder give the same bits');
     assert.equal(imported.settings.model, `imported-${kind}`);
     // The same graphs: nodes and initializer declarations equal (the single file's float16 tensors are
@@ -148,30 +111,8 @@ test("the golden (tiny) files do not fit Kiln's real SD configs: refused at impo
 // ---------------------------------------------------------------------------------------------
 // Full-size checkpoints (headers only)
 
-/** Records the weights a page asks for, with their shapes. */
-class Recording implements WeightSource {
-  readonly component: string;
-  readonly location = 'recording';
-  readonly shapes = new Map<string, number[]>();
-  private readonly random: RandomWeights;
-  constructor(component: string) {
-    this.component = component;
-    this.random = new RandomWeights(component);
-  }
-  lookup(key: string, shape: readonly number[]): WeightEntry {
-    this.shapes.set(key, [...shape]);
-    return this.random.lookup(key, shape);
-  }
-  has(): boolean {
-    return true;
-  }
-  keys(): string[] {
-    return [];
-  }
-}
-
 function recorded(build: (g: GraphBuilder, p: Params) => void, component: string): Map<string, number[]> {
-  const rec = new Recording(component);
+  const rec = new RecordingWeights(component);
   const g = new GraphBuilder(component);
   build(g, Params.of(g, rec));
   return rec.shapes;

@@ -8,6 +8,10 @@
  * value. Measured (t.diagnostic): clip_l at most 4.2 ulps (last_hidden_state 1.07e-6 of 2.16),
  * clip_g at most 5.6 ulps (last_hidden_state 1.43e-6 of 2.16), hidden_states.0 (embeddings)
  * exact; the eos pooling rows 3.0 and 1.3 ulps.
+ *
+ * attention_mask (the optional input compel's down-weighting needs) against every encoder call
+ * recorded in compel-golden, masked ones included: at most 44% of the allowance; an all-ones mask
+ * gives the bits of the graph without the input.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -16,7 +20,9 @@ import { ModelLoadError } from '../../src/engine/errors.js';
 import { buildClipText } from '../../src/graphs/clip-text.js';
 import { GraphBuilder } from '../../src/graphs/onnx-builder.js';
 import { componentWeights, Params } from '../../src/graphs/weights.js';
-import { assertGolden, editedWeights, goldenPath, readConfig, readGolden, readGoldenFeeds, runGraph, stackedEntry } from './golden.js';
+import { join } from 'node:path';
+import { assertGolden, COMPEL_GOLDEN_DIR, editedWeights, goldenPath, maxAbs, maxAbsDiff, readConfig, readGolden, readGoldenFeeds, roundingTolerance, runGraph, stackedEntry } from './golden.js';
+import { compelCases, compelReadme, compelTensor, type EncoderCall } from './compel-golden.js';
 
 /** The golden `input_ids` (3, 77) int64. */
 function inputIds(name: string): ort.Tensor {
@@ -111,3 +117,74 @@ test('configs with a real eos_token_id pool at its first occurrence, not at the 
     assertGolden(t, `eos_token_id ${eos} (pooled at ${positions.join(', ')})`, got, want, file, 'last_hidden_state');
   }
 });
+
+// ---------------------------------------------------------------------------------------------
+// attention_mask: transformers' padding mask, against the encoder calls compel made (compel-golden
+// events: every call of every case, masked ones included, with the output compel used).
+
+for (const encoder of ['text_encoder', 'text_encoder_2'] as const) {
+  test(`${encoder} with attention_mask: every compel-golden encoder call (masked or not) within float32 rounding`, async (t) => {
+    const dir = join(COMPEL_GOLDEN_DIR, encoder);
+    const config = readConfig(dir);
+    const build = (attentionMask: boolean) => {
+      const g = new GraphBuilder(encoder);
+      const built = buildClipText(g, config, Params.of(g, componentWeights(dir, encoder)), { attentionMask, withProjection: encoder === 'text_encoder_2' });
+      return { g, built };
+    };
+    const masked = build(true);
+    assert.deepEqual(masked.g.inputs.map((i) => i.name), ['input_ids', 'attention_mask']);
+    const L = config.num_hidden_layers as number;
+    const outputOf: Record<EncoderCall['output_used'], string> = {
+      last_hidden_state: 'last_hidden_state',
+      'hidden_states[-2]': `hidden_states.${L - 1}`,
+      text_embeds: 'text_embeds',
+    };
+    const calls = compelCases()
+      .cases.flatMap((c) => c.events)
+      .filter((e): e is EncoderCall => e.type === 'encoder_call' && e.encoder === encoder);
+    const withMask = calls.filter((e) => e.attention_mask?.[0]!.includes(0));
+    assert.ok(withMask.length >= 10, `${withMask.length} masked calls`);
+    const S = 77;
+    const ids = new BigInt64Array(calls.flatMap((e) => e.input_ids[0]!.map(BigInt)));
+    const mask = new BigInt64Array(calls.flatMap((e) => (e.attention_mask?.[0] ?? new Array<number>(S).fill(1)).map(BigInt)));
+    const feeds = { input_ids: new ort.Tensor('int64', ids, [calls.length, S]), attention_mask: new ort.Tensor('int64', mask, [calls.length, S]) };
+    const names = [...new Set(calls.map((e) => outputOf[e.output_used]))];
+    const got = await runGraph(masked.g, feeds, names);
+    let worstMasked = 0;
+    let worst = 0;
+    calls.forEach((e, row) => {
+      const want = compelTensor(e.out_key);
+      const out = got[outputOf[e.output_used]]!;
+      const size = want.data.length;
+      const mine = (out.data as Float32Array).subarray(row * size, (row + 1) * size);
+      const diff = maxAbsDiff(mine, want.data);
+      const allowed = roundingTolerance(compelReadme('sdxl', encoder), maxAbs(want.data));
+      assert.ok(diff <= allowed, `${e.out_key} (${e.output_used}): ${diff} over ${allowed}`);
+      if (withMask.includes(e)) worstMasked = Math.max(worstMasked, diff / allowed);
+      else worst = Math.max(worst, diff / allowed);
+    });
+    t.diagnostic(`${calls.length} calls (${withMask.length} masked): worst ${(worst * 100).toFixed(0)}% of the allowance unmasked, ${(worstMasked * 100).toFixed(0)}% masked`);
+
+    // An all-ones mask changes nothing: the graph without the input gives the same bits.
+    const plain = build(false);
+    const unmasked = calls.map((e, row) => ({ e, row })).filter(({ e }) => !withMask.includes(e));
+    const plainIds = new BigInt64Array(unmasked.flatMap(({ e }) => e.input_ids[0]!.map(BigInt)));
+    const plainOut = await runGraph(plain.g, { input_ids: new ort.Tensor('int64', plainIds, [unmasked.length, S]) }, plain.built.outputs);
+    const again = await runGraph(
+      masked.g,
+      { input_ids: new ort.Tensor('int64', plainIds, [unmasked.length, S]), attention_mask: new ort.Tensor('int64', new BigInt64Array(unmasked.length * S).fill(1n), [unmasked.length, S]) },
+      masked.built.outputs,
+    );
+    for (const name of plain.built.outputs) assert.deepEqual(again[name]!.data, plainOut[name]!.data, `${name} with an all-ones mask`);
+
+    // And the mask matters: the masked calls' ids without their mask are far from compel's outputs.
+    const maskedIds = new BigInt64Array(withMask.flatMap((e) => e.input_ids[0]!.map(BigInt)));
+    const ignored = await runGraph(plain.g, { input_ids: new ort.Tensor('int64', maskedIds, [withMask.length, S]) }, names);
+    withMask.forEach((e, row) => {
+      const want = compelTensor(e.out_key).data;
+      const out = ignored[outputOf[e.output_used]]!.data as Float32Array;
+      const diff = maxAbsDiff(out.subarray(row * want.length, (row + 1) * want.length), want);
+      assert.ok(diff > 1e-2, `${e.out_key} without its mask differs by only ${diff}`);
+    });
+  });
+}

@@ -58,6 +58,17 @@ test('kiln convert writes the diffusers ONNX layout; each graph loads in a plain
   assert.equal(layout.vaeScalingFactor, 0.13025);
 });
 
+test('text encoders take attention_mask with kiln convert --attention-mask and in Kiln\'s own cache builds', async () => {
+  const out = join(scratch, 'sd15-masked');
+  await kiln(['convert', SD15, '--out', out, '--attention-mask']);
+  const cached = await ensureBuilt(SD15, { cacheDir: join(scratch, 'mask-cache') });
+  for (const dir of [out, cached]) {
+    const session = await ort.InferenceSession.create(join(dir, 'text_encoder', 'model.onnx'));
+    assert.deepEqual([...session.inputNames], ['input_ids', 'attention_mask'], dir);
+    await session.release();
+  }
+});
+
 test('kiln convert refuses what is not a safetensors pipeline, and a non-empty output folder', async () => {
   const cases: [string[], RegExp][] = [
     [['convert', scratch, '--out', join(scratch, 'x')], /is not a diffusers folder with safetensors weights/],

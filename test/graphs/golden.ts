@@ -11,12 +11,16 @@ import { basename, dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as ort from 'onnxruntime-node';
 import type { onnx as OnnxTypes } from 'onnx-proto';
+import type { DiffusionModel } from '../../src/engine/model.js';
+import { generate, type GenerateOptions, type GenerateResult } from '../../src/engine/pipeline.js';
 import { dtypeCode, type DType, type GraphBuilder } from '../../src/graphs/onnx-builder.js';
 import { openSafetensors, readTensorBytes, readTensorFloat32, writeSafetensors, type TensorToWrite } from '../../src/graphs/safetensors.js';
 import { GRAPH_FILE, writeGraph } from '../../src/graphs/write.js';
 
 const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const GOLDEN_DIR = join(REPO_ROOT, '..', 'shared', 'data', 'diffusers-golden');
+/** compel's weighted-prompt conditioning on tiny CLIP encoders (its README spells out compel's rule). */
+export const COMPEL_GOLDEN_DIR = join(REPO_ROOT, '..', 'shared', 'data', 'compel-golden');
 
 export interface GoldenTensor {
   shape: number[];
@@ -126,8 +130,12 @@ export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
  * which names its README figure) within `roundingTolerance`, and reports the figures.
  */
 export function assertGolden(t: TestContext, what: string, actual: ArrayLike<number>, expected: ArrayLike<number>, file: string, tensor: string): void {
+  assertWithinRounding(t, what, actual, expected, readmeTolerance(file, tensor));
+}
+
+/** The same rule for a golden set whose README gives its run-to-run spread `readme` directly. */
+export function assertWithinRounding(t: TestContext, what: string, actual: ArrayLike<number>, expected: ArrayLike<number>, readme: number): number {
   const diff = maxAbsDiff(actual, expected);
-  const readme = readmeTolerance(file, tensor);
   const largest = maxAbs(expected);
   const allowed = roundingTolerance(readme, largest);
   const ulps = diff / (2 ** -23 * largest);
@@ -136,6 +144,77 @@ export function assertGolden(t: TestContext, what: string, actual: ArrayLike<num
       `README ${readme.toExponential(2)}, allowed ${allowed.toExponential(2)})`,
   );
   assert.ok(diff <= allowed, `${what}: max abs diff ${diff} over ${allowed}`);
+  return diff;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Golden pipeline cases: diffusers' whole runs, through Kiln's generate().
+
+/** The arguments of a golden pipeline case (pipelines/cases.json, ip_adapter/manifest.json) that generate() takes. */
+export interface GoldenCase {
+  id: string;
+  prompt: string;
+  negative_prompt: string | null;
+  guidance_scale: number;
+  num_inference_steps: number;
+  height: number;
+  width: number;
+  scheduler: { class: string; config: Record<string, unknown> };
+  latents_file: string;
+  outputs_file: string;
+}
+
+/** The cases of pipelines/cases.json; `T` adds the fields a test reads beyond GoldenCase. */
+export function pipelineCases<T extends GoldenCase = GoldenCase>(): T[] {
+  return readGoldenJson<{ cases: T[] }>('pipelines/cases.json').cases;
+}
+
+/** One case of pipelines/cases.json. */
+export function pipelineCase(id: string): GoldenCase {
+  const c = pipelineCases().find((x) => x.id === id);
+  assert.ok(c, `pipelines/cases.json has no case ${id}`);
+  return c;
+}
+
+/**
+ * Runs case `c` on `model` as diffusers did: the case's scheduler (as `pipe.scheduler =
+ * Cls.from_config(...)` set it), arguments and starting latents; `extra` overrides options.
+ * `dir`: the golden folder the case's files are in.
+ */
+export function runGoldenCase(model: DiffusionModel, c: GoldenCase, extra: Partial<GenerateOptions> = {}, dir = 'pipelines'): Promise<GenerateResult> {
+  model.layout.schedulerConfig = c.scheduler.config as typeof model.layout.schedulerConfig;
+  return generate(model, {
+    prompt: c.prompt,
+    negativePrompt: c.negative_prompt ?? undefined,
+    seed: 0,
+    size: `${c.width}x${c.height}`,
+    allowedSizes: [`${c.width}x${c.height}`],
+    steps: c.num_inference_steps,
+    guidanceScale: c.guidance_scale,
+    scheduler: c.scheduler.class,
+    latents: readGolden(join(dir, c.latents_file)).get('latents')!.data,
+    ...extra,
+  });
+}
+
+/**
+ * Asserts that `result` is diffusers' run of case `c`: every step taken, latents_final within
+ * roundingTolerance, and the 8-bit image within one level per channel (of `image_uint8` where
+ * the case has it, else of `image` rounded as PIL's conversion does).
+ */
+export function assertGoldenCase(t: TestContext, result: GenerateResult, c: GoldenCase, dir = 'pipelines'): void {
+  assert.equal(result.unetCalls, c.num_inference_steps);
+  const outFile = join(dir, c.outputs_file);
+  const expected = readGolden(outFile);
+  assertGolden(t, 'latents_final', result.latents, expected.get('latents_final')!.data, outFile, 'latents_final');
+  const file = openSafetensors(goldenPath(outFile));
+  const uint8 = file.tensors.get('image_uint8');
+  const image: ArrayLike<number> = uint8 ? readTensorBytes(file, uint8) : Array.from(expected.get('image')!.data, (v) => Math.round(v * 255));
+  assert.equal(result.image.pixels.length, image.length);
+  let levels = 0;
+  for (let i = 0; i < image.length; i++) levels = Math.max(levels, Math.abs(result.image.pixels[i]! - image[i]!));
+  t.diagnostic(`${uint8 ? 'image_uint8' : 'image'}: max ${levels} level(s)`);
+  assert.ok(levels <= 1, `image differs by ${levels} levels`);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -191,6 +270,12 @@ export async function runGraph(g: GraphBuilder, feeds: Record<string, Feed>, out
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+}
+
+/** runGraph with each output's values as float32 (graphs whose outputs are all float). */
+export async function runGraphFloats(g: GraphBuilder, feeds: Record<string, Feed>): Promise<Record<string, Float32Array>> {
+  const out = await runGraph(g, feeds);
+  return Object.fromEntries(Object.entries(out).map(([k, v]) => [k, v.data as Float32Array]));
 }
 
 async function run(path: string, feeds: Record<string, Feed>, outputs?: readonly string[], declared?: GraphBuilder): Promise<Record<string, ort.Tensor>> {

@@ -32,18 +32,18 @@ import { componentWeights, Params } from '../../src/graphs/weights.js';
 import { GRAPH_FILE, writeGraph } from '../../src/graphs/write.js';
 import {
   assertGolden,
+  assertGoldenCase,
   GOLDEN_DIR,
   goldenPath,
-  maxAbs,
   maxAbsDiff,
   readConfig,
   readGolden,
   readGoldenJson,
-  readmeTolerance,
-  roundingTolerance,
+  runGoldenCase,
   runGraph,
   SESSION_OPTIONS,
   tempDir,
+  type GoldenCase,
   type GoldenTensor,
 } from './golden.js';
 
@@ -57,21 +57,7 @@ const UNETS = { sd15: 'components/unet_sd15', sdxl: 'components/unet_sdxl' } as 
 interface Manifest {
   sd15: { ip_layers: Record<string, { processor: string }> };
   sdxl: { ip_layers: Record<string, { processor: string }> };
-  cases: {
-    id: string;
-    pipeline: 'sd15' | 'sdxl';
-    folder: string;
-    ip_adapter_scale: number;
-    prompt: string;
-    negative_prompt: string | null;
-    guidance_scale: number;
-    num_inference_steps: number;
-    height: number;
-    width: number;
-    scheduler: { class: string; config: Record<string, unknown> };
-    latents_file: string;
-    outputs_file: string;
-  }[];
+  cases: (GoldenCase & { pipeline: 'sd15' | 'sdxl'; folder: string; ip_adapter_scale: number })[];
 }
 const manifest = readGoldenJson<Manifest>('ip_adapter/manifest.json');
 
@@ -288,48 +274,20 @@ describe('pipelines with an image prompt, from the cases\' latents', () => {
     test(c.id, async (t) => {
       const { model, runner } = await setup(c.pipeline);
       assert.equal(await loadImagePrompt(model, [{ adapter: ADAPTERS[c.pipeline], imageEncoder: goldenPath(ENCODER) }], engine), runner, 'loaded once');
-      model.layout.schedulerConfig = c.scheduler.config as typeof model.layout.schedulerConfig;
-      const expected = readGolden(join('ip_adapter', c.outputs_file));
+      const outFile = join('ip_adapter', c.outputs_file);
       const image = testImage();
 
       // What the UNet gets: diffusers' image embeddings, [uncond, cond].
       const embeds = (await runner.imageEmbeds(image, true))[0]!;
-      const golden = expected.get('unet_step0_image_embeds')!;
-      const outFile = join('ip_adapter', c.outputs_file);
+      const golden = readGolden(outFile).get('unet_step0_image_embeds')!;
       assertGolden(t, 'unet_step0_image_embeds', embeds.data, golden.data, outFile, 'unet_step0_image_embeds');
 
-      const start = readGolden(join('ip_adapter', c.latents_file)).get('latents')!;
-      const options = {
-        prompt: c.prompt,
-        negativePrompt: c.negative_prompt ?? undefined,
-        seed: 0,
-        size: `${c.width}x${c.height}`,
-        allowedSizes: [`${c.width}x${c.height}`],
-        steps: c.num_inference_steps,
-        guidanceScale: c.guidance_scale,
-        scheduler: c.scheduler.class,
-        latents: start.data,
-      };
-      const result = await generate(model, { ...options, imagePrompt: { runner, image, scale: c.ip_adapter_scale } });
-      assert.equal(result.unetCalls, c.num_inference_steps);
-      const latents = expected.get('latents_final')!;
-      const latentDiff = maxAbsDiff(result.latents, latents.data);
-      const readme = readmeTolerance(outFile, 'latents_final');
-      const latentTol = roundingTolerance(readme, maxAbs(latents.data));
-      const file = openSafetensors(goldenPath(outFile));
-      const uint8 = readTensorBytes(file, file.tensors.get('image_uint8')!);
-      let levels = 0;
-      for (let i = 0; i < uint8.length; i++) levels = Math.max(levels, Math.abs(result.image.pixels[i]! - uint8[i]!));
-      t.diagnostic(
-        `latents_final max abs diff ${latentDiff.toExponential(2)} (README ${readme.toExponential(2)}, allowed ${latentTol.toExponential(2)}, ` +
-          `max |x| ${maxAbs(latents.data).toFixed(1)}); image_uint8 max ${levels} level(s)`,
-      );
-      assert.ok(latentDiff <= latentTol, `latents_final differs by ${latentDiff}`);
-      assert.ok(levels <= 1, `image differs by ${levels} levels`);
+      const result = await runGoldenCase(model, c, { imagePrompt: { runner, image, scale: c.ip_adapter_scale } }, 'ip_adapter');
+      assertGoldenCase(t, result, c, 'ip_adapter');
 
       // Weight 0: the plain model's bytes.
-      const plain = await generate(model, options);
-      const zero = await generate(model, { ...options, imagePrompt: { runner, image, scale: 0 } });
+      const plain = await runGoldenCase(model, c, {}, 'ip_adapter');
+      const zero = await runGoldenCase(model, c, { imagePrompt: { runner, image, scale: 0 } }, 'ip_adapter');
       assert.deepEqual(zero.image.pixels, plain.image.pixels);
       assert.deepEqual(zero.latents, plain.latents);
       assert.ok(maxAbsDiff(plain.latents, result.latents) > 0.1, 'the image prompt changes the result');

@@ -17,7 +17,7 @@ import { mergeLoras, parsePromptLoras, VariantCache } from '../../src/engine/lor
 import { generate, type GenerateResult } from '../../src/engine/pipeline.js';
 import { openSafetensors, readTensorBytes, writeSafetensors, type TensorToWrite } from '../../src/graphs/safetensors.js';
 import type { DiffusionModel } from '../../src/engine/model.js';
-import { GOLDEN_DIR, maxAbsDiff, readGolden, readGoldenJson } from './golden.js';
+import { GOLDEN_DIR, maxAbsDiff, pipelineCase, runGoldenCase } from './golden.js';
 
 const scratch = mkdtempSync(join(tmpdir(), 'kiln-lora-use-'));
 const lorasDir = join(scratch, 'loras');
@@ -34,36 +34,10 @@ for (const kind of ['sd15', 'sdxl']) linkSync(join(GOLDEN_DIR, 'lora', `${kind}-
 linkSync(join(GOLDEN_DIR, 'lora', 'sd15-lora.safetensors'), join(lorasDir, 'again.safetensors'));
 const bits = (a: Float32Array): Uint32Array => new Uint32Array(a.buffer, a.byteOffset, a.length);
 
-interface PipelineCase {
-  id: string;
-  prompt: string;
-  negative_prompt: string | null;
-  guidance_scale: number;
-  num_inference_steps: number;
-  height: number;
-  width: number;
-  scheduler: { class: string; config: Record<string, unknown> };
-  latents_file: string;
-}
-const { cases } = readGoldenJson<{ cases: PipelineCase[] }>('pipelines/cases.json');
-const sd15Case = cases.find((c) => c.id === 'sd15_euler_4')!;
+const sd15Case = pipelineCase('sd15_euler_4');
 
-/** sd15_euler_4 on `model` with `prompt` (the case's own by default). */
-async function run(model: DiffusionModel, prompt = sd15Case.prompt): Promise<GenerateResult> {
-  const c = sd15Case;
-  model.layout.schedulerConfig = c.scheduler.config as typeof model.layout.schedulerConfig;
-  return generate(model, {
-    prompt,
-    negativePrompt: c.negative_prompt ?? undefined,
-    seed: 0,
-    size: `${c.width}x${c.height}`,
-    allowedSizes: [`${c.width}x${c.height}`],
-    steps: 1,
-    guidanceScale: c.guidance_scale,
-    scheduler: c.scheduler.class,
-    latents: readGolden(join('pipelines', c.latents_file)).get('latents')!.data,
-  });
-}
+/** sd15_euler_4 on `model` with `prompt` (the case's own by default), one step. */
+const run = (model: DiffusionModel, prompt = sd15Case.prompt): Promise<GenerateResult> => runGoldenCase(model, sd15Case, { prompt, steps: 1 });
 
 test('<lora:NAME:SCALE> tags are taken out of the prompt; malformed ones are refused naming the tag', () => {
   assert.deepEqual(parsePromptLoras('a cat <lora:sd15-lora:0.7>, on a mat'), { prompt: 'a cat , on a mat', loras: [{ name: 'sd15-lora', scale: 0.7 }] });

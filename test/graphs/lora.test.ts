@@ -5,10 +5,8 @@
  * give diffusers' outputs, scale 0 is the base model's bytes, and a LoRA for another family is
  * refused.
  */
-import { after, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { ModelLoadError } from '../../src/engine/errors.js';
@@ -20,18 +18,7 @@ import { GraphBuilder } from '../../src/graphs/onnx-builder.js';
 import { openSafetensors, readTensorBytes, readTensorFloat32, writeSafetensors, type TensorToWrite } from '../../src/graphs/safetensors.js';
 import { buildUnet } from '../../src/graphs/unet.js';
 import { componentWeights, Params, type WeightSource } from '../../src/graphs/weights.js';
-import { writeGraph } from '../../src/graphs/write.js';
-import { GOLDEN_DIR, maxAbs, maxAbsDiff, readGolden, readGoldenJson, readmeTolerance } from './golden.js';
-
-const temps: string[] = [];
-function tempDir(): string {
-  const dir = mkdtempSync(join(tmpdir(), 'kiln-lora-'));
-  temps.push(dir);
-  return dir;
-}
-after(() => {
-  for (const d of temps) rmSync(d, { recursive: true, force: true });
-});
+import { GOLDEN_DIR, maxAbs, maxAbsDiff, readGolden, readGoldenJson, readmeTolerance, runGraphFloats, tempDir } from './golden.js';
 
 type Kind = 'sd15' | 'sdxl';
 interface LoraManifest {
@@ -108,18 +95,6 @@ for (const kind of ['sd15', 'sdxl'] as const) {
 // ---------------------------------------------------------------------------------------------
 // Outputs with the LoRA fused
 
-async function run(g: GraphBuilder, feeds: Record<string, ort.Tensor>): Promise<Record<string, Float32Array>> {
-  const dir = tempDir();
-  writeGraph(g, dir);
-  const session = await ort.InferenceSession.create(join(dir, 'model.onnx'), { intraOpNumThreads: 1 });
-  try {
-    const out = await session.run(feeds);
-    return Object.fromEntries(Object.entries(out).map(([k, v]) => [k, v.data as Float32Array]));
-  } finally {
-    await session.release();
-  }
-}
-
 /** As the page tests: the README's thread-to-thread difference or 8 float32 ulps of the tensor's magnitude. */
 function check(t: { diagnostic(m: string): void }, file: string, name: string, got: Float32Array, want: Float32Array): void {
   const diff = maxAbsDiff(got, want);
@@ -137,7 +112,7 @@ for (const [kind, unetName] of [['sd15', 'unet_sd15'], ['sdxl', 'unet_sdxl']] as
     const build = async (source: WeightSource): Promise<Float32Array> => {
       const g = new GraphBuilder('unet');
       buildUnet(g, config, Params.of(g, withLoras(source, [{ file: loraPath(kind), scale: 0.7 }], 'unet')));
-      return (await run(g, feeds)).out_sample!;
+      return (await runGraphFloats(g, feeds)).out_sample!;
     };
     const fromFolder = await build(base(kind, 'unet'));
     const file = `lora/${kind}-lora.outputs.safetensors`;
@@ -160,7 +135,7 @@ for (const [kind, component, golden] of [
     const ids = new BigInt64Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength));
     const g = new GraphBuilder(component);
     const built = buildClipText(g, config, Params.of(g, withLoras(base(kind, component), [{ file: loraPath(kind), scale: 0.7 }], component)));
-    const out = await run(g, { input_ids: new ort.Tensor('int64', ids, [3, 77]) });
+    const out = await runGraphFloats(g, { input_ids: new ort.Tensor('int64', ids, [3, 77]) });
     const file = `lora/${kind}-lora.outputs.safetensors`;
     const expected = readGolden(file);
     const layers = built.config.layers;
@@ -183,7 +158,7 @@ function editedLora(kind: Kind, edit: (t: Record<string, TensorToWrite>) => void
   const tensors: Record<string, TensorToWrite> = {};
   for (const t of file.tensors.values()) tensors[t.name] = { dtype: t.dtype, shape: t.shape, data: readTensorBytes(file, t) };
   edit(tensors);
-  const path = join(tempDir(), `${kind}-edited.safetensors`);
+  const path = join(tempDir('lora'), `${kind}-edited.safetensors`);
   writeSafetensors(path, tensors, metadata);
   return path;
 }
@@ -221,7 +196,7 @@ test('a diffusers/PEFT-format LoRA (lora_A / lora_B) fuses to the same values as
     tensors[`${module}.lora_B.weight`] = part('lora_up.weight');
     tensors[`${module}.alpha`] = part('alpha');
   }
-  const path = join(tempDir(), 'sdxl-peft.safetensors');
+  const path = join(tempDir('lora'), 'sdxl-peft.safetensors');
   writeSafetensors(path, tensors);
   const peft = readLora(path);
   assert.equal(peft.format, 'peft');
@@ -278,7 +253,7 @@ test('malformed LoRA files are refused clearly', () => {
     });
     assert.throws(() => readLora(path), (e: unknown) => e instanceof ModelLoadError && e.message.includes(`"lora_unet_down_blocks_0_resnets_0_conv1" has "${extra}"`));
   }
-  const notLora = join(tempDir(), 'weights.safetensors');
+  const notLora = join(tempDir('lora'), 'weights.safetensors');
   writeSafetensors(notLora, { 'conv_in.weight': { dtype: 'F32', shape: [2], data: new Float32Array(2) } });
   assert.throws(() => readLora(notLora), (e: unknown) => e instanceof ModelLoadError && /no lora_down\/lora_up \(kohya\) or lora_A\/lora_B \(PEFT\) tensors/.test(e.message));
 });
@@ -309,7 +284,7 @@ test('any rank, linear and 3x3 conv, PEFT without alpha: the fuse is the float32
     return { dtype: 'F16', shape, data: bits16 };
   };
   const f32t = (shape: number[]): TensorToWrite => ({ dtype: 'F32', shape, data: Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, rand) });
-  const dir = tempDir();
+  const dir = tempDir('lora');
   writeSafetensors(join(dir, 'diffusion_pytorch_model.safetensors'), { 'lin.weight': f32t([6, 10]), 'conv.weight': f32t([5, 3, 3, 3]) });
   const b: WeightSource = componentWeights(dir, 'unet');
   const cases = [

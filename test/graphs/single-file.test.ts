@@ -4,10 +4,9 @@
  * diffusers page asks for, bit for bit the diffusers folder's, every stored tensor used, the
  * family detected, and each component built from the file giving the component goldens.
  */
-import { after, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { ModelLoadError } from '../../src/engine/errors.js';
@@ -26,19 +25,8 @@ import { SD15_UNET, SDXL_BASE_UNET, SDXL_REFINER_UNET, SD21_UNET } from '../../s
 import { openSafetensors, readTensorBytes, writeSafetensors, type TensorToWrite } from '../../src/graphs/safetensors.js';
 import { buildUnet } from '../../src/graphs/unet.js';
 import { buildVaeDecoder, buildVaeEncoder } from '../../src/graphs/vae.js';
-import { componentWeights, Params, RandomWeights, type WeightEntry, type WeightSource } from '../../src/graphs/weights.js';
-import { writeGraph } from '../../src/graphs/write.js';
-import { GOLDEN_DIR, maxAbs, maxAbsDiff, readGolden, readmeTolerance } from './golden.js';
-
-const temps: string[] = [];
-function tempDir(): string {
-  const dir = mkdtempSync(join(tmpdir(), 'kiln-single-file-'));
-  temps.push(dir);
-  return dir;
-}
-after(() => {
-  for (const d of temps) rmSync(d, { recursive: true, force: true });
-});
+import { componentWeights, Params, RecordingWeights, type WeightSource } from '../../src/graphs/weights.js';
+import { GOLDEN_DIR, maxAbs, maxAbsDiff, readGolden, readmeTolerance, runGraphFloats, tempDir } from './golden.js';
 
 type Kind = 'sd15' | 'sdxl';
 const singleFile = (kind: Kind): string => join(GOLDEN_DIR, 'single_file', `${kind}-single-file.safetensors`);
@@ -101,18 +89,6 @@ for (const kind of ['sd15', 'sdxl'] as const) {
 // ---------------------------------------------------------------------------------------------
 // Component outputs from the single file
 
-async function run(g: GraphBuilder, feeds: Record<string, ort.Tensor>): Promise<Record<string, Float32Array>> {
-  const dir = tempDir();
-  writeGraph(g, dir);
-  const session = await ort.InferenceSession.create(join(dir, 'model.onnx'), { intraOpNumThreads: 1 });
-  try {
-    const out = await session.run(feeds);
-    return Object.fromEntries(Object.entries(out).map(([k, v]) => [k, v.data as Float32Array]));
-  } finally {
-    await session.release();
-  }
-}
-
 const f32 = (x: { data: Float32Array; shape: number[] }): ort.Tensor => new ort.Tensor('float32', x.data, x.shape);
 
 /**
@@ -133,8 +109,8 @@ async function both(
   folder: WeightSource,
   feeds: Record<string, ort.Tensor>,
 ): Promise<Record<string, Float32Array>> {
-  const a = await run(make(single), feeds);
-  const b = await run(make(folder), feeds);
+  const a = await runGraphFloats(make(single), feeds);
+  const b = await runGraphFloats(make(folder), feeds);
   for (const k of Object.keys(b)) assert.deepEqual(bits(a[k]!), bits(b[k]!), `${k}: single file and folder give the same bytes`);
   return a;
 }
@@ -154,7 +130,7 @@ for (const [kind, unetName] of [['sd15', 'unet_sd15'], ['sdxl', 'unet_sdxl']] as
       return g;
     };
     // (lora.test.ts also checks that the single file's UNet and the folder's give the same bytes.)
-    const out = await run(make(ck.unet), feeds);
+    const out = await runGraphFloats(make(ck.unet), feeds);
     const file = `components/${unetName}/outputs.safetensors`;
     check(t, `${unetName} sample`, out.out_sample!, readGolden(file).get('sample')!.data, readmeTolerance(file, 'sample'), 8);
   });
@@ -214,24 +190,6 @@ for (const [component, golden] of [['text_encoder', 'clip_l'], ['text_encoder_2'
 // ---------------------------------------------------------------------------------------------
 // The UNet table at full size
 
-/** A source that records the keys a page asks for (random values of the asked shape). */
-class Recording implements WeightSource {
-  readonly asked: string[] = [];
-  private readonly random = new RandomWeights('unet');
-  readonly component = 'unet';
-  readonly location = 'recording';
-  lookup(key: string, shape: readonly number[]): WeightEntry {
-    this.asked.push(key);
-    return this.random.lookup(key, shape);
-  }
-  has(): boolean {
-    return true;
-  }
-  keys(): string[] {
-    return [];
-  }
-}
-
 test('full-size UNets: every weight the page asks for has one LDM name, and the known SGM names are among them', () => {
   const cases = [
     // SD 1.5: 686 UNet tensors in its single file; the upsamplers ride in output_blocks 2, 5, 8.
@@ -242,11 +200,12 @@ test('full-size UNets: every weight the page asks for has one LDM name, and the 
     { config: SDXL_REFINER_UNET, count: undefined, names: ['label_emb.0.0.weight', 'output_blocks.11.0.skip_connection.weight', 'output_blocks.8.2.conv.weight'] },
   ];
   for (const c of cases) {
-    const rec = new Recording();
+    const rec = new RecordingWeights('unet');
     const g = new GraphBuilder('unet');
     buildUnet(g, c.config as Record<string, unknown>, Params.of(g, rec));
+    const asked = [...rec.shapes.keys()];
     const table = ldmUnetTable(unetLayoutFromConfig(c.config as Record<string, unknown>));
-    const ldm = rec.asked.map((k) => {
+    const ldm = asked.map((k) => {
       const name = table.toLdm(k);
       assert.ok(name !== undefined, `${k} has no LDM name`);
       assert.equal(table.toDiffusers(name), k, `${k} round-trips`);
@@ -256,7 +215,7 @@ test('full-size UNets: every weight the page asks for has one LDM name, and the 
     if (c.count !== undefined) assert.equal(ldm.length, c.count);
     for (const n of c.names) assert.ok(ldm.includes(n), `${n} is among the LDM names`);
     // The layout read back from the diffusers keys is the config's (what LoRA matching relies on).
-    assert.deepEqual(unetLayoutFromKeys(rec.asked), unetLayoutFromConfig(c.config as Record<string, unknown>));
+    assert.deepEqual(unetLayoutFromKeys(asked), unetLayoutFromConfig(c.config as Record<string, unknown>));
   }
 });
 
@@ -267,7 +226,7 @@ test('full-size UNets: every weight the page asks for has one LDM name, and the 
 function synthetic(tensors: Record<string, number[]>, metadata?: Record<string, string>): string {
   const out: Record<string, TensorToWrite> = {};
   for (const [name, shape] of Object.entries(tensors)) out[name] = { dtype: 'F16', shape, data: new Uint16Array(shape.reduce((a, b) => a * b, 1)) };
-  const path = join(tempDir(), 'model.safetensors');
+  const path = join(tempDir('single-file'), 'model.safetensors');
   writeSafetensors(path, out, metadata);
   return path;
 }
@@ -325,7 +284,7 @@ test('buffers, EMA copies and training-only tensors are left out with a reason; 
     'model.diffusion_model.some_new_block.weight': [8],
   };
   for (const [name, shape] of Object.entries(extra)) tensors[name] = { dtype: 'F32', shape, data: new Float32Array(shape.reduce((a, b) => a * b, 1)) };
-  const path = join(tempDir(), 'sd15-extra.safetensors');
+  const path = join(tempDir('single-file'), 'sd15-extra.safetensors');
   writeSafetensors(path, tensors);
   const ck = singleFileSources(path, { unet: config('sd15', 'unet') });
   assert.deepEqual(ck.unmapped, ['model.diffusion_model.some_new_block.weight']);

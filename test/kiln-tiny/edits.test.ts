@@ -1,7 +1,8 @@
 /**
  * Edits with the built-in kiln-tiny models, through the official SDK: image-to-image at
  * strength 0.3 keeps what a world image shows (scored by pixels), and inpainting repaints the
- * masked region and nothing else.
+ * masked region and nothing else, at 256x256 and (drawn at the models' native 256, the input and
+ * mask brought down and the result up) at 512x512.
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -21,14 +22,17 @@ after(async () => {
   await t?.close();
 });
 
-const pngOf = (rgb: Uint8Array | Buffer, channels: 1 | 3 = 3) =>
-  sharp(rgb, { raw: { width: SIZE, height: SIZE, channels } }).png().toBuffer();
+const pngOf = (rgb: Uint8Array | Buffer, channels: 1 | 3 = 3, size = SIZE) =>
+  sharp(rgb, { raw: { width: size, height: size, channels } }).png().toBuffer();
 const rgbOf = async (png: Buffer) => new Uint8Array(await sharp(png).removeAlpha().raw().toBuffer());
 const allStated = { bg: true, fg: true, shape: true, size: true, pos: true };
 
-async function edit(fields: Record<string, unknown>): Promise<Uint8Array> {
-  const res = await t.client().images.edit({ size: `${SIZE}x${SIZE}`, response_format: 'b64_json', ...fields } as any);
-  return rgbOf(Buffer.from(res.data![0]!.b64_json!, 'base64'));
+async function edit(fields: Record<string, unknown>, size = SIZE): Promise<Uint8Array> {
+  const res = await t.client().images.edit({ size: `${size}x${size}`, response_format: 'b64_json', ...fields } as any);
+  const png = Buffer.from(res.data![0]!.b64_json!, 'base64');
+  const meta = await sharp(png).metadata();
+  assert.equal(`${meta.width}x${meta.height}`, `${size}x${size}`);
+  return rgbOf(png);
 }
 
 const WORLD: WorldImage[] = [
@@ -53,23 +57,23 @@ for (const model of ['kiln-tiny', 'kiln-tiny-xl']) {
     }
   });
 
-  test(`${model}: inpainting repaints the masked region only`, async (ctx) => {
+  for (const S of model === 'kiln-tiny-xl' ? [SIZE, 512] : [SIZE]) test(`${model}: inpainting at ${S}x${S} repaints the masked region only`, async (ctx) => {
     const image: WorldImage = { bg: 2, fg: 0, shape: 1, size: 1, pos: 0 }; // large red square on blue
-    const input = renderWorldImage(image);
+    const input = renderWorldImage(image, S);
     // White = repaint: a box around the square (black/white convention, no alpha).
-    const lo = 48, hi = 208;
-    const mask = new Uint8Array(SIZE * SIZE);
-    for (let y = lo; y < hi; y++) mask.fill(255, y * SIZE + lo, y * SIZE + hi);
+    const lo = (48 * S) / SIZE, hi = (208 * S) / SIZE;
+    const mask = new Uint8Array(S * S);
+    for (let y = lo; y < hi; y++) mask.fill(255, y * S + lo, y * S + hi);
     const out = await edit({
-      model, image: await toFile(await pngOf(input), 'world.png', { type: 'image/png' }),
-      mask: await toFile(await pngOf(mask, 1), 'mask.png', { type: 'image/png' }),
+      model, image: await toFile(await pngOf(input, 3, S), 'world.png', { type: 'image/png' }),
+      mask: await toFile(await pngOf(mask, 1, S), 'mask.png', { type: 'image/png' }),
       prompt: 'a large yellow circle on a blue background', n: 9,
-    });
-    const margin = 12; // the blend-back mask is softened across the edge
+    }, S);
+    const margin = 12; // the blend-back mask is softened across the edge (at the output size)
     let outsideMax = 0, outsideSum = 0, outsideN = 0, insideSum = 0, insideN = 0;
-    for (let y = 0; y < SIZE; y++) {
-      for (let x = 0; x < SIZE; x++) {
-        const d = Math.max(...[0, 1, 2].map((c) => Math.abs(out[(y * SIZE + x) * 3 + c]! - input[(y * SIZE + x) * 3 + c]!)));
+    for (let y = 0; y < S; y++) {
+      for (let x = 0; x < S; x++) {
+        const d = Math.max(...[0, 1, 2].map((c) => Math.abs(out[(y * S + x) * 3 + c]! - input[(y * S + x) * 3 + c]!)));
         const inBox = (v: number, m: number) => v >= lo - m && v < hi + m;
         if (!(inBox(x, margin) && inBox(y, margin))) {
           outsideMax = Math.max(outsideMax, d);
@@ -86,7 +90,7 @@ for (const model of ['kiln-tiny', 'kiln-tiny-xl']) {
     assert.ok(outsideMax <= 2, detail);
     assert.ok(insideSum / insideN > 40, detail);
     // The repainted region follows the prompt: the square became a yellow, non-square shape.
-    const seen = scoreImage(out, SIZE, SIZE);
+    const seen = scoreImage(out, S, S);
     assert.equal(seen.fg, 3, `${detail}; saw ${describe(seen)}`);
   });
 }

@@ -1,58 +1,18 @@
 /**
- * scheduler_config.json files as shipped on the Hugging Face Hub (copied key for key).
+ * scheduler_config.json files as shipped on the Hugging Face Hub (copied key for key; the ones
+ * Kiln also writes for imported checkpoints have their home in src/graphs/reference-configs.ts).
  */
 import type { SchedulerConfig } from '../../src/engine/schedulers/index.js';
+import { SD15_SCHEDULER, SD21_SCHEDULER, SDXL_SCHEDULER } from '../../src/graphs/reference-configs.js';
 
 /** runwayml/stable-diffusion-v1-5 */
-export const SD15_PNDM: SchedulerConfig = {
-  _class_name: 'PNDMScheduler',
-  _diffusers_version: '0.6.0',
-  beta_end: 0.012,
-  beta_schedule: 'scaled_linear',
-  beta_start: 0.00085,
-  num_train_timesteps: 1000,
-  set_alpha_to_one: false,
-  skip_prk_steps: true,
-  steps_offset: 1,
-  trained_betas: null,
-  clip_sample: false,
-};
+export const SD15_PNDM: SchedulerConfig = SD15_SCHEDULER;
 
 /** stabilityai/stable-diffusion-2-1 (v-prediction) */
-export const SD21_DDIM: SchedulerConfig = {
-  _class_name: 'DDIMScheduler',
-  _diffusers_version: '0.8.0',
-  beta_end: 0.012,
-  beta_schedule: 'scaled_linear',
-  beta_start: 0.00085,
-  clip_sample: false,
-  num_train_timesteps: 1000,
-  prediction_type: 'v_prediction',
-  set_alpha_to_one: false,
-  skip_prk_steps: true,
-  steps_offset: 1,
-  trained_betas: null,
-};
+export const SD21_DDIM: SchedulerConfig = SD21_SCHEDULER;
 
 /** stabilityai/stable-diffusion-xl-base-1.0 */
-export const SDXL_EULER: SchedulerConfig = {
-  _class_name: 'EulerDiscreteScheduler',
-  _diffusers_version: '0.19.0.dev0',
-  beta_end: 0.012,
-  beta_schedule: 'scaled_linear',
-  beta_start: 0.00085,
-  clip_sample: false,
-  interpolation_type: 'linear',
-  num_train_timesteps: 1000,
-  prediction_type: 'epsilon',
-  sample_max_value: 1.0,
-  set_alpha_to_one: false,
-  skip_prk_steps: true,
-  steps_offset: 1,
-  timestep_spacing: 'leading',
-  trained_betas: null,
-  use_karras_sigmas: false,
-};
+export const SDXL_EULER: SchedulerConfig = SDXL_SCHEDULER;
 
 /** stabilityai/sd-turbo: the SDXL file above but for these two keys. */
 export const SD_TURBO_EULER: SchedulerConfig = {

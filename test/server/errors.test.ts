@@ -9,6 +9,7 @@ import { copyFileSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import OpenAI, { toFile } from 'openai';
 import { ensureFixture } from '../../tools/fixtures/variants.js';
+import { sendHostile } from '../../tools/hostile/requests.js';
 import { startTestServer, postJson, getJson, makePng, envelope, type TestServer } from './helpers.js';
 
 let t: TestServer;
@@ -228,6 +229,20 @@ describe('auth', () => {
         assert.equal(res.status, 401, `${path} without a key`);
       }
       expectError(await postJson(`${a.url}/%761/images/generations`, { prompt: 'x' }), 401, null, 'missing_api_key');
+      // Absolute-form targets: every /v1 one is 401 without a key, unknown routes included (not 404).
+      const port = new URL(a.url).port;
+      for (const target of [`http://127.0.0.1:${port}/v1/unknown`, 'http://x/v1/models', 'HTTP://x/v1/nothing/here', 'http://x/%76%31/y', 'https://x/v1']) {
+        const answer = await sendHostile(a.url, { label: target, raw: `GET ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n` });
+        assert.equal(answer.status, 401, `GET ${target} without a key: ${answer.body.slice(0, 120)}`);
+        assert.equal(envelope(JSON.parse(answer.body)).code, 'missing_api_key');
+      }
+      const withKey = await sendHostile(a.url, {
+        label: 'absolute, with a key',
+        raw: `GET http://x/v1/unknown HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-one\r\nConnection: close\r\n\r\n`,
+      });
+      assert.equal(withKey.status, 404, 'with the key, the unknown route is a 404');
+      const health = await sendHostile(a.url, { label: 'absolute /health', raw: 'GET http://x/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' });
+      assert.equal(health.status, 200, 'status routes stay open in absolute form');
       await assert.rejects(a.client('wrong').models.list(), OpenAI.AuthenticationError);
       assert.equal((await a.client('key-two').models.list()).data.length, 1);
       const res = await a.client('key-one').images.generate({ prompt: 'x', size: '256x256', steps: 1 } as any);

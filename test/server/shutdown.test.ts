@@ -1,6 +1,7 @@
 /**
- * `kiln serve` as a process: SIGTERM stops accepting, lets a running job finish within the
- * shutdown deadline (or cancels it past the deadline: 503), and exits 0.
+ * `kiln serve` as a process: SIGTERM stops accepting, answers queued jobs 503 at once (with
+ * retry-after), lets a running job finish within the shutdown deadline (or cancels it past the
+ * deadline: 503), and exits 0.
  */
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -62,12 +63,13 @@ const generate = (url: string, body: Record<string, unknown>) =>
     body: JSON.stringify({ prompt: 'shutdown', response_format: 'b64_json', ...body }),
   });
 
-async function waitActive(url: string): Promise<void> {
+async function waitActive(url: string, queued = 0): Promise<void> {
   for (let i = 0; i < 500; i++) {
-    if ((await getJson(`${url}/ping`)).json.active === 1) return;
+    const ping = (await getJson(`${url}/ping`)).json;
+    if (ping.active === 1 && ping.queued === queued) return;
     await sleep(20);
   }
-  throw new Error('the job never started');
+  throw new Error(`the job never started (or the queue never held ${queued})`);
 }
 
 test('SIGTERM: the running job finishes and is delivered, new connections are refused, exit 0', async () => {
@@ -94,4 +96,31 @@ test('SIGTERM past the deadline: the running job is cancelled (503), exit 0 prom
   assert.equal(envelope(await res.json()).code, 'shutting_down');
   assert.equal(await s.exit, 0);
   assert.ok(performance.now() - started < 10_000, 'exited well before the job would have finished');
+});
+
+test('SIGTERM with jobs queued: they get 503 with retry-after at once, the running one finishes, exit 0', async () => {
+  // About 0.2 s per step at 1024x1024: the running job takes seconds after the signal.
+  const s = await serve({ variant: 'sdxl', options: { channels: 64 } }, ['--shutdown-timeout', '60s', '--max-queue', '4', '--log-level', 'warn']);
+  // Loaded first, so that the running job's time is generation only.
+  await (await generate(s.url, { size: '256x256', steps: 1 })).arrayBuffer();
+  const answered = (res: Promise<Response>) => res.then(async (r) => ({ res: r, at: performance.now(), body: (await r.json()) as any }));
+  const running = answered(generate(s.url, { size: '1024x1024', steps: 12 }));
+  await waitActive(s.url);
+  const queued = [answered(generate(s.url, { size: '256x256', steps: 1 })), answered(generate(s.url, { size: '256x256', steps: 1 }))];
+  await waitActive(s.url, 2);
+  const signalled = performance.now();
+  s.child.kill('SIGTERM');
+  for (const q of await Promise.all(queued)) {
+    assert.equal(q.res.status, 503);
+    assert.equal(envelope(q.body).code, 'shutting_down');
+    assert.equal(q.res.headers.get('retry-after'), '5');
+    assert.equal(q.res.headers.get('x-should-retry'), 'true');
+    assert.ok(q.at - signalled < 2_000, `a queued job was answered ${(q.at - signalled).toFixed(0)} ms after SIGTERM`);
+  }
+  const r = await running;
+  assert.equal(r.res.status, 200);
+  assert.ok(r.body.data[0].b64_json.length > 1000);
+  const lastQueued = Math.max(...(await Promise.all(queued)).map((q) => q.at));
+  assert.ok(r.at > lastQueued, 'the queued jobs were answered before the running one finished, not after');
+  assert.equal(await s.exit, 0);
 });

@@ -1,6 +1,7 @@
 /**
- * The server's parts without HTTP: the in-process queue (with a fake runner), the local disk
- * store and its sweeper, URL signing, parameter reading, error mapping, worker error transport.
+ * The server's parts without HTTP: the in-process queue (with a fake runner) and its run-time
+ * estimates, the local disk store and its sweeper, URL signing, parameter reading, error
+ * mapping, worker error transport.
  */
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -9,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { InProcessQueue } from '../../src/queue/memory.js';
+import { DEFAULT_MS_PER_STEP_MP, priorMsPerStepMp, RunTimeEstimator } from '../../src/queue/estimate.js';
 import {
   JobCancelledError,
   JobTimeoutError,
@@ -108,15 +110,23 @@ describe('InProcessQueue', () => {
     assert.equal(outcome, 'timeout');
   });
 
-  test('close: refuses new jobs, waits for running ones, cancels them past the deadline', async () => {
+  test('close: refuses new jobs, cancels queued ones at once, waits for running ones, cancels them past the deadline', async () => {
     const runner = new FakeRunner(1);
-    const q = new InProcessQueue(runner, { maxQueued: 1 });
+    const q = new InProcessQueue(runner, { maxQueued: 2 });
     const a = q.submit(spec('a'));
+    const queued = [q.submit(spec('q1')), q.submit(spec('q2'))];
     const closing = q.close(5_000);
     assert.throws(() => q.submit(spec('x')), QueueClosedError);
+    // The queued ones are answered before the running one is done, and never start.
+    for (const job of queued) {
+      await assert.rejects(job.result, (e: unknown) => e instanceof JobCancelledError && e.reason === 'shutdown');
+      assert.equal(job.state, 'cancelled');
+    }
+    assert.equal(a.state, 'running');
     setTimeout(() => runner.started[0]!.finish(), 30);
     await closing;
     assert.equal((await a.result).bytes.toString(), 'a');
+    assert.equal(runner.started.length, 1);
 
     const runner2 = new FakeRunner(1);
     const q2 = new InProcessQueue(runner2, { maxQueued: 1 });
@@ -142,6 +152,65 @@ describe('InProcessQueue', () => {
     );
     await assert.rejects(q.submit(spec('a')).result, /boom/);
     assert.equal(q.stats().active, 0);
+  });
+});
+
+describe('run-time estimates (retry-after)', () => {
+  const job = (options: Partial<JobSpec['options']>, model = 'm'): JobSpec => ({
+    kind: 'generate',
+    model,
+    options: { prompt: 'x', seed: 1, size: '1024x1024', ...options },
+    output: { format: 'png' },
+  });
+  const output = (steps: number, side: number, totalMs: number) =>
+    ({ settings: { steps, width: side, height: side }, timings: { totalMs } }) as unknown as JobOutput;
+
+  test('the prior until a job finished, then what jobs measured, per step and megapixel', () => {
+    const e = new RunTimeEstimator(() => 500);
+    assert.equal(e.estimateMs(job({ steps: 10 })), 5000);
+    assert.equal(e.estimateMs(job({ steps: 10, size: '512x512' })), 1250);
+    assert.equal(e.estimateMs(job({ steps: 10 }), 100), 1000, 'a running job\'s steps win over the prior');
+    // 8 steps at 512x512 in 400 ms (model loading not counted): 200 ms per step and megapixel.
+    e.finished(job({ steps: 8, size: '512x512' }), output(8, 512, 400), 9_000);
+    assert.equal(e.estimateMs(job({ steps: 10 }), 100), 2000, 'measured jobs win over everything');
+    // A quality preset means the steps it turned out to mean for that model.
+    assert.equal(e.steps(job({ quality: 'smooth' }, 'turbo')), 25);
+    e.finished(job({ quality: 'smooth' }, 'turbo'), output(4, 1024, 800), 900);
+    assert.equal(e.steps(job({ quality: 'smooth' }, 'turbo')), 4);
+    assert.equal(e.steps(job({ quality: 'smooth' }, 'other')), 25);
+  });
+
+  test('the prior grows with the UNet\'s size; a GPU is far faster', () => {
+    assert.equal(priorMsPerStepMp(65_536, 'cpu'), 150);
+    assert.equal(priorMsPerStepMp(4 * 65_536, 'cpu'), 300);
+    const sdxl = priorMsPerStepMp(10e9, 'cpu');
+    assert.ok(sdxl > 30_000 && sdxl < 120_000, String(sdxl));
+    assert.ok(priorMsPerStepMp(10e9, 'cuda') < 1_000);
+    assert.equal(priorMsPerStepMp(65_536, 'cuda'), 20);
+    assert.equal(priorMsPerStepMp(undefined, 'cpu'), DEFAULT_MS_PER_STEP_MP);
+  });
+
+  test("the queue's wait: what is left of the running job (from its steps) plus the queued ones", async () => {
+    let report!: (p: { stage: 'denoise'; step: number; totalSteps: number }) => void;
+    const runner: JobRunner = {
+      slots: 1,
+      run: (_spec, context) => {
+        report = (p) => context.onProgress(p);
+        return new Promise(() => {});
+      },
+      close: async () => {},
+    };
+    const q = new InProcessQueue(runner, { maxQueued: 1, priorMsPerStepMp: () => 60_000 });
+    q.submit(job({ steps: 20 }));
+    q.submit(job({ steps: 20 }));
+    // Nothing measured: the prior, a minute per step of each.
+    assert.ok(q.estimatedWaitSeconds() > 1000);
+    report({ stage: 'denoise', step: 0, totalSteps: 20 });
+    await sleep(200);
+    report({ stage: 'denoise', step: 2, totalSteps: 20 });
+    // ~100 ms per step: 19 steps left of the running job, 20 of the queued one: ~3.9 s.
+    const wait = q.estimatedWaitSeconds();
+    assert.ok(wait >= 3 && wait <= 5, String(wait));
   });
 });
 
@@ -202,6 +271,10 @@ describe('signing', () => {
       }
       assert.ok(!signer.verify(key, expires, ''));
       assert.ok(!signer.verify(key, '-1', sig));
+      // Only the canonical spelling of the expiry: the same number written otherwise is refused.
+      for (const other of [`0${expires}`, `00${expires}`, `+${expires}`, ` ${expires}`, `${expires}.0`, `${expires}e0`]) {
+        assert.ok(!signer.verify(key, other, sig), other);
+      }
       assert.ok(!new UrlSigner(Buffer.alloc(32, 1)).verify(key, expires, sig), 'another secret');
     } finally {
       rmSync(dir, { recursive: true, force: true });

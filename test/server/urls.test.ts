@@ -46,6 +46,10 @@ test('a valid URL needs no key; any tampering is refused with 403', async () => 
     tampered.push(url.replace(/&signature=.*$/, ''));
     tampered.push(url.split('?')[0]!);
     tampered.push(url.replace(`signature=${sig}`, 'signature=%00%2e%2e'));
+    // The same expiry spelled otherwise (a leading zero, a plus sign) is another URL, refused too.
+    tampered.push(url.replace(/expires=(\d+)/, 'expires=0$1'));
+    tampered.push(url.replace(/expires=(\d+)/, 'expires=%2B$1'));
+    tampered.push(url.replace(/expires=(\d+)/, 'expires=$1&expires=$1'));
     for (const bad of tampered) {
       const res = await fetch(bad);
       assert.equal(res.status, 403, bad);

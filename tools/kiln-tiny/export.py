@@ -260,6 +260,8 @@ def main():
                      'tokenizer': ['transformers', 'CLIPTokenizer'], 'tokenizer_2': ['transformers', 'CLIPTokenizer'],
                      'unet': ['diffusers', 'UNet2DConditionModel'], 'vae': ['diffusers', 'AutoencoderKL']}
         wjson(f'{out}/model_index.json', index)
+        # Trained at 256x256: Kiln denoises there and resizes (kiln.json native_size, README).
+        wjson(f'{out}/kiln.json', {'native_size': 256})
         total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(out) for f in fs)
         print(f'  total {total / 1e6:.2f} MB')
 

@@ -3,11 +3,13 @@
  * the request, call the images service, reply. The schemas document the API (OpenAPI);
  * validation is params.ts and uploads.ts, which answer in OpenAI's shape.
  */
+import { Transform } from 'node:stream';
+import type { MultipartFile } from '@fastify/multipart';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { checkMaskMatchesImage } from '../../engine/inpaint.js';
 import { ApiError } from '../errors.js';
 import type { Caller, EditUpload, ImagesService } from '../images-service.js';
-import { paramsSchema, parsePoseUser, readParams, type ImageParams, type NMeaning } from '../params.js';
+import { editWeights, paramsSchema, readParams, type ImageParams, type NMeaning } from '../params.js';
 import { checkImageUpload, type UploadLimits } from '../uploads.js';
 import type { UploadBudget, UploadHold } from '../upload-budget.js';
 import { streamImages } from '../streaming.js';
@@ -17,7 +19,7 @@ export interface ImageRoutesOptions {
   limits: UploadLimits;
   /** Most images per edit request. */
   maxFiles: number;
-  /** Upload bytes all requests may hold at once. */
+  /** Request-body and upload bytes all requests may hold at once. */
   budget: UploadBudget;
   /** What `n` means (the seed, or the number of images). */
   nMeaning: NMeaning;
@@ -68,8 +70,23 @@ function send<T>(reply: FastifyReply, result: { headers: Record<string, string>;
   return result.body;
 }
 
+/**
+ * Reads one uploaded file, counting every chunk against the shared budget as it arrives: a
+ * client that sends most of a file and then stalls holds budget, not uncounted memory.
+ */
+async function readFilePart(part: MultipartFile, param: 'image' | 'mask', hold: UploadHold, maxBytes: number): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of part.file as AsyncIterable<Buffer>) {
+    hold.take(chunk.length);
+    chunks.push(chunk);
+  }
+  // Busboy stops at the per-file limit and marks the stream truncated.
+  if (part.file.truncated) throw new ApiError(413, `'${param}' is larger than ${maxBytes} bytes.`, param, 'file_too_large');
+  return Buffer.concat(chunks);
+}
+
 /** The edit form's text fields (repeated ones as arrays), its images and its mask; ApiError for anything else. */
-async function readEditForm(request: FastifyRequest, maxFiles: number, hold: UploadHold) {
+async function readEditForm(request: FastifyRequest, maxFiles: number, maxBytes: number, hold: UploadHold) {
   const fields: Record<string, string | string[]> = {};
   const images: Buffer[] = [];
   let mask: Buffer | undefined;
@@ -79,12 +96,9 @@ async function readEditForm(request: FastifyRequest, maxFiles: number, hold: Upl
       if (part.type === 'file') {
         if (name === 'image' || name === 'image[]') {
           if (images.length >= maxFiles) throw new ApiError(400, `At most ${maxFiles} images per request.`, 'image', 'too_many_files');
-          const image = await part.toBuffer();
-          hold.take(image.length);
-          images.push(image);
+          images.push(await readFilePart(part, 'image', hold, maxBytes));
         } else if (name === 'mask') {
-          mask = await part.toBuffer();
-          hold.take(mask.length);
+          mask = await readFilePart(part, 'mask', hold, maxBytes);
         } else {
           throw new ApiError(400, `Unexpected file field '${name.slice(0, 64)}'; files go in 'image' (or 'image[]') and 'mask'.`, name.slice(0, 64), 'invalid_field');
         }
@@ -94,6 +108,8 @@ async function readEditForm(request: FastifyRequest, maxFiles: number, hold: Upl
         }
         if (part.valueTruncated) throw new ApiError(413, `Form field '${name.slice(0, 64)}' is too long.`, name.slice(0, 64), 'field_too_large');
         const value = String(part.value);
+        // Fields are held until the request is done, like files.
+        hold.take(value.length);
         const prev = fields[name];
         fields[name] = prev === undefined ? value : Array.isArray(prev) ? [...prev, value] : [prev, value];
       }
@@ -105,7 +121,11 @@ async function readEditForm(request: FastifyRequest, maxFiles: number, hold: Upl
   return { fields, images, mask };
 }
 
-/** The checks on an edit's files, in order: an image, each a PNG, JPEG or WebP within the limits, a mask matching the image and not combined with pose mode. */
+/**
+ * The checks on an edit's files, in order: an image, each a PNG, JPEG or WebP within the limits, a
+ * mask matching the image; then what `user` / `style` ask for: pose mode takes no mask, and not
+ * an image prompt (yet).
+ */
 async function checkEditUpload(form: { images: Buffer[]; mask?: Buffer }, params: ImageParams, limits: UploadLimits): Promise<EditUpload> {
   if (form.images.length === 0) throw new ApiError(400, "Missing required parameter: 'image' (a PNG, JPEG or WebP file).", 'image', 'missing_required_parameter');
   const sizes = [];
@@ -116,11 +136,21 @@ async function checkEditUpload(form: { images: Buffer[]; mask?: Buffer }, params
     await checkImageUpload(mask, 'mask', limits);
     await checkMaskMatchesImage(image, mask);
   }
-  const poseScale = parsePoseUser(params.user);
+  const { pose: poseScale, imagePrompt } = editWeights(params);
   if (poseScale !== undefined && mask) {
     throw new ApiError(400, 'A mask cannot be combined with pose mode (user=cn / pose:<w>); send one or the other.', 'mask', 'unsupported_value');
   }
-  return { image, imageSize: sizes[0]!, mask, poseScale };
+  // ControlNet and IP-Adapter in one UNet is not built yet; weight 0 everywhere asks for no adapter.
+  if (poseScale !== undefined && imagePrompt && (imagePrompt.style > 0 || (imagePrompt.face ?? 0) > 0)) {
+    throw new ApiError(
+      400,
+      `Pose mode (pose:${poseScale}) together with an image prompt (style:${imagePrompt.style}${imagePrompt.face !== undefined ? `, face:${imagePrompt.face}` : ''}) is not supported yet: ` +
+        'send either the pose weight (user=cn or pose:<w>) or the image-prompt weights (style:<w>, face:<w>), or set the image-prompt weights to 0.',
+      'user',
+      'unsupported_value',
+    );
+  }
+  return { image, imageSize: sizes[0]!, mask, poseScale, imagePrompt };
 }
 
 export async function imageRoutes(app: FastifyInstance, { images, limits, maxFiles, budget, nMeaning }: ImageRoutesOptions): Promise<void> {
@@ -133,6 +163,41 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
         body: paramsSchema('generations', 'json'),
         response: imagesResponseSchema,
         security: [{ bearer: [] }],
+      },
+      // A JSON body is counted against the shared budgets as it arrives (its parsed form is held until the answer).
+      preParsing: async (request, reply, payload) => {
+        const hold = budget.holder();
+        reply.raw.once('close', () => hold.release());
+        // A declared length is taken at once: refused here, the answer keeps the connection
+        // (Fastify closes it after a refusal while parsing), and the body is read and dropped.
+        const declared = Number(request.headers['content-length']);
+        const reserved = declared > 0 && declared <= request.routeOptions.bodyLimit ? declared : 0;
+        if (reserved) hold.take(reserved);
+        let seen = 0;
+        const counted = new Transform({
+          transform(chunk: Buffer, _encoding, done) {
+            try {
+              const beyond = Math.max(0, seen + chunk.length - Math.max(seen, reserved));
+              seen += chunk.length;
+              if (beyond) hold.take(beyond);
+              done(null, chunk);
+            } catch (err) {
+              done(err as Error);
+            }
+          },
+          flush(done) {
+            hold.arrived();
+            done();
+          },
+        });
+        // Bytes flow only once Fastify reads (it resumes the stream with its listeners on), so a
+        // refusal reaches it as an error instead of being emitted before anyone listens.
+        counted.once('resume', () => payload.pipe(counted));
+        // pipe() does not pass errors on: an aborted client must end the parse too. After a 413
+        // on Content-Length Fastify never reads, and nothing may then go unhandled.
+        payload.once('error', (err) => counted.destroy(err));
+        counted.on('error', () => {});
+        return counted;
       },
       preValidation: async (request) => {
         const type = String(request.headers['content-type'] ?? '').split(';')[0]!.trim().toLowerCase();
@@ -154,12 +219,14 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
     '/v1/images/edits',
     {
       schema: {
-        summary: 'Edit an uploaded picture (PNG, JPEG or WebP): image-to-image, inpainting (with a mask) or pose-guided (user=cn)',
+        summary: 'Edit an uploaded picture (PNG, JPEG or WebP): image-to-image, inpainting (with a mask), pose-guided (user=cn) or as an image prompt (user=style:<w> / face:<w>)',
         description:
           'Without a mask: image-to-image (strength default 0.75). With a mask (same dimensions as the image; transparent pixels, ' +
           'or white ones in a mask without transparency, are repainted): inpainting (strength default 1). With `user=cn`, `pose:<w>` ' +
           'or a weight list with `pose`: the pose of the person in the image guides a new image (ControlNet OpenPose); the skeleton ' +
-          'picture comes back as `url_pose` / `b64_json_pose`. With `stream: true`: server-sent events, `partial_images` previews then the completed image.',
+          'picture comes back as `url_pose` / `b64_json_pose`. With `style:<w>` / `face:<w>` in `user` (or a `style` weight): the upload ' +
+          'is an image prompt (IP-Adapter) steering a new image at those weights (from noise; from the upload when `strength` is given; ' +
+          'inpainting with a mask). With `stream: true`: server-sent events, `partial_images` previews then the completed image.',
         consumes: ['multipart/form-data'],
         body: {
           ...editsFormSchema,
@@ -193,7 +260,8 @@ export async function imageRoutes(app: FastifyInstance, { images, limits, maxFil
       // The uploaded bytes stay held (and counted) until the job is done and the reply is built.
       const hold = budget.holder();
       try {
-        const form = await readEditForm(request, maxFiles, hold);
+        const form = await readEditForm(request, maxFiles, limits.maxBytes, hold);
+        hold.arrived();
         const params = readParams(form.fields, 'edits', 'form', nMeaning);
         const upload = await checkEditUpload(form, params, limits);
         const who = caller(request, reply);
