@@ -36,7 +36,7 @@ import { parseArgs } from 'node:util';
 import { Presets, SingleBar } from 'cli-progress';
 import ort from 'onnxruntime-node';
 import { buildClipText } from '../src/graphs/clip-text.js';
-import { GraphBuilder } from '../src/graphs/onnx-builder.js';
+import { GraphBuilder, uniformValues } from '../src/graphs/onnx-builder.js';
 import { REFERENCE_MODELS, SD15_UNET, SD_VAE, SDXL_BASE_UNET, type ReferenceModel } from '../src/graphs/reference-configs.js';
 import { buildUnet } from '../src/graphs/unet.js';
 import { buildVaeDecoder, buildVaeEncoder } from '../src/graphs/vae.js';
@@ -126,15 +126,7 @@ interface KilnStep {
 
 /** Seeded values in [-1, 1): stand-ins for latents and text embeddings. */
 function noise(count: number, seed: number): Float32Array {
-  const out = new Float32Array(count);
-  let a = seed >>> 0;
-  for (let i = 0; i < count; i++) {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = Math.imul(a ^ (a >>> 15), a | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    out[i] = (((t ^ (t >>> 14)) >>> 0) / 4294967296) * 2 - 1;
-  }
-  return out;
+  return uniformValues(count, 1, seed);
 }
 
 function timestepTensor(meta: ort.InferenceSession.ValueMetadata | undefined, batch: number, t: number): ort.Tensor {

@@ -12,7 +12,7 @@
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ModelLoadError } from '../engine/errors.js';
-import type { GraphBuilder, TensorSource } from './onnx-builder.js';
+import { hashString, uniformValues, type GraphBuilder, type TensorSource } from './onnx-builder.js';
 import { FLOAT_DTYPES, openSafetensors, type SafetensorsDType, type SafetensorsFile } from './safetensors.js';
 
 export interface WeightEntry {
@@ -149,18 +149,11 @@ export class RandomWeights implements WeightSource {
     const count = shape.reduce((a, b) => a * b, 1);
     const fanIn = shape.length > 1 ? shape.slice(1).reduce((a, b) => a * b, 1) : 0;
     const isNormScale = shape.length === 1 && /\.weight$/.test(key) && /norm|(^|\.)ln/.test(key);
-    const seed = hash(`${this.component}/${key}`) ^ this.seed;
+    const seed = (hashString(`${this.component}/${key}`) ^ this.seed) >>> 0;
     const values = (): Float32Array => {
-      const out = new Float32Array(count);
-      let a = seed >>> 0;
-      const scale = fanIn > 0 ? 1 / Math.sqrt(fanIn) : 0.02;
-      for (let i = 0; i < count; i++) {
-        a = (a + 0x6d2b79f5) >>> 0;
-        let t = Math.imul(a ^ (a >>> 15), a | 1);
-        t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-        const u = ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-        out[i] = isNormScale ? 1 + (u * 2 - 1) * 0.02 : (u * 2 - 1) * scale;
-      }
+      if (!isNormScale) return uniformValues(count, fanIn > 0 ? 1 / Math.sqrt(fanIn) : 0.02, seed);
+      const out = uniformValues(count, 0.02, seed);
+      for (let i = 0; i < count; i++) out[i]! += 1;
       return out;
     };
     return { shape: [...shape], dtype: 'F32', source: { kind: 'values', values } };
@@ -186,15 +179,6 @@ export class RecordingWeights extends RandomWeights {
     this.shapes.set(key, [...shape]);
     return super.lookup(key, shape);
   }
-}
-
-function hash(text: string): number {
-  let h = 0x811c9dc5;
-  for (let i = 0; i < text.length; i++) {
-    h ^= text.charCodeAt(i);
-    h = Math.imul(h, 0x01000193) >>> 0;
-  }
-  return h >>> 0;
 }
 
 /** Shared state of a component's Params views: what was used, and how many parameters. */

@@ -7,18 +7,10 @@
  */
 import { connect } from 'node:net';
 import { crc32, deflateSync } from 'node:zlib';
+import { mulberry32 } from '../../src/graphs/onnx-builder.js';
 
-/** mulberry32: a small seeded PRNG in [0, 1). */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let x = a;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** A small seeded PRNG in [0, 1): the graph builder's mulberry32. */
+export const prng = mulberry32;
 
 /** One PNG chunk with its length and CRC. */
 export function pngChunk(type: string, data: Buffer): Buffer {
