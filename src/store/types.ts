@@ -28,3 +28,16 @@ export interface ImageStore {
   externalUrl?(image: StoredImage): Promise<string | undefined>;
   close(): Promise<void>;
 }
+
+/**
+ * Uploads (edit images, masks, image prompts) a job refers to by key, so the job itself stays
+ * small and serializable: in memory on one machine, objects in the bucket when scaled out. The
+ * API host puts them; whichever worker runs the job gets them; they expire like results.
+ */
+export interface InputStore {
+  /** Stores bytes for `ttlMs`; returns the key a job carries. */
+  putInput(bytes: Uint8Array, options: { contentType: string; ttlMs: number }): Promise<string>;
+  /** The bytes, or undefined when the key is unknown, malformed or expired. */
+  getInput(key: string): Promise<Buffer | undefined>;
+  deleteInput(key: string): Promise<void>;
+}
