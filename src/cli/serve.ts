@@ -5,7 +5,7 @@ import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { builtinModelsDir, defaultModelName, isModelPath, kilnHome, locateModel, modelSearchDirs, REFERENCE_DEFAULT_MODEL } from '../engine/locate.js';
-import { MODEL_NAME, OPENAI_IMAGE_MODELS } from '../server/model-catalog.js';
+import { MODEL_NAME, OPENAI_IMAGE_MODELS } from '../catalog/catalog.js';
 import type { Device } from '../engine/onnx.js';
 import { createServer } from '../server/app.js';
 import { fileModelFolder, isWeightsFilePath } from '../graphs/checkpoint.js';

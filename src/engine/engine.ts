@@ -29,6 +29,8 @@ export interface EngineOptions {
   device?: Device;
   /** Folders to look model names up in (default: $KILN_HOME/models, then the built-in models). */
   searchDirs?: string[];
+  /** Kiln's home, for the aliases of installed models (default: $KILN_HOME). Servers pass it, and every folder, explicitly. */
+  home?: string;
   /** Where graphs built from safetensors folders are kept (default: $KILN_HOME/cache). */
   cacheDir?: string;
   /** Precision of graphs built from safetensors (default: fp16 on CUDA, fp32 on CPU). */
@@ -84,6 +86,7 @@ export class Engine {
   readonly cacheDir: string;
   readonly dtype: GraphDtype;
   readonly lorasDir: string;
+  readonly home: string | undefined;
   private readonly onBuildProgress: EngineOptions['onBuildProgress'];
   private readonly warn: (message: string) => void;
   private readonly models = new Map<string, { version: string; loading: Promise<LoadedModel> }>();
@@ -93,10 +96,13 @@ export class Engine {
 
   constructor(options: EngineOptions = {}) {
     this.device = options.device ?? 'cpu';
-    this.searchDirs = options.searchDirs ?? modelSearchDirs();
-    this.cacheDir = options.cacheDir ?? join(kilnHome(), 'cache');
+    // The environment is read only for what the caller leaves out (the library's and `kiln generate`'s defaults).
+    const home = () => options.home ?? kilnHome();
+    this.home = options.home;
+    this.searchDirs = options.searchDirs ?? modelSearchDirs(home());
+    this.cacheDir = options.cacheDir ?? join(home(), 'cache');
     this.dtype = options.dtype ?? (this.device === 'cuda' ? 'fp16' : 'fp32');
-    this.lorasDir = resolve(options.lorasDir ?? join(kilnHome(), 'loras'));
+    this.lorasDir = resolve(options.lorasDir ?? join(home(), 'loras'));
     this.variants = new VariantCache(options.loraCacheSize ?? envCacheSize() ?? 2);
     this.onBuildProgress = options.onBuildProgress;
     this.warn = options.onWarning ?? ((m) => process.stderr.write(`kiln: warning: ${m}\n`));
@@ -108,19 +114,20 @@ export class Engine {
    * it is loaded afresh. With kiln.json LoRAs (or `options.loras`, added to them) the result is
    * the variant that applies them.
    */
-  async model(nameOrPath: string, options: { loras?: readonly AppliedLora[] } = {}): Promise<DiffusionModel> {
+  async model(nameOrPath: string, options: { loras?: readonly AppliedLora[]; name?: string } = {}): Promise<DiffusionModel> {
     for (const l of options.loras ?? []) this.resolveLora(l, 'option'); // an unknown name fails before any load
-    const loaded = await this.load(nameOrPath);
+    const loaded = await this.load(nameOrPath, options.name);
     if (!options.loras?.length) return loaded.defaultVariant ? (await loaded.defaultVariant).model : loaded.base;
     const lease = await this.acquire(loaded, mergeLoras(loaded.defaults, options.loras), 'option');
     this.held.push(lease);
     return lease.model;
   }
 
-  private load(nameOrPath: string): Promise<LoadedModel> {
+  /** `shownName`: what messages call the model (a folder's name otherwise). */
+  private load(nameOrPath: string, shownName?: string): Promise<LoadedModel> {
     let dir: string;
     try {
-      dir = locateModel(nameOrPath, this.searchDirs, { cacheDir: this.cacheDir });
+      dir = locateModel(nameOrPath, this.searchDirs, { cacheDir: this.cacheDir, home: this.home });
     } catch (err) {
       return Promise.reject(err);
     }
@@ -130,7 +137,7 @@ export class Engine {
     // A replaced model's sessions are not released here: a request may still be running on
     // them. They are freed with the last reference (its kiln.json variant once no request holds it).
     if (cached) void cached.loading.then((old) => old.defaultVariant?.then((l) => l.release())).catch(() => {});
-    const name = isModelPath(nameOrPath) ? basename(dir) : nameOrPath;
+    const name = shownName ?? (isModelPath(nameOrPath) ? basename(dir) : nameOrPath);
     const loading = this.loadFolder(dir, name);
     // A failed load is not cached, so a fixed folder can be retried without a restart.
     loading.catch(() => {

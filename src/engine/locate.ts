@@ -40,10 +40,10 @@ export function isModelPath(nameOrPath: string): boolean {
  * checkpoint (`.safetensors`) becomes the model folder Kiln keeps for it under `cacheDir`
  * (src/graphs/checkpoint.ts); a pickle file is refused with the reason (ModelLoadError).
  */
-export function locateModel(nameOrPath: string, searchDirs: string[] = modelSearchDirs(), options: { cacheDir?: string } = {}): string {
+export function locateModel(nameOrPath: string, searchDirs: string[] = modelSearchDirs(), options: { cacheDir?: string; home?: string } = {}): string {
   const asPath = resolve(nameOrPath);
   if (isWeightsFilePath(nameOrPath) && existsSync(asPath) && statSync(asPath).isFile()) {
-    return fileModelFolder(asPath, options.cacheDir ?? join(kilnHome(), 'cache'));
+    return fileModelFolder(asPath, options.cacheDir ?? join(options.home ?? kilnHome(), 'cache'));
   }
   if (isModelPath(nameOrPath)) {
     if (existsSync(asPath)) return asPath;
@@ -54,7 +54,7 @@ export function locateModel(nameOrPath: string, searchDirs: string[] = modelSear
     if (isModelDir(candidate)) return candidate;
   }
   // An alias (built-in or $KILN_HOME/aliases.json) of a model installed under another name.
-  const link = aliasLinks(searchDirs).find((l) => l.alias === nameOrPath);
+  const link = aliasLinks(searchDirs, options.home).find((l) => l.alias === nameOrPath);
   if (link) return link.dir;
   if (existsSync(asPath) && statSync(asPath).isDirectory()) return asPath;
   throw new ModelNotFoundError(
@@ -77,8 +77,9 @@ function modelFolders(searchDirs: string[]): { name: string; dir: string }[] {
   return [...seen].map(([name, dir]) => ({ name, dir }));
 }
 
-function aliasLinks(searchDirs: string[]) {
-  return installedAliasLinks(modelFolders(searchDirs), kilnHome());
+/** `home`: where aliases.json is (the environment's home when the caller gives none). */
+function aliasLinks(searchDirs: string[], home: string = kilnHome()) {
+  return installedAliasLinks(modelFolders(searchDirs), home);
 }
 
 /** An installed model, or an alias of one (`aliasOf`: the installed model's name). */
@@ -94,9 +95,9 @@ export interface InstalledModelEntry {
  * name, as entries with `aliasOf`. Cheap enough to call per request: newly pulled models appear
  * without a restart.
  */
-export function listInstalledModels(searchDirs: string[] = modelSearchDirs()): InstalledModelEntry[] {
+export function listInstalledModels(searchDirs: string[] = modelSearchDirs(), home: string = kilnHome()): InstalledModelEntry[] {
   const models: InstalledModelEntry[] = modelFolders(searchDirs);
-  for (const link of installedAliasLinks(models, kilnHome())) models.push({ name: link.alias, dir: link.dir, aliasOf: link.name });
+  for (const link of installedAliasLinks(models, home)) models.push({ name: link.alias, dir: link.dir, aliasOf: link.name });
   return models;
 }
 
@@ -104,9 +105,9 @@ export function listInstalledModels(searchDirs: string[] = modelSearchDirs()): I
 export { REFERENCE_DEFAULT_ALIAS as REFERENCE_DEFAULT_MODEL };
 export const BUILTIN_DEFAULT_MODEL = 'kiln-tiny-xl';
 
-export function defaultModelName(searchDirs: string[] = modelSearchDirs()): string {
+export function defaultModelName(searchDirs: string[] = modelSearchDirs(), home?: string): string {
   const installed =
     searchDirs.some((d) => isModelDir(join(d, REFERENCE_DEFAULT_ALIAS))) ||
-    aliasLinks(searchDirs).some((l) => l.alias === REFERENCE_DEFAULT_ALIAS);
+    aliasLinks(searchDirs, home).some((l) => l.alias === REFERENCE_DEFAULT_ALIAS);
   return installed ? REFERENCE_DEFAULT_ALIAS : BUILTIN_DEFAULT_MODEL;
 }

@@ -106,7 +106,7 @@ export const BUILTIN_ALIASES: Readonly<Record<string, AliasEntry>> = Object.free
     description: 'DWPose: YOLOX-L person detector + RTMPose-l whole-body pose (for OpenPose ControlNet edits)',
     size: '~350 MB',
   },
-  // Image prompts (src/server/image-prompt-assets.ts): h94's files under $KILN_HOME/ip-adapters/,
+  // Image prompts (src/catalog/image-prompt-assets.ts): h94's files under $KILN_HOME/ip-adapters/,
   // each pull in its own folder (a pull replaces its whole folder), the encoders where h94 keeps them.
   ...ipAdapterAliases(),
 } satisfies Record<string, AliasEntry>);

@@ -8,6 +8,7 @@ import { EventEmitter } from 'node:events';
 import { randomBytes } from 'node:crypto';
 import type { Progress } from '../engine/pipeline.js';
 import { megapixels, RunTimeEstimator } from './estimate.js';
+import { jobKind } from '../jobs/types.js';
 import {
   JobCancelledError,
   JobTimeoutError,
@@ -243,7 +244,7 @@ export class InProcessQueue implements JobQueue {
     const outcome = state === 'cancelled' && value instanceof JobTimeoutError ? 'timeout' : state;
     if (state === 'done') job.resolve(value as JobOutput);
     else job.reject(value);
-    this.events.emit('finished', { job, kind: job.spec.kind, outcome, queuedMs, runMs });
+    this.events.emit('finished', { job, kind: jobKind(job.spec), outcome, queuedMs, runMs });
   }
 
   private checkIdle(): void {

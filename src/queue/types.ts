@@ -7,31 +7,9 @@ import type { EventEmitter } from 'node:events';
 import type { EffectiveSettings, Progress, Timings } from '../engine/pipeline.js';
 import type { OutputFormat } from '../engine/image-codec.js';
 
-/** Plain, serializable generation options (the engine's GenerateOptions minus callbacks). */
-export interface JobOptions {
-  prompt: string;
-  negativePrompt?: string;
-  seed: number;
-  size: string;
-  quality?: string;
-  steps?: number;
-  scheduler?: string;
-  guidanceScale?: number;
-}
-
-export interface JobSpec {
-  kind: 'generate' | 'edit';
-  /** An installed model name, or a folder the operator configured. */
-  model: string;
-  options: JobOptions;
-  /** Edits: the validated input PNG(s); the first is the init image. */
-  images?: Uint8Array[];
-  /** Edits: img2img strength (0 < s <= 1). */
-  strength?: number;
-  output: { format: OutputFormat; quality?: number };
-  /** Streaming: how many partial images to make while it runs (0 or absent: none). */
-  partialImages?: number;
-}
+/** A queued job: src/jobs/types.ts (one serializable type, its mode explicit, its inputs by key). */
+export type { Job as JobSpec, JobOptions } from '../jobs/types.js';
+import type { Job as JobSpec } from '../jobs/types.js';
 
 /** A preview made during a run (streaming), encoded like the final image. */
 export interface PartialImageEvent {
@@ -52,6 +30,9 @@ export interface JobOutput {
   format: OutputFormat;
   settings: EffectiveSettings & { strength?: number };
   timings: Timings;
+  /** Pose mode: the skeleton picture (same format as the image) and how many people DWPose found. */
+  pose?: Buffer;
+  people?: number;
 }
 
 export type JobState = 'queued' | 'running' | 'done' | 'failed' | 'cancelled';
@@ -114,7 +95,7 @@ export interface JobQueue {
 
 export interface JobFinished {
   job: JobHandle;
-  kind: JobSpec['kind'];
+  kind: 'generate' | 'edit';
   outcome: 'done' | 'failed' | 'cancelled' | 'timeout';
   queuedMs: number;
   runMs: number;
@@ -135,6 +116,8 @@ export interface JobRunner {
   /** How many jobs it can run at once. */
   readonly slots: number;
   run(spec: JobSpec, context: RunContext): Promise<JobOutput>;
+  /** Loads a model ahead of the first request (errors are reported, not thrown). */
+  preload?(model: string): void;
   close(): Promise<void>;
 }
 

@@ -26,14 +26,15 @@ import { priorMsPerStepMp } from '../queue/estimate.js';
 import { InProcessQueue } from '../queue/memory.js';
 import type { JobQueue, JobRunner } from '../queue/types.js';
 import { LocalDiskStore } from '../store/local.js';
-import type { ImageStore } from '../store/types.js';
+import type { ImageStore, InputStore } from '../store/types.js';
 import { addApiKeyAuth } from './auth.js';
-import { EnginePool } from './engine-pool.js';
+import { EnginePool } from '../runner/pool.js';
 import { answerAndClose, clientErrorHandler, frameworkErrors, setErrorHandlers } from './error-handlers.js';
 import { ApiError, SHUTTING_DOWN_HEADERS } from './errors.js';
 import { createImagesService } from './images-service.js';
 import { createMetrics, type Metrics } from './metrics.js';
-import { createModelCatalog } from './model-catalog.js';
+import { createModelCatalog } from '../catalog/catalog.js';
+import { MemoryInputStore } from '../store/memory-inputs.js';
 import { readModelAliases } from '../models/aliases.js';
 import type { NMeaning } from './params.js';
 import { fileRoutes } from './routes/files.js';
@@ -101,6 +102,8 @@ export interface ServerOptions {
   runner?: JobRunner;
   queue?: JobQueue;
   store?: ImageStore;
+  /** Where uploads wait for their jobs (default: this process's memory). */
+  inputs?: InputStore;
 }
 
 export interface KilnServer {
@@ -185,13 +188,14 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   }
 
   const device = options.device ?? 'cpu';
+  const inputs = options.inputs ?? new MemoryInputStore();
   const runner =
     options.runner ??
     new EnginePool({
       size: options.workers ?? 1,
-      searchDirs,
+      catalog: models,
+      inputs,
       device,
-      env: { ...process.env, KILN_HOME: home },
       onEvent: (e) =>
         e.type === 'crash' || e.error ? logger.error({ err: e.error }, e.message) : e.type === 'warning' ? logger.warn(e.message) : logger.info(e.message),
     });
@@ -307,7 +311,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   });
   setErrorHandlers(app, metrics);
 
-  const images = createImagesService({ queue, store, signer, models, home, ttlMs, requestTimeoutMs, publicUrl: () => publicBase });
+  const images = createImagesService({ queue, store, inputs, signer, models, home, ttlMs, requestTimeoutMs, publicUrl: () => publicBase });
   const maxUploadMemory = options.maxUploadMemory ?? 256 * 1024 * 1024;
   const budget = new UploadBudget(maxUploadMemory, Math.min(options.maxIncomingMemory ?? 64 * 1024 * 1024, maxUploadMemory));
   await app.register(imageRoutes, { images, limits, maxFiles, budget, nMeaning: options.nMeaning ?? 'seed' });
@@ -339,7 +343,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
         }
       }
       if (options.preload ?? true) {
-        if (runner instanceof EnginePool) {
+        if (runner.preload && !options.queue) {
           try {
             runner.preload(models.resolve(undefined).ref);
           } catch (err) {

@@ -3,6 +3,7 @@
  *   {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
  * with the status the official SDKs map to their error classes.
  */
+import { AssetUnavailableError } from '../catalog/errors.js';
 import {
   DeviceUnavailableError,
   GenerationCancelledError,
@@ -99,6 +100,7 @@ export const SHUTTING_DOWN_HEADERS: Readonly<Record<string, string>> = { 'retry-
 /** Maps anything thrown while serving a request to the API error to send. */
 export function toApiError(err: unknown): ApiError {
   if (err instanceof ApiError) return err;
+  if (err instanceof AssetUnavailableError) return new ApiError(err.status, err.message, err.param, err.code);
   if (err instanceof NoPersonError) return new ApiError(400, err.message, 'image', 'no_person_found');
   if (err instanceof InvalidOptionError) return new ApiError(400, redactPaths(err.message), err.param, 'invalid_value');
   if (err instanceof ModelNotFoundError) return new ApiError(404, err.message, 'model', 'model_not_found');

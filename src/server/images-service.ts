@@ -10,19 +10,21 @@ import { detectLayout, type ModelLayout } from '../engine/model.js';
 import { resolveSize, sizeForUpload, type Size } from '../engine/presets.js';
 import { parsePromptLoras } from '../engine/loras.js';
 import { MAX_SEED, randomSeed } from '../engine/rng.js';
-import { JobCancelledError, JobTimeoutError, type JobQueue, type JobSpec, type PartialImageEvent } from '../queue/types.js';
-import type { ImageStore } from '../store/types.js';
+import { JobCancelledError, JobTimeoutError, type JobOutput, type JobQueue, type JobSpec, type PartialImageEvent } from '../queue/types.js';
+import type { JobMode } from '../jobs/types.js';
+import type { ImageStore, InputStore } from '../store/types.js';
 import { ApiError, ClientGoneError } from './errors.js';
-import type { EditJobOutput, EditJobSpec } from './engine-protocol.js';
-import type { ModelCatalog, ResolvedModel } from './model-catalog.js';
+import type { ModelCatalog, ResolvedModel } from '../catalog/catalog.js';
 import { DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, type ImageParams, type ImagePromptWeights } from './params.js';
-import { resolveImagePromptAssets, type ImagePromptAdapter } from './image-prompt-assets.js';
-import { resolvePoseAssets } from './pose-assets.js';
+import { resolveImagePromptAssets, type ImagePromptAdapter } from '../catalog/image-prompt-assets.js';
+import { resolvePoseAssets } from '../catalog/pose-assets.js';
 import type { UrlSigner } from './signing.js';
 
 export interface ImagesServiceOptions {
   queue: JobQueue;
   store: ImageStore;
+  /** Where a request's uploads wait for the worker that runs its job (jobs carry their keys). */
+  inputs: InputStore;
   signer: UrlSigner;
   models: ModelCatalog;
   /** Kiln's home folder (pose-mode and image-prompt assets). */
@@ -62,7 +64,8 @@ interface EditInput {
   images: Buffer[];
   imageSize: Size;
   mask?: Buffer;
-  pose?: EditJobSpec['pose'];
+  /** Pose mode: its scale (the worker finds the pose models from the model's name). */
+  pose?: { scale: number };
   imagePrompt?: { weights: ImagePromptWeights; adapters: ImagePromptAdapter[] };
 }
 
@@ -81,7 +84,7 @@ function imagePromptReport(weights: ImagePromptWeights, adapters: ImagePromptAda
 
 export type ImagesService = ReturnType<typeof createImagesService>;
 
-export function createImagesService({ queue, store, signer, models, home, ttlMs, requestTimeoutMs, publicUrl }: ImagesServiceOptions) {
+export function createImagesService({ queue, store, inputs, signer, models, home, ttlMs, requestTimeoutMs, publicUrl }: ImagesServiceOptions) {
   /**
    * The size to queue, checked against the model's family and native size now rather than after
    * a worker has loaded the model (InvalidOptionError: 400 `size`). An edit's `auto` becomes the
@@ -104,10 +107,10 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
   }
 
   /** Runs one job to its end, cancelling it when the client goes away. */
-  async function runJob(caller: Caller, spec: EditJobSpec, timeoutMs: number, onPartial?: (partial: PartialImageEvent) => void) {
+  async function runJob(caller: Caller, spec: JobSpec, timeoutMs: number, onPartial?: (partial: PartialImageEvent) => void) {
     const job = queue.submit(spec, { timeoutMs, requestId: caller.id });
     if (onPartial) job.events.on('partial', onPartial);
-    caller.log.debug({ job: job.id, kind: spec.kind, model: spec.model, seed: spec.options.seed }, 'job queued');
+    caller.log.debug({ job: job.id, mode: spec.mode, model: spec.model, seed: spec.options.seed }, 'job queued');
     const onClose = () => {
       if (!caller.res.writableEnded) job.cancel(new JobCancelledError('the client disconnected', 'client'));
     };
@@ -115,7 +118,7 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
     // Gone already (while its upload was being checked): 'close' has fired before we listened.
     if (caller.res.destroyed || caller.req.socket?.destroyed) onClose();
     job.events.on('progress', (p) => caller.log.debug({ job: job.id, stage: p.stage, step: p.step, totalSteps: p.totalSteps }, 'progress'));
-    let output: EditJobOutput;
+    let output: JobOutput;
     try {
       output = await job.result;
     } catch (err) {
@@ -130,7 +133,7 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
     return { output, queueMs: job.queuedMs ?? 0 };
   }
 
-  async function runImageJob(caller: Caller, params: ImageParams, kind: JobSpec['kind'], edit?: EditInput, resolved?: ResolvedModel, stream?: StreamHooks) {
+  async function runImageJob(caller: Caller, params: ImageParams, kind: 'generate' | 'edit', edit?: EditInput, resolved?: ResolvedModel, stream?: StreamHooks) {
     const model = resolved ?? models.resolve(params.model);
     const size = requestSize(params, model, edit?.imageSize);
     // One seed per image: the given one (then +1 each, so a request stays reproducible), else random each.
@@ -138,10 +141,18 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
     const seeds = Array.from({ length: params.count }, (_, i) => (first === undefined ? randomSeed() : (first + i) % (MAX_SEED + 1)));
     // An image prompt without a mask draws from noise (the reference's meaning) unless `strength` asks to start from the upload.
     const fromNoise = edit?.imagePrompt !== undefined && !edit.mask && params.strength === undefined;
-    const mode = kind === 'generate' ? 'generate' : edit?.pose ? 'pose' : edit?.mask ? 'inpaint' : fromNoise ? 'image_prompt' : 'img2img';
-    const specFor = (seed: number): EditJobSpec => {
-      const spec: EditJobSpec = {
-        kind,
+    const mode: JobMode = kind === 'generate' ? 'generate' : edit?.pose ? 'pose' : edit?.mask ? 'inpaint' : fromNoise ? 'image_prompt' : 'img2img';
+    // The uploads wait in the input store, once for all the request's images; the jobs carry their keys.
+    const keys: string[] = [];
+    const putInput = async (bytes: Buffer) => {
+      const key = await inputs.putInput(bytes, { contentType: 'application/octet-stream', ttlMs: requestTimeoutMs + 60_000 });
+      keys.push(key);
+      return key;
+    };
+    const jobInputs = edit ? { image: await putInput(edit.images[0]!), ...(edit.mask ? { mask: await putInput(edit.mask) } : {}) } : undefined;
+    const specFor = (seed: number): JobSpec => {
+      const spec: JobSpec = {
+        mode,
         model: model.ref,
         options: {
           prompt: params.prompt,
@@ -157,11 +168,9 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
       };
       if (stream && params.partialImages > 0) spec.partialImages = params.partialImages;
       if (edit) {
-        spec.images = edit.images;
-        if (edit.mask) spec.mask = edit.mask;
-        if (edit.imagePrompt) {
-          spec.imagePrompt = { adapters: edit.imagePrompt.adapters.map(({ adapter, imageEncoder, weight }) => ({ adapter, imageEncoder, weight })) };
-        }
+        spec.inputs = jobInputs;
+        // Weights all 0: the plain model (no adapter is resolved on the worker either).
+        if (edit.imagePrompt && edit.imagePrompt.adapters.length) spec.imagePrompt = edit.imagePrompt.weights;
         if (edit.pose) spec.pose = edit.pose;
         else if (!fromNoise) spec.strength = params.strength ?? (edit.mask ? DEFAULT_INPAINT_STRENGTH : DEFAULT_STRENGTH);
       }
@@ -171,17 +180,21 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
     const received = performance.now();
     // The images of one request run one after another: a request holds one queue place at a time,
     // and the per-request limit covers them all.
-    const outputs: EditJobOutput[] = [];
+    const outputs: JobOutput[] = [];
     let queueMs = 0;
     let generationMs = 0;
-    for (const [imageIndex, seed] of seeds.entries()) {
-      const left = requestTimeoutMs - (performance.now() - received);
-      if (left <= 0) throw new JobTimeoutError(requestTimeoutMs);
-      const onPartial = stream && ((partial: PartialImageEvent) => stream.onPartial({ ...partial, imageIndex, seed }));
-      const done = await runJob(caller, specFor(seed), left, onPartial || undefined);
-      outputs.push(done.output);
-      queueMs += done.queueMs;
-      generationMs += done.output.timings.totalMs;
+    try {
+      for (const [imageIndex, seed] of seeds.entries()) {
+        const left = requestTimeoutMs - (performance.now() - received);
+        if (left <= 0) throw new JobTimeoutError(requestTimeoutMs);
+        const onPartial = stream && ((partial: PartialImageEvent) => stream.onPartial({ ...partial, imageIndex, seed }));
+        const done = await runJob(caller, specFor(seed), left, onPartial || undefined);
+        outputs.push(done.output);
+        queueMs += done.queueMs;
+        generationMs += done.output.timings.totalMs;
+      }
+    } finally {
+      await Promise.allSettled(keys.map((k) => inputs.deleteInput(k)));
     }
 
     const s = outputs[0]!.settings;
@@ -265,11 +278,12 @@ export function createImagesService({ queue, store, signer, models, home, ttlMs,
     /** POST /v1/images/edits: img2img, inpainting (with a mask), pose-guided (with a pose scale) or with an image prompt. */
     async edit(caller: Caller, params: ImageParams, upload: EditUpload, stream?: StreamHooks) {
       const model = models.resolve(params.model);
-      let pose: EditJobSpec['pose'];
+      let pose: EditInput['pose'];
       if (upload.poseScale !== undefined) {
+        // Checked here too, so that a request that cannot be honoured gets its 400 before it is queued.
         const assets = resolvePoseAssets(models.dir(model), model.id, home);
         caller.log.debug({ model: model.id, ...assets.sources }, 'pose assets');
-        pose = { scale: upload.poseScale, controlNet: assets.controlNet, dwpose: assets.dwpose };
+        pose = { scale: upload.poseScale };
       }
       let imagePrompt: EditInput['imagePrompt'];
       if (upload.imagePrompt) {

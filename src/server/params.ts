@@ -9,7 +9,7 @@ import { SCHEDULER_NAMES, schedulerClassFor } from '../engine/schedulers/index.j
 import { OUTPUT_FORMATS, type OutputFormat } from '../engine/image-codec.js';
 import { MAX_IMAGE_PROMPT_SCALE } from '../engine/image-prompt.js';
 import { ApiError } from './errors.js';
-import { isGptImageModel } from './model-catalog.js';
+import { isGptImageModel } from '../catalog/catalog.js';
 
 /** Longest prompt (and negative prompt) accepted, in characters (Unicode code points). */
 export const MAX_PROMPT_CHARS = 4000;
@@ -445,13 +445,8 @@ export function parsePoseUser(user: string | undefined): number | undefined {
 }
 
 /** An edit's image prompt: the weight of each adapter role, and the field that asked for it (for 400s). */
-export interface ImagePromptWeights {
-  style: number;
-  face?: number;
-  from: 'user' | 'style';
-  /** The style weight is DEFAULT_STYLE_WEIGHT because neither `user` nor the field gave one. */
-  styleDefault?: boolean;
-}
+export type { ImagePromptWeights } from '../jobs/types.js';
+import type { ImagePromptWeights } from '../jobs/types.js';
 
 /**
  * What an edit asks for beyond image-to-image / inpainting: pose mode (its scale) and an image

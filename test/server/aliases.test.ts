@@ -12,7 +12,7 @@ import { InvalidArgumentError } from 'commander';
 import { parseModelAlias } from '../../src/cli/serve.js';
 import { readModelAliases, readUserAliases, resolvePullSpec } from '../../src/models/aliases.js';
 import { PullError } from '../../src/models/errors.js';
-import { isOpenAiImageModel } from '../../src/server/model-catalog.js';
+import { isOpenAiImageModel } from '../../src/catalog/catalog.js';
 import { envelope, getJson, makeHome, postJson, startTestServer, type TestServer } from './helpers.js';
 
 let t: TestServer;

@@ -9,7 +9,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import OpenAI from 'openai';
 import { startTestServer, getJson, envelope, type TestServer } from './helpers.js';
 import type { JobFinished, JobSpec } from '../../src/queue/types.js';
-import { EnginePool } from '../../src/server/engine-pool.js';
+import { EnginePool } from '../../src/runner/pool.js';
+import { createModelCatalog } from '../../src/catalog/catalog.js';
 import { join } from 'node:path';
 
 let t: TestServer;
@@ -165,10 +166,10 @@ test('past the request timeout: 504 and the job is stopped', async () => {
 
 test('an inference worker that dies fails its job (the request gets a 500) and is replaced', async () => {
   const events: string[] = [];
-  const pool = new EnginePool({ searchDirs: [join(t.home, 'models')], onEvent: (e) => events.push(e.type) });
+  const pool = new EnginePool({ catalog: createModelCatalog([join(t.home, 'models')], { home: t.home }), onEvent: (e) => events.push(e.type) });
   try {
     const spec: JobSpec = {
-      kind: 'generate',
+      mode: 'generate',
       model: 'kiln-tiny-xl',
       options: { prompt: 'crash', seed: 1, size: '1024x1024', steps: 60 },
       output: { format: 'png' },

@@ -16,7 +16,7 @@ import OpenAI, { toFile } from 'openai';
 import { pino } from 'pino';
 import { resolvePullSpec } from '../../src/models/aliases.js';
 import { writeSafetensors } from '../../src/graphs/safetensors.js';
-import { IMAGE_ENCODERS, IMAGE_PROMPT_ADAPTERS, IP_ADAPTERS_DIR } from '../../src/server/image-prompt-assets.js';
+import { IMAGE_ENCODERS, IMAGE_PROMPT_ADAPTERS, IP_ADAPTERS_DIR } from '../../src/catalog/image-prompt-assets.js';
 import { editWeights, readParams } from '../../src/server/params.js';
 import { ApiError, redactPaths } from '../../src/server/errors.js';
 import { GOLDEN_DIR } from '../graphs/golden.js';

@@ -25,7 +25,7 @@ import { LocalDiskStore, parseKey } from '../../src/store/local.js';
 import { UrlSigner, loadOrCreateSecret } from '../../src/server/signing.js';
 import { readParams } from '../../src/server/params.js';
 import { ApiError, toApiError } from '../../src/server/errors.js';
-import { deserializeError, serializeError } from '../../src/server/engine-protocol.js';
+import { deserializeError, serializeError } from '../../src/runner/protocol.js';
 import { parseDuration } from '../../src/cli/serve.js';
 import { GenerationCancelledError, InvalidOptionError, ModelLoadError, ModelNotFoundError } from '../../src/engine/errors.js';
 
@@ -48,7 +48,7 @@ class FakeRunner implements JobRunner {
   async close() {}
 }
 
-const spec = (prompt: string): JobSpec => ({ kind: 'generate', model: 'm', options: { prompt, seed: 1, size: '256x256' }, output: { format: 'png' } });
+const spec = (prompt: string): JobSpec => ({ mode: 'generate', model: 'm', options: { prompt, seed: 1, size: '256x256' }, output: { format: 'png' } });
 
 describe('InProcessQueue', () => {
   // The queue's timers are unref'd (a server's sockets keep it alive); here nothing else does.
@@ -157,7 +157,7 @@ describe('InProcessQueue', () => {
 
 describe('run-time estimates (retry-after)', () => {
   const job = (options: Partial<JobSpec['options']>, model = 'm'): JobSpec => ({
-    kind: 'generate',
+    mode: 'generate',
     model,
     options: { prompt: 'x', seed: 1, size: '1024x1024', ...options },
     output: { format: 'png' },

@@ -2,7 +2,7 @@
 import { statSync } from 'node:fs';
 import type { FastifyInstance } from 'fastify';
 import { ApiError } from '../errors.js';
-import type { ModelCatalog } from '../model-catalog.js';
+import type { ModelCatalog } from '../../catalog/catalog.js';
 import { ModelNotFoundError } from '../../engine/errors.js';
 
 function modelObject(m: { id: string; dir: string }) {

@@ -22,8 +22,8 @@
 import { join } from 'node:path';
 import { statSync } from 'node:fs';
 import type { ModelFamily } from '../engine/model.js';
-import { ApiError } from './errors.js';
-import type { ImagePromptWeights } from './params.js';
+import { AssetUnavailableError } from './errors.js';
+import type { ImagePromptWeights } from '../jobs/types.js';
 
 export const IP_ADAPTERS_DIR = 'ip-adapters';
 export type ImagePromptRole = 'style' | 'face';
@@ -73,9 +73,10 @@ export interface ImagePromptAdapter {
 }
 
 /** 400 `image_prompt_model_missing`: an image prompt was asked for and cannot be applied. */
-export class ImagePromptUnavailableError extends ApiError {
+export class ImagePromptUnavailableError extends AssetUnavailableError {
+  override name = 'ImagePromptUnavailableError';
   constructor(message: string, param: 'user' | 'style') {
-    super(400, message, param, 'image_prompt_model_missing');
+    super(message, param, 'image_prompt_model_missing');
   }
 }
 

@@ -1,21 +1,29 @@
 /**
- * A JobRunner over inference worker threads, each owning its own Engine (engine-worker.ts).
+ * A JobRunner over inference worker threads, each owning its own Engine (thread.ts). Jobs are
+ * resolved on this host first (prepare.ts: the catalog's folders, the input store's bytes).
  * A worker that dies (native crash, out of memory) fails its job and is replaced.
+ * Used by `kiln serve` (one machine) and by `kiln worker` (scale-out, src/runner/worker.ts).
  */
 import { Worker } from 'node:worker_threads';
 import { EventEmitter } from 'node:events';
 import type { Device } from '../engine/onnx.js';
 import { GenerationCancelledError } from '../engine/errors.js';
 import type { JobOutput, JobRunner, JobSpec, RunContext } from '../queue/types.js';
-import { deserializeError, type EditJobOutput, type FromWorker, type ToWorker, type WorkerInit } from './engine-protocol.js';
+import type { ModelCatalog } from '../catalog/catalog.js';
+import type { InputStore } from '../store/types.js';
+import { isModelPath } from '../engine/locate.js';
+import { basename } from 'node:path';
+import { toEngineJob } from './prepare.js';
+import { deserializeError, type FromWorker, type ToWorker, type WorkerInit } from './protocol.js';
 
 export interface EnginePoolOptions {
   /** Worker threads (jobs run at once). Default 1: one job already uses every core. */
   size?: number;
-  searchDirs: string[];
+  /** Models and every folder the threads' engines use (the threads read no environment). */
+  catalog: ModelCatalog;
+  /** Where the jobs' uploads are (InputStore keys). */
+  inputs?: InputStore;
   device?: Device;
-  /** Environment of the worker threads (e.g. KILN_HOME, which alias lookups read). */
-  env?: NodeJS.ProcessEnv;
   /** Worker lifecycle messages (crashes, preload results) and the engine's warnings. */
   onEvent?: (event: { type: 'crash' | 'preloaded' | 'warning'; message: string; error?: Error }) => void;
 }
@@ -28,17 +36,17 @@ interface Pending {
 }
 
 /** Starts the worker entry: the .ts source under tsx (tests, `npm run`), the .js build under dist. */
-function startWorker(init: WorkerInit, env: NodeJS.ProcessEnv | undefined): Worker {
+function startWorker(init: WorkerInit): Worker {
   const here = import.meta.url;
   if (here.endsWith('.ts')) {
     // Node 20 does not apply --import loaders to worker threads (nodejs/node#47747), so the
     // worker registers tsx itself before importing the TypeScript entry.
     const tsx = import.meta.resolve('tsx/esm/api');
-    const entry = new URL('./engine-worker.ts', here).href;
+    const entry = new URL('./thread.ts', here).href;
     const code = `import(${JSON.stringify(tsx)}).then((m) => { m.register(); return import(${JSON.stringify(entry)}); });`;
-    return new Worker(code, { eval: true, workerData: init, execArgv: [], env });
+    return new Worker(code, { eval: true, workerData: init, execArgv: [] });
   }
-  return new Worker(new URL('./engine-worker.js', here), { workerData: init, env });
+  return new Worker(new URL('./thread.js', here), { workerData: init });
 }
 
 class WorkerSlot {
@@ -55,8 +63,8 @@ class WorkerSlot {
     const shared = new SharedArrayBuffer(4);
     this.cancelCell = new Int32Array(shared);
     this.exited = false;
-    const { searchDirs, device = 'cpu', env } = this.pool.options;
-    this.worker = startWorker({ searchDirs, device, cancel: shared }, env);
+    const { catalog, device = 'cpu' } = this.pool.options;
+    this.worker = startWorker({ folders: catalog.folders, device, cancel: shared });
     this.worker.on('message', (msg: FromWorker) => this.onMessage(msg));
     this.worker.on('error', (err) => this.onExit(err));
     this.worker.on('exit', (code) => this.onExit(new Error(`the inference worker exited with code ${code}`)));
@@ -68,6 +76,12 @@ class WorkerSlot {
 
   run(id: number, spec: JobSpec, context: RunContext): Promise<JobOutput> {
     return new Promise<JobOutput>((resolve, reject) => {
+      const fail = (err: unknown) => {
+        if (this.pending?.id !== id) return;
+        this.pending = undefined;
+        reject(err);
+        this.pool.release(this);
+      };
       this.pending = { id, context, resolve, reject };
       const onAbort = () => {
         Atomics.store(this.cancelCell, 0, id);
@@ -75,7 +89,13 @@ class WorkerSlot {
       };
       if (context.signal.aborted) onAbort();
       else context.signal.addEventListener('abort', onAbort, { once: true });
-      this.post({ type: 'run', id, spec });
+      // Resolved on this thread (the input store lives here); a job that cannot be resolved fails without running.
+      toEngineJob(spec, this.pool.options.catalog, this.pool.options.inputs).then(
+        (job) => {
+          if (this.pending?.id === id) this.post({ type: 'run', id, job });
+        },
+        fail,
+      );
     });
   }
 
@@ -94,7 +114,7 @@ class WorkerSlot {
       case 'done':
         if (p?.id === msg.id) {
           this.pending = undefined;
-          const output: EditJobOutput = {
+          const output: JobOutput = {
             bytes: Buffer.from(msg.bytes),
             contentType: msg.contentType,
             format: msg.format,
@@ -174,7 +194,15 @@ export class EnginePool extends EventEmitter implements JobRunner {
 
   /** Loads a model in every worker ahead of the first request (errors are reported, not thrown). */
   preload(model: string): void {
-    for (const w of this.workers) w.post({ type: 'preload', model });
+    let dir: string;
+    try {
+      dir = this.options.catalog.locate(model);
+    } catch (err) {
+      this.options.onEvent?.({ type: 'preloaded', message: `could not preload ${model}: ${(err as Error).message}`, error: err as Error });
+      return;
+    }
+    const name = isModelPath(model) ? basename(dir) : model;
+    for (const w of this.workers) w.post({ type: 'preload', model: { dir, name } });
   }
 
   /** @internal */

@@ -29,7 +29,7 @@ import { detectLayout, CONTROL_UNET_PATH, type ModelFamily } from '../engine/mod
 import { DWPOSE_DETECTOR_FILE, DWPOSE_POSE_FILE } from '../engine/pose/index.js';
 import { builtinModelsDir } from '../engine/locate.js';
 import { findInstalled } from '../models/installed.js';
-import { ApiError } from './errors.js';
+import { AssetUnavailableError } from './errors.js';
 
 export const OPENPOSE_FOLDER = 'controlnet-openpose';
 export const OPENPOSE_KILN_KEY = 'controlnet_openpose';
@@ -72,9 +72,10 @@ export interface PoseAssetPaths {
 }
 
 /** 400 `pose_model_missing`, param `user`: pose mode was asked for and cannot be applied. */
-export class PoseUnavailableError extends ApiError {
+export class PoseUnavailableError extends AssetUnavailableError {
+  override name = 'PoseUnavailableError';
   constructor(message: string) {
-    super(400, message, 'user', 'pose_model_missing');
+    super(message, 'user', 'pose_model_missing');
   }
 }
 

@@ -1,4 +1,8 @@
 /**
+ * The model catalog: Kiln's home, the folders models are looked up in, aliases, the installed
+ * list and name -> folder, passed explicitly to whatever needs them (the API to resolve and
+ * check requests; the runner to give the engine folders, never the environment).
+ *
  * Which models a request may name: those installed in the home's model folders (read from disk
  * on every call, so a `kiln pull` shows up without a restart), plus the operator's
  * --default-model, which may be a folder that clients can name only by its id.
@@ -10,7 +14,7 @@
  * same name; the OpenAI fallback only applies to names nothing else answers to.
  */
 import { existsSync } from 'node:fs';
-import { basename, resolve } from 'node:path';
+import { basename, join, resolve } from 'node:path';
 import { defaultModelName, isModelPath, listInstalledModels, locateModel } from '../engine/locate.js';
 import { ModelNotFoundError } from '../engine/errors.js';
 import { readModelAliases } from '../models/aliases.js';
@@ -39,7 +43,22 @@ export interface ResolvedModel {
   requested?: string;
 }
 
+/** The folders an Engine works in, all from the catalog's home. */
+export interface EngineFolders {
+  home: string;
+  searchDirs: string[];
+  /** Graphs built from safetensors folders. */
+  cacheDir: string;
+  /** `<name>.safetensors` LoRAs. */
+  lorasDir: string;
+}
+
 export interface ModelCatalog {
+  /** Kiln's home (aliases.json, cache/, loras/, ip-adapters/, annotators/). */
+  readonly home: string;
+  readonly folders: EngineFolders;
+  /** A model ref (a name a job carries, or a folder) -> its folder, or ModelNotFoundError. */
+  locate(ref: string): string;
   /** Installed models, the configured default when it is not among them, and the operator's aliases. */
   installed(): { id: string; dir: string }[];
   /** The model a request names (or the default), or ModelNotFoundError (404). */
@@ -54,7 +73,7 @@ export interface CatalogOptions {
   /** `--model-alias NAME=MODEL` entries; they win over aliases.json. */
   aliases?: Record<string, string>;
   /** Kiln's home, for its aliases.json. */
-  home?: string;
+  home: string;
 }
 
 /** aliases.json's serving aliases, or none when the file is absent or malformed (the server warns at start). */
@@ -69,8 +88,10 @@ function fileAliases(home: string | undefined): Record<string, string> {
 
 const shorten = (name: string) => (name.length > 80 ? `${name.slice(0, 77)}...` : name);
 
-export function createModelCatalog(searchDirs: string[], options: CatalogOptions = {}): ModelCatalog {
+export function createModelCatalog(searchDirs: string[], options: CatalogOptions): ModelCatalog {
   const { defaultModel, home } = options;
+  const folders: EngineFolders = { home, searchDirs, cacheDir: join(home, 'cache'), lorasDir: join(home, 'loras') };
+  const locate = (ref: string) => locateModel(ref, searchDirs, { cacheDir: folders.cacheDir, home });
   const operatorAliases = options.aliases ?? {};
   // An operator's --default-model may be a folder; clients may only name installed models.
   const configuredDefault = defaultModel
@@ -80,7 +101,7 @@ export function createModelCatalog(searchDirs: string[], options: CatalogOptions
     : undefined;
 
   const aliasTable = () => ({ ...fileAliases(home), ...operatorAliases });
-  const installedEntry = (name: string) => (MODEL_NAME.test(name) ? listInstalledModels(searchDirs).find((m) => m.name === name) : undefined);
+  const installedEntry = (name: string) => (MODEL_NAME.test(name) ? listInstalledModels(searchDirs, home).find((m) => m.name === name) : undefined);
 
   function notInstalled(name: string): ModelNotFoundError {
     const shown = shorten(name);
@@ -101,7 +122,7 @@ export function createModelCatalog(searchDirs: string[], options: CatalogOptions
 
   function defaultResolved(): ResolvedModel {
     if (configuredDefault) return configuredDefault;
-    const name = defaultModelName(searchDirs);
+    const name = defaultModelName(searchDirs, home);
     const found = direct(name);
     if (!found) throw notInstalled(name);
     return found;
@@ -143,14 +164,14 @@ export function createModelCatalog(searchDirs: string[], options: CatalogOptions
   }
 
   function installed(): { id: string; dir: string }[] {
-    const list = listInstalledModels(searchDirs).map((m) => ({ id: m.name, dir: m.dir }));
+    const list = listInstalledModels(searchDirs, home).map((m) => ({ id: m.name, dir: m.dir }));
     if (configuredDefault && !list.some((m) => m.id === configuredDefault.id)) {
       list.push({ id: configuredDefault.id, dir: configuredDefault.ref });
     }
     for (const [alias, target] of Object.entries(aliasTable()).sort(([a], [b]) => a.localeCompare(b))) {
       try {
         const m = aliasTarget(alias, target);
-        const entry = { id: alias, dir: m.dir ?? locateModel(m.ref, searchDirs) };
+        const entry = { id: alias, dir: m.dir ?? locate(m.ref) };
         const at = list.findIndex((x) => x.id === alias);
         if (at >= 0) list[at] = entry; // the alias answers that name
         else list.push(entry);
@@ -163,8 +184,8 @@ export function createModelCatalog(searchDirs: string[], options: CatalogOptions
 
   // Installed models carry the folder resolve() found; the configured default is located here.
   function dir(model: ResolvedModel): string {
-    return model.dir ?? locateModel(model.ref, searchDirs);
+    return model.dir ?? locate(model.ref);
   }
 
-  return { installed, resolve: resolveModel, dir };
+  return { home, folders, locate, installed, resolve: resolveModel, dir };
 }

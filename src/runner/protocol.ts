@@ -1,17 +1,23 @@
 /**
- * Messages between the server (EnginePool) and its inference worker threads (engine-worker.ts).
+ * Messages between a runner (EnginePool, pool.ts) and its inference worker threads (thread.ts).
  *
- *   server -> worker   run {id, spec}   cancel {id}   preload {model}   close
- *   worker -> server   ready   progress {id, progress}   partial {id, index, ...}   done {id, bytes, ...}   failed {id, error}
+ *   runner -> thread   run {id, job}   cancel {id}   preload {model}   close
+ *   thread -> runner   ready   progress {id, progress}   partial {id, index, ...}   done {id, bytes, ...}   failed {id, error}
  *                      preloaded {model, error?}   warning {message}
  *
- * A worker runs one job at a time. Besides `cancel`, the server writes the id of a job to stop
- * into the shared Int32 cell `cancel` (workerData), which the worker reads at every step.
+ * A thread runs one job at a time. Besides `cancel`, the runner writes the id of a job to stop
+ * into the shared Int32 cell `cancel` (workerData), which the thread reads at every step.
+ * Errors travel as SerializedError (also through Redis, src/queue/bullmq.ts) and are rebuilt
+ * as the engine's classes, so the server maps them like local ones.
  */
 import type { Device } from '../engine/onnx.js';
 import type { EffectiveSettings, Progress, Timings } from '../engine/pipeline.js';
 import type { OutputFormat } from '../engine/image-codec.js';
-import type { JobOutput, JobSpec } from '../queue/types.js';
+import type { EngineJob } from '../engine/run-job.js';
+import type { EngineFolders } from '../catalog/catalog.js';
+import { AssetUnavailableError } from '../catalog/errors.js';
+import { ImagePromptUnavailableError } from '../catalog/image-prompt-assets.js';
+import { PoseUnavailableError } from '../catalog/pose-assets.js';
 import { NoPersonError } from '../engine/pose-control.js';
 import {
   DeviceUnavailableError,
@@ -22,41 +28,18 @@ import {
   NumericalError,
 } from '../engine/errors.js';
 
-/**
- * What the edits route adds to a queued edit job (the queue passes specs through untouched).
- * Without `mask`, `pose` and `imagePrompt` an edit is image-to-image.
- */
-export interface EditJobSpec extends JobSpec {
-  /** Inpainting: the validated mask PNG (same dimensions as the image; either convention). */
-  mask?: Uint8Array;
-  /** Pose mode: the ControlNet scale and the assets resolved for the model (pose-assets.ts). */
-  pose?: { scale: number; controlNet: string; dwpose: string };
-  /**
-   * The upload is an image prompt: the adapters resolved for the model (image-prompt-assets.ts),
-   * each at its weight; none when every weight is 0 (the plain model). Without a mask or
-   * `strength` the image is drawn from noise; with `strength`, from the upload (image-to-image).
-   */
-  imagePrompt?: { adapters: { adapter: string; imageEncoder: string; weight: number }[] };
-}
-
-/** A finished job; pose mode adds the skeleton picture (same format as the image). */
-export interface EditJobOutput extends JobOutput {
-  pose?: Buffer;
-  /** People DWPose found (pose mode). */
-  people?: number;
-}
-
 export interface WorkerInit {
-  searchDirs: string[];
+  /** Every folder the thread's Engine uses (from the catalog: the thread reads no environment). */
+  folders: EngineFolders;
   device: Device;
   /** SharedArrayBuffer of one Int32: the id of the job to stop. */
   cancel: SharedArrayBuffer;
 }
 
 export type ToWorker =
-  | { type: 'run'; id: number; spec: JobSpec }
+  | { type: 'run'; id: number; job: EngineJob }
   | { type: 'cancel'; id: number }
-  | { type: 'preload'; model: string }
+  | { type: 'preload'; model: { dir: string; name: string } }
   | { type: 'close' };
 
 export interface SerializedError {
@@ -65,6 +48,8 @@ export interface SerializedError {
   param?: string;
   model?: string;
   path?: string;
+  /** AssetUnavailableError's code (pose_model_missing, image_prompt_model_missing). */
+  code?: string;
   stack?: string;
 }
 
@@ -98,6 +83,7 @@ export function serializeError(err: unknown): SerializedError {
   if (err instanceof InvalidOptionError) out.param = err.param;
   if (err instanceof ModelNotFoundError) out.model = err.model;
   if (err instanceof ModelLoadError && err.path) out.path = err.path;
+  if (err instanceof AssetUnavailableError) Object.assign(out, { param: err.param, code: err.code });
   return out;
 }
 
@@ -122,6 +108,15 @@ export function deserializeError(e: SerializedError): Error {
       break;
     case 'NumericalError':
       err = new NumericalError(e.message);
+      break;
+    case 'PoseUnavailableError':
+      err = new PoseUnavailableError(e.message);
+      break;
+    case 'ImagePromptUnavailableError':
+      err = new ImagePromptUnavailableError(e.message, e.param === 'style' ? 'style' : 'user');
+      break;
+    case 'AssetUnavailableError':
+      err = new AssetUnavailableError(e.message, e.param ?? 'user', e.code ?? 'model_missing');
       break;
     case 'AbortError':
       err = new GenerationCancelledError(new Error(e.message));

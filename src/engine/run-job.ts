@@ -1,0 +1,331 @@
+/**
+ * The engine's one entry point for a job: the mode dispatch, the preprocessing of uploads (pose
+ * input, image-prompt image, init image and mask) and the caches beside the Engine's models
+ * (ControlNets, DWPose, image-prompt runners), all keyed by folder and file version. It takes
+ * folders and bytes, never names of the server's or the environment: whoever calls it
+ * (src/runner's worker thread) has resolved the job's model and assets through the catalog.
+ *
+ * Cancellation: `signal`, plus `isCancelled`, polled between stages and at every engine
+ * progress callback (each denoising step), for callers whose flag is set from another thread.
+ */
+import { statSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import sharp from 'sharp';
+import type { Engine } from './engine.js';
+import { generate, resolveModelSize, type EffectiveSettings, type GenerateResult, type Progress, type Timings } from './pipeline.js';
+import { img2img, prepareInitImage } from './img2img.js';
+import { inpaint, prepareMask } from './inpaint.js';
+import { poseGenerate, type PoseAssets } from './pose-control.js';
+import { loadPoseModels, type PoseModels } from './pose/index.js';
+import { InvalidOptionError, ModelLoadError } from './errors.js';
+import { loadImagePrompt, type ImagePrompt, type ImagePromptRunner } from './image-prompt.js';
+import { modelLoras } from './loras.js';
+import { OnnxModel, type Device } from './onnx.js';
+import type { DiffusionModel } from './model.js';
+import type { RgbImage } from './vae.js';
+import { encodeGeneratedPng, encodeImage, type OutputFormat } from './image-codec.js';
+import { createPreviewer, learnFromResult } from './preview.js';
+
+/** What one job needs, resolved: folders, files and bytes. */
+export interface EngineJob {
+  mode: 'generate' | 'img2img' | 'inpaint' | 'pose' | 'image_prompt';
+  /** The model's folder, and the name messages show. */
+  model: { dir: string; name: string };
+  options: {
+    prompt: string;
+    negativePrompt?: string;
+    seed: number;
+    size: string;
+    quality?: string;
+    steps?: number;
+    scheduler?: string;
+    guidanceScale?: number;
+  };
+  /** Every mode but generate: the upload (PNG, JPEG or WebP, already validated). */
+  image?: Uint8Array;
+  /** Inpaint: the mask (same dimensions as the image; either convention). */
+  mask?: Uint8Array;
+  strength?: number;
+  /** Pose mode: the ControlNet scale and graph, and the DWPose folder. */
+  pose?: { scale: number; controlNet: string; dwpose: string };
+  /** The image prompt's adapters (files), each at its weight; none: the plain model. */
+  imagePrompt?: { adapters: { adapter: string; imageEncoder: string; weight: number }[] };
+  output: { format: OutputFormat; quality?: number };
+  partialImages?: number;
+}
+
+export interface EngineJobResult {
+  bytes: Buffer;
+  contentType: string;
+  format: OutputFormat;
+  settings: EffectiveSettings;
+  timings: Timings;
+  pose?: Buffer;
+  people?: number;
+}
+
+export interface EngineJobHooks {
+  signal?: AbortSignal;
+  /** Polled at every step: true stops the job there. */
+  isCancelled?: () => boolean;
+  onProgress?: (progress: Progress) => void;
+  onPartial?: (partial: { index: number; step: number; totalSteps: number; width: number; height: number; bytes: Buffer }) => void;
+}
+
+const CONTENT_TYPES = { png: 'image/png', jpeg: 'image/jpeg', webp: 'image/webp' } as const;
+
+// ---- pose assets: loaded once per worker, kept until their files change ---------------------
+
+/** Identity of a file's current contents (a re-pull swaps it): inode and modification time. */
+function fileVersion(path: string): string {
+  try {
+    const st = statSync(path);
+    return `${st.ino}:${st.mtimeMs}`;
+  } catch {
+    return 'missing';
+  }
+}
+
+type Cache<T> = Map<string, { version: string; loading: Promise<T> }>;
+
+function cached<T>(cache: Cache<T>, key: string, version: string, load: () => Promise<T>): Promise<T> {
+  const hit = cache.get(key);
+  if (hit && hit.version === version) return hit.loading;
+  const loading = load();
+  // A failed load is not kept: a fixed install is picked up by the next request.
+  loading.catch(() => {
+    if (cache.get(key)?.loading === loading) cache.delete(key);
+  });
+  cache.set(key, { version, loading });
+  return loading;
+}
+
+/**
+ * The upload pose is estimated on: upright (EXIF orientation), alpha composited on white and the largest centred region of
+ * the output's shape cropped (the edit rule, so the skeleton lands where it was), at its own
+ * resolution.
+ */
+async function poseInput(bytes: Buffer, outWidth: number, outHeight: number): Promise<RgbImage> {
+  const meta = await sharp(bytes).metadata();
+  const { width, height } = meta.autoOrient ?? { width: meta.width ?? 0, height: meta.height ?? 0 };
+  const cropW = Math.min(width, Math.round((height * outWidth) / outHeight));
+  const cropH = Math.min(height, Math.round((width * outHeight) / outWidth));
+  const { data, info } = await sharp(bytes)
+    .rotate()
+    .flatten({ background: '#ffffff' })
+    .extract({ left: Math.floor((width - cropW) / 2), top: Math.floor((height - cropH) / 2), width: cropW, height: cropH })
+    .removeAlpha()
+    .toColourspace('srgb')
+    .raw()
+    .toBuffer({ resolveWithObject: true });
+  if (info.channels !== 3) throw new Error(`expected RGB after conversion, got ${info.channels} channels`);
+  return { width: info.width, height: info.height, pixels: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) };
+}
+
+/** A model whose only UNet is a 9-channel inpainting one can only inpaint. */
+function refuseInpaintOnly(model: DiffusionModel, param: 'mask' | 'model'): void {
+  if (!model.isInpaintingUnet(model.unet)) return;
+  throw new InvalidOptionError(
+    param === 'mask'
+      ? `the model '${model.name}' is an inpainting model: send a mask with the image (POST /v1/images/edits)`
+      : `the model '${model.name}' is an inpainting model: use it through POST /v1/images/edits with an image and a mask`,
+    param,
+  );
+}
+
+const toBuffer = (bytes: Uint8Array) => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+
+/** Runs jobs on one Engine (one job at a time: the caches' sessions are swapped only between jobs). */
+export class JobEngine {
+  // ---- pose assets: loaded once, kept until their files change ------------------------------
+  private readonly controlNets: Cache<OnnxModel> = new Map();
+  private readonly poseNets: Cache<PoseModels> = new Map();
+  // ---- image prompts: each model's adapters loaded once, again when their files change -------
+  private readonly runners = new Map<string, { version: string; runner: ImagePromptRunner }>();
+  /** The job in flight: sessions are released only after it settles (releasing one mid-run aborts the process). */
+  private running: Promise<unknown> = Promise.resolve();
+  private current: AbortController | undefined;
+
+  constructor(
+    readonly engine: Engine,
+    private readonly device: Device,
+  ) {}
+
+  /** Loads a model ahead of its first job. */
+  async preload(model: { dir: string; name: string }): Promise<void> {
+    await this.engine.model(model.dir, { name: model.name });
+  }
+
+  private async poseAssets(paths: NonNullable<EngineJob['pose']>): Promise<PoseAssets> {
+    const options = { device: this.device };
+    const [controlNet, pose] = await Promise.all([
+      cached(this.controlNets, paths.controlNet, fileVersion(paths.controlNet), () => OnnxModel.load(paths.controlNet, dirname(paths.controlNet), options)),
+      cached(this.poseNets, paths.dwpose, fileVersion(paths.dwpose), () => loadPoseModels(paths.dwpose, paths.dwpose, options)),
+    ]);
+    return { controlNet, detector: pose.detector, poseNet: pose.poseNet };
+  }
+
+  private async imagePromptRunner(model: DiffusionModel, spec: NonNullable<EngineJob['imagePrompt']>): Promise<ImagePromptRunner> {
+    const files = spec.adapters.map((a) => ({ adapter: a.adapter, imageEncoder: a.imageEncoder }));
+    const key = JSON.stringify([model.layout.dir, files]);
+    const version = files.map((f) => `${fileVersion(f.adapter)}/${fileVersion(join(f.imageEncoder, 'model.safetensors'))}`).join(',');
+    const known = this.runners.get(key);
+    if (known && known.version === version && known.runner.model === model) return known.runner;
+    // A re-pulled adapter or encoder, or a reloaded model: the old sessions go (one job runs at a time, none uses them).
+    if (known) {
+      this.runners.delete(key);
+      await known.runner.release();
+    }
+    const runner = await loadImagePrompt(model, files, this.engine);
+    this.runners.set(key, { version, runner });
+    return runner;
+  }
+
+  /**
+   * The image prompt of an edit: the model's adapters and the upload as CLIP sees it (upright, its
+   * alpha dropped as PIL's convert('RGB') does, at its own resolution: CLIP's preprocessing
+   * resizes and crops it). Undefined when every weight is 0 (the plain model runs).
+   */
+  private async imagePromptFor(model: DiffusionModel, spec: EngineJob, upload: Buffer): Promise<ImagePrompt | undefined> {
+    const ip = spec.imagePrompt;
+    if (!ip || ip.adapters.length === 0) return undefined;
+    const loras = modelLoras(model);
+    if (loras.length) {
+      // The adapters are built into the UNet's plain weights: its LoRAs would silently drop out.
+      throw new InvalidOptionError(
+        `model ${model.name} runs with LoRAs (${loras.map((l) => l.name).join(', ')}, from its kiln.json), which cannot be combined with an image prompt yet`,
+        'user',
+      );
+    }
+    let runner: ImagePromptRunner;
+    try {
+      runner = await this.imagePromptRunner(model, ip);
+    } catch (err) {
+      // An adapter of another family, an ONNX-only model, a broken file: the request cannot be served as asked
+      // (the server strips paths from InvalidOptionError messages).
+      if (err instanceof ModelLoadError) throw new InvalidOptionError(`the image prompt cannot be used: ${err.message}`, 'user');
+      throw err;
+    }
+    const { data, info } = await sharp(upload).rotate().removeAlpha().toColourspace('srgb').raw().toBuffer({ resolveWithObject: true });
+    if (info.channels !== 3) throw new Error(`expected RGB after conversion, got ${info.channels} channels`);
+    const image: RgbImage = { width: info.width, height: info.height, pixels: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) };
+    return { runner, image, scale: ip.adapters.map((a) => a.weight) };
+  }
+
+  /** Runs one job to its encoded image; rejects with the engine's error (GenerationCancelledError when stopped). */
+  run(spec: EngineJob, hooks: EngineJobHooks = {}): Promise<EngineJobResult> {
+    const done = this.running.then(() => this.runOne(spec, hooks));
+    this.running = done.catch(() => undefined);
+    return done;
+  }
+
+  private async runOne(spec: EngineJob, hooks: EngineJobHooks): Promise<EngineJobResult> {
+    const controller = new AbortController();
+    this.current = controller;
+    const onAbort = () => controller.abort();
+    if (hooks.signal?.aborted) controller.abort();
+    hooks.signal?.addEventListener('abort', onAbort, { once: true });
+    const checkCancel = () => {
+      if (!controller.signal.aborted && hooks.isCancelled?.()) controller.abort();
+    };
+    let previewer: ReturnType<typeof createPreviewer> | undefined;
+    try {
+      checkCancel();
+      const model = await this.engine.model(spec.model.dir, { name: spec.model.name });
+      checkCancel();
+      const format = spec.output.format;
+      // Streaming: partial images made beside the denoising loop, each handed on as soon as it is encoded.
+      if (spec.partialImages) {
+        const { width, height } = resolveModelSize(model, spec.options);
+        previewer = createPreviewer(model, {
+          count: spec.partialImages,
+          width,
+          height,
+          format,
+          quality: spec.output.quality,
+          onPartial: (p) => hooks.onPartial?.({ index: p.index, step: p.step, totalSteps: p.totalSteps, width, height, bytes: p.bytes }),
+        });
+      }
+      const options = {
+        ...spec.options,
+        signal: controller.signal,
+        onStepLatents: previewer?.onStepLatents,
+        onProgress: (progress: Progress) => {
+          checkCancel();
+          hooks.onProgress?.(progress);
+        },
+      };
+      let result: GenerateResult;
+      let pose: RgbImage | undefined;
+      let people: number | undefined;
+      if (spec.mode !== 'generate') {
+        if (!spec.image) throw new Error(`a ${spec.mode} job needs an image`);
+        const upload = toBuffer(spec.image);
+        const { width, height } = resolveModelSize(model, spec.options);
+        if (spec.mode === 'pose') {
+          if (!spec.pose) throw new Error('a pose job needs its pose assets');
+          const assets = await this.poseAssets(spec.pose);
+          const image = await poseInput(upload, width, height);
+          checkCancel();
+          const posed = await poseGenerate(model, assets, { ...options, image, controlScale: spec.pose.scale });
+          ({ pose, people } = posed);
+          result = posed;
+        } else {
+          if (spec.mode !== 'inpaint') refuseInpaintOnly(model, 'mask');
+          const imagePrompt = await this.imagePromptFor(model, spec, upload);
+          checkCancel();
+          if (spec.mode === 'inpaint') {
+            if (!spec.mask) throw new Error('an inpaint job needs a mask');
+            const image = await prepareInitImage(upload, width, height);
+            const mask = await prepareMask(toBuffer(spec.mask), width, height);
+            checkCancel();
+            result = await inpaint(model, { ...options, image, mask, strength: spec.strength, imagePrompt });
+          } else if (spec.mode === 'image_prompt') {
+            // An image prompt alone: a new image from noise, steered by the upload.
+            result = await generate(model, { ...options, imagePrompt });
+          } else {
+            const image = await prepareInitImage(upload, width, height);
+            checkCancel();
+            result = await img2img(model, { ...options, image, strength: spec.strength, imagePrompt });
+          }
+        }
+      } else {
+        refuseInpaintOnly(model, 'model');
+        result = await generate(model, options);
+      }
+      // Every partial goes out before the final image.
+      await previewer?.flush();
+      if (!model.layout.hasVaeEncoder) await learnFromResult(model, result);
+      const encodeOptions = { format, quality: spec.output.quality };
+      const bytes = format === 'png' ? await encodeGeneratedPng(result.image, result.settings) : await encodeImage(result.image, encodeOptions);
+      const out: EngineJobResult = { bytes, contentType: CONTENT_TYPES[format], format, settings: result.settings, timings: result.timings };
+      if (pose) {
+        out.pose = await encodeImage(pose, encodeOptions);
+        out.people = people;
+      }
+      return out;
+    } catch (err) {
+      // Partials already under way still go out, before the failure (a stream shows them, then the error).
+      await previewer?.flush().catch(() => {});
+      throw err;
+    } finally {
+      hooks.signal?.removeEventListener('abort', onAbort);
+      if (this.current === controller) this.current = undefined;
+    }
+  }
+
+  /** Stops the job in flight at its next step, waits for it, then frees every session. */
+  async close(): Promise<void> {
+    this.current?.abort();
+    await this.running;
+    await Promise.allSettled([
+      this.engine.close(),
+      ...[...this.controlNets.values()].map(async (c) => (await c.loading).release()),
+      ...[...this.runners.values()].map((r) => r.runner.release()),
+      ...[...this.poseNets.values()].map(async (p) => {
+        const { detector, poseNet } = await p.loading;
+        await Promise.all([detector.release(), poseNet.release()]);
+      }),
+    ]);
+  }
+}

@@ -1,0 +1,46 @@
+/**
+ * From a job (names and InputStore keys) to what the engine runs (folders, files and bytes),
+ * on the host that runs it: the model through this host's catalog, the uploads from the input
+ * store, the pose assets and image-prompt adapters from the model's name (src/catalog).
+ */
+import { basename } from 'node:path';
+import { detectLayout } from '../engine/model.js';
+import { isModelPath } from '../engine/locate.js';
+import type { EngineJob } from '../engine/run-job.js';
+import type { ModelCatalog } from '../catalog/catalog.js';
+import { resolvePoseAssets } from '../catalog/pose-assets.js';
+import { resolveImagePromptAssets } from '../catalog/image-prompt-assets.js';
+import type { Job } from '../jobs/types.js';
+import type { InputStore } from '../store/types.js';
+
+/** An upload a job names is gone (expired, or the store lost it): the job cannot run. */
+export class InputMissingError extends Error {
+  override name = 'InputMissingError';
+}
+
+async function input(inputs: InputStore | undefined, key: string | undefined, what: string): Promise<Buffer | undefined> {
+  if (key === undefined) return undefined;
+  const bytes = await inputs?.getInput(key);
+  if (!bytes) throw new InputMissingError(`the job's ${what} is no longer in the input store (it expired before a worker took the job)`);
+  return bytes;
+}
+
+export async function toEngineJob(job: Job, catalog: ModelCatalog, inputs: InputStore | undefined): Promise<EngineJob> {
+  const dir = catalog.locate(job.model);
+  const name = isModelPath(job.model) ? basename(dir) : job.model;
+  const out: EngineJob = { mode: job.mode, model: { dir, name }, options: job.options, output: job.output };
+  if (job.partialImages) out.partialImages = job.partialImages;
+  if (job.strength !== undefined) out.strength = job.strength;
+  const [image, mask] = await Promise.all([input(inputs, job.inputs?.image, 'image'), input(inputs, job.inputs?.mask, 'mask')]);
+  if (image) out.image = image;
+  if (mask) out.mask = mask;
+  if (job.mode === 'pose') {
+    const assets = resolvePoseAssets(dir, name, catalog.home);
+    out.pose = { scale: job.pose?.scale ?? 1, controlNet: assets.controlNet, dwpose: assets.dwpose };
+  }
+  if (job.imagePrompt) {
+    const adapters = resolveImagePromptAssets(detectLayout(dir).family, name, catalog.home, job.imagePrompt);
+    out.imagePrompt = { adapters: adapters.map(({ adapter, imageEncoder, weight }) => ({ adapter, imageEncoder, weight })) };
+  }
+  return out;
+}
