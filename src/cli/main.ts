@@ -12,6 +12,7 @@ import { formatCliError } from './errors.js';
 import { registerModelCommands } from './models.js';
 import { registerPullCommand } from './pull.js';
 import { registerServeCommand } from './serve.js';
+import { registerWorkerCommand } from './worker.js';
 
 // src/cli/main.ts and dist/cli/main.js are both two levels below the package root.
 const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
@@ -75,6 +76,7 @@ program
   .action(generateCommand);
 
 registerServeCommand(program);
+registerWorkerCommand(program);
 
 registerPullCommand(program);
 registerModelCommands(program);

@@ -10,6 +10,7 @@ import type { Device } from '../engine/onnx.js';
 import { createServer } from '../server/app.js';
 import { fileModelFolder, isWeightsFilePath } from '../graphs/checkpoint.js';
 import { MAX_IMAGES, N_MEANINGS, type NMeaning } from '../server/params.js';
+import { parseRedisUrl } from '../queue/redis.js';
 
 export interface ServeFlags {
   host: string;
@@ -31,6 +32,7 @@ export interface ServeFlags {
   device: Device;
   logLevel: string;
   preload: boolean;
+  queue?: string;
 }
 
 /** `90`, `90s`, `500ms`, `2m`, `1h` -> milliseconds (a bare number is seconds). */
@@ -67,6 +69,15 @@ export function parseModelAlias(value: string, previous: Record<string, string> 
     throw new InvalidArgumentError('expected NAME=MODEL, e.g. dall-e-3=be-stable-diffusion-xl-base-1.0 (NAME: letters, digits, . _ + -; MODEL: an installed name or a folder)');
   }
   return { ...previous, [name]: isModelPath(model) ? resolve(model) : model };
+}
+
+function parseQueueUrl(value: string): string {
+  try {
+    parseRedisUrl(value);
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
+  return value;
 }
 
 function parseUrl(value: string): string {
@@ -126,6 +137,7 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
     device: flags.device,
     logger: flags.logLevel,
     preload: flags.preload,
+    ...(flags.queue ? { redisQueue: { url: flags.queue } } : {}),
   });
   let stopping = false;
   const stop = (signal: NodeJS.Signals) => {
@@ -194,5 +206,6 @@ export function registerServeCommand(program: Command): void {
     .addOption(new Option('--device <device>', 'execution provider').choices(['cpu', 'cuda']).default('cpu'))
     .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'))
     .option('--no-preload', 'do not load the default model at start')
+    .option('--queue <redis-url>', 'scale out: put jobs on a BullMQ queue in Redis (redis://HOST:PORT[/DB]) for `kiln worker` processes; no inference here', parseQueueUrl)
     .action(serveCommand);
 }

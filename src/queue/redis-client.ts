@@ -194,7 +194,7 @@ export class RespClient extends EventEmitter {
     this.ended = false;
     this.connecting ??= new Promise<void>((resolve, reject) => {
       this.status = 'connecting';
-      const socket = createConnection({ host: this.options.host, port: this.options.port });
+      const socket = createConnection({ host: this.options.host ?? '127.0.0.1', port: this.options.port ?? 6379 });
       socket.setNoDelay(true);
       this.socket = socket;
       this.buffer = Buffer.alloc(0);

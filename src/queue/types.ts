@@ -91,6 +91,8 @@ export interface JobQueue {
    * when none is left.
    */
   close(deadlineMs: number): Promise<void>;
+  /** A distributed queue's workers (scale-out); absent for the in-process queue. */
+  fleet?(): FleetStatus;
 }
 
 export interface JobFinished {
@@ -151,4 +153,30 @@ export class JobTimeoutError extends Error {
   constructor(readonly timeoutMs: number) {
     super(`the image was not ready within the server's limit of ${Math.round(timeoutMs / 1000)} s`);
   }
+}
+
+/** The queue's backing store (Redis) cannot be reached: 503, retry soon. */
+export class QueueUnavailableError extends Error {
+  override name = 'QueueUnavailableError';
+  constructor(message = 'the job queue (Redis) is unreachable; retry shortly') {
+    super(message);
+  }
+}
+
+/** No live worker serves the job's model (scale-out): 503, with the models the fleet does serve. */
+export class NoWorkerError extends Error {
+  override name = 'NoWorkerError';
+  constructor(
+    message: string,
+    readonly model: string,
+  ) {
+    super(message);
+  }
+}
+
+/** What /ping, /health and /metrics show of a distributed queue's workers. */
+export interface FleetStatus {
+  /** Whether the queue's backing store answers. */
+  reachable: boolean;
+  workers: { id: string; host: string; pid: number; device: string; slots: number; active: number; models: string[] }[];
 }

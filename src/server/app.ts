@@ -24,6 +24,8 @@ import { locateModel, modelSearchDirs } from '../engine/locate.js';
 import type { Device } from '../engine/onnx.js';
 import { priorMsPerStepMp } from '../queue/estimate.js';
 import { InProcessQueue } from '../queue/memory.js';
+import { BullJobQueue } from '../queue/bullmq.js';
+import { parseRedisUrl } from '../queue/redis.js';
 import type { JobQueue, JobRunner } from '../queue/types.js';
 import { LocalDiskStore } from '../store/local.js';
 import type { ImageStore, InputStore } from '../store/types.js';
@@ -102,8 +104,10 @@ export interface ServerOptions {
   runner?: JobRunner;
   queue?: JobQueue;
   store?: ImageStore;
-  /** Where uploads wait for their jobs (default: this process's memory). */
+  /** Where uploads wait for their jobs (default: this process's memory; Redis with `redisQueue`). */
   inputs?: InputStore;
+  /** Scale-out: jobs go to a BullMQ queue in Redis, run by `kiln worker` processes (no inference threads here). */
+  redisQueue?: { url: string; name?: string };
 }
 
 export interface KilnServer {
@@ -188,17 +192,6 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   }
 
   const device = options.device ?? 'cpu';
-  const inputs = options.inputs ?? new MemoryInputStore();
-  const runner =
-    options.runner ??
-    new EnginePool({
-      size: options.workers ?? 1,
-      catalog: models,
-      inputs,
-      device,
-      onEvent: (e) =>
-        e.type === 'crash' || e.error ? logger.error({ err: e.error }, e.message) : e.type === 'warning' ? logger.warn(e.message) : logger.info(e.message),
-    });
   // retry-after before any job is measured: a guess from the size of the model's UNet (read once per model).
   const priors = new Map<string, number>();
   const prior = (model: string) => {
@@ -206,7 +199,27 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
     if (ms === undefined) priors.set(model, (ms = priorMsPerStepMp(unetBytes(model, searchDirs), device)));
     return ms;
   };
-  const queue = options.queue ?? new InProcessQueue(runner, { maxQueued: options.maxQueue ?? 16, priorMsPerStepMp: (spec) => prior(spec.model) });
+  const redisQueue = options.redisQueue
+    ? new BullJobQueue({
+        redis: parseRedisUrl(options.redisQueue.url),
+        name: options.redisQueue.name,
+        maxQueued: options.maxQueue ?? 16,
+        priorMsPerStepMp: (spec) => prior(spec.model),
+        onError: (err) => logger.warn({ err }, 'queue connection'),
+      })
+    : undefined;
+  const inputs = options.inputs ?? redisQueue?.inputs ?? new MemoryInputStore();
+  const runner: JobRunner | undefined =
+    options.runner ??
+    (redisQueue || options.queue ? undefined : new EnginePool({
+      size: options.workers ?? 1,
+      catalog: models,
+      inputs,
+      device,
+      onEvent: (e) =>
+        e.type === 'crash' || e.error ? logger.error({ err: e.error }, e.message) : e.type === 'warning' ? logger.warn(e.message) : logger.info(e.message),
+    }));
+  const queue = options.queue ?? redisQueue ?? new InProcessQueue(runner!, { maxQueued: options.maxQueue ?? 16, priorMsPerStepMp: (spec) => prior(spec.model) });
   const store: ImageStore =
     options.store ??
     new LocalDiskStore({
@@ -343,7 +356,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
         }
       }
       if (options.preload ?? true) {
-        if (runner.preload && !options.queue) {
+        if (runner?.preload && !options.queue) {
           try {
             runner.preload(models.resolve(undefined).ref);
           } catch (err) {
@@ -367,7 +380,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
         app.server.closeAllConnections();
         await appClosed;
         rateGuard.close();
-        await runner.close();
+        await runner?.close();
         await store.close();
       })();
       return closePromise;

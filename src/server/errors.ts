@@ -13,7 +13,7 @@ import {
   NumericalError,
 } from '../engine/errors.js';
 import { NoPersonError } from '../engine/pose-control.js';
-import { JobCancelledError, JobTimeoutError, QueueClosedError, QueueFullError } from '../queue/types.js';
+import { JobCancelledError, JobTimeoutError, NoWorkerError, QueueClosedError, QueueFullError, QueueUnavailableError } from '../queue/types.js';
 
 export type ErrorType = 'invalid_request_error' | 'authentication_error' | 'server_error';
 
@@ -101,6 +101,8 @@ export const SHUTTING_DOWN_HEADERS: Readonly<Record<string, string>> = { 'retry-
 export function toApiError(err: unknown): ApiError {
   if (err instanceof ApiError) return err;
   if (err instanceof AssetUnavailableError) return new ApiError(err.status, err.message, err.param, err.code);
+  if (err instanceof QueueUnavailableError) return new ApiError(503, err.message, null, 'queue_unavailable', { headers: { 'retry-after': '5', 'x-should-retry': 'true' } });
+  if (err instanceof NoWorkerError) return new ApiError(503, err.message, 'model', 'no_worker_for_model', { headers: { 'retry-after': '30', 'x-should-retry': 'false' } });
   if (err instanceof NoPersonError) return new ApiError(400, err.message, 'image', 'no_person_found');
   if (err instanceof InvalidOptionError) return new ApiError(400, redactPaths(err.message), err.param, 'invalid_value');
   if (err instanceof ModelNotFoundError) return new ApiError(404, err.message, 'model', 'model_not_found');

@@ -67,6 +67,35 @@ export function createMetrics(queue: JobQueue): Metrics {
       this.set(queue.stats().queued);
     },
   });
+  if (queue.fleet) {
+    const fleet = () => queue.fleet!();
+    new Gauge({
+      name: 'kiln_queue_reachable',
+      help: 'Scale-out: 1 while the queue (Redis) answers.',
+      registers,
+      collect() {
+        this.set(fleet().reachable ? 1 : 0);
+      },
+    });
+    new Gauge({
+      name: 'kiln_workers_live',
+      help: 'Scale-out: worker processes with a live heartbeat.',
+      registers,
+      collect() {
+        this.set(fleet().workers.length);
+      },
+    });
+    new Gauge({
+      name: 'kiln_worker_model',
+      help: 'Scale-out: 1 per live worker and model it serves.',
+      labelNames: ['worker', 'model'] as const,
+      registers,
+      collect() {
+        this.reset();
+        for (const w of fleet().workers) for (const m of w.models) this.set({ worker: w.id, model: m }, 1);
+      },
+    });
+  }
   queue.events.on('finished', ({ kind, outcome, queuedMs, runMs }) => {
     jobs.inc({ kind, outcome });
     jobWait.observe({ kind }, queuedMs / 1000);

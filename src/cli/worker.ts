@@ -1,0 +1,94 @@
+/**
+ * `kiln worker --queue redis://...`: runs the jobs `kiln serve --queue` puts on the BullMQ queue,
+ * on this host's models and device, until SIGTERM/SIGINT (running jobs get --shutdown-timeout).
+ */
+import { resolve } from 'node:path';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { kilnHome, modelSearchDirs } from '../engine/locate.js';
+import type { Device } from '../engine/onnx.js';
+import { createModelCatalog } from '../catalog/catalog.js';
+import { describeRedis, parseRedisUrl } from '../queue/redis.js';
+import { startQueueWorker } from '../runner/worker.js';
+import { parseDuration } from './serve.js';
+
+export interface WorkerFlags {
+  queue: string;
+  home?: string;
+  device: Device;
+  workers: number;
+  lockDuration: number;
+  stalledInterval: number;
+  heartbeat: number;
+  shutdownTimeout: number;
+  logLevel: string;
+}
+
+function parseCount(value: string): number {
+  if (!/^\s*\d+\s*$/.test(value) || Number(value) < 1) throw new InvalidArgumentError('expected a positive integer');
+  return Number(value);
+}
+
+function parseQueue(value: string): string {
+  try {
+    parseRedisUrl(value);
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
+  return value;
+}
+
+const LEVELS = ['error', 'warn', 'info'] as const;
+
+export async function workerCommand(flags: WorkerFlags): Promise<void> {
+  const home = resolve(flags.home ?? kilnHome());
+  const catalog = createModelCatalog(modelSearchDirs(home), { home });
+  const target = parseRedisUrl(flags.queue);
+  const threshold = flags.logLevel === 'silent' ? -1 : LEVELS.indexOf(flags.logLevel as (typeof LEVELS)[number]);
+  const log = (level: (typeof LEVELS)[number], message: string, extra?: Record<string, unknown>) => {
+    if (LEVELS.indexOf(level) <= threshold) {
+      process.stderr.write(`kiln worker: ${level}: ${message}${extra ? ` ${JSON.stringify(extra)}` : ''}\n`);
+    }
+  };
+  const worker = await startQueueWorker({
+    redis: target,
+    catalog,
+    device: flags.device,
+    workers: flags.workers,
+    lockDurationMs: flags.lockDuration,
+    stalledIntervalMs: flags.stalledInterval,
+    heartbeatMs: flags.heartbeat,
+    log,
+  });
+  process.stderr.write(
+    `kiln worker: ${worker.id} takes jobs from ${describeRedis(target)} with ${flags.workers} inference thread(s) on ${flags.device}; ` +
+      `serves ${catalog.installed().map((m) => m.id).join(', ') || 'no installed model'} (Ctrl-C to stop)\n`,
+  );
+  let stopping = false;
+  const stop = (signal: NodeJS.Signals) => {
+    if (stopping) process.exit(1);
+    stopping = true;
+    process.stderr.write(`kiln worker: ${signal}: finishing running jobs (up to ${Math.round(flags.shutdownTimeout / 1000)} s)\n`);
+    worker.close(flags.shutdownTimeout).then(
+      () => process.exit(0),
+      () => process.exit(1),
+    );
+  };
+  process.on('SIGTERM', stop);
+  process.on('SIGINT', stop);
+}
+
+export function registerWorkerCommand(program: Command): void {
+  program
+    .command('worker')
+    .description('scale out: run the jobs of `kiln serve --queue` from a BullMQ queue in Redis, on this host\'s models and device')
+    .requiredOption('--queue <redis-url>', 'the queue: redis://HOST:PORT[/DB] (the same as kiln serve --queue)', parseQueue)
+    .option('--home <dir>', "Kiln's home folder: the models this worker serves (default $KILN_HOME or ~/.local/share/kiln)")
+    .addOption(new Option('--device <device>', 'execution provider').choices(['cpu', 'cuda']).default('cpu'))
+    .option('--workers <n>', 'inference threads (jobs run at once)', parseCount, 1)
+    .addOption(new Option('--lock-duration <duration>', "a job's lock, renewed every half of it while it runs; a dead worker's job is run again after it").argParser(parseDuration).default(60_000, '60s'))
+    .addOption(new Option('--stalled-interval <duration>', 'how often jobs whose worker died are looked for').argParser(parseDuration).default(30_000, '30s'))
+    .addOption(new Option('--heartbeat <duration>', 'how often this worker announces itself and its models (it counts as gone after three)').argParser(parseDuration).default(5_000, '5s'))
+    .addOption(new Option('--shutdown-timeout <duration>', 'on SIGTERM, how long running jobs may take before they are cancelled').argParser(parseDuration).default(30_000, '30s'))
+    .addOption(new Option('--log-level <level>', 'log level').choices(['error', 'warn', 'info', 'silent']).default('info'))
+    .action(workerCommand);
+}

@@ -1,0 +1,173 @@
+/**
+ * `kiln worker`'s core: takes jobs from the BullMQ queue and runs them on this host's inference
+ * threads (EnginePool), resolving models through this host's catalog and uploads from the
+ * input store.
+ *
+ * - Locks: BullMQ renews a job's lock from this process's event loop every lockDuration/2;
+ *   inference runs in worker threads, so a busy GPU or CPU never starves the renewal and a
+ *   healthy job of minutes never looks stalled. A worker that dies stops renewing: after
+ *   lockDuration the stalled check (any worker, every stalledInterval) puts the job back and
+ *   another worker runs it again (at least once); the API delivers one image per job id.
+ * - Progress: each engine step and partial image becomes BullMQ job progress (QueueEvents on
+ *   the API host).
+ * - Cancellation: the API sets `cancel:<job>`; this process polls the keys of its running jobs
+ *   and aborts them, and the thread stops at the engine's next step.
+ * - Heartbeat: `worker:<id>` with a TTL of three beats, naming the models this host serves.
+ */
+import { hostname } from 'node:os';
+import { randomBytes } from 'node:crypto';
+import { Worker, type Job as BullJob } from 'bullmq';
+import type { ModelCatalog } from '../catalog/catalog.js';
+import type { Device } from '../engine/onnx.js';
+import type { Job } from '../jobs/types.js';
+import type { InputStore } from '../store/types.js';
+import type { ProgressMessage } from '../queue/bullmq.js';
+import { RespClient } from '../queue/redis-client.js';
+import { connectionOptions, DEFAULT_QUEUE_NAME, keys, KEY_PREFIX, RedisInputStore, type RedisTarget, type StoredResult, type WorkerInfo } from '../queue/redis.js';
+import { EnginePool } from './pool.js';
+import { serializeError } from './protocol.js';
+
+export interface QueueWorkerOptions {
+  redis: RedisTarget;
+  name?: string;
+  catalog: ModelCatalog;
+  device?: Device;
+  /** Inference threads, and jobs taken at once (default 1). */
+  workers?: number;
+  /** Where uploads are (default: in Redis, RedisInputStore). */
+  inputs?: InputStore;
+  /** BullMQ's job lock; renewed every half of it while the job runs (default 60 s). */
+  lockDurationMs?: number;
+  /** How often BullMQ looks for jobs whose lock expired (default 30 s). */
+  stalledIntervalMs?: number;
+  /** Times a job may be found stalled and run again before it fails (default 2). */
+  maxStalledCount?: number;
+  /** Heartbeat period; the key lives three of them (default 5 s). */
+  heartbeatMs?: number;
+  /** How long a result waits for the API host (default 10 min). */
+  resultTtlMs?: number;
+  /** How often running jobs' cancel keys are read (default 250 ms). */
+  cancelPollMs?: number;
+  log?: (level: 'info' | 'warn' | 'error', message: string, extra?: Record<string, unknown>) => void;
+}
+
+export interface QueueWorker {
+  readonly id: string;
+  /** Stops taking jobs, lets running ones finish (up to `deadlineMs`, then cancels them), frees the threads. */
+  close(deadlineMs?: number): Promise<void>;
+}
+
+export async function startQueueWorker(options: QueueWorkerOptions): Promise<QueueWorker> {
+  const name = options.name ?? DEFAULT_QUEUE_NAME;
+  const k = keys(name);
+  const id = `${hostname()}-${process.pid}-${randomBytes(3).toString('hex')}`;
+  const slots = Math.max(1, options.workers ?? 1);
+  const log = options.log ?? (() => {});
+  const redis = new RespClient(connectionOptions(options.redis, { connectionName: `kiln-worker-${id}` }));
+  redis.on('error', () => {});
+  const inputs = options.inputs ?? new RedisInputStore(redis, name);
+  const pool = new EnginePool({
+    size: slots,
+    catalog: options.catalog,
+    inputs,
+    device: options.device,
+    onEvent: (e) => log(e.type === 'crash' || e.error ? 'error' : e.type === 'warning' ? 'warn' : 'info', e.message),
+  });
+  const running = new Map<string, AbortController>();
+  const resultTtlMs = options.resultTtlMs ?? 10 * 60_000;
+  const startedAt = Date.now();
+
+  async function processJob(job: BullJob): Promise<{ ok: boolean }> {
+    const jobId = job.id!;
+    const spec = job.data as Job;
+    const controller = new AbortController();
+    running.set(jobId, controller);
+    const publish = (message: ProgressMessage) => {
+      void job.updateProgress(message as unknown as object).catch(() => {});
+    };
+    let result: StoredResult;
+    try {
+      if (await redis.get(k.cancel(jobId))) controller.abort();
+      const output = await pool.run(spec, {
+        signal: controller.signal,
+        onProgress: (progress) => publish({ progress }),
+        onPartial: (p) => publish({ partial: { index: p.index, step: p.step, totalSteps: p.totalSteps, width: p.width, height: p.height, bytes: p.bytes.toString('base64') } }),
+      });
+      result = {
+        ok: true,
+        bytes: output.bytes.toString('base64'),
+        contentType: output.contentType,
+        format: output.format,
+        settings: output.settings,
+        timings: output.timings,
+        ...(output.pose ? { pose: output.pose.toString('base64'), people: output.people } : {}),
+        worker: id,
+      };
+    } catch (err) {
+      result = { ok: false, error: serializeError(err), cancelled: controller.signal.aborted, worker: id };
+    } finally {
+      running.delete(jobId);
+    }
+    // A job cancelled by its client: nobody waits for it any more.
+    if (!result.ok && result.cancelled && (await redis.get(k.cancel(jobId)).catch(() => null))) return { ok: false };
+    // Keyed by job id: a job run twice (a stalled first run) leaves one result; the API reads it once.
+    await redis.set(k.result(jobId), JSON.stringify(result), { PX: resultTtlMs });
+    log(result.ok ? 'info' : 'warn', result.ok ? 'job done' : `job failed: ${result.error.message}`, { job: jobId, mode: spec.mode, model: spec.model });
+    return { ok: result.ok };
+  }
+
+  const worker = new Worker(name, processJob, {
+    connection: connectionOptions(options.redis),
+    prefix: KEY_PREFIX,
+    concurrency: slots,
+    lockDuration: options.lockDurationMs ?? 60_000,
+    stalledInterval: options.stalledIntervalMs ?? 30_000,
+    maxStalledCount: options.maxStalledCount ?? 2,
+    autorun: false,
+  });
+  worker.on('error', (err) => log('warn', `queue: ${err.message}`));
+  worker.on('stalled', (jobId) => log('warn', 'a job was found stalled and put back in the queue', { job: jobId }));
+
+  const heartbeatMs = options.heartbeatMs ?? 5_000;
+  const beat = async () => {
+    let models: string[] = [];
+    try {
+      models = options.catalog.installed().map((m) => m.id);
+    } catch {
+      models = [];
+    }
+    const info: WorkerInfo = { id, host: hostname(), pid: process.pid, device: options.device ?? 'cpu', slots, active: running.size, models, startedAt };
+    await redis.set(k.worker(id), JSON.stringify(info), { PX: heartbeatMs * 3 });
+  };
+  const heartbeat = setInterval(() => void beat().catch(() => {}), heartbeatMs);
+  const cancelPoll = setInterval(() => {
+    if (running.size === 0) return;
+    const ids = [...running.keys()];
+    redis.call(['MGET', ...ids.map((j) => k.cancel(j))]).then(
+      (values) => (values as (string | null)[]).forEach((v, i) => v && running.get(ids[i]!)?.abort()),
+      () => {},
+    );
+  }, options.cancelPollMs ?? 250);
+
+  await worker.waitUntilReady();
+  await beat().catch(() => {});
+  void worker.run().catch((err: Error) => log('error', `the queue worker stopped: ${err.message}`));
+  log('info', `worker ${id} takes jobs (${slots} inference thread(s))`);
+
+  return {
+    id,
+    async close(deadlineMs = 30_000) {
+      clearInterval(heartbeat);
+      await redis.del(k.worker(id)).catch(() => {});
+      // Past the deadline the jobs still running are stopped at their next step (they fail as cancelled).
+      const stopper = setTimeout(() => {
+        for (const c of running.values()) c.abort();
+      }, deadlineMs);
+      await worker.close();
+      clearTimeout(stopper);
+      clearInterval(cancelPoll);
+      await pool.close();
+      await redis.quit();
+    },
+  };
+}
