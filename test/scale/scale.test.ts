@@ -1,0 +1,183 @@
+/**
+ * Scale-out, against real services: Debian's redis-server on a free loopback port, the API
+ * in-process (`redisQueue`), and two `kiln worker` child processes on the built-in kiln-tiny
+ * models. Jobs spread over both workers; per-step progress and partial images come back;
+ * a worker SIGKILLed mid-job has its job finished by the other, one image delivered; a model no
+ * worker serves and a stopped Redis answer 503 (and the server recovers when Redis is back);
+ * the queue bound answers 429 with retry-after. Nothing here waits for a fixed time: each step
+ * polls for the state it needs (bounded), with short lock/stall settings passed as options.
+ */
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, mkdirSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { Progress } from '../../src/engine/pipeline.js';
+import { startTestServer, postJson, getJson, envelope, type TestServer } from '../server/helpers.js';
+import { RedisServer, WorkerProcess, until } from './helpers.js';
+
+let redis: RedisServer;
+let api: TestServer;
+let workerHome: string;
+const workers: WorkerProcess[] = [];
+
+const fleet = async (t: TestServer) => (await getJson(`${t.url}/ping`)).json as { workers?: { pid: number; active: number; models: string[] }[] };
+
+before(async () => {
+  redis = await RedisServer.start();
+  // The workers' home has no models of its own: they serve the built-in kiln-tiny ones.
+  workerHome = mkdtempSync(join(tmpdir(), 'kiln-worker-home-'));
+  mkdirSync(join(workerHome, 'models'));
+  // The API's home has one more model, 'only-here', that no worker has.
+  api = await startTestServer({
+    models: { 'only-here': 'sdxl' },
+    searchDirs: undefined,
+    redisQueue: { url: redis.url },
+    maxQueue: 16,
+    requestTimeoutMs: 180_000,
+  });
+  workers.push(...(await Promise.all([WorkerProcess.start(redis.url, workerHome), WorkerProcess.start(redis.url, workerHome)])));
+  await until(async () => ((await fleet(api)).workers?.length === 2 ? true : undefined), 'two live workers in /ping');
+});
+
+after(async () => {
+  await Promise.allSettled(workers.map((w) => w.stop()));
+  await api?.close();
+  await redis?.close();
+  rmSync(workerHome, { recursive: true, force: true });
+});
+
+const generate = (t: TestServer, body: Record<string, unknown>) =>
+  postJson(`${t.url}/v1/images/generations`, { prompt: 'a lighthouse', model: 'kiln-tiny', size: '256x256', steps: 3, response_format: 'b64_json', ...body });
+
+test('/ping, /health and /metrics show the queue, the live workers and their models', async () => {
+  const ping = await fleet(api);
+  assert.equal(ping.workers!.length, 2);
+  assert.deepEqual(new Set(ping.workers!.map((w) => w.pid)), new Set(workers.map((w) => w.pid)));
+  for (const w of ping.workers!) assert.ok(w.models.includes('kiln-tiny') && w.models.includes('kiln-tiny-xl'), JSON.stringify(w.models));
+  const health = await getJson(`${api.url}/health`);
+  assert.equal(health.status, 200);
+  assert.equal(health.json.queue.reachable, true);
+  const metrics = await (await fetch(`${api.url}/metrics`)).text();
+  assert.match(metrics, /^kiln_workers_live 2$/m);
+  assert.match(metrics, /^kiln_queue_reachable 1$/m);
+  assert.match(metrics, /^kiln_worker_model\{worker="[^"]+",model="kiln-tiny"\} 1$/m);
+});
+
+test('jobs spread over the two workers, each image delivered to its request', async () => {
+  const before = workers.map((w) => w.jobsDone);
+  const results = await Promise.all([1, 2, 3, 4, 5, 6].map((seed) => generate(api, { seed, steps: 4 })));
+  for (const [i, r] of results.entries()) {
+    assert.equal(r.status, 200, r.text);
+    assert.equal(r.json.data.length, 1);
+    assert.equal(r.json.data[0].seed, i + 1);
+    assert.ok(Buffer.from(r.json.data[0].b64_json, 'base64').subarray(1, 4).toString() === 'PNG');
+  }
+  const ran = workers.map((w, i) => w.jobsDone - before[i]!);
+  assert.equal(ran[0]! + ran[1]!, 6, `jobs per worker: ${ran}`);
+  assert.ok(ran[0]! > 0 && ran[1]! > 0, `both workers ran jobs: ${ran}`);
+});
+
+test('every denoising step reaches the waiting job handle (BullMQ job progress)', async () => {
+  const job = api.server.queue.submit({ mode: 'generate', model: 'kiln-tiny', options: { prompt: 'steps', seed: 3, size: '256x256', steps: 5 }, output: { format: 'png' } });
+  const seen: Progress[] = [];
+  job.events.on('progress', (p) => seen.push(p));
+  const out = await job.result;
+  assert.equal(out.contentType, 'image/png');
+  const steps = seen.filter((p) => p.stage === 'denoise').map((p) => p.step);
+  assert.deepEqual([...new Set(steps)].sort((a, b) => a - b), [1, 2, 3, 4, 5]);
+  assert.equal(job.state, 'done');
+});
+
+test('streaming: partial images made on a worker reach the SSE client, then the image', async () => {
+  const res = await fetch(`${api.url}/v1/images/generations`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ prompt: 'a lighthouse', model: 'kiln-tiny', size: '256x256', steps: 6, stream: true, partial_images: 2 }),
+  });
+  assert.equal(res.status, 200);
+  assert.match(res.headers.get('content-type') ?? '', /text\/event-stream/);
+  const text = await res.text();
+  const events = text
+    .split('\n')
+    .filter((l) => l.startsWith('data: '))
+    .map((l) => JSON.parse(l.slice(6)) as { type: string; partial_image_index?: number; b64_json?: string });
+  assert.deepEqual(events.map((e) => e.type), ['image_generation.partial_image', 'image_generation.partial_image', 'image_generation.completed']);
+  assert.deepEqual(events.slice(0, 2).map((e) => e.partial_image_index), [0, 1]);
+  for (const e of events) assert.ok(e.b64_json && e.b64_json.length > 100);
+});
+
+test('a model no live worker serves answers 503 saying so (not a hanging request)', async () => {
+  const r = await generate(api, { model: 'only-here' });
+  assert.equal(r.status, 503);
+  const e = envelope(r.json);
+  assert.equal(e.code, 'no_worker_for_model');
+  assert.equal(e.param, 'model');
+  assert.match(e.message, /No live worker serves the model 'only-here'/);
+  assert.match(e.message, /kiln-tiny/); // what the fleet does serve
+});
+
+test('the queue bound answers 429 with a retry-after from the depth and the run time', async () => {
+  // A second API host on the same queue, which lets no job wait beyond the fleet's idle slots.
+  const strict = await startTestServer({ models: {}, searchDirs: undefined, redisQueue: { url: redis.url }, maxQueue: 0, requestTimeoutMs: 180_000 });
+  try {
+    await until(async () => ((await fleet(strict)).workers?.length === 2 ? true : undefined), 'the fleet seen by the second API host');
+    const long = [1, 2].map((seed) => generate(strict, { seed, size: '512x512', steps: 12 }));
+    await until(async () => ((await fleet(strict)).workers!.reduce((n, w) => n + w.active, 0) === 2 ? true : undefined), 'both workers busy');
+    const refused = await generate(strict, { seed: 3 });
+    assert.equal(refused.status, 429, refused.text);
+    assert.equal(envelope(refused.json).code, 'queue_full');
+    const retryAfter = Number(refused.headers.get('retry-after'));
+    assert.ok(Number.isInteger(retryAfter) && retryAfter >= 1, `retry-after ${refused.headers.get('retry-after')}`);
+    for (const r of await Promise.all(long)) assert.equal(r.status, 200, r.text);
+  } finally {
+    await strict.close();
+  }
+});
+
+test('a worker SIGKILLed mid-job: the other worker runs the job again, one image is delivered', async () => {
+  const imagesDir = join(api.home, 'images');
+  const filesBefore = readdirSync(imagesDir).filter((f) => !f.startsWith('.')).length;
+  const pending = generate(api, { seed: 42, size: '512x512', steps: 12, response_format: 'url' });
+  const busy = await until(async () => (await fleet(api)).workers!.find((w) => w.active > 0), 'a worker running the job');
+  const victim = workers.find((w) => w.pid === busy.pid)!;
+  const survivor = workers.find((w) => w !== victim)!;
+  const survivorDone = survivor.jobsDone;
+  await victim.kill();
+  const r = await pending;
+  assert.equal(r.status, 200, r.text);
+  assert.equal(r.json.data.length, 1);
+  assert.equal(r.json.data[0].seed, 42);
+  assert.equal(survivor.jobsDone, survivorDone + 1, 'the surviving worker ran it');
+  const image = await fetch(r.json.data[0].url);
+  assert.equal(image.status, 200);
+  // Exactly one stored image for the one request: the re-run did not deliver a second one.
+  assert.equal(readdirSync(imagesDir).filter((f) => !f.startsWith('.')).length, filesBefore + 1);
+  // The dead worker's heartbeat expires: /ping shows one worker.
+  await until(async () => ((await fleet(api)).workers?.length === 1 ? true : undefined), 'the dead worker gone from /ping');
+  workers.splice(workers.indexOf(victim), 1, await WorkerProcess.start(redis.url, workerHome));
+  await until(async () => ((await fleet(api)).workers?.length === 2 ? true : undefined), 'a replacement worker');
+});
+
+test('Redis stopped: requests and /health answer 503; Redis back: the server works again', async () => {
+  await redis.stop();
+  const down = await until(async () => {
+    const r = await generate(api, { seed: 5 });
+    return r.status === 503 ? r : undefined;
+  }, 'a 503 while Redis is down');
+  assert.equal(envelope(down.json).code, 'queue_unavailable');
+  assert.ok(Number(down.headers.get('retry-after')) >= 1);
+  const health = await until(async () => {
+    const h = await getJson(`${api.url}/health`);
+    return h.status === 503 ? h : undefined;
+  }, '/health 503');
+  assert.equal(health.json.queue.reachable, false);
+  await redis.start();
+  // Workers and API reconnect by themselves; the first requests may still see no worker until their heartbeats are back.
+  const ok = await until(async () => {
+    const r = await generate(api, { seed: 6 });
+    return r.status === 200 ? r : undefined;
+  }, 'a 200 after Redis came back');
+  assert.equal(ok.json.data[0].seed, 6);
+  assert.equal((await getJson(`${api.url}/health`)).status, 200);
+});
