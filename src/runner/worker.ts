@@ -109,7 +109,10 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
       running.delete(jobId);
     }
     // A job cancelled by its client: nobody waits for it any more.
-    if (!result.ok && result.cancelled && (await redis.get(k.cancel(jobId)).catch(() => null))) return { ok: false };
+    if (!result.ok && result.cancelled && (await redis.get(k.cancel(jobId)).catch(() => null))) {
+      log('info', 'job cancelled (its client went away)', { job: jobId });
+      return { ok: false };
+    }
     // Keyed by job id: a job run twice (a stalled first run) leaves one result; the API reads it once.
     await redis.set(k.result(jobId), JSON.stringify(result), { PX: resultTtlMs });
     log(result.ok ? 'info' : 'warn', result.ok ? 'job done' : `job failed: ${result.error.message}`, { job: jobId, mode: spec.mode, model: spec.model });

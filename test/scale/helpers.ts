@@ -141,7 +141,7 @@ export class WorkerProcess {
 }
 
 /** Polls `check` until it returns a value (bounded: `tries` x `everyMs`). */
-export async function until<T>(check: () => Promise<T | undefined | false>, what: string, tries = 240, everyMs = 250): Promise<T> {
+export async function until<T>(check: () => Promise<T | undefined | false>, what: string | (() => string), tries = 240, everyMs = 250): Promise<T> {
   let last: unknown;
   for (let i = 0; i < tries; i++) {
     try {
@@ -152,5 +152,5 @@ export async function until<T>(check: () => Promise<T | undefined | false>, what
     }
     await sleep(everyMs);
   }
-  throw new Error(`gave up waiting for ${what}${last ? ` (last error: ${(last as Error).message})` : ''}`);
+  throw new Error(`gave up waiting for ${typeof what === 'function' ? what() : what}${last ? ` (last error: ${(last as Error).message})` : ''}`);
 }

@@ -9,11 +9,10 @@
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, mkdirSync, readdirSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Progress } from '../../src/engine/pipeline.js';
-import { startTestServer, postJson, getJson, envelope, type TestServer } from '../server/helpers.js';
+import { startTestServer, postJson, getJson, envelope, makeHome, makePng, type ModelSpec, type TestServer } from '../server/helpers.js';
 import { RedisServer, WorkerProcess, until } from './helpers.js';
 
 let redis: RedisServer;
@@ -23,14 +22,16 @@ const workers: WorkerProcess[] = [];
 
 const fleet = async (t: TestServer) => (await getJson(`${t.url}/ping`)).json as { workers?: { pid: number; active: number; models: string[] }[] };
 
+/** A UNet 8x wider than the default fixture: jobs long enough to be caught running (about 0.2 s per step at 1024x1024 on one core). */
+const SLOW: ModelSpec = { variant: 'sdxl', options: { channels: 64 } };
+
 before(async () => {
   redis = await RedisServer.start();
-  // The workers' home has no models of its own: they serve the built-in kiln-tiny ones.
-  workerHome = mkdtempSync(join(tmpdir(), 'kiln-worker-home-'));
-  mkdirSync(join(workerHome, 'models'));
+  // The workers serve the built-in kiln-tiny models and 'kiln-slow'.
+  workerHome = await makeHome({ 'kiln-slow': SLOW });
   // The API's home has one more model, 'only-here', that no worker has.
   api = await startTestServer({
-    models: { 'only-here': 'sdxl' },
+    models: { 'only-here': 'sdxl', 'kiln-slow': SLOW },
     searchDirs: undefined,
     redisQueue: { url: redis.url },
     maxQueue: 16,
@@ -46,6 +47,9 @@ after(async () => {
   await redis?.close();
   rmSync(workerHome, { recursive: true, force: true });
 });
+
+/** Every worker's heartbeat says it is idle: any job seen running after this is the next one submitted. */
+const idle = (t: TestServer) => until(async () => ((await fleet(t)).workers!.every((w) => w.active === 0) ? true : undefined), 'idle workers');
 
 const generate = (t: TestServer, body: Record<string, unknown>) =>
   postJson(`${t.url}/v1/images/generations`, { prompt: 'a lighthouse', model: 'kiln-tiny', size: '256x256', steps: 3, response_format: 'b64_json', ...body });
@@ -107,6 +111,50 @@ test('streaming: partial images made on a worker reach the SSE client, then the 
   for (const e of events) assert.ok(e.b64_json && e.b64_json.length > 100);
 });
 
+test('an edit: the upload travels through Redis (by key) to the worker', async () => {
+  const form = new FormData();
+  form.append('image', new Blob([await makePng(256, 256)], { type: 'image/png' }), 'in.png');
+  form.append('prompt', 'a lighthouse at dusk');
+  form.append('model', 'kiln-tiny');
+  form.append('steps', '4');
+  form.append('response_format', 'b64_json');
+  const res = await fetch(`${api.url}/v1/images/edits`, { method: 'POST', body: form });
+  const json = (await res.json()) as any;
+  assert.equal(res.status, 200, JSON.stringify(json));
+  assert.equal(json.kiln.mode, 'img2img');
+  assert.equal(json.data.length, 1);
+});
+
+test('a job longer than the lock duration keeps its lock (renewed from the free event loop): it runs once', async () => {
+  const before = workers.map((w) => w.jobsDone);
+  const stalledBefore = workers.map((w) => (w.log.match(/found stalled/g) ?? []).length);
+  // Several lock durations (2 s) of work on these CPUs.
+  const r = await generate(api, { seed: 11, model: 'kiln-slow', size: '1024x1024', steps: 30 });
+  assert.equal(r.status, 200, r.text);
+  assert.ok(r.json.kiln.timings.generation_ms > 2000, `the job outlasted the 2 s lock (${r.json.kiln.timings.generation_ms} ms)`);
+  assert.equal(workers.reduce((n, w, i) => n + w.jobsDone - before[i]!, 0), 1, 'one run');
+  assert.deepEqual(workers.map((w) => (w.log.match(/found stalled/g) ?? []).length), stalledBefore);
+});
+
+test('a client that disconnects mid-job: the worker stops the job between steps', async () => {
+  await idle(api);
+  const before = workers.map((w) => w.jobsDone);
+  const controller = new AbortController();
+  const pending = fetch(`${api.url}/v1/images/generations`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ prompt: 'a very long job', model: 'kiln-slow', size: '1024x1024', steps: 150, response_format: 'b64_json' }),
+    signal: controller.signal,
+  }).catch((err: Error) => err);
+  const busy = await until(async () => (await fleet(api)).workers!.find((w) => w.active > 0), 'a worker running the job');
+  controller.abort();
+  assert.ok((await pending) instanceof Error);
+  const worker = workers.find((w) => w.pid === busy.pid)!;
+  await until(async () => /job cancelled \(its client went away\)/.test(worker.log), () => `the worker to report the job cancelled; its log:\n${worker.log}`);
+  await until(async () => ((await fleet(api)).workers!.every((w) => w.active === 0) ? true : undefined), 'the worker idle again');
+  assert.deepEqual(workers.map((w) => w.jobsDone), before, 'the job never finished');
+});
+
 test('a model no live worker serves answers 503 saying so (not a hanging request)', async () => {
   const r = await generate(api, { model: 'only-here' });
   assert.equal(r.status, 503);
@@ -119,11 +167,12 @@ test('a model no live worker serves answers 503 saying so (not a hanging request
 
 test('the queue bound answers 429 with a retry-after from the depth and the run time', async () => {
   // A second API host on the same queue, which lets no job wait beyond the fleet's idle slots.
-  const strict = await startTestServer({ models: {}, searchDirs: undefined, redisQueue: { url: redis.url }, maxQueue: 0, requestTimeoutMs: 180_000 });
+  const strict = await startTestServer({ models: { 'kiln-slow': SLOW }, searchDirs: undefined, redisQueue: { url: redis.url }, maxQueue: 0, requestTimeoutMs: 180_000 });
   try {
     await until(async () => ((await fleet(strict)).workers?.length === 2 ? true : undefined), 'the fleet seen by the second API host');
-    const long = [1, 2].map((seed) => generate(strict, { seed, size: '512x512', steps: 12 }));
-    await until(async () => ((await fleet(strict)).workers!.reduce((n, w) => n + w.active, 0) === 2 ? true : undefined), 'both workers busy');
+    await idle(strict);
+    const long = [1, 2].map((seed) => generate(strict, { seed, model: 'kiln-slow', size: '1024x1024', steps: 20 }));
+      await until(async () => ((await fleet(strict)).workers!.reduce((n, w) => n + w.active, 0) === 2 ? true : undefined), () => `both workers busy; logs:\n${workers.map((w) => w.log).join('\n---\n')}`);
     const refused = await generate(strict, { seed: 3 });
     assert.equal(refused.status, 429, refused.text);
     assert.equal(envelope(refused.json).code, 'queue_full');
@@ -136,9 +185,10 @@ test('the queue bound answers 429 with a retry-after from the depth and the run 
 });
 
 test('a worker SIGKILLed mid-job: the other worker runs the job again, one image is delivered', async () => {
+  await idle(api);
   const imagesDir = join(api.home, 'images');
   const filesBefore = readdirSync(imagesDir).filter((f) => !f.startsWith('.')).length;
-  const pending = generate(api, { seed: 42, size: '512x512', steps: 12, response_format: 'url' });
+  const pending = generate(api, { seed: 42, model: 'kiln-slow', size: '1024x1024', steps: 20, response_format: 'url' });
   const busy = await until(async () => (await fleet(api)).workers!.find((w) => w.active > 0), 'a worker running the job');
   const victim = workers.find((w) => w.pid === busy.pid)!;
   const survivor = workers.find((w) => w !== victim)!;
