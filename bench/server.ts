@@ -5,6 +5,7 @@
  *   npm run bench:server -- [--clients 4] [--requests 32] [--size 256x256] [--steps 8]
  *                           [--format b64_json|url] [--workers 1] [--partial-images N]
  *                           [--model NAME|DIR | --fixture VARIANT [--channels N]] [--url http://HOST:PORT]
+ *   npm run bench:server -- --queue redis://HOST:PORT ...   scale-out: 1 and 2 kiln worker processes (bench/server-queue.ts)
  *
  * --partial-images N: the preview cost. Requests alternate between a plain one and a streamed one
  * (`stream: true, partial_images: N`, read to its completed event), same settings otherwise, so
@@ -20,6 +21,13 @@ import { join } from 'node:path';
 import { createServer, type KilnServer } from '../src/server/app.js';
 import { locateModel } from '../src/engine/locate.js';
 import { ensureFixture, type FixtureVariant } from '../tools/fixtures/variants.js';
+import { queueBench, queueBenchRequested } from './server-queue.js';
+
+// --queue redis://...: the scale-out benchmark (its own options, bench/server-queue.ts).
+if (queueBenchRequested()) {
+  await queueBench();
+  process.exit(0);
+}
 
 const { values: args } = parseArgs({
   options: {

@@ -88,6 +88,8 @@ class RemoteJob implements JobHandle {
   timer: NodeJS.Timeout | undefined;
   /** The job is in Redis (add() answered). */
   added = false;
+  /** Its result is being read. */
+  collecting = false;
   resolve!: (output: JobOutput) => void;
   reject!: (err: unknown) => void;
 
@@ -262,11 +264,17 @@ export class BullJobQueue implements JobQueue {
     if (this.redis.status !== 'ready') return;
     this.fleetAt = 0;
     await timeout(Promise.all([this.fleetNow(), this.waitingNow()]));
-    // Results whose 'completed' event went by while this host's event stream was down.
+    // Results whose 'completed' event went by while this host's event stream was down, and jobs
+    // that are gone (a Redis restarted without persistence): neither the job nor its result left.
     const running = [...this.jobs.values()].filter((j) => j.added && !j.settled);
-    if (running.length) {
-      const present = (await this.redis.call(['EXISTS', ...running.map((j) => this.k.result(j.id))])) as number;
-      if (present > 0) for (const j of running) void this.collect(j.id);
+    for (const j of running) {
+      if (j.collecting) continue;
+      // The job's hash first: a worker writes the result before BullMQ removes the hash, so a
+      // missing hash and then a missing result mean the job is gone.
+      const queued = (await timeout(this.redis.call(['EXISTS', `${KEY_PREFIX}:${this.name}:${j.id}`]))) as number;
+      const result = (await timeout(this.redis.call(['EXISTS', this.k.result(j.id)]))) as number;
+      if (result) void this.collect(j.id);
+      else if (!queued && !j.settled && !j.collecting) this.finish(j, 'failed', new QueueUnavailableError('the job was lost from the queue (Redis restarted without it); retry'));
     }
   }
 
@@ -293,12 +301,15 @@ export class BullJobQueue implements JobQueue {
   /** Reads and deletes the job's result; the first reader delivers, any later one finds nothing. */
   private async collect(jobId: string): Promise<void> {
     const job = this.jobs.get(jobId);
-    if (!job || job.settled) return;
+    if (!job || job.settled || job.collecting) return;
     let raw: unknown;
+    job.collecting = true;
     try {
       raw = await this.redis.call(['GETDEL', this.k.result(jobId)]);
     } catch {
       return; // Redis is down: the refresher tries again once it is back
+    } finally {
+      job.collecting = false;
     }
     if (typeof raw !== 'string' || job.settled) return;
     const r = JSON.parse(raw) as StoredResult;
