@@ -10,7 +10,7 @@ import type { Device } from '../engine/onnx.js';
 import { createServer } from '../server/app.js';
 import { fileModelFolder, isWeightsFilePath } from '../graphs/checkpoint.js';
 import { MAX_IMAGES, N_MEANINGS, type NMeaning } from '../server/params.js';
-import { parseRedisUrl } from '../queue/redis.js';
+import { describeRedis, parseRedisUrl } from '../queue/redis-url.js';
 
 export interface ServeFlags {
   host: string;
@@ -162,6 +162,7 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
   process.stderr.write(
     `kiln: serving the images API at ${url}/v1 (image URLs at ${server.publicUrl}; ` +
       `${apiKeys.length ? `${apiKeys.length} API key(s) required` : 'no API key required'}; Ctrl-C to stop)\n` +
+      (flags.queue ? `kiln: scaled out: jobs go to the queue at ${describeRedis(parseRedisUrl(flags.queue))}; \`kiln worker --queue ...\` processes run them\n` : '') +
       (flags.nAs === 'count' ? `kiln: n is the number of images (1 to ${MAX_IMAGES}, each with its own seed; --n-as count)\n` : '') +
       `kiln: default model ${describeDefaultModel(flags.defaultModel, home)}; it also serves OpenAI's model names ` +
       `(${OPENAI_IMAGE_MODELS.join(', ')}, any dall-e-* or gpt-image-*)${flags.modelAlias ? ' not mapped by --model-alias' : ''}\n` +

@@ -7,8 +7,7 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { kilnHome, modelSearchDirs } from '../engine/locate.js';
 import type { Device } from '../engine/onnx.js';
 import { createModelCatalog } from '../catalog/catalog.js';
-import { describeRedis, parseRedisUrl } from '../queue/redis.js';
-import { startQueueWorker } from '../runner/worker.js';
+import { describeRedis, parseRedisUrl } from '../queue/redis-url.js';
 import { parseDuration } from './serve.js';
 
 export interface WorkerFlags {
@@ -49,6 +48,8 @@ export async function workerCommand(flags: WorkerFlags): Promise<void> {
       process.stderr.write(`kiln worker: ${level}: ${message}${extra ? ` ${JSON.stringify(extra)}` : ''}\n`);
     }
   };
+  // Loaded here: the other kiln commands never load BullMQ.
+  const { startQueueWorker } = await import('../runner/worker.js');
   const worker = await startQueueWorker({
     redis: target,
     catalog,

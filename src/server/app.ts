@@ -24,8 +24,6 @@ import { locateModel, modelSearchDirs } from '../engine/locate.js';
 import type { Device } from '../engine/onnx.js';
 import { priorMsPerStepMp } from '../queue/estimate.js';
 import { InProcessQueue } from '../queue/memory.js';
-import { BullJobQueue } from '../queue/bullmq.js';
-import { parseRedisUrl } from '../queue/redis.js';
 import type { JobQueue, JobRunner } from '../queue/types.js';
 import { LocalDiskStore } from '../store/local.js';
 import type { ImageStore, InputStore } from '../store/types.js';
@@ -199,9 +197,11 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
     if (ms === undefined) priors.set(model, (ms = priorMsPerStepMp(unetBytes(model, searchDirs), device)));
     return ms;
   };
-  const redisQueue = options.redisQueue
-    ? new BullJobQueue({
-        redis: parseRedisUrl(options.redisQueue.url),
+  // Loaded only when scaled out: one machine never loads BullMQ.
+  const scaleOut = options.redisQueue && (await Promise.all([import('../queue/bullmq.js'), import('../queue/redis.js')]));
+  const redisQueue = options.redisQueue && scaleOut
+    ? new scaleOut[0].BullJobQueue({
+        redis: scaleOut[1].parseRedisUrl(options.redisQueue.url),
         name: options.redisQueue.name,
         maxQueued: options.maxQueue ?? 16,
         priorMsPerStepMp: (spec) => prior(spec.model),
