@@ -23,8 +23,8 @@ import { deserializeError } from '../runner/protocol.js';
 import { GenerationCancelledError } from '../engine/errors.js';
 import { RunTimeEstimator } from './estimate.js';
 import { jobKind } from '../jobs/types.js';
-import { RespClient } from './redis-client.js';
-import { connectionOptions, DEFAULT_QUEUE_NAME, keys, KEY_PREFIX, readFleet, RedisInputStore, type RedisTarget, type StoredResult, type WorkerInfo } from './redis.js';
+import type { Redis } from 'ioredis';
+import { connect, DEFAULT_QUEUE_NAME, keys, KEY_PREFIX, readFleet, RedisInputStore, type RedisTarget, type StoredResult, type WorkerInfo } from './redis.js';
 import {
   JobCancelledError,
   JobTimeoutError,
@@ -126,7 +126,9 @@ export class BullJobQueue implements JobQueue {
   readonly events = new EventEmitter<KilnQueueEvents>();
   readonly inputs: RedisInputStore;
   readonly name: string;
-  private readonly redis: RespClient;
+  private readonly redis: Redis;
+  /** BullMQ's connections (given, so BullMQ does not close them: close() does). */
+  private readonly connections: Redis[];
   private readonly queue: Queue;
   private readonly queueEvents: QueueEvents;
   private readonly k: ReturnType<typeof keys>;
@@ -144,15 +146,14 @@ export class BullJobQueue implements JobQueue {
     this.k = keys(this.name);
     this.estimator = new RunTimeEstimator(options.priorMsPerStepMp);
     // The API's own commands fail at once while Redis is down (a 503 now, not a request that hangs).
-    this.redis = new RespClient(connectionOptions(options.redis, { offlineQueue: false, connectionName: 'kiln-api' }));
-    this.redis.on('error', () => {}); // reported as 503s and in /health
+    this.redis = connect(options.redis, { failFast: true, name: 'kiln-api' });
     this.redis.on('ready', () => (this.reachable = true));
     this.redis.on('close', () => (this.reachable = false));
     this.inputs = new RedisInputStore(this.redis, this.name);
-    const connection = connectionOptions(options.redis);
-    this.queue = new Queue(this.name, { connection, prefix: KEY_PREFIX });
+    this.connections = [connect(options.redis), connect(options.redis)];
+    this.queue = new Queue(this.name, { connection: this.connections[0]!, prefix: KEY_PREFIX });
     this.queue.on('error', (err) => options.onError?.(err));
-    this.queueEvents = new QueueEvents(this.name, { connection, prefix: KEY_PREFIX });
+    this.queueEvents = new QueueEvents(this.name, { connection: this.connections[1]!, prefix: KEY_PREFIX });
     this.queueEvents.on('error', (err) => options.onError?.(err));
     this.queueEvents.on('active', ({ jobId }) => this.onActive(jobId));
     this.queueEvents.on('progress', ({ jobId, data }) => this.onProgress(jobId, data as unknown as ProgressMessage));
@@ -271,8 +272,8 @@ export class BullJobQueue implements JobQueue {
       if (j.collecting) continue;
       // The job's hash first: a worker writes the result before BullMQ removes the hash, so a
       // missing hash and then a missing result mean the job is gone.
-      const queued = (await timeout(this.redis.call(['EXISTS', `${KEY_PREFIX}:${this.name}:${j.id}`]))) as number;
-      const result = (await timeout(this.redis.call(['EXISTS', this.k.result(j.id)]))) as number;
+      const queued = await timeout(this.redis.exists(`${KEY_PREFIX}:${this.name}:${j.id}`));
+      const result = await timeout(this.redis.exists(this.k.result(j.id)));
       if (result) void this.collect(j.id);
       else if (!queued && !j.settled && !j.collecting) this.finish(j, 'failed', new QueueUnavailableError('the job was lost from the queue (Redis restarted without it); retry'));
     }
@@ -305,7 +306,7 @@ export class BullJobQueue implements JobQueue {
     let raw: unknown;
     job.collecting = true;
     try {
-      raw = await this.redis.call(['GETDEL', this.k.result(jobId)]);
+      raw = await this.redis.call('GETDEL', this.k.result(jobId));
     } catch {
       return; // Redis is down: the refresher tries again once it is back
     } finally {
@@ -347,7 +348,7 @@ export class BullJobQueue implements JobQueue {
   /** Removes a waiting job, or flags a running one for its worker. */
   private async withdraw(jobId: string): Promise<void> {
     try {
-      await this.redis.set(this.k.cancel(jobId), '1', { PX: 3_600_000 });
+      await this.redis.set(this.k.cancel(jobId), '1', 'PX', 3_600_000);
       await this.queue.remove(jobId).catch(() => 0); // refused while a worker holds its lock
     } catch {
       // Redis is down: the job may still run; its result expires unread
@@ -377,6 +378,6 @@ export class BullJobQueue implements JobQueue {
     while (this.jobs.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
     for (const job of [...this.jobs.values()]) job.cancel(new JobCancelledError('the server shut down before the image was ready', 'shutdown'));
     await Promise.allSettled([this.queueEvents.close(), this.queue.close()]);
-    await this.redis.quit().catch(() => {});
+    await Promise.allSettled([this.redis, ...this.connections].map((c) => c.quit()));
   }
 }

@@ -9,12 +9,8 @@
  *   <p>:<q>:cancel:<job>   set when the job's client went away; the worker polls it
  */
 import { randomBytes } from 'node:crypto';
-import { RedisConnection } from 'bullmq';
-import { RespClient, type RespClientOptions } from './redis-client.js';
+import { Redis, type RedisOptions } from 'ioredis';
 import type { InputStore } from '../store/types.js';
-
-// BullMQ creates its connections through this (it would otherwise require ioredis, not installed).
-(RedisConnection as unknown as { clientFactory: (opts: RespClientOptions) => RespClient }).clientFactory = (opts) => new RespClient(opts);
 
 export { parseRedisUrl, describeRedis, type RedisTarget } from './redis-url.js';
 import type { RedisTarget } from './redis-url.js';
@@ -49,18 +45,18 @@ export interface WorkerInfo {
 }
 
 /** Every live worker (heartbeat key present); a bounded SCAN. */
-export async function readFleet(redis: RespClient, queueName: string): Promise<WorkerInfo[]> {
+export async function readFleet(redis: Redis, queueName: string): Promise<WorkerInfo[]> {
   const k = keys(queueName);
   const names: string[] = [];
   let cursor = '0';
   for (let i = 0; i < 100; i++) {
-    const [next, batch] = await redis.scan(cursor, { MATCH: k.workerPattern, COUNT: 200 });
+    const [next, batch] = await redis.scan(cursor, 'MATCH', k.workerPattern, 'COUNT', 200);
     names.push(...batch);
     cursor = next;
     if (cursor === '0') break;
   }
   if (names.length === 0) return [];
-  const values = (await redis.call(['MGET', ...names])) as (string | null)[];
+  const values = await redis.mget(...names);
   const out: WorkerInfo[] = [];
   for (const v of values) {
     if (!v) continue;
@@ -77,7 +73,7 @@ export async function readFleet(redis: RespClient, queueName: string): Promise<W
 export class RedisInputStore implements InputStore {
   private readonly k: ReturnType<typeof keys>;
   constructor(
-    private readonly redis: RespClient,
+    private readonly redis: Redis,
     queueName: string,
   ) {
     this.k = keys(queueName);
@@ -85,14 +81,13 @@ export class RedisInputStore implements InputStore {
 
   async putInput(bytes: Uint8Array, options: { contentType: string; ttlMs: number }): Promise<string> {
     const key = `in_${randomBytes(18).toString('base64url')}`;
-    await this.redis.set(this.k.input(key), Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength), { PX: Math.max(1000, Math.round(options.ttlMs)) });
+    await this.redis.set(this.k.input(key), Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength), 'PX', Math.max(1000, Math.round(options.ttlMs)));
     return key;
   }
 
   async getInput(key: string): Promise<Buffer | undefined> {
     if (!/^in_[A-Za-z0-9_-]{24}$/.test(key)) return undefined;
-    const value = await this.redis.call(['GET', this.k.input(key)], { buffers: true });
-    return Buffer.isBuffer(value) ? value : undefined;
+    return (await this.redis.getBuffer(this.k.input(key))) ?? undefined;
   }
 
   async deleteInput(key: string): Promise<void> {
@@ -115,6 +110,25 @@ export type StoredResult =
     }
   | { ok: false; error: import('../runner/protocol.js').SerializedError; cancelled: boolean; worker: string };
 
-export function connectionOptions(t: RedisTarget, extra: Partial<RespClientOptions> = {}): RespClientOptions {
-  return { host: t.host, port: t.port, db: t.db, username: t.username, password: t.password, ...extra };
+/**
+ * A connection for BullMQ (Queue, Worker, QueueEvents: `maxRetriesPerRequest: null`, as BullMQ
+ * requires) or for Kiln's own keys. `failFast`: commands fail at once while Redis is down (the
+ * API's own, so that a request gets its 503 instead of waiting for a reconnect).
+ */
+export function connect(t: RedisTarget, options: { failFast?: boolean; name?: string } = {}): Redis {
+  const redisOptions: RedisOptions = {
+    host: t.host,
+    port: t.port,
+    db: t.db,
+    username: t.username,
+    password: t.password,
+    connectionName: options.name,
+    maxRetriesPerRequest: options.failFast ? 0 : null,
+    enableOfflineQueue: !options.failFast,
+    // Back within a couple of seconds of Redis returning, whatever the outage lasted.
+    retryStrategy: (times) => Math.min(2000, 100 * 2 ** Math.min(5, times)),
+  };
+  const redis = new Redis(redisOptions);
+  redis.on('error', () => {}); // connection errors: seen as 503s, in /health and in the workers' logs
+  return redis;
 }

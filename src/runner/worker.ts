@@ -22,8 +22,7 @@ import type { Device } from '../engine/onnx.js';
 import type { Job } from '../jobs/types.js';
 import type { InputStore } from '../store/types.js';
 import type { ProgressMessage } from '../queue/bullmq.js';
-import { RespClient } from '../queue/redis-client.js';
-import { connectionOptions, DEFAULT_QUEUE_NAME, keys, KEY_PREFIX, RedisInputStore, type RedisTarget, type StoredResult, type WorkerInfo } from '../queue/redis.js';
+import { connect, DEFAULT_QUEUE_NAME, keys, KEY_PREFIX, RedisInputStore, type RedisTarget, type StoredResult, type WorkerInfo } from '../queue/redis.js';
 import { EnginePool } from './pool.js';
 import { serializeError } from './protocol.js';
 
@@ -63,8 +62,9 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
   const id = `${hostname()}-${process.pid}-${randomBytes(3).toString('hex')}`;
   const slots = Math.max(1, options.workers ?? 1);
   const log = options.log ?? (() => {});
-  const redis = new RespClient(connectionOptions(options.redis, { connectionName: `kiln-worker-${id}` }));
-  redis.on('error', () => {});
+  const redis = connect(options.redis, { name: `kiln-worker-${id}` });
+  // BullMQ's own (it duplicates it for its blocking reads); given, so close() quits it.
+  const bullConnection = connect(options.redis);
   const inputs = options.inputs ?? new RedisInputStore(redis, name);
   const pool = new EnginePool({
     size: slots,
@@ -114,13 +114,13 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
       return { ok: false };
     }
     // Keyed by job id: a job run twice (a stalled first run) leaves one result; the API reads it once.
-    await redis.set(k.result(jobId), JSON.stringify(result), { PX: resultTtlMs });
+    await redis.set(k.result(jobId), JSON.stringify(result), 'PX', resultTtlMs);
     log(result.ok ? 'info' : 'warn', result.ok ? 'job done' : `job failed: ${result.error.message}`, { job: jobId, mode: spec.mode, model: spec.model });
     return { ok: result.ok };
   }
 
   const worker = new Worker(name, processJob, {
-    connection: connectionOptions(options.redis),
+    connection: bullConnection,
     prefix: KEY_PREFIX,
     concurrency: slots,
     lockDuration: options.lockDurationMs ?? 60_000,
@@ -140,14 +140,14 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
       models = [];
     }
     const info: WorkerInfo = { id, host: hostname(), pid: process.pid, device: options.device ?? 'cpu', slots, active: running.size, models, startedAt };
-    await redis.set(k.worker(id), JSON.stringify(info), { PX: heartbeatMs * 3 });
+    await redis.set(k.worker(id), JSON.stringify(info), 'PX', heartbeatMs * 3);
   };
   const heartbeat = setInterval(() => void beat().catch(() => {}), heartbeatMs);
   const cancelPoll = setInterval(() => {
     if (running.size === 0) return;
     const ids = [...running.keys()];
-    redis.call(['MGET', ...ids.map((j) => k.cancel(j))]).then(
-      (values) => (values as (string | null)[]).forEach((v, i) => v && running.get(ids[i]!)?.abort()),
+    redis.mget(...ids.map((j) => k.cancel(j))).then(
+      (values) => values.forEach((v, i) => v && running.get(ids[i]!)?.abort()),
       () => {},
     );
   }, options.cancelPollMs ?? 250);
@@ -170,7 +170,7 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
       clearTimeout(stopper);
       clearInterval(cancelPoll);
       await pool.close();
-      await redis.quit();
+      await Promise.allSettled([redis.quit(), bullConnection.quit()]);
     },
   };
 }
