@@ -10,7 +10,7 @@ import type { Device } from '../engine/onnx.js';
 import { createServer } from '../server/app.js';
 import { fileModelFolder, isWeightsFilePath } from '../graphs/checkpoint.js';
 import { MAX_IMAGES, N_MEANINGS, type NMeaning } from '../server/params.js';
-import { checkStoreUrl, createStore } from '../store/index.js';
+import { checkStoreUrl, createStore, describeStoreError } from '../store/index.js';
 
 export interface ServeFlags {
   host: string;
@@ -123,8 +123,14 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
   const store = flags.store
     ? createStore(flags.store, { ttlMs: flags.urlTtl, presignedUrls: flags.s3PresignedUrls, onError: (err) => storeLog(err) })
     : undefined;
+  // Every API host on the bucket signs image URLs with the secret kept there (and start-up checks the bucket).
+  const urlSecret = await store?.urlSecret().catch(async (err: unknown) => {
+    await store.close();
+    throw new Error(`--store ${flags.store}: ${describeStoreError(err)}`);
+  });
   const server = await createServer({
     store,
+    urlSecret,
     home,
     host: flags.host,
     port: flags.port,

@@ -3,9 +3,10 @@
  * `s3://BUCKET[/PREFIX]` for an S3-compatible bucket.
  */
 import { MAX_PRESIGN_SECONDS, parseS3Url, S3Store } from './s3.js';
-import type { ImageStore, InputStore } from './types.js';
+import type { InputStore } from './types.js';
 
 export { StoreUnavailableError } from './errors.js';
+export { S3Store } from './s3.js';
 
 export interface StoreFactoryOptions {
   /** Lifetime of image URLs (the presigned ones must not outlive what SigV4 allows). */
@@ -23,7 +24,7 @@ export function checkStoreUrl(url: string): string {
 }
 
 /** The S3 store for `url`, its sweeper started. */
-export function createStore(url: string, options: StoreFactoryOptions): ImageStore & InputStore {
+export function createStore(url: string, options: StoreFactoryOptions): S3Store {
   const target = parseS3Url(url);
   if (!target) throw new Error(`--store ${url}: expected s3://BUCKET[/PREFIX]`);
   if (options.presignedUrls && options.ttlMs > MAX_PRESIGN_SECONDS * 1000) {
@@ -41,4 +42,13 @@ export function createStore(url: string, options: StoreFactoryOptions): ImageSto
 /** Whether a store also keeps uploads (the S3 one does). */
 export function isInputStore(store: unknown): store is InputStore {
   return typeof (store as InputStore | undefined)?.putInput === 'function';
+}
+
+/** What went wrong reaching a store, for a person at start-up: the underlying error's message. */
+export function describeStoreError(err: unknown): string {
+  const cause = (err as { cause?: unknown })?.cause;
+  const inner = cause instanceof Error ? cause : err;
+  const name = (inner as Error)?.name;
+  const message = (inner as Error)?.message || String(inner);
+  return name && name !== 'Error' && !message.includes(name) ? `${name}: ${message}` : message;
 }

@@ -8,6 +8,8 @@
  * key order) from the first to expire to the last, so the sweeper of any host finds what has
  * expired with ListObjectsV2 alone and stops at the first object still alive. The expiry is also
  * in the object's metadata (`x-amz-meta-kiln-expires`) for people and lifecycle tooling.
+ * `<prefix>url-secret` holds the secret Kiln's image URLs are signed with, so that every API
+ * host using the bucket signs and checks them alike (it never expires).
  *
  * Configured the SDK's standard way: region from AWS_REGION (or the shared config), credentials
  * from the default provider chain, an endpoint from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (read
@@ -94,6 +96,12 @@ export function isUnavailable(err: unknown): boolean {
 function isNotFound(err: unknown): boolean {
   const e = err as { name?: string; $metadata?: { httpStatusCode?: number } };
   return e?.name === 'NoSuchKey' || e?.name === 'NotFound' || e?.$metadata?.httpStatusCode === 404;
+}
+
+async function readAll(body: AsyncIterable<unknown>): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of body) chunks.push(Buffer.from(chunk as Uint8Array));
+  return Buffer.concat(chunks);
 }
 
 export interface S3StoreOptions {
@@ -212,6 +220,38 @@ export class S3Store implements ImageStore, InputStore {
     await this.deleteObject(`${this.prefix}images/${key}`);
   }
 
+  /**
+   * The secret Kiln's URLs are signed with, shared by every API host through the bucket: read,
+   * or made on first use (a conditional write, so two hosts starting at once end up with one).
+   */
+  async urlSecret(): Promise<Buffer> {
+    const key = `${this.prefix}url-secret`;
+    const read = async () => {
+      const found = await this.getObject(key);
+      if (!found) return undefined;
+      const text = (await readAll(found.body)).toString('utf8').trim();
+      if (!/^[0-9a-f]{64,}$/.test(text)) throw new Error(`s3://${this.bucket}/${key} does not hold a hex secret of at least 32 bytes; delete it to have a new one made`);
+      return Buffer.from(text, 'hex');
+    };
+    const existing = await read();
+    if (existing) return existing;
+    try {
+      await this.send('storing the URL secret', () =>
+        this.client.send(
+          new PutObjectCommand({ Bucket: this.bucket, Key: key, Body: `${randomBytes(32).toString('hex')}\n`, ContentType: 'text/plain', IfNoneMatch: '*' }),
+        ),
+      );
+    } catch (err) {
+      // 412: another host made it first; 409: it is making it right now. Theirs is read below.
+      const status = (err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode;
+      if (status !== 412 && status !== 409) throw err;
+    }
+    // Read back rather than trust what was sent: a store that ignores If-None-Match lets the last writer win.
+    const secret = await read();
+    if (!secret) throw new Error(`s3://${this.bucket}/${key} could not be read back after writing it`);
+    return secret;
+  }
+
   /** A presigned GET URL for the image's remaining lifetime, when presigned URLs are on. */
   async externalUrl(image: StoredImage): Promise<string | undefined> {
     if (!this.options.presignedUrls || !parseS3ImageKey(image.key)) return undefined;
@@ -236,9 +276,7 @@ export class S3Store implements ImageStore, InputStore {
     if (!found) return undefined;
     // Uploads are at most a few MB (the upload limits), so they are read whole.
     try {
-      const chunks: Buffer[] = [];
-      for await (const chunk of found.body) chunks.push(Buffer.from(chunk as Uint8Array));
-      return Buffer.concat(chunks);
+      return await readAll(found.body);
     } catch (err) {
       throw new StoreUnavailableError('The image store (S3) is unavailable: reading an upload failed; try again shortly.', { cause: err });
     }

@@ -28,12 +28,14 @@ after(async () => {
 
 const kilnArgs = (args: string[]) => ['--import', 'tsx', 'src/cli/main.ts', ...args];
 
-test('kiln serve refuses a --store that is not s3://BUCKET[/PREFIX], and --s3-presigned-urls without one', async () => {
+test('kiln serve refuses a --store that is not s3://BUCKET[/PREFIX] or not there, and --s3-presigned-urls without one', async () => {
   for (const [args, message] of [
     [['--store', 'http://bucket/x'], /expected s3:\/\/BUCKET/],
     [['--store', 's3://UPPER'], /expected s3:\/\/BUCKET/],
     [['--s3-presigned-urls'], /--s3-presigned-urls needs --store/],
     [['--store', 's3://kiln-cli', '--s3-presigned-urls', '--url-ttl', '200h'], /at most 7 days/],
+    // Start-up reads the URL secret from the bucket, so a missing bucket stops it with S3's reason.
+    [['--store', 's3://no-such-bucket'], /--store s3:\/\/no-such-bucket: NoSuchBucket/],
   ] as const) {
     const err = await run(process.execPath, kilnArgs(['serve', '--home', home, '--port', '0', '--no-preload', ...args])).then(
       () => assert.fail(`${args.join(' ')} was accepted`),
@@ -70,8 +72,9 @@ test('kiln serve --store s3://kiln-cli/prod: the result is in the bucket and its
     try {
       const listed = await raw.send(new ListObjectsV2Command({ Bucket: 'kiln-cli', Prefix: 'prod/' }));
       assert.deepEqual(
-        (listed.Contents ?? []).map((o) => o.Key),
-        [`prod/images/${key}`],
+        (listed.Contents ?? []).map((o) => o.Key).sort(),
+        [`prod/images/${key}`, 'prod/url-secret'],
+        'the image, and the URL secret every API host on the bucket shares',
       );
     } finally {
       raw.destroy();

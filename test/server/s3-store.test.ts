@@ -1,7 +1,7 @@
 /**
  * The server with `--store s3://BUCKET/PREFIX` against a real S3-compatible server (s3rver on
  * a loopback port): results go to the bucket, `url` responses are Kiln's own signed, expiring
- * URLs that any API host sharing the URL secret serves from the bucket (tampered: 403, expired:
+ * URLs that any API host on the bucket (the URL secret is kept there) serves from it (tampered: 403, expired:
  * 410, as with the local store), `--s3-presigned-urls` gives presigned S3 URLs that expire, and
  * S3 unreachable is a 503 in OpenAI's envelope, after which the server works again.
  *
@@ -10,14 +10,14 @@
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { copyFileSync, existsSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { GetObjectCommand, ListObjectsV2Command, S3Client } from '@aws-sdk/client-s3';
 import { createStore } from '../../src/store/index.js';
 import { s3ClientConfig } from '../../src/store/s3.js';
 import { startS3, type TestS3 } from '../store/s3rver.js';
-import { envelope, getJson, makeHome, postJson, startTestServer, type TestServer } from './helpers.js';
+import { envelope, getJson, postJson, startTestServer, type TestServer } from './helpers.js';
 
 let s3: TestS3;
 let raw: S3Client;
@@ -33,10 +33,11 @@ after(async () => {
 
 const PNG = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
 
-function s3Server(prefix: string, options: { ttlMs?: number; presigned?: boolean; home?: string } = {}): Promise<TestServer> {
+/** A server as `kiln serve --store s3://BUCKET/PREFIX` makes it: the S3 store, and the URL secret kept in the bucket. */
+async function s3Server(prefix: string, options: { ttlMs?: number; presigned?: boolean } = {}): Promise<TestServer> {
   const ttlMs = options.ttlMs ?? 60_000;
   const store = createStore(`s3://${s3.bucket}/${prefix}`, { ttlMs, presignedUrls: options.presigned });
-  return startTestServer({ store, urlTtlMs: ttlMs, ...(options.home ? { home: options.home } : {}) });
+  return startTestServer({ store, urlSecret: await store.urlSecret(), urlTtlMs: ttlMs });
 }
 
 async function generate(url: string, extra: Record<string, unknown> = {}) {
@@ -64,13 +65,15 @@ async function keysUnder(prefix: string): Promise<string[]> {
   return (res.Contents ?? []).map((o) => o.Key!);
 }
 
-test('--store s3://bucket/prefix: the image is in the bucket, and any API host with the secret serves its Kiln URL from there', async () => {
+test('--store s3://bucket/prefix: the image is in the bucket, and any API host on the bucket serves its Kiln URL from there', async () => {
   const first = await s3Server('hosts/');
-  // A second API host: its own home, the same URL secret (and the same bucket).
-  const home2 = await makeHome({ 'kiln-tiny-xl': 'sdxl' });
-  copyFileSync(join(first.home, 'secret'), join(home2, 'secret'));
-  const second = await s3Server('hosts/', { home: home2 });
+  // A second API host: its own home (no secret copied), the same bucket.
+  const second = await s3Server('hosts/');
+  // A host on another prefix has another secret: the URL is not valid there.
+  const other = await s3Server('elsewhere/');
   try {
+    assert.notEqual(first.home, second.home);
+    assert.ok(!existsSync(join(first.home, 'secret')) && !existsSync(join(second.home, 'secret')), 'no secret in the homes');
     const url = await generateUrl(first.url);
     const u = new URL(url);
     assert.equal(u.origin, first.url, "Kiln's own URL, not the bucket's");
@@ -90,10 +93,13 @@ test('--store s3://bucket/prefix: the image is in the bucket, and any API host w
       assert.match(res.headers.get('cache-control')!, /^private, max-age=\d+$/);
       assert.deepEqual(Buffer.from(await res.arrayBuffer()), stored, 'the bytes in the bucket, streamed by Kiln');
     }
+    const refused = await fetch(url.replace(first.url, other.url));
+    assert.equal(refused.status, 403);
+    await refused.arrayBuffer();
   } finally {
     await first.close();
     await second.close();
-    rmSync(home2, { recursive: true, force: true });
+    await other.close();
   }
 });
 

@@ -163,6 +163,22 @@ test('the started sweeper deletes expired objects by itself', async () => {
   assert.deepEqual(await keysUnder('auto/'), [], 'swept without anyone asking');
 });
 
+test('the URL secret lives in the bucket: made once, read by every store on the prefix, never swept', async () => {
+  const a = makeStore('sec/');
+  const b = makeStore('sec/');
+  const secret = await a.urlSecret();
+  assert.equal(secret.length, 32);
+  assert.deepEqual(await b.urlSecret(), secret, 'another host reads the same secret');
+  assert.deepEqual(await a.urlSecret(), secret, 'and it stays');
+  assert.deepEqual(await keysUnder('sec/'), ['sec/url-secret']);
+  assert.equal(await a.sweep(Date.now() + 365 * 24 * 3600_000), 0);
+  assert.deepEqual(await keysUnder('sec/'), ['sec/url-secret']);
+  assert.notDeepEqual(await makeStore('sec2/').urlSecret(), secret, 'another prefix, another secret');
+  await raw.send(new PutObjectCommand({ Bucket: s3.bucket, Key: 'sec3/url-secret', Body: 'short' }));
+  await assert.rejects(makeStore('sec3/').urlSecret(), /does not hold a hex secret/);
+  // (Two hosts creating it at the same instant rely on If-None-Match, which s3rver ignores: not tested here.)
+});
+
 test('presigned URLs: only when asked; they serve the object, then expire (s3rver checks expiry, not the signature)', async () => {
   const plain = makeStore('ps/');
   const presigning = makeStore('ps/', { presignedUrls: true });
