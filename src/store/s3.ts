@@ -93,9 +93,10 @@ export function isUnavailable(err: unknown): boolean {
   return e.cause !== undefined && e.cause !== err && isUnavailable(e.cause);
 }
 
+/** No such object (a missing bucket is a 404 too, but a configuration error, not a missing image). */
 function isNotFound(err: unknown): boolean {
   const e = err as { name?: string; $metadata?: { httpStatusCode?: number } };
-  return e?.name === 'NoSuchKey' || e?.name === 'NotFound' || e?.$metadata?.httpStatusCode === 404;
+  return e?.name === 'NoSuchKey' || (e?.$metadata?.httpStatusCode === 404 && e?.name !== 'NoSuchBucket');
 }
 
 async function readAll(body: AsyncIterable<unknown>): Promise<Buffer> {

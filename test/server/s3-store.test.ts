@@ -231,3 +231,22 @@ test('S3 unreachable: url requests and image fetches answer 503 in the envelope;
     await t.close();
   }
 });
+
+test('a bucket that does not exist is a configuration fault: 500 internal_error (logged), not 503 or 404', async () => {
+  const store = createStore('s3://no-such-bucket', { ttlMs: 60_000 });
+  const t = await startTestServer({ store });
+  try {
+    const r = await generate(t.url);
+    assert.equal(r.status, 500, r.text);
+    assert.equal(envelope(r.json).code, 'internal_error');
+    // A correctly signed URL for a key in that bucket: the fault again, not "no longer exists".
+    const key = `${'1'.repeat(7)}_${'a'.repeat(48)}.png`;
+    const { UrlSigner, loadOrCreateSecret } = await import('../../src/server/signing.js');
+    const path = new UrlSigner(loadOrCreateSecret(join(t.home, 'secret'))).path(key, Date.now() + 60_000);
+    const fetched = await getJson(`${t.url}${path}`);
+    assert.equal(fetched.status, 500);
+    assert.equal(envelope(fetched.json).code, 'internal_error');
+  } finally {
+    await t.close();
+  }
+});
