@@ -14,6 +14,8 @@ export interface StoreFactoryOptions {
   /** `url` responses are presigned S3 GET URLs. */
   presignedUrls?: boolean;
   sweepIntervalMs?: number;
+  /** Run the periodic sweeper (default true; a worker host may leave it to the API hosts). */
+  sweep?: boolean;
   onError?: (err: unknown) => void;
 }
 
@@ -23,20 +25,21 @@ export function checkStoreUrl(url: string): string {
   return url;
 }
 
-/** The S3 store for `url`, its sweeper started. */
+/** The S3 store for `url`, its sweeper started (unless `sweep: false`). */
 export function createStore(url: string, options: StoreFactoryOptions): S3Store {
   const target = parseS3Url(url);
   if (!target) throw new Error(`--store ${url}: expected s3://BUCKET[/PREFIX]`);
   if (options.presignedUrls && options.ttlMs > MAX_PRESIGN_SECONDS * 1000) {
     throw new Error('--s3-presigned-urls: presigned S3 URLs live at most 7 days; set --url-ttl to 168h or less');
   }
-  return new S3Store({
+  const store = new S3Store({
     ...target,
     presignedUrls: options.presignedUrls,
     // Every API host lists the bucket this often: not as eagerly as the local store's sweeper.
     sweepIntervalMs: options.sweepIntervalMs ?? Math.min(15_000, Math.max(2_000, options.ttlMs / 4)),
     onError: options.onError,
-  }).start();
+  });
+  return options.sweep === false ? store : store.start();
 }
 
 /** Whether a store also keeps uploads (the S3 one does). */

@@ -195,7 +195,7 @@ test('--s3-presigned-urls: url is a presigned S3 GET URL for the same lifetime, 
   }
 });
 
-test('S3 unreachable: url requests and image fetches answer 503 in the envelope; b64_json still works; all is well once S3 is back', async () => {
+test('S3 unreachable: url requests and image fetches answer 503 in the envelope (a started stream: an error event); b64_json still works; all is well once S3 is back', async () => {
   const t = await s3Server('outage/');
   try {
     const url = await generateUrl(t.url);
@@ -213,6 +213,13 @@ test('S3 unreachable: url requests and image fetches answer 503 in the envelope;
       const fetched = await getJson(url);
       assert.equal(fetched.status, 503);
       assert.equal(envelope(fetched.json).code, 'storage_unavailable');
+
+      // A streamed request with url: the stream has started, so the failure is its last event.
+      const streamed = await generate(t.url, { stream: true, partial_images: 1, steps: 2, response_format: 'url' });
+      assert.equal(streamed.status, 200);
+      const events = streamed.text.split('\n').filter((l) => l.startsWith('data: ')).map((l) => JSON.parse(l.slice(6)));
+      assert.equal(events.at(-1)?.type, 'error', streamed.text.slice(0, 300));
+      assert.equal(events.at(-1).error.code, 'storage_unavailable');
 
       const inline = await generate(t.url, { response_format: 'b64_json' });
       assert.equal(inline.status, 200, 'no store needed for an inline image');
