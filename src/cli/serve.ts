@@ -10,6 +10,7 @@ import type { Device } from '../engine/onnx.js';
 import { createServer } from '../server/app.js';
 import { fileModelFolder, isWeightsFilePath } from '../graphs/checkpoint.js';
 import { MAX_IMAGES, N_MEANINGS, type NMeaning } from '../server/params.js';
+import { checkStoreUrl, createStore, describeStoreError } from '../store/index.js';
 
 export interface ServeFlags {
   host: string;
@@ -31,6 +32,8 @@ export interface ServeFlags {
   device: Device;
   logLevel: string;
   preload: boolean;
+  store?: string;
+  s3PresignedUrls?: boolean;
 }
 
 /** `90`, `90s`, `500ms`, `2m`, `1h` -> milliseconds (a bare number is seconds). */
@@ -52,6 +55,14 @@ function parsePort(value: string): number {
   const n = parseCount(value);
   if (n > 65535) throw new InvalidArgumentError('expected a port from 0 to 65535');
   return n;
+}
+
+function storeArg(value: string): string {
+  try {
+    return checkStoreUrl(value);
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
 }
 
 function collect(value: string, previous: string[] = []): string[] {
@@ -106,7 +117,20 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
     flags.defaultModel && isWeightsFilePath(flags.defaultModel) && existsSync(flags.defaultModel)
       ? fileModelFolder(flags.defaultModel, join(home, 'cache'))
       : flags.defaultModel;
+  if (flags.s3PresignedUrls && !flags.store) throw new Error('--s3-presigned-urls needs --store s3://BUCKET[/PREFIX]');
+  // The server's logger exists once it is made; the store's sweeper reports through it.
+  let storeLog: (err: unknown) => void = () => {};
+  const store = flags.store
+    ? createStore(flags.store, { ttlMs: flags.urlTtl, presignedUrls: flags.s3PresignedUrls, onError: (err) => storeLog(err) })
+    : undefined;
+  // Every API host on the bucket signs image URLs with the secret kept there (and start-up checks the bucket).
+  const urlSecret = await store?.urlSecret().catch(async (err: unknown) => {
+    await store.close();
+    throw new Error(`--store ${flags.store}: ${describeStoreError(err)}`);
+  });
   const server = await createServer({
+    store,
+    urlSecret,
     home,
     host: flags.host,
     port: flags.port,
@@ -127,6 +151,7 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
     logger: flags.logLevel,
     preload: flags.preload,
   });
+  storeLog = (err) => server.app.log.warn({ err }, 'image store: sweep or delete failed');
   let stopping = false;
   const stop = (signal: NodeJS.Signals) => {
     if (stopping) {
@@ -155,7 +180,8 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
       `(${OPENAI_IMAGE_MODELS.join(', ')}, any dall-e-* or gpt-image-*)${flags.modelAlias ? ' not mapped by --model-alias' : ''}\n` +
       Object.entries(flags.modelAlias ?? {})
         .map(([name, model]) => `kiln: model alias ${name} -> ${model}\n`)
-        .join(''),
+        .join('') +
+      (flags.store ? `kiln: images and uploads in ${flags.store}${flags.s3PresignedUrls ? ' (url responses: presigned S3 URLs)' : ''}\n` : ''),
   );
 }
 
@@ -194,5 +220,7 @@ export function registerServeCommand(program: Command): void {
     .addOption(new Option('--device <device>', 'execution provider').choices(['cpu', 'cuda']).default('cpu'))
     .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'))
     .option('--no-preload', 'do not load the default model at start')
+    .option('--store <s3://bucket[/prefix]>', 'keep images and uploads in an S3-compatible bucket (AWS_REGION, AWS_ENDPOINT_URL_S3, the AWS credentials chain) instead of <home>/images', storeArg)
+    .option('--s3-presigned-urls', 'with --store s3://: url responses are presigned S3 GET URLs (same lifetime) instead of Kiln\'s own signed URLs')
     .action(serveCommand);
 }

@@ -101,6 +101,8 @@ export interface ServerOptions {
   runner?: JobRunner;
   queue?: JobQueue;
   store?: ImageStore;
+  /** The secret image URLs are signed with (one shared by API hosts, e.g. kept in the bucket); default: <home>/secret. */
+  urlSecret?: Buffer;
 }
 
 export interface KilnServer {
@@ -210,7 +212,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       sweepIntervalMs: options.sweepIntervalMs ?? Math.min(15_000, Math.max(500, ttlMs / 4)),
       onError: (err) => logger.warn({ err }, 'image sweep failed'),
     }).start();
-  const signer = new UrlSigner(loadOrCreateSecret(join(home, 'secret')));
+  const signer = new UrlSigner(options.urlSecret ?? loadOrCreateSecret(join(home, 'secret')));
   const metrics = createMetrics(queue);
 
   const bodyTimeoutMs = options.bodyTimeoutMs ?? DEFAULT_SLOW_CLIENT_LIMITS.bodyTimeoutMs;

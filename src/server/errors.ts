@@ -13,6 +13,7 @@ import {
 } from '../engine/errors.js';
 import { NoPersonError } from '../engine/pose-control.js';
 import { JobCancelledError, JobTimeoutError, QueueClosedError, QueueFullError } from '../queue/types.js';
+import { StoreUnavailableError } from '../store/errors.js';
 
 export type ErrorType = 'invalid_request_error' | 'authentication_error' | 'server_error';
 
@@ -111,6 +112,9 @@ export function toApiError(err: unknown): ApiError {
     return new ApiError(429, err.message, null, 'queue_full', {
       headers: { 'retry-after': String(err.retryAfterSeconds), 'x-should-retry': 'true' },
     });
+  }
+  if (err instanceof StoreUnavailableError) {
+    return new ApiError(503, err.message, null, 'storage_unavailable', { headers: { 'retry-after': '5', 'x-should-retry': 'true' }, cause: err });
   }
   if (err instanceof QueueClosedError) {
     return new ApiError(503, err.message, null, 'shutting_down', { headers: { ...SHUTTING_DOWN_HEADERS } });
