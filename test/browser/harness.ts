@@ -4,12 +4,13 @@
  * kiln-tiny models from the repository's models/ folder (real weights, so the pictures show
  * what the prompt says).
  */
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium, type Browser } from 'playwright-core';
-import { startTestServer, type TestServer } from '../server/helpers.js';
+import { ensureControlNetFixture, ensureFixture, ensurePoseFixture } from '../../tools/fixtures/variants.js';
+import { linkFarm, startTestServer, type TestServer } from '../server/helpers.js';
 import type { ServerOptions } from '../../src/server/app.js';
 
 export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -27,10 +28,24 @@ export function launchChromium(): Promise<Browser> {
   });
 }
 
-/** A server in a temp home on the built-in models, kiln-tiny (SD 1.x layout) as its default. */
-export async function startPlaygroundServer(options: Partial<ServerOptions> = {}): Promise<TestServer> {
+/**
+ * A server in a temp home on the built-in models, kiln-tiny (SD 1.x layout) as its default;
+ * `withPose` adds `pose-demo`, a fixture model (random weights) with the ControlNet and DWPose
+ * stand-ins that pose mode needs, as test/server/edit-modes.test.ts builds them.
+ */
+export async function startPlaygroundServer(options: Partial<ServerOptions> & { withPose?: boolean } = {}): Promise<TestServer> {
+  const { withPose, ...rest } = options;
   const home = mkdtempSync(join(tmpdir(), 'kiln-playground-'));
-  const t = await startTestServer({ home, searchDirs: [join(REPO_ROOT, 'models')], defaultModel: 'kiln-tiny', ...options });
+  const models = join(home, 'models');
+  mkdirSync(models);
+  if (withPose) {
+    const [unet, openpose, dwpose] = await Promise.all([ensureFixture('sd15-controlnet'), ensureControlNetFixture('sd15-openpose'), ensurePoseFixture()]);
+    const own = linkFarm(unet, join(models, 'pose-demo'));
+    linkFarm(openpose, join(own, 'controlnet-openpose'), ['annotators']);
+    mkdirSync(join(own, 'annotators'));
+    symlinkSync(dwpose, join(own, 'annotators', 'dwpose'));
+  }
+  const t = await startTestServer({ home, searchDirs: [models, join(REPO_ROOT, 'models')], defaultModel: 'kiln-tiny', ...rest });
   const close = t.close;
   return {
     ...t,

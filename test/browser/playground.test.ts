@@ -13,7 +13,7 @@ import { mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'n
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Browser, BrowserContext, Page } from 'playwright-core';
-import { envelope, getJson, pixelsOf, postJson, rgbPng, type TestServer } from '../server/helpers.js';
+import { envelope, getJson, personPng, pixelsOf, postJson, rgbPng, type TestServer } from '../server/helpers.js';
 import { chromiumMissing, launchChromium, REPO_ROOT, startPlaygroundServer } from './harness.js';
 import { PLAYGROUND_CSP, PLAYGROUND_FILES } from '../../src/server/routes/playground.js';
 
@@ -26,6 +26,7 @@ const WAIT = 90_000;
 let browser: Browser;
 let open: TestServer;
 let locked: TestServer;
+let posed: TestServer;
 const contexts: BrowserContext[] = [];
 /** Console errors and uncaught exceptions of every page (a CSP violation is a console error). */
 const pageErrors: string[] = [];
@@ -65,12 +66,17 @@ const setting = (page: Page, name: string) => page.textContent(`#settings dd[dat
 
 describe('the playground in Chromium', { skip: chromiumMissing() }, () => {
   before(async () => {
-    [browser, open, locked] = await Promise.all([launchChromium(), startPlaygroundServer(), startPlaygroundServer({ apiKeys: [KEY] })]);
+    [browser, open, locked, posed] = await Promise.all([
+      launchChromium(),
+      startPlaygroundServer(),
+      startPlaygroundServer({ apiKeys: [KEY] }),
+      startPlaygroundServer({ withPose: true }),
+    ]);
   });
   after(async () => {
     for (const c of contexts) await c.close().catch(() => {});
     await browser?.close();
-    await Promise.all([open?.close(), locked?.close()]);
+    await Promise.all([open?.close(), locked?.close(), posed?.close()]);
   });
 
   test('the page and its files load without a key, with a strict CSP; the API answers as before', async () => {
@@ -311,6 +317,50 @@ describe('the playground in Chromium', { skip: chromiumMissing() }, () => {
       const expected = envelope(await (await fetch(`${open.baseURL}/images/edits`, { method: 'POST', body: form })).json()).message;
       assert.equal((await page.textContent('#error'))!.trim(), expected);
     });
+  });
+
+  test('pose mode shows the skeleton picture the API returned beside the result', async () => {
+    const page = await newPage(posed);
+    await page.waitForSelector('#model[data-loaded]');
+    await page.selectOption('#model', 'pose-demo');
+    await page.click('.tabs [data-mode="edit"]');
+    await page.check('input[name="edit-mode"][value="pose"]');
+    assert.equal(await page.isVisible('#strength'), false);
+    const person = await personPng(320);
+    await page.setInputFiles('#upload', { name: 'dancer.png', mimeType: 'image/png', buffer: person });
+    await page.fill('#prompt', 'a dancer in a red dress');
+    await page.selectOption('#size', `${SIZE}x${SIZE}`);
+    await page.fill('#steps', '3');
+    await page.selectOption('#seed-mode', 'fixed');
+    await page.fill('#seed', '7');
+    await page.click('#generate');
+    await page.waitForSelector('#result[data-kind="final"]');
+    assert.equal((await setting(page, 'mode'))!.trim(), 'pose');
+    assert.equal((await setting(page, 'people'))!.trim(), '1');
+    await page.waitForSelector('#pose-figure:not([hidden]) img');
+    // The picture shown is the API's skeleton, pixel for pixel.
+    const shown = await page.evaluate(async () => {
+      const img = document.getElementById('pose-image') as HTMLImageElement;
+      await img.decode();
+      const c = document.createElement('canvas');
+      c.width = img.naturalWidth;
+      c.height = img.naturalHeight;
+      const ctx = c.getContext('2d')!;
+      ctx.drawImage(img, 0, 0);
+      return { width: c.width, height: c.height, rgba: Array.from(ctx.getImageData(0, 0, c.width, c.height).data) };
+    });
+    const form = new FormData();
+    form.append('image', new Blob([person], { type: 'image/png' }), 'dancer.png');
+    for (const [k, v] of Object.entries({ model: 'pose-demo', prompt: 'a dancer in a red dress', user: 'cn', size: `${SIZE}x${SIZE}`, steps: '3', seed: '7', response_format: 'b64_json' })) form.append(k, v);
+    const api = await (await fetch(`${posed.baseURL}/images/edits`, { method: 'POST', body: form })).json();
+    const skeleton = await pixelsOf(Buffer.from(api.data[0].b64_json_pose, 'base64'));
+    assert.deepEqual([shown.width, shown.height], [skeleton.width, skeleton.height]);
+    let lit = 0;
+    for (let i = 0; i < shown.width * shown.height; i++) {
+      for (let c = 0; c < 3; c++) assert.equal(shown.rgba[i * 4 + c], skeleton.data[i * 3 + c], `pixel ${i}`);
+      if (skeleton.data[i * 3]! + skeleton.data[i * 3 + 1]! + skeleton.data[i * 3 + 2]! > 0) lit++;
+    }
+    assert.ok(lit > 100, `a skeleton is drawn (${lit} pixels)`);
   });
 
   test('with an API key set, the page asks for it and shows the 401 message for a wrong one', async () => {
