@@ -2,7 +2,8 @@
 // eraser, size, clear, invert). Both canvases have the picture's own pixel size (CSS scales
 // them), so the mask sent has the image's dimensions, as the API requires.
 
-const PAINT = '#ff2d6f';
+// Shown at 60% opacity over the picture (style.css); only the alpha is sent.
+const PAINT = '#ffffff';
 
 export class MaskEditor {
   constructor(imageCanvas, maskCanvas) {
@@ -87,7 +88,7 @@ export class MaskEditor {
     const paint = this.ctx.createImageData(this.width, this.height);
     for (let i = 0; i < data.length; i += 4) {
       if (data[i] >= 128) {
-        paint.data.set([0xff, 0x2d, 0x6f, 255], i);
+        paint.data.set([255, 255, 255, 255], i);
         this.painted = true;
       }
     }
