@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import type { Browser, BrowserContext, Page } from 'playwright-core';
 import { envelope, getJson, personPng, pixelsOf, postJson, rgbPng, type TestServer } from '../server/helpers.js';
 import { chromiumMissing, launchChromium, REPO_ROOT, startPlaygroundServer } from './harness.js';
-import { PLAYGROUND_CSP, PLAYGROUND_FILES } from '../../src/server/routes/playground.js';
+import { PLAYGROUND_CSP, PLAYGROUND_FILES, playgroundBytes } from '../../src/server/routes/playground.js';
 
 const execFileAsync = promisify(execFile);
 const SIZE = 256;
@@ -106,6 +106,10 @@ describe('the playground in Chromium', { skip: chromiumMissing() }, () => {
     // The API keeps its auth and answers.
     assert.equal((await getJson(`${locked.url}/v1/models`)).status, 401);
     assert.deepEqual((await getJson(`${locked.url}/v1/models`, { authorization: `Bearer ${KEY}` })).json.data.map((m: any) => m.id).sort(), ['kiln-tiny', 'kiln-tiny-xl']);
+    const doc = (await getJson(`${open.url}/openapi.json`)).json;
+    assert.ok(doc.paths['/v1/images/generations'] && !doc.paths['/'], 'the page is not part of the API document');
+    // Small enough to load at once: every file of it, uncompressed.
+    assert.ok(playgroundBytes() < 80_000, `the playground is ${playgroundBytes()} bytes`);
     const html = readFileSync(join(REPO_ROOT, 'playground', 'index.html'), 'utf8');
     assert.doesNotMatch(html, /<script(?![^>]*\bsrc=)[^>]*>|<style|\sstyle=|\son[a-z]+=/i, 'no inline script, style or handler');
   });
