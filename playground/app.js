@@ -178,6 +178,8 @@ function readRequest() {
 
 /** Puts a stored request back into the form. */
 function writeRequest(r, kiln) {
+  // The mode first: entering edit mode may pick a size, which the entry's own then replaces.
+  setMode(r.edit_mode ? 'edit' : 'generate');
   el.prompt.value = r.prompt ?? '';
   el.negative.value = r.negative_prompt ?? '';
   if (r.model && ![...el.model.options].some((o) => o.value === r.model)) el.model.add(new Option(r.model, r.model));
@@ -196,7 +198,6 @@ function writeRequest(r, kiln) {
   el.previews.value = String(r.partial_images ?? 3);
   el.seedMode.value = 'fixed';
   el.seed.value = kiln.seed;
-  setMode(r.edit_mode ? 'edit' : 'generate');
   if (r.edit_mode) {
     setEditMode(r.edit_mode);
     if (r.strength !== undefined) el.strength.value = String(r.strength);

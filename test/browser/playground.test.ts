@@ -61,6 +61,26 @@ async function recordResultKinds(page: Page): Promise<void> {
   });
 }
 
+/**
+ * Runs the page's Node SDK snippet as written, in a temp folder holding `files` (its uploads)
+ * and this repository's node_modules (for `openai`); returns the file it wrote.
+ */
+async function runNodeSnippet(page: Page, files: Record<string, Buffer>, out: string): Promise<Buffer> {
+  await page.click('.code-tabs [data-lang="node"]');
+  const code = (await page.textContent('#code'))!;
+  const dir = mkdtempSync(join(tmpdir(), 'kiln-playground-code-'));
+  try {
+    symlinkSync(join(REPO_ROOT, 'node_modules'), join(dir, 'node_modules'), 'dir');
+    for (const [name, bytes] of Object.entries(files)) writeFileSync(join(dir, name), bytes);
+    writeFileSync(join(dir, 'kiln.mjs'), code);
+    // Not spawnSync: the server answering it runs in this process.
+    await execFileAsync(process.execPath, ['kiln.mjs'], { cwd: dir, timeout: WAIT });
+    return readFileSync(join(dir, out));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 const kinds = (page: Page): Promise<string[]> => page.evaluate(() => (window as any).__kinds);
 const setting = (page: Page, name: string) => page.textContent(`#settings dd[data-setting="${name}"]`);
 
@@ -159,18 +179,8 @@ describe('the playground in Chromium', { skip: chromiumMissing() }, () => {
       assert.ok(Buffer.from(replay.json.data[0].b64_json, 'base64').equals(image), 'curl reproduces the image');
 
       // Node SDK: the snippet runs as written (openai from this repository) and writes the same bytes.
-      await page.click('.code-tabs [data-lang="node"]');
-      const node = (await page.textContent('#code'))!;
-      const dir = mkdtempSync(join(tmpdir(), 'kiln-playground-code-'));
-      try {
-        symlinkSync(join(REPO_ROOT, 'node_modules'), join(dir, 'node_modules'), 'dir');
-        writeFileSync(join(dir, 'kiln.mjs'), node);
-        // Not spawnSync: the server answering it runs in this process.
-        await execFileAsync(process.execPath, ['kiln.mjs'], { cwd: dir, timeout: WAIT });
-        assert.ok(readFileSync(join(dir, `kiln-${shownSeed}.png`)).equals(image), 'the Node snippet reproduces the image');
-      } finally {
-        rmSync(dir, { recursive: true, force: true });
-      }
+      const made = await runNodeSnippet(page, {}, `kiln-${shownSeed}.png`);
+      assert.ok(made.equals(image), 'the Node snippet reproduces the image');
 
       await page.click('.code-tabs [data-lang="python"]');
       const python = (await page.textContent('#code'))!;
@@ -272,9 +282,17 @@ describe('the playground in Chromium', { skip: chromiumMissing() }, () => {
       assert.ok((await kinds(page)).includes('preview'));
 
       // One at a time: each waits for the page's next download.
-      const result = await pixelsOf(await download(page, '#download'));
-      const mask = await pixelsOf(await download(page, '#download-mask'));
-      const given = await pixelsOf(await input());
+      const resultBytes = await download(page, '#download');
+      const maskBytes = await download(page, '#download-mask');
+      const inputBytes = await download(page, '#download-input');
+      assert.ok(inputBytes.equals(await input()), 'the input offered is the upload');
+      const result = await pixelsOf(resultBytes);
+      const mask = await pixelsOf(maskBytes);
+      const given = await pixelsOf(inputBytes);
+      // The edit's Node snippet, with the input and mask the page offers, redraws the same image.
+      const seed = (await setting(page, 'seed'))!.trim();
+      const again = await runNodeSnippet(page, { 'gradient.png': inputBytes, 'mask.png': maskBytes }, `kiln-${seed}.png`);
+      assert.ok(again.equals(resultBytes), 'the Node snippet reproduces the inpainting');
       assert.deepEqual([result.width, result.height, mask.width, mask.height], [SIZE, SIZE, SIZE, SIZE]);
       const white: [number, number][] = [];
       for (let y = 0; y < SIZE; y++) for (let x = 0; x < SIZE; x++) if (mask.data[(y * SIZE + x) * 3]! >= 128) white.push([x, y]);
@@ -320,6 +338,20 @@ describe('the playground in Chromium', { skip: chromiumMissing() }, () => {
       form.append('size', `${SIZE}x${SIZE}`);
       const expected = envelope(await (await fetch(`${open.baseURL}/images/edits`, { method: 'POST', body: form })).json()).message;
       assert.equal((await page.textContent('#error'))!.trim(), expected);
+    });
+
+    test('after a reload, a history entry of an inpainting puts back its mode, input and mask', async () => {
+      await page.reload();
+      await page.waitForSelector('#history li button');
+      const captions = await page.$$eval('#history li span', (ss) => ss.map((x) => x.textContent));
+      assert.deepEqual(captions.map((c) => c!.split(' ')[0]), ['img2img', 'inpaint']);
+      await page.click('#history li:nth-child(2) button');
+      await page.waitForSelector('#mask-canvas:visible');
+      assert.equal(await page.getAttribute('.tabs [data-mode="edit"]', 'aria-selected'), 'true');
+      assert.equal(await page.isChecked('input[name="edit-mode"][value="inpaint"]'), true);
+      assert.equal(await page.inputValue('#size'), `${SIZE}x${SIZE}`);
+      assert.ok((await painted()) > 2000, 'the mask is back');
+      assert.equal((await setting(page, 'mode'))!.trim(), 'inpaint');
     });
   });
 
