@@ -17,6 +17,9 @@ import { envelope, getJson, personPng, pixelsOf, postJson, rgbPng, type TestServ
 import { chromiumMissing, launchChromium, REPO_ROOT, startPlaygroundServer } from './harness.js';
 import { PLAYGROUND_CSP, PLAYGROUND_FILES, playgroundBytes } from '../../src/server/routes/playground.js';
 
+// Browser globals, used inside page.evaluate callbacks only (the project's lib has no DOM types).
+declare const window: any, document: any, MutationObserver: any;
+
 const execFileAsync = promisify(execFile);
 const SIZE = 256;
 const PROMPT = 'a large red circle at the left on a blue background';
@@ -55,8 +58,8 @@ async function recordResultKinds(page: Page): Promise<void> {
   await page.evaluate(() => {
     const seen: string[] = [];
     (window as any).__kinds = seen;
-    new MutationObserver((records) => {
-      for (const r of records) seen.push((r.target as HTMLElement).dataset.kind ?? '');
+    new MutationObserver((records: any[]) => {
+      for (const r of records) seen.push((r.target as any).dataset.kind ?? '');
     }).observe(document.getElementById('result')!, { attributes: true, attributeFilter: ['data-kind'] });
   });
 }
@@ -143,7 +146,7 @@ describe('the playground in Chromium', { skip: chromiumMissing() }, () => {
       const requests: string[] = [];
       page.on('request', (r) => requests.push(r.url()));
       await page.waitForSelector('#model[data-loaded]');
-      assert.deepEqual(await page.$$eval('#model option', (os) => os.map((o) => (o as HTMLOptionElement).value)), ['', 'kiln-tiny', 'kiln-tiny-xl']);
+      assert.deepEqual(await page.$$eval('#model option', (os) => os.map((o) => (o as any).value)), ['', 'kiln-tiny', 'kiln-tiny-xl']);
       await page.selectOption('#model', 'kiln-tiny');
       await page.fill('#prompt', PROMPT);
       await page.selectOption('#size', `${SIZE}x${SIZE}`);
@@ -226,7 +229,7 @@ describe('the playground in Chromium', { skip: chromiumMissing() }, () => {
     /** The number of painted mask pixels (alpha >= 128) on the page's mask canvas. */
     const painted = () =>
       page.evaluate(() => {
-        const c = document.getElementById('mask-canvas') as HTMLCanvasElement;
+        const c = document.getElementById('mask-canvas') as any;
         const { data } = c.getContext('2d')!.getImageData(0, 0, c.width, c.height);
         let n = 0;
         for (let i = 3; i < data.length; i += 4) if (data[i]! >= 128) n++;
@@ -376,7 +379,7 @@ describe('the playground in Chromium', { skip: chromiumMissing() }, () => {
     await page.waitForSelector('#pose-figure:not([hidden]) img');
     // The picture shown is the API's skeleton, pixel for pixel.
     const shown = await page.evaluate(async () => {
-      const img = document.getElementById('pose-image') as HTMLImageElement;
+      const img = document.getElementById('pose-image') as any;
       await img.decode();
       const c = document.createElement('canvas');
       c.width = img.naturalWidth;
@@ -388,7 +391,7 @@ describe('the playground in Chromium', { skip: chromiumMissing() }, () => {
     const form = new FormData();
     form.append('image', new Blob([person], { type: 'image/png' }), 'dancer.png');
     for (const [k, v] of Object.entries({ model: 'pose-demo', prompt: 'a dancer in a red dress', user: 'cn', size: `${SIZE}x${SIZE}`, steps: '3', seed: '7', response_format: 'b64_json' })) form.append(k, v);
-    const api = await (await fetch(`${posed.baseURL}/images/edits`, { method: 'POST', body: form })).json();
+    const api = (await (await fetch(`${posed.baseURL}/images/edits`, { method: 'POST', body: form })).json()) as any;
     const skeleton = await pixelsOf(Buffer.from(api.data[0].b64_json_pose, 'base64'));
     assert.deepEqual([shown.width, shown.height], [skeleton.width, skeleton.height]);
     let lit = 0;
@@ -411,7 +414,7 @@ describe('the playground in Chromium', { skip: chromiumMissing() }, () => {
     assert.equal((await page.textContent('#key-message'))!.trim(), missing);
     await page.fill('#key-input', 'nope');
     await page.click('#key-ok');
-    await page.waitForFunction((m) => document.getElementById('key-message')!.textContent === m && (document.getElementById('key-dialog') as HTMLDialogElement).open, wrong);
+    await page.waitForFunction((m) => document.getElementById('key-message')!.textContent === m && (document.getElementById('key-dialog') as any).open, wrong);
     await page.fill('#key-input', KEY);
     await page.click('#key-ok');
     await page.waitForSelector('#model[data-loaded]');
