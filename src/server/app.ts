@@ -7,6 +7,7 @@
  *   GET  /v1/models, /v1/models/:id             installed models, read from disk per request
  *   GET  /images/:key?expires&signature         signed, expiring image URLs (no API key)
  *   GET  /ping /health /metrics /openapi.json
+ *   GET  /, /playground/*                       the browser playground (routes/playground.ts; no API key)
  *
  * This file assembles the server: the queue, store and workers, the hooks every request passes
  * (request id, shutdown, API keys, metrics), the error envelope, and one plugin per concern
@@ -41,6 +42,7 @@ import { imageRoutes } from './routes/images.js';
 import { UploadBudget } from './upload-budget.js';
 import { modelRoutes } from './routes/models.js';
 import { opsRoutes } from './routes/ops.js';
+import { playgroundRoutes } from './routes/playground.js';
 import { loadOrCreateSecret, UrlSigner } from './signing.js';
 import { BodyRateGuard, connectionsCheckingInterval, DEFAULT_SLOW_CLIENT_LIMITS, type SlowClientLimits } from './slow-clients.js';
 import type { UploadLimits } from './uploads.js';
@@ -316,6 +318,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   await app.register(fileRoutes, { store, signer });
   await app.register(modelRoutes, { models });
   await app.register(opsRoutes, { queue, metrics });
+  await app.register(playgroundRoutes);
 
   let closePromise: Promise<void> | undefined;
   const server: KilnServer = {
