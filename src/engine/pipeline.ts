@@ -472,8 +472,9 @@ async function runDiffusionOn(
   const cfg = usesCfg(model, settings.guidanceScale);
   // The option, not the settings' string: for SDXL an absent negative prompt differs from "".
   const { cond, uncond } = await encodePrompts(model, settings.prompt, options.negativePrompt, cfg, timings);
-  // The image prompt's tokens, in the text's batch order; its UNet replaces the model's.
-  const imagePrompt = await imagePromptInputs(model, options.imagePrompt, cfg, extra.unet);
+  // The image prompt's tokens, in the text's batch order; its UNet replaces the model's (with a
+  // ControlNet: its residual-taking build replaces the ControlNet-UNet).
+  const imagePrompt = await imagePromptInputs(model, options.imagePrompt, cfg, { otherUnet: extra.unet, control: extra.control !== undefined });
   timings.encodeMs = performance.now() - started;
 
   const { latents, unetCalls } = await denoise({

@@ -1,0 +1,97 @@
+/**
+ * A Kiln-built model's other UNets, one UNet step each on the golden SD 1.5 pipeline: its
+ * ControlNet-UNet (built into the cache entry on first use, graphs/control-unet.ts), the
+ * image-prompt UNet with residual inputs (ip-adapter.ts ensureImagePromptControlUnet), and for a
+ * LoRA variant the same graphs with its LoRA folded in (model.withLoras). Zero residuals and
+ * ip_scale 0 must give the UNet they extend, byte for byte, so any difference left is the LoRA's
+ * or the adapter's own, and a LoRA that did not reach a derived UNet shows as a mismatch.
+ */
+import { after, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { existsSync, linkSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Engine } from '../../src/engine/engine.js';
+import { loadImagePrompt } from '../../src/engine/image-prompt.js';
+import type { Feed, OnnxModel } from '../../src/engine/onnx.js';
+import { CONTROL_UNET_FORMAT } from '../../src/graphs/control-unet.js';
+import { RESIDUAL_OUTPUT } from '../../src/engine/pipeline.js';
+import { GOLDEN_DIR, maxAbsDiff, readGolden } from '../graphs/golden.js';
+
+const scratch = mkdtempSync(join(tmpdir(), 'kiln-derived-unets-'));
+const lorasDir = join(scratch, 'loras');
+mkdirSync(lorasDir);
+linkSync(join(GOLDEN_DIR, 'lora', 'sd15-lora.safetensors'), join(lorasDir, 'sd15-lora.safetensors'));
+const cacheDir = join(scratch, 'cache');
+const engine = new Engine({ cacheDir, searchDirs: [], lorasDir, onWarning: () => {} });
+after(async () => {
+  await engine.close();
+  rmSync(scratch, { recursive: true, force: true });
+});
+
+const SD15 = join(GOLDEN_DIR, 'pipelines', 'sd15');
+const IP = join(GOLDEN_DIR, 'ip_adapter', 'IP-Adapter', 'models');
+const ADAPTER = [{ adapter: join(IP, 'ip-adapter_sd15.safetensors'), imageEncoder: join(IP, 'image_encoder') }];
+
+/** The golden UNet inputs (batch 2, 16x24 latents) and ip tokens of the adapter's width. */
+const inputs = Object.fromEntries([...readGolden('components/unet_sd15/inputs.safetensors')].map(([k, v]) => [k, { data: v.data, dims: v.shape }])) as Record<string, Feed>;
+const ipFeeds = (scale: number): Record<string, Feed> => ({
+  ip_tokens: { data: Float32Array.from({ length: 2 * 4 * 8 }, (_, i) => Math.sin(i)), dims: [2, 4, 8] },
+  ip_scale: { data: Float32Array.of(scale), dims: [1] },
+});
+
+/** All-zero feeds for every residual input of `unet` (shapes from the ControlNet contract at these latents). */
+function zeroResiduals(unet: OnnxModel): Record<string, Feed> {
+  const widths = [8, 8, 8, 8, 16, 16, 16, 16, 16, 16, 24, 24, 24];
+  const levels = [1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8, 8];
+  const names = [...unet.inputs.keys()].filter((n) => RESIDUAL_OUTPUT.test(n));
+  assert.equal(names.length, 13, `${unet.label} takes 12 down residuals and the mid one`);
+  return Object.fromEntries(
+    names.map((name) => {
+      const j = name.startsWith('mid') ? 12 : Number(/\d+/.exec(name)![0]);
+      const dims = [2, widths[j]!, 16 / levels[j]!, 24 / levels[j]!];
+      return [name, { data: new Float32Array(dims.reduce((a, b) => a * b, 1)), dims }];
+    }),
+  );
+}
+
+const step = async (unet: OnnxModel, feeds: Record<string, Feed>): Promise<Float32Array> => (await unet.run(feeds, ['out_sample'])).out_sample!.data;
+const same = (a: Float32Array, b: Float32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
+
+test('ControlNet-UNet and image-prompt UNets of a Kiln-built model, plain and with a LoRA: zero residuals and ip_scale 0 give the UNet they extend', async () => {
+  const base = await engine.model(SD15);
+  const lora = await engine.model(SD15, { loras: [{ name: 'sd15-lora', scale: 0.7 }] });
+  assert.ok(lora.sameModelAs(base) && lora !== base);
+
+  const plain = await step(base.unet, inputs);
+  const withLora = await step(lora.unet, inputs);
+  assert.ok(maxAbsDiff(plain, withLora) > 1e-3, 'the LoRA changes the UNet');
+
+  // The ControlNet-UNet, built into the cache entry with its format stamp.
+  const control = (await base.controlUnet())!;
+  assert.ok(control && control !== base.unet);
+  const stamp = join(base.layout.dir, 'controlnet', 'kiln-control.json');
+  assert.deepEqual(JSON.parse(readFileSync(stamp, 'utf8')), { format: CONTROL_UNET_FORMAT });
+  assert.ok(same(await step(control, { ...inputs, ...zeroResiduals(control) }), plain), 'ControlNet-UNet, zero residuals: the plain UNet');
+  const loraControl = (await lora.controlUnet())!;
+  assert.ok(loraControl !== control, 'the variant has its own ControlNet-UNet');
+  assert.ok(same(await step(loraControl, { ...inputs, ...zeroResiduals(loraControl) }), withLora), 'with the LoRA: the LoRA UNet');
+
+  // Image-prompt UNets: the plain one and the residual-taking one, for the model and for its LoRA variant.
+  const runner = await loadImagePrompt(base, ADAPTER, { cacheDir });
+  const ipUnet = await runner.unetFor(base, false);
+  const ipControl = await runner.unetFor(base, true);
+  assert.ok(existsSync(join(runner.build.dir, 'controlnet', 'kiln-control.json')));
+  const ipLora = await runner.unetFor(lora, false);
+  const ipLoraControl = await runner.unetFor(lora, true);
+  assert.equal(new Set([ipUnet, ipControl, ipLora, ipLoraControl]).size, 4);
+  assert.ok(same(await step(ipUnet, { ...inputs, ...ipFeeds(0) }), plain), 'adapter UNet at ip_scale 0: the plain UNet');
+  assert.ok(same(await step(ipControl, { ...inputs, ...ipFeeds(0), ...zeroResiduals(ipControl) }), plain));
+  assert.ok(same(await step(ipLora, { ...inputs, ...ipFeeds(0) }), withLora), 'the variant\'s adapter UNet at ip_scale 0: the LoRA UNet');
+  assert.ok(same(await step(ipLoraControl, { ...inputs, ...ipFeeds(0), ...zeroResiduals(ipLoraControl) }), withLora));
+  // And at a real weight the residual-taking build computes what the plain adapter UNet does.
+  const styled = await step(ipUnet, { ...inputs, ...ipFeeds(0.6) });
+  assert.ok(maxAbsDiff(styled, plain) > 1e-3, 'the adapter changes the UNet at 0.6');
+  assert.ok(same(await step(ipControl, { ...inputs, ...ipFeeds(0.6), ...zeroResiduals(ipControl) }), styled));
+  await runner.release();
+});
