@@ -17,6 +17,7 @@ import { ApiError, toApiError } from '../../src/server/errors.js';
 import { deserializeError, serializeError } from '../../src/server/engine-protocol.js';
 import { NoPersonError } from '../../src/engine/pose-control.js';
 import { InvalidOptionError } from '../../src/engine/errors.js';
+import { GOLDEN_DIR } from '../graphs/golden.js';
 import { linkFarm, markInstalled } from './helpers.js';
 
 let root: string;
@@ -55,6 +56,16 @@ describe('resolvePoseAssets: the documented order', () => {
     graph(join(model, 'controlnet-openpose'));
     dwpose(join(model, 'annotators', 'dwpose'));
     missing(() => resolvePoseAssets(model, 'm', home), /ControlNet-UNet \(controlnet\/model\.onnx/);
+  });
+
+  test('a model Kiln builds from safetensors needs none: Kiln builds its ControlNet-UNet', () => {
+    const home = join(root, `home-${++count}`);
+    const model = linkFarm(join(GOLDEN_DIR, 'pipelines', 'sd15'), join(home, 'models', 'st'));
+    graph(join(model, 'controlnet-openpose'));
+    dwpose(join(model, 'annotators', 'dwpose'));
+    const r = resolvePoseAssets(model, 'st', home);
+    assert.equal(r.controlUnet, undefined);
+    assert.equal(r.controlNet, join(model, 'controlnet-openpose', 'model.onnx'));
   });
 
   test('without a ControlNet-UNet the answer says what would make pose mode work for the family (or that built-in models have none)', async () => {
