@@ -5,7 +5,8 @@
  * Per generation: CLIP preprocessing of the picture (below) -> the image encoder -> what the
  * adapter reads (`image_embeds` for base adapters, the penultimate hidden states for Plus / face
  * adapters) -> the adapter's projection -> image tokens, fed to a UNet built with the adapters'
- * layers (src/graphs/ip-adapter.ts) beside the model's plain one. Under classifier-free guidance
+ * layers (src/graphs/ip-adapter.ts) beside the model's plain one (with a ControlNet, the same UNet
+ * with residual inputs; for a LoRA variant, with its LoRAs). Under classifier-free guidance
  * the rows are [uncond, cond] like the text's; the unconditional row follows diffusers:
  * zeros in place of the image embeddings (base), the encoder's output for an all-zero
  * `pixel_values` tensor (Plus). Every weight 0: the image prompt is skipped entirely (diffusers

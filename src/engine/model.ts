@@ -18,7 +18,7 @@ import type { SchedulerConfig } from './schedulers/index.js';
 import { DEFAULT_STEPS, SIZE_STEP, type Size, type StepsByTier } from './presets.js';
 import { replaceRandomNormalLike } from './seeded-sampling.js';
 import { BUILD_INFO } from '../graphs/cache.js';
-import { ensurePipelineControlUnet } from '../graphs/control-unet.js';
+import { CONTROL_UNET_DIR, ensurePipelineControlUnet } from '../graphs/control-unet.js';
 
 export type ModelFamily = 'sd1' | 'sd2' | 'sdxl';
 /** How a family is named to people (logs, /v1/models, error messages). */
@@ -260,7 +260,7 @@ export interface VaeEncoder {
 /** Kiln's convention for an inpainting UNet shipped beside a model's own UNet. */
 export const INPAINT_UNET_PATH = 'inpaint_unet/model.onnx';
 /** The UNet that takes ControlNet residuals (TensorStack's split layout keeps it here). */
-export const CONTROL_UNET_PATH = 'controlnet/model.onnx';
+export const CONTROL_UNET_PATH = `${CONTROL_UNET_DIR}/model.onnx`;
 
 export class DiffusionModel {
   private vaeEncoderPromise: Promise<VaeEncoder> | undefined;

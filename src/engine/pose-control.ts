@@ -3,7 +3,9 @@
  * picture, their OpenPose skeleton is drawn as ControlNet-OpenPose was trained on, and the
  * OpenPose ControlNet conditions the generation on it. The skeleton picture is returned too.
  * The skeleton is drawn at the output size; on a model that declares a native size the pipeline
- * resizes it to the size denoised at, like the picture it conditions (pipeline.ts).
+ * resizes it to the size denoised at, like the picture it conditions (pipeline.ts). With an image
+ * prompt (GenerateOptions.imagePrompt, `face:0.5,style:0.6,pose:1.0`) the adapter UNet's
+ * residual-taking build runs in place of the ControlNet-UNet (image-prompt.ts).
  */
 import { generateWithControl, prepareControl } from './controlnet.js';
 import type { DiffusionModel } from './model.js';

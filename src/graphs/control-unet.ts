@@ -5,9 +5,12 @@
  * UNet exactly as it drives an exported one.
  *
  * Built on first use only, into the build entry it belongs to (`<entry>/controlnet/`, beside the
- * entry's `unet/`): the plain UNet stays as it was (no residual inputs to feed on every other
- * request; the entries' keys and formats are unchanged), and an entry never gets a ControlNet-UNet
- * from other weights, since it is built from the entry's own source. The folder is written under a
+ * entry's `unet/`): the plain UNet stays as it was, so the entries' keys and formats are unchanged
+ * and every other request feeds no residuals (all-zero residual inputs on every UNet would cost
+ * their Adds and feeds each step: measured +5.5% per step on the golden tiny SD 1.5 UNet at 64x64
+ * latents, batch 2, CPU; on a GPU each step would also upload ~54 MB of zeros for SD 1.5 at
+ * 512x512), and an entry never gets a ControlNet-UNet from other weights, since it is built from
+ * the entry's own source. The folder is written under a
  * temporary name and renamed into place with a `kiln-control.json` stamp written last; a folder
  * without the current CONTROL_UNET_FORMAT stamp is rebuilt.
  */
