@@ -33,22 +33,32 @@ const SD15 = join(GOLDEN_DIR, 'pipelines', 'sd15');
 const IP = join(GOLDEN_DIR, 'ip_adapter', 'IP-Adapter', 'models');
 const ADAPTER = [{ adapter: join(IP, 'ip-adapter_sd15.safetensors'), imageEncoder: join(IP, 'image_encoder') }];
 
-/** The golden UNet inputs (batch 2, 16x24 latents) and ip tokens of the adapter's width. */
-const inputs = Object.fromEntries([...readGolden('components/unet_sd15/inputs.safetensors')].map(([k, v]) => [k, { data: v.data, dims: v.shape }])) as Record<string, Feed>;
-const ipFeeds = (scale: number): Record<string, Feed> => ({
-  ip_tokens: { data: Float32Array.from({ length: 2 * 4 * 8 }, (_, i) => Math.sin(i)), dims: [2, 4, 8] },
+/** The golden UNet inputs (batch 2, 16x24 latents) and ip tokens (tokens x width). */
+const goldenInputs = (unet: string) =>
+  Object.fromEntries([...readGolden(`components/${unet}/inputs.safetensors`)].map(([k, v]) => [k, { data: v.data, dims: v.shape }])) as Record<string, Feed>;
+const inputs = goldenInputs('unet_sd15');
+const ipFeeds = (scale: number, tokens = 4, width = 8): Record<string, Feed> => ({
+  ip_tokens: { data: Float32Array.from({ length: 2 * tokens * width }, (_, i) => Math.sin(i)), dims: [2, tokens, width] },
   ip_scale: { data: Float32Array.of(scale), dims: [1] },
 });
 
-/** All-zero feeds for every residual input of `unet` (shapes from the ControlNet contract at these latents). */
-function zeroResiduals(unet: OnnxModel): Record<string, Feed> {
-  const widths = [8, 8, 8, 8, 16, 16, 16, 16, 16, 16, 24, 24, 24];
-  const levels = [1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8, 8];
+/**
+ * The residuals of the golden UNets at 16x24 latents (diffusers' down_block_res_samples, then the
+ * mid block's output: channels and downscale of each; tools/oracle/unet_residuals.py prints them).
+ */
+const RESIDUALS = {
+  sd15: { widths: [8, 8, 8, 8, 16, 16, 16, 16, 16, 16, 24, 24, 24], levels: [1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8, 8] },
+  sdxl: { widths: [8, 8, 8, 8, 16, 16, 16, 24, 24, 24], levels: [1, 1, 1, 2, 2, 2, 4, 4, 4, 4] },
+};
+
+/** All-zero feeds for every residual input of `unet`. */
+function zeroResiduals(unet: OnnxModel, kind: keyof typeof RESIDUALS = 'sd15'): Record<string, Feed> {
+  const { widths, levels } = RESIDUALS[kind];
   const names = [...unet.inputs.keys()].filter((n) => RESIDUAL_OUTPUT.test(n));
-  assert.equal(names.length, 13, `${unet.label} takes 12 down residuals and the mid one`);
+  assert.equal(names.length, widths.length, `${unet.label} takes ${widths.length - 1} down residuals and the mid one`);
   return Object.fromEntries(
     names.map((name) => {
-      const j = name.startsWith('mid') ? 12 : Number(/\d+/.exec(name)![0]);
+      const j = name.startsWith('mid') ? widths.length - 1 : Number(/\d+/.exec(name)![0]);
       const dims = [2, widths[j]!, 16 / levels[j]!, 24 / levels[j]!];
       return [name, { data: new Float32Array(dims.reduce((a, b) => a * b, 1)), dims }];
     }),
@@ -93,5 +103,20 @@ test('ControlNet-UNet and image-prompt UNets of a Kiln-built model, plain and wi
   const styled = await step(ipUnet, { ...inputs, ...ipFeeds(0.6) });
   assert.ok(maxAbsDiff(styled, plain) > 1e-3, 'the adapter changes the UNet at 0.6');
   assert.ok(same(await step(ipControl, { ...inputs, ...ipFeeds(0.6), ...zeroResiduals(ipControl) }), styled));
+  await runner.release();
+});
+
+test('SDXL (9 down residuals, a Plus adapter): the ControlNet-UNet and the residual-taking adapter UNet with zero residuals give the UNets they extend', async () => {
+  const model = await engine.model(join(GOLDEN_DIR, 'pipelines', 'sdxl'));
+  const feeds = goldenInputs('unet_sdxl');
+  const plain = await step(model.unet, feeds);
+  const control = (await model.controlUnet())!;
+  assert.ok(same(await step(control, { ...feeds, ...zeroResiduals(control, 'sdxl') }), plain));
+  const runner = await loadImagePrompt(model, [{ adapter: join(IP, '..', 'sdxl_models', 'ip-adapter-plus_sdxl_vit-h.safetensors'), imageEncoder: join(IP, 'image_encoder') }], { cacheDir });
+  const ip = ipFeeds(0.6, runner.adapters[0]!.tokens, 18);
+  const styled = await step(await runner.unetFor(model, false), { ...feeds, ...ip });
+  assert.ok(maxAbsDiff(styled, plain) > 1e-3);
+  const ipControl = await runner.unetFor(model, true);
+  assert.ok(same(await step(ipControl, { ...feeds, ...ip, ...zeroResiduals(ipControl, 'sdxl') }), styled));
   await runner.release();
 });
