@@ -381,6 +381,11 @@ function scalesOf(prompt: ImagePrompt): number[] {
   return scales;
 }
 
+/** Whether an image prompt steers the generation (some weight above 0); throws for bad weights. */
+export function imagePromptActive(prompt: ImagePrompt | undefined): prompt is ImagePrompt {
+  return prompt !== undefined && scalesOf(prompt).some((s) => s > 0);
+}
+
 /**
  * The UNet and extra feeds of an image prompt for one generation, or undefined when there is
  * none or every weight is 0 (then the UNet the request would run anyway runs: the plain model's
@@ -395,9 +400,8 @@ export async function imagePromptInputs(
   cfg: boolean,
   use: { otherUnet?: OnnxModel; control?: boolean } = {},
 ): Promise<{ unet: OnnxModel; feeds: Record<string, Feed> } | undefined> {
-  if (!prompt) return undefined;
+  if (!imagePromptActive(prompt)) return undefined;
   const scales = scalesOf(prompt);
-  if (scales.every((s) => s === 0)) return undefined;
   const { otherUnet, control = false } = use;
   if (!control && otherUnet && otherUnet !== model.unet) {
     throw new InvalidOptionError(

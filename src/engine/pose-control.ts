@@ -45,7 +45,7 @@ export class NoPersonError extends InvalidOptionError {
 export async function poseGenerate(model: DiffusionModel, assets: PoseAssets, options: PoseGenerateOptions): Promise<PoseGenerateResult> {
   const { width, height } = resolveModelSize(model, options);
   // Refuse a ControlNet that cannot be used before spending the pose estimation on it.
-  const control = await prepareControl(model, assets.controlNet, options.controlScale);
+  const control = await prepareControl(model, assets.controlNet, options.controlScale, options.imagePrompt);
   const people = await estimatePose(assets.detector, assets.poseNet, options.image);
   if (!people.length) throw new NoPersonError();
   const pose = drawSkeleton(people, width, height);

@@ -16,7 +16,12 @@ import { loadImagePrompt } from '../../src/engine/image-prompt.js';
 import type { Feed, OnnxModel } from '../../src/engine/onnx.js';
 import { CONTROL_UNET_FORMAT } from '../../src/graphs/control-unet.js';
 import { RESIDUAL_OUTPUT } from '../../src/engine/pipeline.js';
-import { GOLDEN_DIR, maxAbsDiff, readGolden } from '../graphs/golden.js';
+import { controlnetGenerate } from '../../src/engine/controlnet.js';
+import { OnnxModel as Onnx } from '../../src/engine/onnx.js';
+import { hashString } from '../../src/graphs/onnx-builder.js';
+import { buildControlNet, controlNetSpecForUnet } from '../../tools/fixtures/controlnet.js';
+import { writeOnnx } from '../../tools/fixtures/variants.js';
+import { GOLDEN_DIR, maxAbsDiff, readConfig, readGolden } from '../graphs/golden.js';
 
 const scratch = mkdtempSync(join(tmpdir(), 'kiln-derived-unets-'));
 const lorasDir = join(scratch, 'loras');
@@ -119,4 +124,35 @@ test('SDXL (9 down residuals, a Plus adapter): the ControlNet-UNet and the resid
   const ipControl = await runner.unetFor(model, true);
   assert.ok(same(await step(ipControl, { ...feeds, ...ip, ...zeroResiduals(ipControl, 'sdxl') }), styled));
   await runner.release();
+});
+
+test('a prompt\'s LoRA tag reaches the ControlNet-UNet and the adapter UNet: the same latents as the model loaded with that LoRA', async () => {
+  const dir = join(scratch, 'controlnet');
+  await writeOnnx(dir, buildControlNet(controlNetSpecForUnet(readConfig('pipelines/sd15/unet')), hashString('controlnet/golden-sd15')));
+  const net = await Onnx.load(join(dir, 'model.onnx'), dir);
+  const base = await engine.model(SD15);
+  const lora = await engine.model(SD15, { loras: [{ name: 'sd15-lora', scale: 0.7 }] });
+  const size = 64;
+  const controlImage = { width: size, height: size, pixels: Uint8Array.from({ length: size * size * 3 }, (_, i) => ((i * 37) % 251)) };
+  const options = { prompt: 'a dancer', seed: 3, size: `${size}x${size}`, allowedSizes: [`${size}x${size}`], steps: 2, controlImage };
+  const tagged = { ...options, prompt: 'a dancer <lora:sd15-lora:0.7>' };
+  const bytes = (r: { latents: Float32Array }) => Buffer.from(r.latents.buffer, r.latents.byteOffset, r.latents.byteLength);
+
+  const posed = await controlnetGenerate(base, net, options);
+  const viaTag = await controlnetGenerate(base, net, tagged);
+  const viaModel = await controlnetGenerate(lora, net, options);
+  assert.ok(bytes(viaTag).equals(bytes(viaModel)), 'pose with a prompt LoRA = pose on the LoRA model');
+  assert.ok(!bytes(viaTag).equals(bytes(posed)));
+
+  const runner = await loadImagePrompt(base, ADAPTER, { cacheDir });
+  const image = { width: 48, height: 40, pixels: Uint8Array.from({ length: 48 * 40 * 3 }, (_, i) => ((i * 11) % 256)) };
+  const imagePrompt = { runner, image, scale: 0.6 };
+  const ipTag = await controlnetGenerate(base, net, { ...tagged, imagePrompt });
+  const ipModel = await controlnetGenerate(lora, net, { ...options, imagePrompt });
+  assert.ok(bytes(ipTag).equals(bytes(ipModel)), 'pose and image prompt with a prompt LoRA = on the LoRA model');
+  assert.ok(!bytes(ipTag).equals(bytes(viaTag)), 'the image prompt steers');
+  const ipZero = await controlnetGenerate(base, net, { ...tagged, imagePrompt: { ...imagePrompt, scale: 0 } });
+  assert.ok(bytes(ipZero).equals(bytes(viaTag)), 'image prompt at 0: the LoRA pose latents');
+  await runner.release();
+  await net.release();
 });

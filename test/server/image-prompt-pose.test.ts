@@ -22,7 +22,7 @@ import { hashString, uniformValues } from '../../src/graphs/onnx-builder.js';
 import { readIpAdapter } from '../../src/graphs/ip-adapter.js';
 import { writeSafetensors, type TensorToWrite } from '../../src/graphs/safetensors.js';
 import { IP_ADAPTERS_DIR } from '../../src/server/image-prompt-assets.js';
-import { buildControlNet } from '../../tools/fixtures/controlnet.js';
+import { buildControlNet, controlNetSpecForUnet } from '../../tools/fixtures/controlnet.js';
 import { ensurePoseFixture, writeOnnx } from '../../tools/fixtures/variants.js';
 import { GOLDEN_DIR, readConfig } from '../graphs/golden.js';
 import { personPng, startTestServer, type TestServer } from './helpers.js';
@@ -75,27 +75,10 @@ function writeFaceAdapter(path: string): void {
   writeSafetensors(path, tensors);
 }
 
-/** The OpenPose ControlNet stand-in (split layout, conditioning_scale double [1]) with residuals at the golden UNet's skip widths. */
+/** The OpenPose ControlNet stand-in (split layout) with residuals at the golden UNet's skip widths. */
 async function writeControlNet(dir: string): Promise<void> {
-  const unet = readConfig('pipelines/sd15/unet');
-  const [c0, c1, c2, c3] = unet.block_out_channels as number[];
-  // diffusers' down_block_res_samples: conv_in, then per block its resnets and downsampler; the mid block last.
-  const residualChannels = [c0, c0, c0, c0, c1, c1, c1, c2, c2, c2, c3, c3, c3].map(Number);
-  const model = buildControlNet(
-    {
-      arch: 'sd15',
-      timestep: { dtype: 'float32', dims: ['batch'] },
-      crossDim: unet.cross_attention_dim as number,
-      channels: 8,
-      conditioningScale: 'tensor',
-      floatIO: 'float32',
-      weightDtype: 'float32',
-      residualChannels,
-    },
-    hashString('controlnet/golden-sd15'),
-  );
-  await writeOnnx(dir, model);
-  writeFileSync(join(dir, 'config.json'), JSON.stringify({ _class_name: 'ControlNetModel', cross_attention_dim: unet.cross_attention_dim }));
+  await writeOnnx(dir, buildControlNet(controlNetSpecForUnet(readConfig('pipelines/sd15/unet')), hashString('controlnet/golden-sd15')));
+  writeFileSync(join(dir, 'config.json'), JSON.stringify({ _class_name: 'ControlNetModel' }));
 }
 
 before(async () => {
