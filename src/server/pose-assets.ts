@@ -50,11 +50,13 @@ const SD15_POSE = `\`kiln pull ${SD15_CONTROLNET_MODEL} && kiln pull ${openposeA
 /** What would make pose mode work, for a model that lacks a ControlNet-UNet. */
 export function poseRecipe(family: ModelFamily, builtin: boolean): string {
   if (builtin) return `Kiln's built-in models have no pose models; pose mode works with SD 1.5: ${SD15_POSE}.`;
-  if (family === 'sd1') return `For SD 1.x: ${SD15_POSE}; or give this model a ${CONTROL_UNET_PATH} of its own.`;
+  // Models Kiln builds from safetensors get a ControlNet-UNet built: only ONNX exports lack one.
+  const built = 'or serve the model as diffusers safetensors weights, for which Kiln builds the ControlNet-UNet';
+  if (family === 'sd1') return `For SD 1.x: ${SD15_POSE}; or give this model a ${CONTROL_UNET_PATH} of its own; ${built}.`;
   if (family === 'sdxl') {
     return (
       `None of the models \`kiln pull\` knows ships an SDXL ControlNet-UNet: pose mode on SDXL needs a model folder in the split layout ` +
-      `(${CONTROL_UNET_PATH}, as in TensorStack/OnnxStack exports), then \`kiln pull ${openposeAlias('sdxl')} && kiln pull ${DWPOSE_NAME}\`. ` +
+      `(${CONTROL_UNET_PATH}, as in TensorStack/OnnxStack exports) ${built}, then \`kiln pull ${openposeAlias('sdxl')} && kiln pull ${DWPOSE_NAME}\`. ` +
       `Or use SD 1.5: ${SD15_POSE}.`
     );
   }

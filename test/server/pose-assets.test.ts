@@ -73,7 +73,7 @@ describe('resolvePoseAssets: the documented order', () => {
     const { home, model } = setup('sd15', true);
     missing(() => resolvePoseAssets(model, 'm', home), new RegExp(`For SD 1\\.x: ${sd15Lines.source}`));
     const xl = setup('sdxl', true);
-    missing(() => resolvePoseAssets(xl.model, 'm', xl.home), /SDXL ControlNet-UNet.*`kiln pull controlnet-openpose-sdxl && kiln pull dwpose`.*Or use SD 1\.5: `kiln pull stable-diffusion-v1-5-controlnet/);
+    missing(() => resolvePoseAssets(xl.model, 'm', xl.home), /SDXL ControlNet-UNet.*safetensors weights, for which Kiln builds the ControlNet-UNet, then `kiln pull controlnet-openpose-sdxl && kiln pull dwpose`.*Or use SD 1\.5: `kiln pull stable-diffusion-v1-5-controlnet/);
     assert.match(poseRecipe('sd2', false), /no pose models for SD 2\.x.*kiln pull stable-diffusion-v1-5-controlnet/);
     // Kiln's own kiln-tiny models, from the package's models/ folder.
     for (const name of ['kiln-tiny', 'kiln-tiny-xl']) {
