@@ -20,7 +20,7 @@ import { createRng, MAX_SEED, type Rng } from './rng.js';
 import { DEFAULT_QUALITY, nativeWorkingSize, parseSize, qualityTier, resolveSize, type Size } from './presets.js';
 import { GenerationCancelledError, InvalidOptionError, ModelLoadError } from './errors.js';
 import { loraSettings, withPromptLoras, type AppliedLora } from './loras.js';
-import { imagePromptInputs, type ImagePrompt } from './image-prompt.js';
+import { imagePromptActive, imagePromptInputs, type ImagePrompt } from './image-prompt.js';
 
 export const MAX_STEPS = 150;
 export const MAX_GUIDANCE = 30;
@@ -428,6 +428,11 @@ export async function runDiffusion(
   // The prompt's <lora:NAME:SCALE> tags: the model's variant with them, held while this runs.
   const use = await withPromptLoras(model, options, extra);
   try {
+    // A ControlNet's UNet is the model's ControlNet-UNet: a LoRA variant's own (with its LoRAs) once
+    // the prompt's tags swapped one in. A steering image prompt brings its own (runDiffusionOn).
+    if (use.model !== model && use.extra.control && !imagePromptActive(options.imagePrompt)) {
+      use.extra = { ...use.extra, unet: (await use.model.controlUnet()) ?? use.extra.unet };
+    }
     return await runDiffusionOn(use.model, use.options, start, use.extra);
   } finally {
     use.release();
@@ -472,8 +477,9 @@ async function runDiffusionOn(
   const cfg = usesCfg(model, settings.guidanceScale);
   // The option, not the settings' string: for SDXL an absent negative prompt differs from "".
   const { cond, uncond } = await encodePrompts(model, settings.prompt, options.negativePrompt, cfg, timings);
-  // The image prompt's tokens, in the text's batch order; its UNet replaces the model's.
-  const imagePrompt = await imagePromptInputs(model, options.imagePrompt, cfg, extra.unet);
+  // The image prompt's tokens, in the text's batch order; its UNet replaces the model's (with a
+  // ControlNet: its residual-taking build replaces the ControlNet-UNet).
+  const imagePrompt = await imagePromptInputs(model, options.imagePrompt, cfg, { otherUnet: extra.unet, control: extra.control !== undefined });
   timings.encodeMs = performance.now() - started;
 
   const { latents, unetCalls } = await denoise({

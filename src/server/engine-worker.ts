@@ -19,7 +19,6 @@ import { poseGenerate, type PoseAssets } from '../engine/pose-control.js';
 import { loadPoseModels, type PoseModels } from '../engine/pose/index.js';
 import { InvalidOptionError, ModelLoadError } from '../engine/errors.js';
 import { loadImagePrompt, type ImagePrompt, type ImagePromptRunner } from '../engine/image-prompt.js';
-import { modelLoras } from '../engine/loras.js';
 import { OnnxModel } from '../engine/onnx.js';
 import type { DiffusionModel } from '../engine/model.js';
 import type { RgbImage } from '../engine/vae.js';
@@ -104,14 +103,6 @@ async function imagePromptRunner(model: DiffusionModel, spec: NonNullable<EditJo
 async function imagePromptFor(model: DiffusionModel, spec: EditJobSpec, upload: Buffer): Promise<ImagePrompt | undefined> {
   const ip = spec.imagePrompt;
   if (!ip || ip.adapters.length === 0) return undefined;
-  const loras = modelLoras(model);
-  if (loras.length) {
-    // The adapters are built into the UNet's plain weights: its LoRAs would silently drop out.
-    throw new InvalidOptionError(
-      `model ${model.name} runs with LoRAs (${loras.map((l) => l.name).join(', ')}, from its kiln.json), which cannot be combined with an image prompt yet`,
-      'user',
-    );
-  }
   let runner: ImagePromptRunner;
   try {
     runner = await imagePromptRunner(model, ip);
@@ -208,8 +199,10 @@ async function run(id: number, spec: EditJobSpec): Promise<void> {
       if (spec.pose) {
         const assets = await poseAssets(spec.pose);
         const image = await poseInput(upload, width, height);
+        // `face:0.5,style:0.6,pose:1.0`: the pose and the image prompt together (pipeline.ts).
+        const imagePrompt = await imagePromptFor(model, spec, upload);
         checkCancel();
-        const posed = await poseGenerate(model, assets, { ...options, image, controlScale: spec.pose.scale });
+        const posed = await poseGenerate(model, assets, { ...options, image, controlScale: spec.pose.scale, imagePrompt });
         ({ pose, people } = posed);
         result = posed;
       } else {
