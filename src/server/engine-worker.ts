@@ -1,6 +1,7 @@
 /**
  * The inference worker thread: owns one Engine (its ONNX sessions) and runs one job at a time,
- * off the server's event loop. Protocol in engine-protocol.ts.
+ * off the server's event loop; with `maxBatch` > 1 up to that many, whose denoising steps share
+ * UNet runs (src/engine/unet-batcher.ts). Protocol in engine-protocol.ts.
  *
  * Cancellation reaches it two ways: a `cancel` message (handled when this thread's event loop
  * is free, e.g. while a model loads) and a shared Int32 cell the server sets to the job id,
@@ -25,6 +26,7 @@ import type { DiffusionModel } from '../engine/model.js';
 import type { RgbImage } from '../engine/vae.js';
 import { encodeGeneratedPng, encodeImage } from '../engine/image-codec.js';
 import { createPreviewer, learnFromResult } from '../engine/preview.js';
+import { UnetBatcher } from '../engine/unet-batcher.js';
 import { serializeError, type EditJobSpec, type FromWorker, type ToWorker, type WorkerInit } from './engine-protocol.js';
 import { redactPaths } from './errors.js';
 
@@ -34,9 +36,11 @@ const cancelCell = new Int32Array(init.cancel);
 const post = (msg: FromWorker, transfer: ArrayBuffer[] = []) => port.postMessage(msg, transfer);
 // Warnings (LoRA modules that match nothing, unused checkpoint tensors) go to the server's log.
 const engine = new Engine({ device: init.device, searchDirs: init.searchDirs, onWarning: (message) => post({ type: 'warning', message }) });
-let current: { id: number; controller: AbortController } | undefined;
-/** The job in flight: sessions are released only after it settles (releasing one mid-run aborts the process). */
-let running: Promise<void> = Promise.resolve();
+/** The jobs in flight, by id. */
+const current = new Map<number, AbortController>();
+/** Their runs: sessions are released only after they settle (releasing one mid-run aborts the process). */
+const running = new Set<Promise<void>>();
+const batcher = (init.maxBatch ?? 1) > 1 ? new UnetBatcher({ maxBatch: init.maxBatch! }) : undefined;
 
 const CONTENT_TYPES = { png: 'image/png', jpeg: 'image/jpeg', webp: 'image/webp' } as const;
 
@@ -86,10 +90,12 @@ async function imagePromptRunner(model: DiffusionModel, spec: NonNullable<EditJo
   const version = files.map((f) => `${fileVersion(f.adapter)}/${fileVersion(join(f.imageEncoder, 'model.safetensors'))}`).join(',');
   const known = runners.get(key);
   if (known && known.version === version && known.runner.model === model) return known.runner;
-  // A re-pulled adapter or encoder, or a reloaded model: the old sessions go (one job runs at a time, none uses them).
+  // A re-pulled adapter or encoder, or a reloaded model: the old sessions go once the jobs running now (which may use them) are done.
   if (known) {
     runners.delete(key);
-    await known.runner.release();
+    const busy = [...running];
+    if (busy.length > 1) void Promise.allSettled(busy).then(() => known.runner.release());
+    else await known.runner.release();
   }
   const runner = await loadImagePrompt(model, files, engine);
   runners.set(key, { version, runner });
@@ -163,7 +169,7 @@ const toBuffer = (bytes: Uint8Array) => Buffer.from(bytes.buffer, bytes.byteOffs
 
 async function run(id: number, spec: EditJobSpec): Promise<void> {
   const controller = new AbortController();
-  current = { id, controller };
+  current.set(id, controller);
   const checkCancel = () => {
     if (!controller.signal.aborted && Atomics.load(cancelCell, 0) === id) controller.abort();
   };
@@ -191,6 +197,7 @@ async function run(id: number, spec: EditJobSpec): Promise<void> {
     const options = {
       ...spec.options,
       signal: controller.signal,
+      batcher,
       onStepLatents: previewer?.onStepLatents,
       onProgress: (progress: { stage: 'encode' | 'denoise' | 'decode'; step: number; totalSteps: number }) => {
         checkCancel();
@@ -260,7 +267,7 @@ async function run(id: number, spec: EditJobSpec): Promise<void> {
     await previewer?.flush().catch(() => {});
     post({ type: 'failed', id, error: serializeError(err), cancelled: controller.signal.aborted });
   } finally {
-    current = undefined;
+    current.delete(id);
   }
 }
 
@@ -272,11 +279,14 @@ function standalone(bytes: Buffer): Uint8Array<ArrayBuffer> {
 
 port.on('message', (msg: ToWorker) => {
   switch (msg.type) {
-    case 'run':
-      running = run(msg.id, msg.spec);
+    case 'run': {
+      const job = run(msg.id, msg.spec);
+      running.add(job);
+      void job.finally(() => running.delete(job));
       break;
+    }
     case 'cancel':
-      if (current?.id === msg.id) current.controller.abort();
+      current.get(msg.id)?.abort();
       break;
     case 'preload':
       engine.model(msg.model).then(
@@ -285,9 +295,9 @@ port.on('message', (msg: ToWorker) => {
       );
       break;
     case 'close':
-      current?.controller.abort();
-      // The abort takes effect at the next step; wait for it before freeing the sessions the job runs on.
-      void running.catch(() => undefined).then(() => Promise.allSettled([
+      for (const controller of current.values()) controller.abort();
+      // The abort takes effect at the next step; wait for it before freeing the sessions the jobs run on.
+      void Promise.allSettled([...running]).then(() => Promise.allSettled([
         engine.close(),
         ...[...controlNets.values()].map(async (c) => (await c.loading).release()),
         ...[...runners.values()].map((r) => r.runner.release()),
