@@ -517,7 +517,7 @@ async function runDiffusionOn(
   throwIfAborted(signal);
   onProgress?.({ stage: 'decode', step: begin.timesteps.length, totalSteps: begin.timesteps.length });
   started = performance.now();
-  const decoded = await resizeImage(await decodeLatents(model, latents, latentDims), settings.width, settings.height);
+  const decoded = await resizeImage(await decodeLatents(model, latents, latentDims, options.batcher), settings.width, settings.height);
   const image = extra.afterDecode ? extra.afterDecode(decoded) : decoded;
   timings.decodeMs = performance.now() - started;
   timings.totalMs = performance.now() - t0;

@@ -43,6 +43,8 @@ export interface BatchRunOptions {
   rows: number;
   /** A call whose request was cancelled before its batch ran is dropped (rejected) instead. */
   signal?: AbortSignal;
+  /** Most rows a run that carries this call may have (a bound on its memory); default: no bound. */
+  maxRows?: number;
 }
 
 export interface BatcherStats {
@@ -65,6 +67,7 @@ interface Call {
   outputNames: string[];
   rows: number;
   signal: AbortSignal | undefined;
+  maxRows: number;
   /** Compatibility key (session, outputs, feed names, kinds and shapes); undefined: runs alone. */
   key: string | undefined;
   /** Names of the feeds that are not per-row (compared by value). */
@@ -99,7 +102,8 @@ export class UnetBatcher {
     if (this.maxBatch === 1) return this.runAlone(session, feeds, outputNames);
     return new Promise<Outputs>((resolve, reject) => {
       const { key, shared } = this.describe(session, feeds, outputNames, options.rows);
-      this.pending.push({ session, feeds, outputNames, rows: options.rows, signal: options.signal, key, shared, resolve, reject });
+      const maxRows = options.maxRows ?? Number.POSITIVE_INFINITY;
+      this.pending.push({ session, feeds, outputNames, rows: options.rows, signal: options.signal, maxRows, key, shared, resolve, reject });
       this.schedule();
     });
   }
@@ -142,7 +146,7 @@ export class UnetBatcher {
         continue;
       }
       const fits = call.key !== undefined && this.exact.get(this.shapeKey(call.key, 0)) !== false
-        ? open.find((g) => g[0]!.key === call.key && g.length < this.maxBatch && sameShared(g[0]!, call))
+        ? open.find((g) => g[0]!.key === call.key && g.length < this.maxBatch && fitsRows(g, call) && sameShared(g[0]!, call))
         : undefined;
       if (fits) {
         fits.push(call);
@@ -293,6 +297,12 @@ function isPerRow(info: TensorInfo, feed: Feed, rows: number): boolean {
   if (feed.dims.length === 0 || feed.dims[0] !== rows) return false;
   const declared = info.shape[0];
   return declared !== undefined && !(typeof declared === 'number' && declared > 0);
+}
+
+/** Whether a run of `group` and `call` stays within every member's maxRows. */
+function fitsRows(group: Call[], call: Call): boolean {
+  const rows = group.reduce((n, c) => n + c.rows, call.rows);
+  return group.every((c) => rows <= c.maxRows) && rows <= call.maxRows;
 }
 
 /** Whether two calls' shared feeds hold the same values (their names and shapes are in the key). */

@@ -39,14 +39,14 @@ function load(dir: string): Promise<DiffusionModel> {
 const kilnTiny = () => load(join(builtinModelsDir(), 'kiln-tiny'));
 const fixture = async (variant: FixtureVariant) => load(await ensureFixture(variant));
 
-/** Counts a session's runs and records each run's batch (the leading dimension of `sample`). */
-function spy(session: OnnxModel, onRun?: (rows: number) => void): number[] {
+/** Counts a session's runs and records each run's batch (the leading dimension of `sample`, or of `input`). */
+function spy(session: OnnxModel, onRun?: (rows: number) => void, input = 'sample'): number[] {
   const rows: number[] = [];
   const s = session as OnnxModel & { run: OnnxModel['run'] };
   const original = s.run;
   s.run = function (this: OnnxModel, feeds: Record<string, Feed>, outputs: string[]) {
-    rows.push(feeds.sample!.dims[0]!);
-    onRun?.(feeds.sample!.dims[0]!);
+    rows.push(feeds[input]!.dims[0]!);
+    onRun?.(feeds[input]!.dims[0]!);
     return original.call(this, feeds, outputs);
   };
   after(() => {
@@ -73,17 +73,19 @@ const request = (i: number, extra: Partial<GenerateOptions> = {}): GenerateOptio
   ...extra,
 });
 
-test('concurrent txt2img requests: one UNet run per step for the batch, each image byte for byte as alone', async () => {
+test('concurrent txt2img requests: one UNet run per step for the batch and one VAE decode, each image byte for byte as alone', async () => {
   const model = await kilnTiny();
   const alone = [];
   for (let i = 0; i < 4; i++) alone.push(await generate(model, request(i)));
   const rows = spy(model.unet);
+  const decodes = spy(model.vaeDecoder, undefined, 'latent_sample');
   // verify off: the count is exactly one run per step (the check would add one lone round).
   const batcher = new UnetBatcher({ maxBatch: 4, verify: false });
   const batched = await Promise.all([0, 1, 2, 3].map((i) => generate(model, { ...request(i), batcher })));
   assert.deepEqual(rows, [8, 8, 8, 8], 'one UNet run per step, 4 requests x 2 CFG rows');
-  assert.equal(batcher.stats.runs, 4);
-  assert.equal(batcher.stats.calls, 16);
+  assert.deepEqual(decodes, [4], 'the four pictures decoded in one run');
+  assert.equal(batcher.stats.runs, 5);
+  assert.equal(batcher.stats.calls, 20);
   assert.equal(batcher.stats.largestBatch, 4);
   assert.ok(batched.every((r) => r.unetCalls === 4), 'each request still counts its own 4 steps');
   await assertSameBytes(batched, alone, 'kiln-tiny, CFG');
@@ -99,7 +101,8 @@ test('the first batch of a shape is checked against running alone; without CFG (
   const batched = await Promise.all([0, 1, 2].map((i) => generate(model, { ...opts(i), batcher })));
   // Step 1: the batched run and its check (each call alone); steps 2 and 3: one run each.
   assert.deepEqual(rows, [3, 1, 1, 1, 3, 3]);
-  assert.deepEqual({ checks: batcher.stats.checks, inexact: batcher.stats.inexact }, { checks: 1, inexact: 0 });
+  // Checked: the UNet's shape and the VAE decoder's (the three pictures decoded together).
+  assert.deepEqual({ checks: batcher.stats.checks, inexact: batcher.stats.inexact }, { checks: 2, inexact: 0 });
   await assertSameBytes(batched, alone, 'kiln-tiny, guidance 1');
 });
 
