@@ -4,7 +4,13 @@
  *
  *   npm run bench:server -- [--clients 4] [--requests 32] [--size 256x256] [--steps 8]
  *                           [--format b64_json|url] [--workers 1] [--partial-images N]
+ *                           [--max-batch 1 | --max-batch 1,8 [--rounds 2]]
  *                           [--model NAME|DIR | --fixture VARIANT [--channels N]] [--url http://HOST:PORT]
+ *
+ * --max-batch: the server's `--max-batch` (jobs per worker at once, their UNet steps batched).
+ * Several values (`1,8`: batching off and on) measure each on a fresh server, side by side in one
+ * run, with each one's images/s and p50 relative to the first; `--rounds R` alternates them R
+ * times (requests / R each time, results pooled), so that outside load falls on all alike.
  *
  * --partial-images N: the preview cost. Requests alternate between a plain one and a streamed one
  * (`stream: true, partial_images: N`, read to its completed event), same settings otherwise, so
@@ -35,6 +41,8 @@ const { values: args } = parseArgs({
     url: { type: 'string' },
     prompt: { type: 'string', default: 'a lighthouse on a cliff at dusk, oil painting' },
     'partial-images': { type: 'string' },
+    'max-batch': { type: 'string', default: '1' },
+    rounds: { type: 'string', default: '1' },
   },
 });
 const partialImages = args['partial-images'] === undefined ? undefined : Number(args['partial-images']);
@@ -42,38 +50,45 @@ const partialImages = args['partial-images'] === undefined ? undefined : Number(
 const percentile = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1))]!;
 const ms = (x: number) => `${x.toFixed(0)} ms`;
 
-async function main(): Promise<void> {
+interface Measurement {
+  wallMs: number;
+  latencies: number[];
+  streamed: number[];
+  partialsSeen: number;
+  statuses: Map<number, number>;
+  healthMs: number[];
+  cpuMs: { plain: number[]; stream: number[] };
+}
+
+/** The model folder and its label, when this process starts the server. */
+async function modelDir(): Promise<{ dir: string; label: string }> {
+  if (args.model) return { dir: locateModel(args.model), label: args.model };
+  const variant = (args.fixture ?? 'sdxl') as FixtureVariant;
+  const channels = Number(args.channels ?? 8);
+  return { dir: await ensureFixture(variant, { channels }), label: `fixture ${variant} (UNet channels ${channels})` };
+}
+
+/** `total` requests from `clients` clients against a server with `maxBatch` (a fresh one unless --url). */
+async function measure(total: number, maxBatch: number, dir: string | undefined): Promise<Measurement> {
   const clients = Number(args.clients);
-  const total = Number(args.requests);
   let server: KilnServer | undefined;
   let home: string | undefined;
   let base = args.url?.replace(/\/+$/, '');
-  let label = base ?? '';
   if (!base) {
-    let dir: string;
-    if (args.model) {
-      dir = locateModel(args.model);
-      label = args.model;
-    } else {
-      const variant = (args.fixture ?? 'sdxl') as FixtureVariant;
-      const channels = Number(args.channels ?? 8);
-      dir = await ensureFixture(variant, { channels });
-      label = `fixture ${variant} (UNet channels ${channels})`;
-    }
     home = mkdtempSync(join(os.tmpdir(), 'kiln-bench-'));
     mkdirSync(join(home, 'models'));
-    symlinkSync(dir, join(home, 'models', 'bench-model'), 'dir');
+    symlinkSync(dir!, join(home, 'models', 'bench-model'), 'dir');
     server = await createServer({
       home,
       port: 0,
       defaultModel: 'bench-model',
       workers: Number(args.workers),
+      maxBatch,
       maxQueue: clients,
       logger: 'silent',
     });
     base = await server.listen();
   }
-
   const fields = { prompt: args.prompt, size: args.size, steps: Number(args.steps), response_format: args.format };
   const body = JSON.stringify(fields);
   const streamBody = JSON.stringify({ ...fields, stream: true, partial_images: partialImages });
@@ -94,9 +109,11 @@ async function main(): Promise<void> {
     return { ms: performance.now() - started, status: res.status };
   };
 
-  // One warm-up request loads the model; it is not counted.
-  const warm = await post();
-  if (warm.status !== 200) throw new Error(`warm-up request answered ${warm.status}`);
+  // Warm-up, not counted: one request loads the model; with batching, as many at once as run
+  // together, so that the first batches' exactness checks (unet-batcher.ts) fall here too.
+  for (const warm of await Promise.all(Array.from({ length: Math.min(clients, maxBatch) }, () => post()))) {
+    if (warm.status !== 200) throw new Error(`warm-up request answered ${warm.status}`);
+  }
   if (partialImages !== undefined) {
     // The preview map is fitted on the first streamed request: not counted either.
     const warmStream = await postStream();
@@ -141,41 +158,81 @@ async function main(): Promise<void> {
   loaded = false;
   await probe;
 
-  latencies.sort((a, b) => a - b);
-  streamed.sort((a, b) => a - b);
-  healthMs.sort((a, b) => a - b);
-  const ok = latencies.length + streamed.length;
+  await server?.close();
+  if (home) rmSync(home, { recursive: true, force: true });
+  return { wallMs, latencies, streamed, partialsSeen, statuses, healthMs, cpuMs };
+}
+
+async function main(): Promise<void> {
+  const clients = Number(args.clients);
+  const total = Number(args.requests);
+  const batches = args['max-batch'].split(',').map(Number);
+  if (!batches.every((b) => Number.isInteger(b) && b >= 1)) throw new Error('--max-batch takes integers >= 1, e.g. 1,8');
+  if (args.url && batches.length > 1) throw new Error('--max-batch with several values starts its own servers: leave out --url');
+  const rounds = Math.max(1, Number(args.rounds));
+  const { dir, label } = args.url ? { dir: undefined, label: args.url } : await modelDir();
+  const loadBefore = os.loadavg();
+  const runs = batches.map(() => [] as Measurement[]);
+  for (let r = 0; r < rounds; r++) {
+    for (let k = 0; k < batches.length; k++) runs[k]!.push(await measure(Math.ceil(total / rounds), batches[k]!, dir));
+  }
+  const loadAfter = os.loadavg();
+  const pooled = runs.map((group): Measurement => ({
+    wallMs: group.reduce((n, m) => n + m.wallMs, 0),
+    latencies: group.flatMap((m) => m.latencies).sort((a, b) => a - b),
+    streamed: group.flatMap((m) => m.streamed).sort((a, b) => a - b),
+    partialsSeen: group.reduce((n, m) => n + m.partialsSeen, 0),
+    statuses: group.reduce((all, m) => {
+      for (const [s, n] of m.statuses) all.set(s, (all.get(s) ?? 0) + n);
+      return all;
+    }, new Map<number, number>()),
+    healthMs: group.flatMap((m) => m.healthMs).sort((a, b) => a - b),
+    cpuMs: { plain: group.flatMap((m) => m.cpuMs.plain), stream: group.flatMap((m) => m.cpuMs.stream) },
+  }));
   const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
   const cpu = os.cpus()[0]?.model ?? 'unknown CPU';
   const command =
     `npm run bench:server -- --clients ${clients} --requests ${total} --size ${args.size} --steps ${args.steps} --format ${args.format} --workers ${args.workers}` +
+    ` --max-batch ${args['max-batch']}` + (rounds > 1 ? ` --rounds ${rounds}` : '') +
     (partialImages !== undefined ? ` --partial-images ${partialImages}` : '') +
     (args.url ? ` --url ${args.url}` : args.model ? ` --model ${args.model}` : ` --fixture ${args.fixture ?? 'sdxl'} --channels ${args.channels ?? 8}`);
   const lines = [
     `kiln server benchmark: ${label}, ${args.size}, ${args.steps} steps, ${args.format}, ${clients} concurrent clients, ${total} requests, ${args.workers} worker(s)`,
-    `host: ${cpu}, ${os.cpus().length} cores, node ${process.version}`,
-    `throughput: ${((ok / wallMs) * 1000).toFixed(2)} images/s (${ok} ok in ${(wallMs / 1000).toFixed(1)} s)` +
-      `; statuses ${[...statuses].map(([s, n]) => `${s}x${n}`).join(' ')}`,
-    latencies.length
-      ? `latency${partialImages !== undefined ? ' (plain)' : ''}: p50 ${ms(percentile(latencies, 50))}, p90 ${ms(percentile(latencies, 90))}, p99 ${ms(percentile(latencies, 99))}, max ${ms(latencies.at(-1)!)}, mean ${ms(mean(latencies))}`
-      : 'latency: no successful requests',
-    partialImages !== undefined && streamed.length
-      ? `latency (stream, partial_images ${partialImages}, ${(partialsSeen / streamed.length).toFixed(1)} partials each): p50 ${ms(percentile(streamed, 50))}, ` +
-        `p90 ${ms(percentile(streamed, 90))}, max ${ms(streamed.at(-1)!)}, mean ${ms(mean(streamed))}; ` +
-        `stream / plain: p50 ${(percentile(streamed, 50) / percentile(latencies, 50)).toFixed(3)}, mean ${(mean(streamed) / mean(latencies)).toFixed(3)}`
-      : '',
-    partialImages !== undefined && cpuMs.plain.length && cpuMs.stream.length
-      ? `CPU per image (this process, all threads): plain ${ms(mean(cpuMs.plain))}, stream ${ms(mean(cpuMs.stream))}, ` +
-        `stream / plain ${(mean(cpuMs.stream) / mean(cpuMs.plain)).toFixed(3)}`
-      : '',
-    healthMs.length
-      ? `/health under load: ${healthMs.length} probes, p50 ${percentile(healthMs, 50).toFixed(1)} ms, p99 ${percentile(healthMs, 99).toFixed(1)} ms, max ${healthMs[healthMs.length - 1]!.toFixed(1)} ms`
-      : '',
-    `reproduce: ${command}`,
+    `host: ${cpu}, ${os.cpus().length} cores, node ${process.version}; load average ${loadBefore.map((l) => l.toFixed(2)).join(' ')} before, ${loadAfter.map((l) => l.toFixed(2)).join(' ')} after`,
   ];
-  process.stdout.write(`${lines.filter(Boolean).join('\n')}\n`);
-  await server?.close();
-  if (home) rmSync(home, { recursive: true, force: true });
+  const first = pooled[0]!;
+  const ips = (m: Measurement) => ((m.latencies.length + m.streamed.length) / m.wallMs) * 1000;
+  pooled.forEach((m, k) => {
+    const ok = m.latencies.length + m.streamed.length;
+    const { latencies, streamed, healthMs, cpuMs, partialsSeen, statuses, wallMs } = m;
+    const vsFirst = k > 0 && latencies.length && first.latencies.length
+      ? ` (${(ips(m) / ips(first)).toFixed(2)}x the images/s of max-batch ${batches[0]}, p50 ${(percentile(latencies, 50) / percentile(first.latencies, 50)).toFixed(2)}x)`
+      : '';
+    lines.push(
+      ...[
+        batches.length > 1 || batches[0] !== 1 ? `-- max-batch ${batches[k]}${batches[k] === 1 ? ' (batching off)' : ''}${vsFirst}` : '',
+        `throughput: ${ips(m).toFixed(2)} images/s (${ok} ok in ${(wallMs / 1000).toFixed(1)} s)` +
+          `; statuses ${[...statuses].map(([s, n]) => `${s}x${n}`).join(' ')}`,
+        latencies.length
+          ? `latency${partialImages !== undefined ? ' (plain)' : ''}: p50 ${ms(percentile(latencies, 50))}, p90 ${ms(percentile(latencies, 90))}, p95 ${ms(percentile(latencies, 95))}, p99 ${ms(percentile(latencies, 99))}, max ${ms(latencies.at(-1)!)}, mean ${ms(mean(latencies))}`
+          : 'latency: no successful requests',
+        partialImages !== undefined && streamed.length
+          ? `latency (stream, partial_images ${partialImages}, ${(partialsSeen / streamed.length).toFixed(1)} partials each): p50 ${ms(percentile(streamed, 50))}, ` +
+            `p90 ${ms(percentile(streamed, 90))}, max ${ms(streamed.at(-1)!)}, mean ${ms(mean(streamed))}; ` +
+            `stream / plain: p50 ${(percentile(streamed, 50) / percentile(latencies, 50)).toFixed(3)}, mean ${(mean(streamed) / mean(latencies)).toFixed(3)}`
+          : '',
+        partialImages !== undefined && cpuMs.plain.length && cpuMs.stream.length
+          ? `CPU per image (this process, all threads): plain ${ms(mean(cpuMs.plain))}, stream ${ms(mean(cpuMs.stream))}, ` +
+            `stream / plain ${(mean(cpuMs.stream) / mean(cpuMs.plain)).toFixed(3)}`
+          : '',
+        healthMs.length
+          ? `/health under load: ${healthMs.length} probes, p50 ${percentile(healthMs, 50).toFixed(1)} ms, p99 ${percentile(healthMs, 99).toFixed(1)} ms, max ${healthMs[healthMs.length - 1]!.toFixed(1)} ms`
+          : '',
+      ].filter(Boolean),
+    );
+  });
+  lines.push(`reproduce: ${command}`);
+  process.stdout.write(`${lines.join('\n')}\n`);
 }
 
 main().catch((err: unknown) => {
