@@ -9,7 +9,9 @@ import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import OpenAI, { toFile } from 'openai';
-import type { JobFinished } from '../../src/queue/types.js';
+import { join } from 'node:path';
+import type { JobFinished, JobSpec } from '../../src/queue/types.js';
+import { EnginePool } from '../../src/server/engine-pool.js';
 import { makePng, startTestServer, type TestServer } from './helpers.js';
 
 let t: TestServer;
@@ -127,4 +129,33 @@ test('kiln serve --max-batch takes 1 to 64 and lists the option in its help', as
   }
   const { stdout } = await kiln(['--help']);
   assert.match(stdout, /--max-batch <n>/);
+});
+
+// (A worker that dies fails every job it holds: engine-pool.ts rejects them all. Not tested by
+// killing a thread here: terminating one in the middle of an ONNX Runtime call can abort the test
+// process, 'terminate called after throwing Napi::Error'.)
+test('a pool of one worker with maxBatch 2 takes two jobs at once, refuses a third, and has room for two again after', async () => {
+  const pool = new EnginePool({ searchDirs: [join(t.home, 'models')], maxBatch: 2 });
+  try {
+    assert.equal(pool.slots, 2);
+    const spec = (seed: number, steps: number): JobSpec => ({
+      kind: 'generate',
+      model: 'kiln-tiny-xl',
+      options: { prompt: 'two at once', seed, size: '256x256', steps },
+      output: { format: 'png' },
+    });
+    const run = (s: JobSpec, onStep?: () => void) =>
+      pool.run(s, { signal: new AbortController().signal, onProgress: (p) => p.stage === 'denoise' && onStep?.() });
+    let bothRunning!: () => void;
+    const running = new Promise<void>((r) => (bothRunning = r));
+    const seen = new Set<number>();
+    const jobs = [1, 2].map((seed) => run(spec(seed, 40), () => (seen.add(seed), seen.size === 2 && bothRunning())));
+    await running;
+    await assert.rejects(run(spec(3, 1)), /no idle inference worker/);
+    assert.deepEqual((await Promise.all(jobs)).map((o) => o.contentType), ['image/png', 'image/png']);
+    const again = await Promise.all([run(spec(4, 2)), run(spec(5, 2))]);
+    assert.deepEqual(again.map((o) => o.contentType), ['image/png', 'image/png']);
+  } finally {
+    await pool.close();
+  }
 });
