@@ -127,7 +127,10 @@ export class UnetBatcher {
     const calls = this.pending;
     this.pending = [];
     try {
-      for (const group of this.groups(calls)) await this.runGroup(group);
+      for (const group of this.groups(calls)) {
+        // runGroup settles every call itself; this only guards against a fault in it leaving callers waiting.
+        await this.runGroup(group).catch((err: unknown) => group.forEach((c) => c.reject(err)));
+      }
     } finally {
       this.flushing = false;
       // The callers of the runs just made have submitted their next calls by now; they go in the
@@ -177,8 +180,11 @@ export class UnetBatcher {
       outputs = await this.runBatched(group, totalRows);
     } catch {
       // The batch as a whole failed (memory, a feed the graph refuses): each call alone, so that an
-      // error reaches only the request it belongs to.
-      for (const call of group) await this.settleAlone(call);
+      // error reaches only the request it belongs to. If every call then succeeds, the batch itself
+      // was the trouble (its size): that shape is not batched again.
+      let allFine = true;
+      for (const call of group) allFine = (await this.settleAlone(call)) && allFine;
+      if (allFine) this.exact.set(shape, false);
       return;
     }
     if (known === undefined && this.verify) {
@@ -232,15 +238,18 @@ export class UnetBatcher {
     });
   }
 
-  private async settleAlone(call: Call): Promise<void> {
+  /** Runs a call alone and settles it; whether it succeeded (a dropped cancelled call counts as fine). */
+  private async settleAlone(call: Call): Promise<boolean> {
     if (call.signal?.aborted) {
       call.reject(new GenerationCancelledError(call.signal.reason));
-      return;
+      return true;
     }
     try {
       call.resolve(await this.runAlone(call.session, call.feeds, call.outputNames));
+      return true;
     } catch (err) {
       call.reject(err);
+      return false;
     }
   }
 

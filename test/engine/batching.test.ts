@@ -288,3 +288,19 @@ test('inputs without a batch dimension must be equal to share a run; maxBatch bo
   assert.deepEqual([...(good as PromiseFulfilledResult<Record<string, { data: Float32Array }>>).value.y!.data], [0, 1, 2, 3]);
   assert.ok(refused.status === 'rejected' && /5 values/.test(String(refused.reason)), String((refused as PromiseRejectedResult).reason));
 });
+
+test('a batch that fails as a whole while its calls succeed alone is not tried again at that size', async () => {
+  // Reshape to [1, 4]: fine for one row, an error for a batch.
+  const g = new GraphBuilder('one-row');
+  const x = g.input('sample', 'float32', ['batch', 4]);
+  g.output('y', 'float32', [1, 4]);
+  g.op('Reshape', [x, g.constI64([1, 4])], {}, 'y');
+  const oneRow = await OnnxModel.fromBytes(serializeModel(g.toModel()).model, 'one-row.onnx', 'one-row.onnx');
+  opened.push(oneRow);
+  const batcher = new UnetBatcher({ maxBatch: 8 });
+  for (let round = 0; round < 2; round++) {
+    const out = await Promise.all([1, 2].map((v) => batcher.run(oneRow, { sample: rowOf(v) }, ['y'], { rows: 1 })));
+    out.forEach((o, i) => assert.deepEqual([...o.y!.data], [...rowOf(i + 1).data]));
+  }
+  assert.equal(batcher.stats.runs, 1 + 2 + 2, 'the failed batched run, its calls alone; then alone straight away');
+});
