@@ -11,6 +11,7 @@
  * Several values (`1,8`: batching off and on) measure each on a fresh server, side by side in one
  * run, with each one's images/s and p50 relative to the first; `--rounds R` alternates them R
  * times (requests / R each time, results pooled), so that outside load falls on all alike.
+ * BENCH_TRACE=1 prints each request's finish time and latency to stderr.
  *
  * --partial-images N: the preview cost. Requests alternate between a plain one and a streamed one
  * (`stream: true, partial_images: N`, read to its completed event), same settings otherwise, so
@@ -109,10 +110,13 @@ async function measure(total: number, maxBatch: number, dir: string | undefined)
     return { ms: performance.now() - started, status: res.status };
   };
 
-  // Warm-up, not counted: one request loads the model; with batching, as many at once as run
-  // together, so that the first batches' exactness checks (unet-batcher.ts) fall here too.
-  for (const warm of await Promise.all(Array.from({ length: Math.min(clients, maxBatch) }, () => post()))) {
-    if (warm.status !== 200) throw new Error(`warm-up request answered ${warm.status}`);
+  // Warm-up, not counted: one request loads the model; with batching, two rounds of as many at
+  // once as run together, so that the exactness checks of the batch shapes the run will meet
+  // (once per shape and worker: unet-batcher.ts) fall here too.
+  for (let round = 0; round < (maxBatch > 1 ? 2 : 1); round++) {
+    for (const warm of await Promise.all(Array.from({ length: Math.min(clients, maxBatch) }, () => post()))) {
+      if (warm.status !== 200) throw new Error(`warm-up request answered ${warm.status}`);
+    }
   }
   if (partialImages !== undefined) {
     // The preview map is fitted on the first streamed request: not counted either.
@@ -150,6 +154,7 @@ async function measure(total: number, maxBatch: number, dir: string | undefined)
         if (clients === 1) cpuMs[stream ? 'stream' : 'plain'].push((cpu.user + cpu.system) / 1000);
         statuses.set(r.status, (statuses.get(r.status) ?? 0) + 1);
         if (r.status === 200) (stream ? streamed : latencies).push(r.ms);
+        if (process.env.BENCH_TRACE) process.stderr.write(`req ${i} client done at ${(performance.now() - started).toFixed(0)} ms, latency ${r.ms.toFixed(0)}\n`);
         partialsSeen += r.partials;
       }
     }),
