@@ -10,7 +10,8 @@
  * --max-batch: the server's `--max-batch` (jobs per worker at once, their UNet steps batched).
  * Several values (`1,8`: batching off and on) measure each on a fresh server, side by side in one
  * run, with each one's images/s and p50 relative to the first; `--rounds R` alternates them R
- * times (requests / R each time, results pooled), so that outside load falls on all alike.
+ * times (requests / R each time, results pooled; the servers stay up between rounds), so that
+ * outside load falls on all alike.
  * BENCH_TRACE=1 prints each request's finish time and latency to stderr.
  *
  * --partial-images N: the preview cost. Requests alternate between a plain one and a streamed one
@@ -59,6 +60,8 @@ interface Measurement {
   statuses: Map<number, number>;
   healthMs: number[];
   cpuMs: { plain: number[]; stream: number[] };
+  /** CPU time of this whole process (server, inference threads, clients) over the measured requests. */
+  totalCpuMs: number;
 }
 
 /** The model folder and its label, when this process starts the server. */
@@ -69,8 +72,15 @@ async function modelDir(): Promise<{ dir: string; label: string }> {
   return { dir: await ensureFixture(variant, { channels }), label: `fixture ${variant} (UNet channels ${channels})` };
 }
 
-/** `total` requests from `clients` clients against a server with `maxBatch` (a fresh one unless --url). */
-async function measure(total: number, maxBatch: number, dir: string | undefined): Promise<Measurement> {
+interface Target {
+  base: string;
+  maxBatch: number;
+  warm: boolean;
+  close(): Promise<void>;
+}
+
+/** The server to measure: --url, or one started here with `maxBatch` on a temp home. */
+async function startTarget(maxBatch: number, dir: string | undefined): Promise<Target> {
   const clients = Number(args.clients);
   let server: KilnServer | undefined;
   let home: string | undefined;
@@ -90,6 +100,21 @@ async function measure(total: number, maxBatch: number, dir: string | undefined)
     });
     base = await server.listen();
   }
+  return {
+    base,
+    maxBatch,
+    warm: false,
+    async close() {
+      await server?.close();
+      if (home) rmSync(home, { recursive: true, force: true });
+    },
+  };
+}
+
+/** `total` requests from `clients` clients against `target` (warmed up first, the first time). */
+async function measure(target: Target, total: number): Promise<Measurement> {
+  const clients = Number(args.clients);
+  const { base, maxBatch } = target;
   const fields = { prompt: args.prompt, size: args.size, steps: Number(args.steps), response_format: args.format };
   const body = JSON.stringify(fields);
   const streamBody = JSON.stringify({ ...fields, stream: true, partial_images: partialImages });
@@ -113,12 +138,12 @@ async function measure(total: number, maxBatch: number, dir: string | undefined)
   // Warm-up, not counted: one request loads the model; with batching, two rounds of as many at
   // once as run together, so that the exactness checks of the batch shapes the run will meet
   // (once per shape and worker: unet-batcher.ts) fall here too.
-  for (let round = 0; round < (maxBatch > 1 ? 2 : 1); round++) {
+  for (let round = 0; round < (target.warm ? 0 : maxBatch > 1 ? 2 : 1); round++) {
     for (const warm of await Promise.all(Array.from({ length: Math.min(clients, maxBatch) }, () => post()))) {
       if (warm.status !== 200) throw new Error(`warm-up request answered ${warm.status}`);
     }
   }
-  if (partialImages !== undefined) {
+  if (partialImages !== undefined && !target.warm) {
     // The preview map is fitted on the first streamed request: not counted either.
     const warmStream = await postStream();
     if (warmStream.status !== 200) throw new Error(`streamed warm-up request answered ${warmStream.status}`);
@@ -143,6 +168,7 @@ async function measure(total: number, maxBatch: number, dir: string | undefined)
     }
   })();
   const started = performance.now();
+  const cpuStart = process.cpuUsage();
   await Promise.all(
     Array.from({ length: clients }, async () => {
       while (next < total) {
@@ -160,12 +186,11 @@ async function measure(total: number, maxBatch: number, dir: string | undefined)
     }),
   );
   const wallMs = performance.now() - started;
+  const cpuUsed = process.cpuUsage(cpuStart);
   loaded = false;
   await probe;
-
-  await server?.close();
-  if (home) rmSync(home, { recursive: true, force: true });
-  return { wallMs, latencies, streamed, partialsSeen, statuses, healthMs, cpuMs };
+  target.warm = true;
+  return { wallMs, latencies, streamed, partialsSeen, statuses, healthMs, cpuMs, totalCpuMs: (cpuUsed.user + cpuUsed.system) / 1000 };
 }
 
 async function main(): Promise<void> {
@@ -177,9 +202,17 @@ async function main(): Promise<void> {
   const rounds = Math.max(1, Number(args.rounds));
   const { dir, label } = args.url ? { dir: undefined, label: args.url } : await modelDir();
   const loadBefore = os.loadavg();
+  // Every server is started first and stays up (idle while another is measured), so that rounds
+  // can alternate often without paying a start-up each time.
+  const targets: Target[] = [];
+  for (const b of batches) targets.push(await startTarget(b, dir));
   const runs = batches.map(() => [] as Measurement[]);
-  for (let r = 0; r < rounds; r++) {
-    for (let k = 0; k < batches.length; k++) runs[k]!.push(await measure(Math.ceil(total / rounds), batches[k]!, dir));
+  try {
+    for (let r = 0; r < rounds; r++) {
+      for (let k = 0; k < batches.length; k++) runs[k]!.push(await measure(targets[k]!, Math.ceil(total / rounds)));
+    }
+  } finally {
+    for (const t of targets) await t.close();
   }
   const loadAfter = os.loadavg();
   const pooled = runs.map((group): Measurement => ({
@@ -193,6 +226,7 @@ async function main(): Promise<void> {
     }, new Map<number, number>()),
     healthMs: group.flatMap((m) => m.healthMs).sort((a, b) => a - b),
     cpuMs: { plain: group.flatMap((m) => m.cpuMs.plain), stream: group.flatMap((m) => m.cpuMs.stream) },
+    totalCpuMs: group.reduce((n, m) => n + m.totalCpuMs, 0),
   }));
   const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
   const cpu = os.cpus()[0]?.model ?? 'unknown CPU';
@@ -217,7 +251,10 @@ async function main(): Promise<void> {
       ...[
         batches.length > 1 || batches[0] !== 1 ? `-- max-batch ${batches[k]}${batches[k] === 1 ? ' (batching off)' : ''}${vsFirst}` : '',
         `throughput: ${ips(m).toFixed(2)} images/s (${ok} ok in ${(wallMs / 1000).toFixed(1)} s)` +
-          `; statuses ${[...statuses].map(([s, n]) => `${s}x${n}`).join(' ')}`,
+          `; statuses ${[...statuses].map(([s, n]) => `${s}x${n}`).join(' ')}` +
+          // Work per image: less swayed by other jobs on the host than wall time.
+          `; CPU per image ${ms(m.totalCpuMs / Math.max(1, ok))}` +
+          (k > 0 && ok && first.latencies.length ? ` (${((m.totalCpuMs / ok) / (first.totalCpuMs / Math.max(1, first.latencies.length + first.streamed.length))).toFixed(2)}x)` : ''),
         latencies.length
           ? `latency${partialImages !== undefined ? ' (plain)' : ''}: p50 ${ms(percentile(latencies, 50))}, p90 ${ms(percentile(latencies, 90))}, p95 ${ms(percentile(latencies, 95))}, p99 ${ms(percentile(latencies, 99))}, max ${ms(latencies.at(-1)!)}, mean ${ms(mean(latencies))}`
           : 'latency: no successful requests',
