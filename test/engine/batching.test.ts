@@ -23,6 +23,11 @@ import { builtinModelsDir } from '../../src/engine/locate.js';
 import { GraphBuilder, serializeModel } from '../../src/graphs/onnx-builder.js';
 import { ensureControlNetFixture, ensureFixture, ensurePoseFixture, type FixtureVariant } from '../../tools/fixtures/variants.js';
 import type { RgbImage } from '../../src/engine/vae.js';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { Engine } from '../../src/engine/engine.js';
+import { loadImagePrompt } from '../../src/engine/image-prompt.js';
+import { GOLDEN_DIR, goldenPath } from '../graphs/golden.js';
 
 const opened: { release(): Promise<void> }[] = [];
 after(() => Promise.all(opened.map((m) => m.release())));
@@ -303,4 +308,28 @@ test('a batch that fails as a whole while its calls succeed alone is not tried a
     out.forEach((o, i) => assert.deepEqual([...o.y!.data], [...rowOf(i + 1).data]));
   }
   assert.equal(batcher.stats.runs, 1 + 2 + 2, 'the failed batched run, its calls alone; then alone straight away');
+});
+
+test('image prompts (ip_tokens per row, ip_scale shared): the same weight batches, another weight runs apart; bytes as alone', async () => {
+  const cacheDir = mkdtempSync(join(tmpdir(), 'kiln-batching-ip-'));
+  const engine = new Engine({ cacheDir, searchDirs: [] });
+  after(async () => {
+    await engine.close();
+    rmSync(cacheDir, { recursive: true, force: true });
+  });
+  const model = await engine.model(join(GOLDEN_DIR, 'pipelines', 'sd15'));
+  const runner = await loadImagePrompt(
+    model,
+    [{ adapter: goldenPath('ip_adapter/IP-Adapter/models/ip-adapter_sd15.safetensors'), imageEncoder: goldenPath('ip_adapter/IP-Adapter/models/image_encoder') }],
+    engine,
+  );
+  opened.push(runner);
+  const image = personPicture(96, 96);
+  const opts = [0.6, 0.6, 0.3].map((scale, i) => ({ ...request(i, { steps: 3, size: '256x256' }), imagePrompt: { runner, image, scale } }));
+  const alone = [];
+  for (const o of opts) alone.push(await generate(model, o));
+  const rows = spy(runner.unet);
+  const batcher = new UnetBatcher({ maxBatch: 8, verify: false });
+  await assertSameBytes(await Promise.all(opts.map((o) => generate(model, { ...o, batcher }))), alone, 'image prompts');
+  assert.deepEqual([...rows].sort(), [2, 2, 2, 4, 4, 4], 'the two requests at weight 0.6 share each step; the one at 0.3 runs apart');
 });
