@@ -83,23 +83,35 @@ async function poseAssets(paths: NonNullable<EditJobSpec['pose']>): Promise<Pose
 // ---- image prompts: each model's adapters loaded once, again when their files change -------
 
 const runners = new Map<string, { version: string; runner: ImagePromptRunner }>();
+/** Loads under way: jobs running at once (--max-batch) that need the same adapters share one. */
+const loadingRunners = new Map<string, Promise<ImagePromptRunner>>();
 
 async function imagePromptRunner(model: DiffusionModel, spec: NonNullable<EditJobSpec['imagePrompt']>): Promise<ImagePromptRunner> {
   const files = spec.adapters.map((a) => ({ adapter: a.adapter, imageEncoder: a.imageEncoder }));
   const key = JSON.stringify([model.layout.dir, files]);
   const version = files.map((f) => `${fileVersion(f.adapter)}/${fileVersion(join(f.imageEncoder, 'model.safetensors'))}`).join(',');
+  const inFlight = loadingRunners.get(key);
+  if (inFlight) return inFlight;
   const known = runners.get(key);
   if (known && known.version === version && known.runner.model === model) return known.runner;
-  // A re-pulled adapter or encoder, or a reloaded model: the old sessions go once the jobs running now (which may use them) are done.
-  if (known) {
-    runners.delete(key);
-    const busy = [...running];
-    if (busy.length > 1) void Promise.allSettled(busy).then(() => known.runner.release());
-    else await known.runner.release();
+  const loading = (async () => {
+    // A re-pulled adapter or encoder, or a reloaded model: the old sessions go once the jobs running now (which may use them) are done.
+    if (known) {
+      runners.delete(key);
+      const busy = [...running];
+      if (busy.length > 1) void Promise.allSettled(busy).then(() => known.runner.release());
+      else await known.runner.release();
+    }
+    const runner = await loadImagePrompt(model, files, engine);
+    runners.set(key, { version, runner });
+    return runner;
+  })();
+  loadingRunners.set(key, loading);
+  try {
+    return await loading;
+  } finally {
+    loadingRunners.delete(key);
   }
-  const runner = await loadImagePrompt(model, files, engine);
-  runners.set(key, { version, runner });
-  return runner;
 }
 
 /**
