@@ -24,6 +24,7 @@ export interface ServeFlags {
   urlTtl: number;
   maxQueue: number;
   workers: number;
+  maxBatch: number;
   timeout: number;
   shutdownTimeout: number;
   headersTimeout: number;
@@ -49,6 +50,12 @@ export function parseDuration(value: string): number {
 function parseCount(value: string): number {
   if (!/^\s*\d+\s*$/.test(value)) throw new InvalidArgumentError('expected a non-negative integer');
   return Number(value);
+}
+
+function parseMaxBatch(value: string): number {
+  const n = parseCount(value);
+  if (n < 1 || n > 64) throw new InvalidArgumentError('expected an integer from 1 to 64');
+  return n;
 }
 
 function parsePort(value: string): number {
@@ -142,6 +149,7 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
     urlTtlMs: flags.urlTtl,
     maxQueue: flags.maxQueue,
     workers: flags.workers,
+    maxBatch: flags.maxBatch,
     requestTimeoutMs: flags.timeout,
     shutdownTimeoutMs: flags.shutdownTimeout,
     headersTimeoutMs: flags.headersTimeout,
@@ -203,7 +211,8 @@ export function registerServeCommand(program: Command): void {
     .option('--public-url <url>', 'base URL clients reach this server at, for image URLs (behind a reverse proxy)', parseUrl)
     .addOption(new Option('--url-ttl <duration>', 'lifetime of image URLs and their files').argParser(parseDuration).default(3_600_000, '60m'))
     .option('--max-queue <n>', 'requests that may wait for a worker; more are answered 429', parseCount, 16)
-    .option('--workers <n>', 'inference worker threads (jobs run at once)', parseCount, 1)
+    .option('--workers <n>', 'inference worker threads', parseCount, 1)
+    .option('--max-batch <n>', "jobs each worker runs at once, their denoising steps batched into shared UNet runs (images byte for byte as alone); 1: one at a time", parseMaxBatch, 1)
     .addOption(new Option('--timeout <duration>', 'per-request limit, waiting included (answered 504 past it)').argParser(parseDuration).default(300_000, '5m'))
     .addOption(
       new Option('--shutdown-timeout <duration>', 'on SIGTERM, how long running jobs may take before they are cancelled')

@@ -70,6 +70,8 @@ export interface ServerOptions {
   maxQueue?: number;
   /** Inference worker threads (default 1). */
   workers?: number;
+  /** Jobs each worker runs at once, their UNet steps batched (default 1; see EnginePoolOptions.maxBatch). */
+  maxBatch?: number;
   /** Per-request limit, queueing included (default 5 min); past it: 504. */
   requestTimeoutMs?: number;
   /** On close: how long running jobs may take to finish before they are cancelled (default 30 s). */
@@ -193,6 +195,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
     options.runner ??
     new EnginePool({
       size: options.workers ?? 1,
+      maxBatch: options.maxBatch,
       searchDirs,
       device,
       env: { ...process.env, KILN_HOME: home },

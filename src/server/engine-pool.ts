@@ -10,8 +10,13 @@ import type { JobOutput, JobRunner, JobSpec, RunContext } from '../queue/types.j
 import { deserializeError, type EditJobOutput, type FromWorker, type ToWorker, type WorkerInit } from './engine-protocol.js';
 
 export interface EnginePoolOptions {
-  /** Worker threads (jobs run at once). Default 1: one job already uses every core. */
+  /** Worker threads. Default 1: one job already uses every core. */
   size?: number;
+  /**
+   * Jobs each worker runs at once, their denoising steps batched into shared UNet runs
+   * (src/engine/unet-batcher.ts; images byte for byte as alone). Default 1: one job at a time.
+   */
+  maxBatch?: number;
   searchDirs: string[];
   device?: Device;
   /** Environment of the worker threads (e.g. KILN_HOME, which alias lookups read). */
@@ -44,7 +49,8 @@ function startWorker(init: WorkerInit, env: NodeJS.ProcessEnv | undefined): Work
 class WorkerSlot {
   worker!: Worker;
   cancelCell!: Int32Array;
-  pending: Pending | undefined;
+  /** The jobs it runs (up to the pool's maxBatch), by id. */
+  readonly pending = new Map<number, Pending>();
   exited = false;
 
   constructor(private readonly pool: EnginePool) {
@@ -56,7 +62,7 @@ class WorkerSlot {
     this.cancelCell = new Int32Array(shared);
     this.exited = false;
     const { searchDirs, device = 'cpu', env } = this.pool.options;
-    this.worker = startWorker({ searchDirs, device, cancel: shared }, env);
+    this.worker = startWorker({ searchDirs, device, cancel: shared, maxBatch: this.pool.maxBatch }, env);
     this.worker.on('message', (msg: FromWorker) => this.onMessage(msg));
     this.worker.on('error', (err) => this.onExit(err));
     this.worker.on('exit', (code) => this.onExit(new Error(`the inference worker exited with code ${code}`)));
@@ -68,7 +74,7 @@ class WorkerSlot {
 
   run(id: number, spec: JobSpec, context: RunContext): Promise<JobOutput> {
     return new Promise<JobOutput>((resolve, reject) => {
-      this.pending = { id, context, resolve, reject };
+      this.pending.set(id, { id, context, resolve, reject });
       const onAbort = () => {
         Atomics.store(this.cancelCell, 0, id);
         this.post({ type: 'cancel', id });
@@ -80,7 +86,7 @@ class WorkerSlot {
   }
 
   private onMessage(msg: FromWorker): void {
-    const p = this.pending;
+    const p = 'id' in msg ? this.pending.get(msg.id) : undefined;
     switch (msg.type) {
       case 'progress':
         if (p?.id === msg.id) p.context.onProgress(msg.progress);
@@ -93,7 +99,7 @@ class WorkerSlot {
         break;
       case 'done':
         if (p?.id === msg.id) {
-          this.pending = undefined;
+          this.pending.delete(msg.id);
           const output: EditJobOutput = {
             bytes: Buffer.from(msg.bytes),
             contentType: msg.contentType,
@@ -109,7 +115,7 @@ class WorkerSlot {
         break;
       case 'failed':
         if (p?.id === msg.id) {
-          this.pending = undefined;
+          this.pending.delete(msg.id);
           p.reject(msg.cancelled ? new GenerationCancelledError() : deserializeError(msg.error));
           this.pool.release(this);
         }
@@ -132,35 +138,38 @@ class WorkerSlot {
   private onExit(err: Error): void {
     if (this.exited) return;
     this.exited = true;
-    const p = this.pending;
-    this.pending = undefined;
+    const jobs = [...this.pending.values()];
+    this.pending.clear();
     if (this.pool.closing) {
-      p?.reject(new GenerationCancelledError(new Error('the server is shutting down')));
+      for (const p of jobs) p.reject(new GenerationCancelledError(new Error('the server is shutting down')));
       return;
     }
     this.pool.options.onEvent?.({ type: 'crash', message: `inference worker failed: ${err.message}; starting a new one`, error: err });
-    p?.reject(new Error(`the inference worker failed while generating: ${err.message}`));
+    for (const p of jobs) p.reject(new Error(`the inference worker failed while generating: ${err.message}`));
     this.worker.removeAllListeners();
     this.spawn();
-    this.pool.release(this);
+    for (let i = 0; i < jobs.length; i++) this.pool.release(this);
   }
 }
 
 export class EnginePool extends EventEmitter implements JobRunner {
+  /** Jobs run at once: workers x maxBatch. */
   readonly slots: number;
+  readonly maxBatch: number;
   closing = false;
   private readonly workers: WorkerSlot[] = [];
+  /** One entry per job a worker can take now (a worker appears up to maxBatch times). */
   private readonly idle: WorkerSlot[] = [];
   private nextId = 1;
 
   constructor(readonly options: EnginePoolOptions) {
     super();
-    this.slots = Math.max(1, options.size ?? 1);
-    for (let i = 0; i < this.slots; i++) {
-      const slot = new WorkerSlot(this);
-      this.workers.push(slot);
-      this.idle.push(slot);
-    }
+    const size = Math.max(1, options.size ?? 1);
+    this.maxBatch = Math.max(1, options.maxBatch ?? 1);
+    this.slots = size * this.maxBatch;
+    for (let i = 0; i < size; i++) this.workers.push(new WorkerSlot(this));
+    // Jobs spread over the workers before any worker takes a second one.
+    for (let k = 0; k < this.maxBatch; k++) this.idle.push(...this.workers);
   }
 
   run(spec: JobSpec, context: RunContext): Promise<JobOutput> {
@@ -179,7 +188,7 @@ export class EnginePool extends EventEmitter implements JobRunner {
 
   /** @internal */
   release(slot: WorkerSlot): void {
-    if (!this.idle.includes(slot)) this.idle.push(slot);
+    if (this.idle.filter((s) => s === slot).length + slot.pending.size < this.maxBatch) this.idle.push(slot);
   }
 
   async close(): Promise<void> {

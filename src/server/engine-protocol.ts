@@ -5,8 +5,9 @@
  *   worker -> server   ready   progress {id, progress}   partial {id, index, ...}   done {id, bytes, ...}   failed {id, error}
  *                      preloaded {model, error?}   warning {message}
  *
- * A worker runs one job at a time. Besides `cancel`, the server writes the id of a job to stop
- * into the shared Int32 cell `cancel` (workerData), which the worker reads at every step.
+ * A worker runs up to `maxBatch` jobs at once (their UNet steps batched; one by default). Besides
+ * `cancel`, the server writes the id of a job to stop into the shared Int32 cell `cancel`
+ * (workerData), which the worker reads at every step.
  */
 import type { Device } from '../engine/onnx.js';
 import type { EffectiveSettings, Progress, Timings } from '../engine/pipeline.js';
@@ -51,6 +52,8 @@ export interface WorkerInit {
   device: Device;
   /** SharedArrayBuffer of one Int32: the id of the job to stop. */
   cancel: SharedArrayBuffer;
+  /** Jobs run at once, their UNet calls batched step by step (src/engine/unet-batcher.ts); default 1. */
+  maxBatch?: number;
 }
 
 export type ToWorker =

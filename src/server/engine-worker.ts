@@ -1,6 +1,7 @@
 /**
  * The inference worker thread: owns one Engine (its ONNX sessions) and runs one job at a time,
- * off the server's event loop. Protocol in engine-protocol.ts.
+ * off the server's event loop; with `maxBatch` > 1 up to that many, whose denoising steps share
+ * UNet runs (src/engine/unet-batcher.ts). Protocol in engine-protocol.ts.
  *
  * Cancellation reaches it two ways: a `cancel` message (handled when this thread's event loop
  * is free, e.g. while a model loads) and a shared Int32 cell the server sets to the job id,
@@ -24,6 +25,7 @@ import type { DiffusionModel } from '../engine/model.js';
 import type { RgbImage } from '../engine/vae.js';
 import { encodeGeneratedPng, encodeImage } from '../engine/image-codec.js';
 import { createPreviewer, learnFromResult } from '../engine/preview.js';
+import { UnetBatcher } from '../engine/unet-batcher.js';
 import { serializeError, type EditJobSpec, type FromWorker, type ToWorker, type WorkerInit } from './engine-protocol.js';
 import { redactPaths } from './errors.js';
 
@@ -33,9 +35,11 @@ const cancelCell = new Int32Array(init.cancel);
 const post = (msg: FromWorker, transfer: ArrayBuffer[] = []) => port.postMessage(msg, transfer);
 // Warnings (LoRA modules that match nothing, unused checkpoint tensors) go to the server's log.
 const engine = new Engine({ device: init.device, searchDirs: init.searchDirs, onWarning: (message) => post({ type: 'warning', message }) });
-let current: { id: number; controller: AbortController } | undefined;
-/** The job in flight: sessions are released only after it settles (releasing one mid-run aborts the process). */
-let running: Promise<void> = Promise.resolve();
+/** The jobs in flight, by id. */
+const current = new Map<number, AbortController>();
+/** Their runs: sessions are released only after they settle (releasing one mid-run aborts the process). */
+const running = new Set<Promise<void>>();
+const batcher = (init.maxBatch ?? 1) > 1 ? new UnetBatcher({ maxBatch: init.maxBatch! }) : undefined;
 
 const CONTENT_TYPES = { png: 'image/png', jpeg: 'image/jpeg', webp: 'image/webp' } as const;
 
@@ -78,21 +82,35 @@ async function poseAssets(paths: NonNullable<EditJobSpec['pose']>): Promise<Pose
 // ---- image prompts: each model's adapters loaded once, again when their files change -------
 
 const runners = new Map<string, { version: string; runner: ImagePromptRunner }>();
+/** Loads under way: jobs running at once (--max-batch) that need the same adapters share one. */
+const loadingRunners = new Map<string, Promise<ImagePromptRunner>>();
 
 async function imagePromptRunner(model: DiffusionModel, spec: NonNullable<EditJobSpec['imagePrompt']>): Promise<ImagePromptRunner> {
   const files = spec.adapters.map((a) => ({ adapter: a.adapter, imageEncoder: a.imageEncoder }));
   const key = JSON.stringify([model.layout.dir, files]);
   const version = files.map((f) => `${fileVersion(f.adapter)}/${fileVersion(join(f.imageEncoder, 'model.safetensors'))}`).join(',');
+  const inFlight = loadingRunners.get(key);
+  if (inFlight) return inFlight;
   const known = runners.get(key);
   if (known && known.version === version && known.runner.model === model) return known.runner;
-  // A re-pulled adapter or encoder, or a reloaded model: the old sessions go (one job runs at a time, none uses them).
-  if (known) {
-    runners.delete(key);
-    await known.runner.release();
+  const loading = (async () => {
+    // A re-pulled adapter or encoder, or a reloaded model: the old sessions go once the jobs running now (which may use them) are done.
+    if (known) {
+      runners.delete(key);
+      const busy = [...running];
+      if (busy.length > 1) void Promise.allSettled(busy).then(() => known.runner.release());
+      else await known.runner.release();
+    }
+    const runner = await loadImagePrompt(model, files, engine);
+    runners.set(key, { version, runner });
+    return runner;
+  })();
+  loadingRunners.set(key, loading);
+  try {
+    return await loading;
+  } finally {
+    loadingRunners.delete(key);
   }
-  const runner = await loadImagePrompt(model, files, engine);
-  runners.set(key, { version, runner });
-  return runner;
 }
 
 /**
@@ -154,7 +172,7 @@ const toBuffer = (bytes: Uint8Array) => Buffer.from(bytes.buffer, bytes.byteOffs
 
 async function run(id: number, spec: EditJobSpec): Promise<void> {
   const controller = new AbortController();
-  current = { id, controller };
+  current.set(id, controller);
   const checkCancel = () => {
     if (!controller.signal.aborted && Atomics.load(cancelCell, 0) === id) controller.abort();
   };
@@ -182,6 +200,7 @@ async function run(id: number, spec: EditJobSpec): Promise<void> {
     const options = {
       ...spec.options,
       signal: controller.signal,
+      batcher,
       onStepLatents: previewer?.onStepLatents,
       onProgress: (progress: { stage: 'encode' | 'denoise' | 'decode'; step: number; totalSteps: number }) => {
         checkCancel();
@@ -253,7 +272,7 @@ async function run(id: number, spec: EditJobSpec): Promise<void> {
     await previewer?.flush().catch(() => {});
     post({ type: 'failed', id, error: serializeError(err), cancelled: controller.signal.aborted });
   } finally {
-    current = undefined;
+    current.delete(id);
   }
 }
 
@@ -265,11 +284,14 @@ function standalone(bytes: Buffer): Uint8Array<ArrayBuffer> {
 
 port.on('message', (msg: ToWorker) => {
   switch (msg.type) {
-    case 'run':
-      running = run(msg.id, msg.spec);
+    case 'run': {
+      const job = run(msg.id, msg.spec);
+      running.add(job);
+      void job.finally(() => running.delete(job));
       break;
+    }
     case 'cancel':
-      if (current?.id === msg.id) current.controller.abort();
+      current.get(msg.id)?.abort();
       break;
     case 'preload':
       engine.model(msg.model).then(
@@ -278,9 +300,9 @@ port.on('message', (msg: ToWorker) => {
       );
       break;
     case 'close':
-      current?.controller.abort();
-      // The abort takes effect at the next step; wait for it before freeing the sessions the job runs on.
-      void running.catch(() => undefined).then(() => Promise.allSettled([
+      for (const controller of current.values()) controller.abort();
+      // The abort takes effect at the next step; wait for it before freeing the sessions the jobs run on.
+      void Promise.allSettled([...running]).then(() => Promise.allSettled([
         engine.close(),
         ...[...controlNets.values()].map(async (c) => (await c.loading).release()),
         ...[...runners.values()].map((r) => r.runner.release()),
