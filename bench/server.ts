@@ -4,8 +4,16 @@
  *
  *   npm run bench:server -- [--clients 4] [--requests 32] [--size 256x256] [--steps 8]
  *                           [--format b64_json|url] [--workers 1] [--partial-images N]
+ *                           [--max-batch 1 | --max-batch 1,8 [--rounds 2]]
  *                           [--model NAME|DIR | --fixture VARIANT [--channels N]] [--url http://HOST:PORT]
  *   npm run bench:server -- --queue redis://HOST:PORT ...   scale-out: 1 and 2 kiln worker processes (bench/server-queue.ts)
+ *
+ * --max-batch: the server's `--max-batch` (jobs per worker at once, their UNet steps batched).
+ * Several values (`1,8`: batching off and on) measure each on a fresh server, side by side in one
+ * run, with each one's images/s and p50 relative to the first; `--rounds R` alternates them R
+ * times (requests / R each time, results pooled; the servers stay up between rounds), so that
+ * outside load falls on all alike.
+ * BENCH_TRACE=1 prints each request's finish time and latency to stderr.
  *
  * --partial-images N: the preview cost. Requests alternate between a plain one and a streamed one
  * (`stream: true, partial_images: N`, read to its completed event), same settings otherwise, so
@@ -43,6 +51,8 @@ const { values: args } = parseArgs({
     url: { type: 'string' },
     prompt: { type: 'string', default: 'a lighthouse on a cliff at dusk, oil painting' },
     'partial-images': { type: 'string' },
+    'max-batch': { type: 'string', default: '1' },
+    rounds: { type: 'string', default: '1' },
   },
 });
 const partialImages = args['partial-images'] === undefined ? undefined : Number(args['partial-images']);
@@ -50,38 +60,69 @@ const partialImages = args['partial-images'] === undefined ? undefined : Number(
 const percentile = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1))]!;
 const ms = (x: number) => `${x.toFixed(0)} ms`;
 
-async function main(): Promise<void> {
+interface Measurement {
+  wallMs: number;
+  latencies: number[];
+  streamed: number[];
+  partialsSeen: number;
+  statuses: Map<number, number>;
+  healthMs: number[];
+  cpuMs: { plain: number[]; stream: number[] };
+  /** CPU time of this whole process (server, inference threads, clients) over the measured requests. */
+  totalCpuMs: number;
+}
+
+/** The model folder and its label, when this process starts the server. */
+async function modelDir(): Promise<{ dir: string; label: string }> {
+  if (args.model) return { dir: locateModel(args.model), label: args.model };
+  const variant = (args.fixture ?? 'sdxl') as FixtureVariant;
+  const channels = Number(args.channels ?? 8);
+  return { dir: await ensureFixture(variant, { channels }), label: `fixture ${variant} (UNet channels ${channels})` };
+}
+
+interface Target {
+  base: string;
+  maxBatch: number;
+  warm: boolean;
+  close(): Promise<void>;
+}
+
+/** The server to measure: --url, or one started here with `maxBatch` on a temp home. */
+async function startTarget(maxBatch: number, dir: string | undefined): Promise<Target> {
   const clients = Number(args.clients);
-  const total = Number(args.requests);
   let server: KilnServer | undefined;
   let home: string | undefined;
   let base = args.url?.replace(/\/+$/, '');
-  let label = base ?? '';
   if (!base) {
-    let dir: string;
-    if (args.model) {
-      dir = locateModel(args.model);
-      label = args.model;
-    } else {
-      const variant = (args.fixture ?? 'sdxl') as FixtureVariant;
-      const channels = Number(args.channels ?? 8);
-      dir = await ensureFixture(variant, { channels });
-      label = `fixture ${variant} (UNet channels ${channels})`;
-    }
     home = mkdtempSync(join(os.tmpdir(), 'kiln-bench-'));
     mkdirSync(join(home, 'models'));
-    symlinkSync(dir, join(home, 'models', 'bench-model'), 'dir');
+    symlinkSync(dir!, join(home, 'models', 'bench-model'), 'dir');
     server = await createServer({
       home,
       port: 0,
       defaultModel: 'bench-model',
       workers: Number(args.workers),
+      maxBatch,
       maxQueue: clients,
       logger: 'silent',
     });
     base = await server.listen();
   }
+  return {
+    base,
+    maxBatch,
+    warm: false,
+    async close() {
+      await server?.close();
+      if (home) rmSync(home, { recursive: true, force: true });
+    },
+  };
+}
 
+/** `total` requests from `clients` clients against `target` (warmed up first, the first time). */
+async function measure(target: Target, total: number): Promise<Measurement> {
+  const clients = Number(args.clients);
+  const { base, maxBatch } = target;
   const fields = { prompt: args.prompt, size: args.size, steps: Number(args.steps), response_format: args.format };
   const body = JSON.stringify(fields);
   const streamBody = JSON.stringify({ ...fields, stream: true, partial_images: partialImages });
@@ -102,10 +143,15 @@ async function main(): Promise<void> {
     return { ms: performance.now() - started, status: res.status };
   };
 
-  // One warm-up request loads the model; it is not counted.
-  const warm = await post();
-  if (warm.status !== 200) throw new Error(`warm-up request answered ${warm.status}`);
-  if (partialImages !== undefined) {
+  // Warm-up, not counted: one request loads the model; with batching, two rounds of as many at
+  // once as run together, so that the exactness checks of the batch shapes the run will meet
+  // (once per shape and worker: unet-batcher.ts) fall here too.
+  for (let round = 0; round < (target.warm ? 0 : maxBatch > 1 ? 2 : 1); round++) {
+    for (const warm of await Promise.all(Array.from({ length: Math.min(clients, maxBatch) }, () => post()))) {
+      if (warm.status !== 200) throw new Error(`warm-up request answered ${warm.status}`);
+    }
+  }
+  if (partialImages !== undefined && !target.warm) {
     // The preview map is fitted on the first streamed request: not counted either.
     const warmStream = await postStream();
     if (warmStream.status !== 200) throw new Error(`streamed warm-up request answered ${warmStream.status}`);
@@ -130,6 +176,7 @@ async function main(): Promise<void> {
     }
   })();
   const started = performance.now();
+  const cpuStart = process.cpuUsage();
   await Promise.all(
     Array.from({ length: clients }, async () => {
       while (next < total) {
@@ -141,49 +188,101 @@ async function main(): Promise<void> {
         if (clients === 1) cpuMs[stream ? 'stream' : 'plain'].push((cpu.user + cpu.system) / 1000);
         statuses.set(r.status, (statuses.get(r.status) ?? 0) + 1);
         if (r.status === 200) (stream ? streamed : latencies).push(r.ms);
+        if (process.env.BENCH_TRACE) process.stderr.write(`req ${i} client done at ${(performance.now() - started).toFixed(0)} ms, latency ${r.ms.toFixed(0)}\n`);
         partialsSeen += r.partials;
       }
     }),
   );
   const wallMs = performance.now() - started;
+  const cpuUsed = process.cpuUsage(cpuStart);
   loaded = false;
   await probe;
+  target.warm = true;
+  return { wallMs, latencies, streamed, partialsSeen, statuses, healthMs, cpuMs, totalCpuMs: (cpuUsed.user + cpuUsed.system) / 1000 };
+}
 
-  latencies.sort((a, b) => a - b);
-  streamed.sort((a, b) => a - b);
-  healthMs.sort((a, b) => a - b);
-  const ok = latencies.length + streamed.length;
+async function main(): Promise<void> {
+  const clients = Number(args.clients);
+  const total = Number(args.requests);
+  const batches = args['max-batch'].split(',').map(Number);
+  if (!batches.every((b) => Number.isInteger(b) && b >= 1)) throw new Error('--max-batch takes integers >= 1, e.g. 1,8');
+  if (args.url && batches.length > 1) throw new Error('--max-batch with several values starts its own servers: leave out --url');
+  const rounds = Math.max(1, Number(args.rounds));
+  const { dir, label } = args.url ? { dir: undefined, label: args.url } : await modelDir();
+  const loadBefore = os.loadavg();
+  // Every server is started first and stays up (idle while another is measured), so that rounds
+  // can alternate often without paying a start-up each time.
+  const targets: Target[] = [];
+  for (const b of batches) targets.push(await startTarget(b, dir));
+  const runs = batches.map(() => [] as Measurement[]);
+  try {
+    for (let r = 0; r < rounds; r++) {
+      for (let k = 0; k < batches.length; k++) runs[k]!.push(await measure(targets[k]!, Math.ceil(total / rounds)));
+    }
+  } finally {
+    for (const t of targets) await t.close();
+  }
+  const loadAfter = os.loadavg();
+  const pooled = runs.map((group): Measurement => ({
+    wallMs: group.reduce((n, m) => n + m.wallMs, 0),
+    latencies: group.flatMap((m) => m.latencies).sort((a, b) => a - b),
+    streamed: group.flatMap((m) => m.streamed).sort((a, b) => a - b),
+    partialsSeen: group.reduce((n, m) => n + m.partialsSeen, 0),
+    statuses: group.reduce((all, m) => {
+      for (const [s, n] of m.statuses) all.set(s, (all.get(s) ?? 0) + n);
+      return all;
+    }, new Map<number, number>()),
+    healthMs: group.flatMap((m) => m.healthMs).sort((a, b) => a - b),
+    cpuMs: { plain: group.flatMap((m) => m.cpuMs.plain), stream: group.flatMap((m) => m.cpuMs.stream) },
+    totalCpuMs: group.reduce((n, m) => n + m.totalCpuMs, 0),
+  }));
   const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
   const cpu = os.cpus()[0]?.model ?? 'unknown CPU';
   const command =
     `npm run bench:server -- --clients ${clients} --requests ${total} --size ${args.size} --steps ${args.steps} --format ${args.format} --workers ${args.workers}` +
+    ` --max-batch ${args['max-batch']}` + (rounds > 1 ? ` --rounds ${rounds}` : '') +
     (partialImages !== undefined ? ` --partial-images ${partialImages}` : '') +
     (args.url ? ` --url ${args.url}` : args.model ? ` --model ${args.model}` : ` --fixture ${args.fixture ?? 'sdxl'} --channels ${args.channels ?? 8}`);
   const lines = [
     `kiln server benchmark: ${label}, ${args.size}, ${args.steps} steps, ${args.format}, ${clients} concurrent clients, ${total} requests, ${args.workers} worker(s)`,
-    `host: ${cpu}, ${os.cpus().length} cores, node ${process.version}`,
-    `throughput: ${((ok / wallMs) * 1000).toFixed(2)} images/s (${ok} ok in ${(wallMs / 1000).toFixed(1)} s)` +
-      `; statuses ${[...statuses].map(([s, n]) => `${s}x${n}`).join(' ')}`,
-    latencies.length
-      ? `latency${partialImages !== undefined ? ' (plain)' : ''}: p50 ${ms(percentile(latencies, 50))}, p90 ${ms(percentile(latencies, 90))}, p99 ${ms(percentile(latencies, 99))}, max ${ms(latencies.at(-1)!)}, mean ${ms(mean(latencies))}`
-      : 'latency: no successful requests',
-    partialImages !== undefined && streamed.length
-      ? `latency (stream, partial_images ${partialImages}, ${(partialsSeen / streamed.length).toFixed(1)} partials each): p50 ${ms(percentile(streamed, 50))}, ` +
-        `p90 ${ms(percentile(streamed, 90))}, max ${ms(streamed.at(-1)!)}, mean ${ms(mean(streamed))}; ` +
-        `stream / plain: p50 ${(percentile(streamed, 50) / percentile(latencies, 50)).toFixed(3)}, mean ${(mean(streamed) / mean(latencies)).toFixed(3)}`
-      : '',
-    partialImages !== undefined && cpuMs.plain.length && cpuMs.stream.length
-      ? `CPU per image (this process, all threads): plain ${ms(mean(cpuMs.plain))}, stream ${ms(mean(cpuMs.stream))}, ` +
-        `stream / plain ${(mean(cpuMs.stream) / mean(cpuMs.plain)).toFixed(3)}`
-      : '',
-    healthMs.length
-      ? `/health under load: ${healthMs.length} probes, p50 ${percentile(healthMs, 50).toFixed(1)} ms, p99 ${percentile(healthMs, 99).toFixed(1)} ms, max ${healthMs[healthMs.length - 1]!.toFixed(1)} ms`
-      : '',
-    `reproduce: ${command}`,
+    `host: ${cpu}, ${os.cpus().length} cores, node ${process.version}; load average ${loadBefore.map((l) => l.toFixed(2)).join(' ')} before, ${loadAfter.map((l) => l.toFixed(2)).join(' ')} after`,
   ];
-  process.stdout.write(`${lines.filter(Boolean).join('\n')}\n`);
-  await server?.close();
-  if (home) rmSync(home, { recursive: true, force: true });
+  const first = pooled[0]!;
+  const ips = (m: Measurement) => ((m.latencies.length + m.streamed.length) / m.wallMs) * 1000;
+  pooled.forEach((m, k) => {
+    const ok = m.latencies.length + m.streamed.length;
+    const { latencies, streamed, healthMs, cpuMs, partialsSeen, statuses, wallMs } = m;
+    const vsFirst = k > 0 && latencies.length && first.latencies.length
+      ? ` (${(ips(m) / ips(first)).toFixed(2)}x the images/s of max-batch ${batches[0]}, p50 ${(percentile(latencies, 50) / percentile(first.latencies, 50)).toFixed(2)}x)`
+      : '';
+    lines.push(
+      ...[
+        batches.length > 1 || batches[0] !== 1 ? `-- max-batch ${batches[k]}${batches[k] === 1 ? ' (batching off)' : ''}${vsFirst}` : '',
+        `throughput: ${ips(m).toFixed(2)} images/s (${ok} ok in ${(wallMs / 1000).toFixed(1)} s)` +
+          `; statuses ${[...statuses].map(([s, n]) => `${s}x${n}`).join(' ')}` +
+          // Work per image: less swayed by other jobs on the host than wall time.
+          `; CPU per image ${ms(m.totalCpuMs / Math.max(1, ok))}` +
+          (k > 0 && ok && first.latencies.length ? ` (${((m.totalCpuMs / ok) / (first.totalCpuMs / Math.max(1, first.latencies.length + first.streamed.length))).toFixed(2)}x)` : ''),
+        latencies.length
+          ? `latency${partialImages !== undefined ? ' (plain)' : ''}: p50 ${ms(percentile(latencies, 50))}, p90 ${ms(percentile(latencies, 90))}, p95 ${ms(percentile(latencies, 95))}, p99 ${ms(percentile(latencies, 99))}, max ${ms(latencies.at(-1)!)}, mean ${ms(mean(latencies))}`
+          : 'latency: no successful requests',
+        partialImages !== undefined && streamed.length
+          ? `latency (stream, partial_images ${partialImages}, ${(partialsSeen / streamed.length).toFixed(1)} partials each): p50 ${ms(percentile(streamed, 50))}, ` +
+            `p90 ${ms(percentile(streamed, 90))}, max ${ms(streamed.at(-1)!)}, mean ${ms(mean(streamed))}; ` +
+            `stream / plain: p50 ${(percentile(streamed, 50) / percentile(latencies, 50)).toFixed(3)}, mean ${(mean(streamed) / mean(latencies)).toFixed(3)}`
+          : '',
+        partialImages !== undefined && cpuMs.plain.length && cpuMs.stream.length
+          ? `CPU per image (this process, all threads): plain ${ms(mean(cpuMs.plain))}, stream ${ms(mean(cpuMs.stream))}, ` +
+            `stream / plain ${(mean(cpuMs.stream) / mean(cpuMs.plain)).toFixed(3)}`
+          : '',
+        healthMs.length
+          ? `/health under load: ${healthMs.length} probes, p50 ${percentile(healthMs, 50).toFixed(1)} ms, p99 ${percentile(healthMs, 99).toFixed(1)} ms, max ${healthMs[healthMs.length - 1]!.toFixed(1)} ms`
+          : '',
+      ].filter(Boolean),
+    );
+  });
+  lines.push(`reproduce: ${command}`);
+  process.stdout.write(`${lines.join('\n')}\n`);
 }
 
 main().catch((err: unknown) => {

@@ -6,7 +6,8 @@
  * The documented order (README, Server section):
  *
  * 1. ControlNet-UNet (required): `<model>/controlnet/model.onnx`, the UNet that takes the
- *    ControlNet's residuals (split layout).
+ *    ControlNet's residuals (split layout); a model Kiln builds from safetensors gets its own,
+ *    built with its graphs on first use (graphs/control-unet.ts).
  * 2. OpenPose ControlNet graph:
  *    a. `<model>/controlnet-openpose/model.onnx`;
  *    b. else the `controlnet_openpose` key of the model's `kiln.json`: a path (absolute, or
@@ -25,7 +26,7 @@
  */
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
-import { detectLayout, CONTROL_UNET_PATH, type ModelFamily } from '../engine/model.js';
+import { detectLayout, isSafetensorsLayout, CONTROL_UNET_PATH, type ModelFamily } from '../engine/model.js';
 import { DWPOSE_DETECTOR_FILE, DWPOSE_POSE_FILE } from '../engine/pose/index.js';
 import { builtinModelsDir } from '../engine/locate.js';
 import { findInstalled } from '../models/installed.js';
@@ -49,11 +50,13 @@ const SD15_POSE = `\`kiln pull ${SD15_CONTROLNET_MODEL} && kiln pull ${openposeA
 /** What would make pose mode work, for a model that lacks a ControlNet-UNet. */
 export function poseRecipe(family: ModelFamily, builtin: boolean): string {
   if (builtin) return `Kiln's built-in models have no pose models; pose mode works with SD 1.5: ${SD15_POSE}.`;
-  if (family === 'sd1') return `For SD 1.x: ${SD15_POSE}; or give this model a ${CONTROL_UNET_PATH} of its own.`;
+  // Models Kiln builds from safetensors get a ControlNet-UNet built: only ONNX exports lack one.
+  const built = 'or serve the model as diffusers safetensors weights, for which Kiln builds the ControlNet-UNet';
+  if (family === 'sd1') return `For SD 1.x: ${SD15_POSE}; or give this model a ${CONTROL_UNET_PATH} of its own; ${built}.`;
   if (family === 'sdxl') {
     return (
       `None of the models \`kiln pull\` knows ships an SDXL ControlNet-UNet: pose mode on SDXL needs a model folder in the split layout ` +
-      `(${CONTROL_UNET_PATH}, as in TensorStack/OnnxStack exports), then \`kiln pull ${openposeAlias('sdxl')} && kiln pull ${DWPOSE_NAME}\`. ` +
+      `(${CONTROL_UNET_PATH}, as in TensorStack/OnnxStack exports) ${built}, then \`kiln pull ${openposeAlias('sdxl')} && kiln pull ${DWPOSE_NAME}\`. ` +
       `Or use SD 1.5: ${SD15_POSE}.`
     );
   }
@@ -61,8 +64,8 @@ export function poseRecipe(family: ModelFamily, builtin: boolean): string {
 }
 
 export interface PoseAssetPaths {
-  /** `<model>/controlnet/model.onnx` (loaded by the engine as the model's controlUnet()). */
-  controlUnet: string;
+  /** `<model>/controlnet/model.onnx` (loaded by the engine as the model's controlUnet()); undefined where Kiln builds it. */
+  controlUnet?: string;
   /** The OpenPose ControlNet graph (`.../model.onnx`). */
   controlNet: string;
   /** A folder holding `yolox_l.onnx` and `dw-ll_ucoco_384.onnx`. */
@@ -130,8 +133,9 @@ export function resolvePoseAssets(modelDir: string, modelName: string, home: str
   const alias = openposeAlias(family);
   const prefix = `Pose mode (user=cn / pose:<w>) cannot be used with the model '${modelName}'`;
 
-  const controlUnet = join(modelDir, CONTROL_UNET_PATH);
-  if (!isFile(controlUnet)) {
+  const kilnBuilt = isSafetensorsLayout(modelDir);
+  const controlUnet = kilnBuilt ? undefined : join(modelDir, CONTROL_UNET_PATH);
+  if (controlUnet && !isFile(controlUnet)) {
     throw new PoseUnavailableError(
       `${prefix}: it has no ControlNet-UNet (${CONTROL_UNET_PATH} in its folder, the UNet that takes ControlNet residuals). ` +
         poseRecipe(family, resolve(modelDir).startsWith(builtinModelsDir())),

@@ -11,6 +11,7 @@ import { createServer } from '../server/app.js';
 import { fileModelFolder, isWeightsFilePath } from '../graphs/checkpoint.js';
 import { MAX_IMAGES, N_MEANINGS, type NMeaning } from '../server/params.js';
 import { describeRedis, parseRedisUrl } from '../queue/redis-url.js';
+import { checkStoreUrl, createStore, describeStoreError } from '../store/index.js';
 
 export interface ServeFlags {
   host: string;
@@ -24,6 +25,7 @@ export interface ServeFlags {
   urlTtl: number;
   maxQueue: number;
   workers: number;
+  maxBatch: number;
   timeout: number;
   shutdownTimeout: number;
   headersTimeout: number;
@@ -33,6 +35,8 @@ export interface ServeFlags {
   logLevel: string;
   preload: boolean;
   queue?: string;
+  store?: string;
+  s3PresignedUrls?: boolean;
 }
 
 /** `90`, `90s`, `500ms`, `2m`, `1h` -> milliseconds (a bare number is seconds). */
@@ -50,10 +54,24 @@ function parseCount(value: string): number {
   return Number(value);
 }
 
+function parseMaxBatch(value: string): number {
+  const n = parseCount(value);
+  if (n < 1 || n > 64) throw new InvalidArgumentError('expected an integer from 1 to 64');
+  return n;
+}
+
 function parsePort(value: string): number {
   const n = parseCount(value);
   if (n > 65535) throw new InvalidArgumentError('expected a port from 0 to 65535');
   return n;
+}
+
+function storeArg(value: string): string {
+  try {
+    return checkStoreUrl(value);
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
 }
 
 function collect(value: string, previous: string[] = []): string[] {
@@ -117,7 +135,20 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
     flags.defaultModel && isWeightsFilePath(flags.defaultModel) && existsSync(flags.defaultModel)
       ? fileModelFolder(flags.defaultModel, join(home, 'cache'))
       : flags.defaultModel;
+  if (flags.s3PresignedUrls && !flags.store) throw new Error('--s3-presigned-urls needs --store s3://BUCKET[/PREFIX]');
+  // The server's logger exists once it is made; the store's sweeper reports through it.
+  let storeLog: (err: unknown) => void = () => {};
+  const store = flags.store
+    ? createStore(flags.store, { ttlMs: flags.urlTtl, presignedUrls: flags.s3PresignedUrls, onError: (err) => storeLog(err) })
+    : undefined;
+  // Every API host on the bucket signs image URLs with the secret kept there (and start-up checks the bucket).
+  const urlSecret = await store?.urlSecret().catch(async (err: unknown) => {
+    await store.close();
+    throw new Error(`--store ${flags.store}: ${describeStoreError(err)}`);
+  });
   const server = await createServer({
+    store,
+    urlSecret,
     home,
     host: flags.host,
     port: flags.port,
@@ -129,6 +160,7 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
     urlTtlMs: flags.urlTtl,
     maxQueue: flags.maxQueue,
     workers: flags.workers,
+    maxBatch: flags.maxBatch,
     requestTimeoutMs: flags.timeout,
     shutdownTimeoutMs: flags.shutdownTimeout,
     headersTimeoutMs: flags.headersTimeout,
@@ -139,6 +171,7 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
     preload: flags.preload,
     ...(flags.queue ? { redisQueue: { url: flags.queue } } : {}),
   });
+  storeLog = (err) => server.app.log.warn({ err }, 'image store: sweep or delete failed');
   let stopping = false;
   const stop = (signal: NodeJS.Signals) => {
     if (stopping) {
@@ -168,7 +201,8 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
       `(${OPENAI_IMAGE_MODELS.join(', ')}, any dall-e-* or gpt-image-*)${flags.modelAlias ? ' not mapped by --model-alias' : ''}\n` +
       Object.entries(flags.modelAlias ?? {})
         .map(([name, model]) => `kiln: model alias ${name} -> ${model}\n`)
-        .join(''),
+        .join('') +
+      (flags.store ? `kiln: images and uploads in ${flags.store}${flags.s3PresignedUrls ? ' (url responses: presigned S3 URLs)' : ''}\n` : ''),
   );
 }
 
@@ -190,7 +224,8 @@ export function registerServeCommand(program: Command): void {
     .option('--public-url <url>', 'base URL clients reach this server at, for image URLs (behind a reverse proxy)', parseUrl)
     .addOption(new Option('--url-ttl <duration>', 'lifetime of image URLs and their files').argParser(parseDuration).default(3_600_000, '60m'))
     .option('--max-queue <n>', 'requests that may wait for a worker; more are answered 429', parseCount, 16)
-    .option('--workers <n>', 'inference worker threads (jobs run at once)', parseCount, 1)
+    .option('--workers <n>', 'inference worker threads', parseCount, 1)
+    .option('--max-batch <n>', "jobs each worker runs at once, their denoising steps batched into shared UNet runs (images byte for byte as alone); 1: one at a time", parseMaxBatch, 1)
     .addOption(new Option('--timeout <duration>', 'per-request limit, waiting included (answered 504 past it)').argParser(parseDuration).default(300_000, '5m'))
     .addOption(
       new Option('--shutdown-timeout <duration>', 'on SIGTERM, how long running jobs may take before they are cancelled')
@@ -208,5 +243,7 @@ export function registerServeCommand(program: Command): void {
     .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'))
     .option('--no-preload', 'do not load the default model at start')
     .option('--queue <redis-url>', 'scale out: put jobs on a BullMQ queue in Redis (redis://HOST:PORT[/DB]) for `kiln worker` processes; no inference here', parseQueueUrl)
+    .option('--store <s3://bucket[/prefix]>', 'keep images and uploads in an S3-compatible bucket (AWS_REGION, AWS_ENDPOINT_URL_S3, the AWS credentials chain) instead of <home>/images', storeArg)
+    .option('--s3-presigned-urls', 'with --store s3://: url responses are presigned S3 GET URLs (same lifetime) instead of Kiln\'s own signed URLs')
     .action(serveCommand);
 }

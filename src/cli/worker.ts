@@ -9,6 +9,7 @@ import type { Device } from '../engine/onnx.js';
 import { createModelCatalog } from '../catalog/catalog.js';
 import { describeRedis, parseRedisUrl } from '../queue/redis-url.js';
 import { parseDuration } from './serve.js';
+import { checkStoreUrl, createStore } from '../store/index.js';
 
 export interface WorkerFlags {
   queue: string;
@@ -20,6 +21,7 @@ export interface WorkerFlags {
   heartbeat: number;
   shutdownTimeout: number;
   logLevel: string;
+  store?: string;
 }
 
 function parseCount(value: string): number {
@@ -36,6 +38,14 @@ function parseQueue(value: string): string {
   return value;
 }
 
+function parseStore(value: string): string {
+  try {
+    return checkStoreUrl(value);
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
+}
+
 const LEVELS = ['error', 'warn', 'info'] as const;
 
 export async function workerCommand(flags: WorkerFlags): Promise<void> {
@@ -50,7 +60,10 @@ export async function workerCommand(flags: WorkerFlags): Promise<void> {
   };
   // Loaded here: the other kiln commands never load BullMQ.
   const { startQueueWorker } = await import('../runner/worker.js');
+  // The bucket the API hosts keep uploads in (--store s3:// on both); its sweeping is left to them.
+  const bucket = flags.store ? createStore(flags.store, { ttlMs: 3_600_000, sweep: false }) : undefined;
   const worker = await startQueueWorker({
+    inputs: bucket,
     redis: target,
     catalog,
     device: flags.device,
@@ -69,7 +82,9 @@ export async function workerCommand(flags: WorkerFlags): Promise<void> {
     if (stopping) process.exit(1);
     stopping = true;
     process.stderr.write(`kiln worker: ${signal}: finishing running jobs (up to ${Math.round(flags.shutdownTimeout / 1000)} s)\n`);
-    worker.close(flags.shutdownTimeout).then(
+    worker.close(flags.shutdownTimeout).then(async () => {
+      await bucket?.close();
+    }).then(
       () => process.exit(0),
       () => process.exit(1),
     );
@@ -91,5 +106,6 @@ export function registerWorkerCommand(program: Command): void {
     .addOption(new Option('--heartbeat <duration>', 'how often this worker announces itself and its models (it counts as gone after three)').argParser(parseDuration).default(5_000, '5s'))
     .addOption(new Option('--shutdown-timeout <duration>', 'on SIGTERM, how long running jobs may take before they are cancelled').argParser(parseDuration).default(30_000, '30s'))
     .addOption(new Option('--log-level <level>', 'log level').choices(['error', 'warn', 'info', 'silent']).default('info'))
+    .option('--store <s3://bucket[/prefix]>', 'the bucket of `kiln serve --store s3://...`, where the API hosts keep uploads (AWS_REGION, AWS_ENDPOINT_URL_S3, the AWS credentials chain)', parseStore)
     .action(workerCommand);
 }

@@ -8,6 +8,7 @@ import { FAMILY_LABELS, type DiffusionModel } from './model.js';
 import type { OnnxModel } from './onnx.js';
 import type { RgbImage } from './vae.js';
 import { InvalidOptionError, ModelLoadError } from './errors.js';
+import { imagePromptActive, type ImagePrompt } from './image-prompt.js';
 
 export interface ControlNetOptions extends GenerateOptions {
   /** The conditioning picture (e.g. an OpenPose skeleton) at the output size. */
@@ -34,13 +35,15 @@ export interface PreparedControl {
 /**
  * Everything about a ControlNet request that can be refused before any work: the scale, the
  * model's ControlNet-UNet, and whether the ControlNet fits it (pose mode calls this before
- * running pose estimation).
+ * running pose estimation). With an image prompt that steers (a weight above 0) the UNet is the
+ * adapter UNet's residual-taking build, which replaces the ControlNet-UNet (pipeline.ts): the
+ * ControlNet is checked against it, and the ControlNet-UNet is not loaded.
  */
-export async function prepareControl(model: DiffusionModel, controlNet: OnnxModel, controlScale = 1): Promise<PreparedControl> {
+export async function prepareControl(model: DiffusionModel, controlNet: OnnxModel, controlScale = 1, imagePrompt?: ImagePrompt): Promise<PreparedControl> {
   if (!Number.isFinite(controlScale) || controlScale < 0 || controlScale > 2) {
     throw new InvalidOptionError('the ControlNet conditioning scale must be a number from 0 to 2', 'user');
   }
-  const unet = await model.controlUnet();
+  const unet = imagePromptActive(imagePrompt) ? await imagePrompt.runner.unetFor(model, true) : await model.controlUnet();
   if (!unet) {
     throw new ModelLoadError(`model ${model.name} has no controlnet/model.onnx (the UNet that takes ControlNet residuals)`);
   }
@@ -49,7 +52,7 @@ export async function prepareControl(model: DiffusionModel, controlNet: OnnxMode
 }
 
 export async function controlnetGenerate(model: DiffusionModel, controlNet: OnnxModel, options: ControlNetOptions): Promise<GenerateResult> {
-  return generateWithControl(model, await prepareControl(model, controlNet, options.controlScale), options);
+  return generateWithControl(model, await prepareControl(model, controlNet, options.controlScale, options.imagePrompt), options);
 }
 
 /** ControlNet-guided generation with a prepared ControlNet; `controlImage` at the output size. */

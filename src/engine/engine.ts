@@ -8,7 +8,8 @@
  * plus those a request's prompt names (`<lora:NAME:SCALE>`, src/engine/loras.ts), plus those
  * `model(name, { loras })` is given. Each set is a variant whose UNet / text encoder graphs fold
  * the LoRAs in (src/graphs/lora-graph.ts); variants are kept in an LRU cache of
- * `loraCacheSize` (default 2, or $KILN_LORA_CACHE) beside the base models.
+ * `loraCacheSize` (default 2, or $KILN_LORA_CACHE) beside the base models. A variant's other
+ * UNets (ControlNet-UNet, image-prompt UNets) fold in the same LoRAs when used (model.withLoras).
  */
 import { existsSync, readdirSync, statSync } from 'node:fs';
 import { basename, join, resolve } from 'node:path';
@@ -250,7 +251,10 @@ export class Engine {
     loras.forEach((l, i) => {
       if (matched[i] === 0) this.warn(`${base.name}: LoRA "${l.name}" (${l.path}) matches no module of the model; it changes nothing`);
     });
-    const model = base.withSessions(replaced);
+    // The model's other UNet graphs (its ControlNet-UNet, image-prompt UNets: the same weight
+    // names, plus residual inputs or adapter layers) get the same LoRAs when a request uses them.
+    const family = base.layout.family;
+    const model = base.withSessions(replaced, (graph) => loraGraph(graph, specs, 'unet', { family }).path);
     const applied = loras.map(({ name, scale }) => ({ name, scale }));
     attachLoras(model, applied, (tags) => this.acquire(loaded, mergeLoras(applied, tags), 'prompt'));
     return { model, release: () => model.release() };

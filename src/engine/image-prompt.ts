@@ -5,7 +5,8 @@
  * Per generation: CLIP preprocessing of the picture (below) -> the image encoder -> what the
  * adapter reads (`image_embeds` for base adapters, the penultimate hidden states for Plus / face
  * adapters) -> the adapter's projection -> image tokens, fed to a UNet built with the adapters'
- * layers (src/graphs/ip-adapter.ts) beside the model's plain one. Under classifier-free guidance
+ * layers (src/graphs/ip-adapter.ts) beside the model's plain one (with a ControlNet, the same UNet
+ * with residual inputs; for a LoRA variant, with its LoRAs). Under classifier-free guidance
  * the rows are [uncond, cond] like the text's; the unconditional row follows diffusers:
  * zeros in place of the image embeddings (base), the encoder's output for an all-zero
  * `pixel_values` tensor (Plus). Every weight 0: the image prompt is skipped entirely (diffusers
@@ -19,7 +20,7 @@
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
-import { ensureImagePromptBuilt, type ImagePromptBuild, type IpAdapterKind } from '../graphs/ip-adapter.js';
+import { ensureImagePromptBuilt, ensureImagePromptControlUnet, type ImagePromptBuild, type IpAdapterKind } from '../graphs/ip-adapter.js';
 import type { GraphDtype } from '../graphs/convert.js';
 import { ipInputNames } from '../graphs/unet.js';
 import { InvalidOptionError, ModelLoadError } from './errors.js';
@@ -241,11 +242,36 @@ export class ImagePromptRunner {
     return out;
   }
 
+  private controlUnet: Promise<OnnxModel> | undefined;
+
+  /**
+   * The adapter UNet a generation on `model` runs: with ControlNet residual inputs when `control`
+   * (image prompt and pose together; built on first use), and with the LoRAs of `model` when it
+   * is a LoRA variant of the model the adapters were built for (its kiln.json's or a prompt's:
+   * folded into the adapter UNet as into its own, model.withLoras).
+   */
+  async unetFor(model: DiffusionModel, control: boolean): Promise<OnnxModel> {
+    if (!model.sameModelAs(this.model)) {
+      throw new InvalidOptionError(`the image prompt's adapters are built into model ${this.model.name}'s own UNet; this generation runs model ${model.name}`, 'image');
+    }
+    const graph = control ? ensureImagePromptControlUnet(this.build, this.model.name) : this.build.unet;
+    const withLoras = await model.withLoras(graph);
+    if (withLoras) return withLoras;
+    if (!control) return this.unet;
+    this.controlUnet ??= OnnxModel.load(graph, dirname(this.build.dir), { device: this.model.device, stats: this.model.stats });
+    const loading = this.controlUnet;
+    loading.catch(() => {
+      if (this.controlUnet === loading) this.controlUnet = undefined;
+    });
+    return loading;
+  }
+
   /** Frees the sessions; a later loadImagePrompt loads them afresh. */
   async release(): Promise<void> {
     this.onRelease?.();
-    const sessions = new Set<OnnxModel>([this.unet, ...this.adapters.flatMap((a) => [a.projection, a.encoder.model])]);
-    await Promise.all([...sessions].map((s) => s.release()));
+    const control = await this.controlUnet?.catch(() => undefined);
+    const sessions = new Set<OnnxModel | undefined>([this.unet, control, ...this.adapters.flatMap((a) => [a.projection, a.encoder.model])]);
+    await Promise.all([...sessions].map((s) => s?.release()));
   }
 }
 
@@ -355,33 +381,35 @@ function scalesOf(prompt: ImagePrompt): number[] {
   return scales;
 }
 
+/** Whether an image prompt steers the generation (some weight above 0); throws for bad weights. */
+export function imagePromptActive(prompt: ImagePrompt | undefined): prompt is ImagePrompt {
+  return prompt !== undefined && scalesOf(prompt).some((s) => s > 0);
+}
+
 /**
  * The UNet and extra feeds of an image prompt for one generation, or undefined when there is
- * none or every weight is 0 (then the plain UNet runs: the plain model's image). `otherUnet`:
- * the UNet the request would otherwise run, when not the model's own (a dedicated inpainting
- * UNet, a ControlNet UNet); the adapters are built into the model's own UNet only.
+ * none or every weight is 0 (then the UNet the request would run anyway runs: the plain model's
+ * image). `otherUnet`: the UNet the request would otherwise run, when not the model's own;
+ * `control`: the request also runs a ControlNet (pose), whose residuals the adapter UNet then takes
+ * (its residual-taking build replaces the model's ControlNet-UNet). A dedicated inpainting UNet
+ * has no adapter layers and is refused.
  */
 export async function imagePromptInputs(
   model: DiffusionModel,
   prompt: ImagePrompt | undefined,
   cfg: boolean,
-  otherUnet?: OnnxModel,
+  use: { otherUnet?: OnnxModel; control?: boolean } = {},
 ): Promise<{ unet: OnnxModel; feeds: Record<string, Feed> } | undefined> {
-  if (!prompt) return undefined;
+  if (!imagePromptActive(prompt)) return undefined;
   const scales = scalesOf(prompt);
-  if (scales.every((s) => s === 0)) return undefined;
-  const built = prompt.runner.model;
-  if (built !== model) {
-    // Another model, or a variant of this one (prompt LoRAs swap in their own UNet).
-    const running = model.name === built.name ? 'a variant of it (with prompt LoRAs)' : `model ${model.name}`;
-    throw new InvalidOptionError(`the image prompt's adapters are built into model ${built.name}'s own UNet; this generation runs ${running}, which has no adapter layers`, 'image');
-  }
-  if (otherUnet && otherUnet !== model.unet) {
+  const { otherUnet, control = false } = use;
+  if (!control && otherUnet && otherUnet !== model.unet) {
     throw new InvalidOptionError(
       `image prompts (IP-Adapter) run through model ${model.name}'s own UNet; this request needs ${otherUnet.label}, which has no adapter layers`,
       'user',
     );
   }
+  const unet = await prompt.runner.unetFor(model, control);
   const tokens = await prompt.runner.imageTokens(prompt.image, cfg);
   const feeds: Record<string, Feed> = {};
   tokens.forEach((t, k) => {
@@ -389,5 +417,5 @@ export async function imagePromptInputs(
     feeds[names.tokens] = t;
     feeds[names.scale] = { data: Float32Array.of(scales[k]!), dims: [1] };
   });
-  return { unet: prompt.runner.unet, feeds };
+  return { unet, feeds };
 }

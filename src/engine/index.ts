@@ -59,4 +59,5 @@ export {
 export { encodeImage, encodeGeneratedPng, insertPngText, readPngText, parametersText, OUTPUT_FORMATS, type OutputFormat } from './image-codec.js';
 export { locateModel, listInstalledModels, kilnHome, builtinModelsDir, modelSearchDirs, defaultModelName, REFERENCE_DEFAULT_MODEL, BUILTIN_DEFAULT_MODEL } from './locate.js';
 export { OnnxModel, type Device } from './onnx.js';
+export { UnetBatcher, type UnetBatcherOptions, type BatchRunOptions, type BatcherStats } from './unet-batcher.js';
 export * from './errors.js';

@@ -17,6 +17,8 @@ import { loadClipTokenizer, type ClipTokenizer } from './tokenizer.js';
 import type { SchedulerConfig } from './schedulers/index.js';
 import { DEFAULT_STEPS, SIZE_STEP, type Size, type StepsByTier } from './presets.js';
 import { replaceRandomNormalLike } from './seeded-sampling.js';
+import { BUILD_INFO } from '../graphs/cache.js';
+import { CONTROL_UNET_DIR, ensurePipelineControlUnet } from '../graphs/control-unet.js';
 
 export type ModelFamily = 'sd1' | 'sd2' | 'sdxl';
 /** How a family is named to people (logs, /v1/models, error messages). */
@@ -258,7 +260,7 @@ export interface VaeEncoder {
 /** Kiln's convention for an inpainting UNet shipped beside a model's own UNet. */
 export const INPAINT_UNET_PATH = 'inpaint_unet/model.onnx';
 /** The UNet that takes ControlNet residuals (TensorStack's split layout keeps it here). */
-export const CONTROL_UNET_PATH = 'controlnet/model.onnx';
+export const CONTROL_UNET_PATH = `${CONTROL_UNET_DIR}/model.onnx`;
 
 export class DiffusionModel {
   private vaeEncoderPromise: Promise<VaeEncoder> | undefined;
@@ -426,35 +428,88 @@ export class DiffusionModel {
     return this.inpaintUnetPromise;
   }
 
-  /** The residual-taking UNet of the split ControlNet layout, if the folder has one. */
+  /**
+   * The residual-taking UNet of the split ControlNet layout: the folder's own, or for a model
+   * Kiln built, its UNet with residual inputs, built into the cache entry on first use
+   * (graphs/control-unet.ts); undefined when there is none. A LoRA variant gets it with its LoRAs.
+   */
   controlUnet(): Promise<OnnxModel | undefined> {
+    if (this.base) {
+      const base = this.base;
+      return base.controlUnetFile().then(async (file) => (file ? await this.withLoras(file) : undefined) ?? base.controlUnet());
+    }
+    this.controlUnetPromise ??= this.controlUnetFile().then((file) => file === undefined ? undefined : OnnxModel.load(file, this.layout.dir, { device: this.device, stats: this.stats }));
+    // A failed build or load is not kept: a fixed folder is tried again.
+    const loading = this.controlUnetPromise;
+    loading.catch(() => {
+      if (this.controlUnetPromise === loading) this.controlUnetPromise = undefined;
+    });
+    return loading;
+  }
+
+  /** Where the ControlNet-UNet's graph is (see controlUnet), built first when Kiln builds it. */
+  private async controlUnetFile(): Promise<string | undefined> {
+    if (existsSync(join(this.layout.dir, BUILD_INFO))) return ensurePipelineControlUnet(this.layout.dir);
     const path = join(this.layout.dir, CONTROL_UNET_PATH);
-    this.controlUnetPromise ??= existsSync(path)
-      ? OnnxModel.load(path, this.layout.dir, { device: this.device, stats: this.stats })
-      : Promise.resolve(undefined);
-    return this.controlUnetPromise;
+    return existsSync(path) ? path : undefined;
   }
 
   /** The model a variant was made from (withSessions): it owns the shared sessions. */
   private base: DiffusionModel | undefined;
+  /** A LoRA variant's rule for its other UNet graphs (withSessions' `loras`). */
+  private loraGraph: ((graph: string) => string) | undefined;
+  private readonly loraUnets = new Map<string, Promise<OnnxModel | undefined>>();
 
   /**
    * This model with other text encoder / UNet sessions (a LoRA variant, src/engine/loras.ts):
    * everything else is shared with this model, and the variant's release() frees only the
-   * sessions it was given.
+   * sessions it was given (and those withLoras loaded). `loras` writes another UNet graph of
+   * the model (its ControlNet-UNet, an image-prompt UNet: the same weight names) with the
+   * variant's LoRAs and returns the file to load (the graph itself when nothing changes).
    */
-  withSessions(replace: { textEncoder?: OnnxModel; textEncoder2?: OnnxModel; unet?: OnnxModel }): DiffusionModel {
+  withSessions(replace: { textEncoder?: OnnxModel; textEncoder2?: OnnxModel; unet?: OnnxModel }, loras?: (graph: string) => string): DiffusionModel {
     const root = this.base ?? this;
     const v = new DiffusionModel(this.name, this.layout, this.device, this.tokenizer, this.tokenizer2, replace.textEncoder ?? root.textEncoder, replace.textEncoder2 ?? root.textEncoder2, replace.unet ?? root.unet, this.vaeDecoder, this.stats);
     v.base = root;
+    v.loraGraph = loras;
     return v;
+  }
+
+  /** Whether `other` is this model or another variant of the same loaded model. */
+  sameModelAs(other: DiffusionModel): boolean {
+    return (this.base ?? this) === (other.base ?? other);
+  }
+
+  /**
+   * Another UNet graph of this model as this model runs its own UNet: with a LoRA variant's
+   * LoRAs folded in (loaded once per variant and graph), or undefined when this model applies none
+   * to it (the caller runs the graph as it is).
+   */
+  withLoras(graph: string): Promise<OnnxModel | undefined> {
+    const rule = this.loraGraph;
+    if (!rule) return Promise.resolve(undefined);
+    let loading = this.loraUnets.get(graph);
+    if (!loading) {
+      const made = Promise.resolve().then(() => {
+        const file = rule(graph);
+        return file === graph ? undefined : OnnxModel.load(file, dirname(dirname(graph)), { device: this.device, stats: this.stats });
+      });
+      this.loraUnets.set(graph, made);
+      made.catch(() => {
+        if (this.loraUnets.get(graph) === made) this.loraUnets.delete(graph);
+      });
+      loading = made;
+    }
+    return loading;
   }
 
   async release(): Promise<void> {
     if (this.base) {
       const base = this.base;
       const own = [this.textEncoder, this.textEncoder2, this.unet].filter((s, i) => s && s !== [base.textEncoder, base.textEncoder2, base.unet][i]);
-      await Promise.all(own.map((s) => s!.release()));
+      const derived = await Promise.all([...this.loraUnets.values()].map((p) => p.catch(() => undefined)));
+      this.loraUnets.clear();
+      await Promise.all([...own, ...derived].map((s) => s?.release()));
       return;
     }
     const sessions = [this.textEncoder, this.textEncoder2, this.unet, this.vaeDecoder];

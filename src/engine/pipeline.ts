@@ -20,7 +20,8 @@ import { createRng, MAX_SEED, type Rng } from './rng.js';
 import { DEFAULT_QUALITY, nativeWorkingSize, parseSize, qualityTier, resolveSize, type Size } from './presets.js';
 import { GenerationCancelledError, InvalidOptionError, ModelLoadError } from './errors.js';
 import { loraSettings, withPromptLoras, type AppliedLora } from './loras.js';
-import { imagePromptInputs, type ImagePrompt } from './image-prompt.js';
+import { imagePromptActive, imagePromptInputs, type ImagePrompt } from './image-prompt.js';
+import type { UnetBatcher } from './unet-batcher.js';
 
 export const MAX_STEPS = 150;
 export const MAX_GUIDANCE = 30;
@@ -81,6 +82,11 @@ export interface GenerateOptions {
   /** After every denoising step, synchronously: keep it cheap (the arrays are never changed later). */
   onStepLatents?: (step: StepLatents) => void;
   signal?: AbortSignal;
+  /**
+   * Runs this generation's UNet (and ControlNet) calls batched with those of concurrent
+   * generations in the same thread (unet-batcher.ts); the image's bytes stay those of running alone.
+   */
+  batcher?: UnetBatcher;
 }
 
 /** Settings as actually used: reported back to callers and written into the PNG. */
@@ -252,6 +258,8 @@ export interface DenoiseArgs {
   extraChannels?: Float32Array;
   /** Feeds that stay the same over the steps beyond the text's (an image prompt's ip_tokens / ip_scale). */
   extraFeeds?: Record<string, Feed>;
+  /** Where the UNet and ControlNet calls go (GenerateOptions.batcher); default: straight to the sessions. */
+  batcher?: UnetBatcher;
   timings: Timings;
 }
 
@@ -276,7 +284,7 @@ function timestepFeed(info: TensorInfo, batch: number, t: number): Feed {
  * Runs the ControlNet on this step's UNet feeds and returns its residuals by name, scaled by
  * the conditioning scale (inside the graph when it takes `conditioning_scale`, else here).
  */
-async function controlResiduals(control: ControlInput, unetFeeds: Record<string, Feed>, batch: number, t: number): Promise<Record<string, Feed>> {
+async function controlResiduals(control: ControlInput, unetFeeds: Record<string, Feed>, batch: number, t: number, run: SessionRun): Promise<Record<string, Feed>> {
   const { net } = control;
   const feeds: Record<string, Feed> = {};
   for (const name of net.inputs.keys()) {
@@ -292,7 +300,7 @@ async function controlResiduals(control: ControlInput, unetFeeds: Record<string,
   }
   const names = net.outputNames(RESIDUAL_OUTPUT);
   if (!names.length) throw new ModelLoadError(`${net.label} has no *_additional_residual outputs`);
-  const out = await net.run(feeds, names);
+  const out = await run(net, feeds, names);
   const scaleHere = !net.hasInput('conditioning_scale') && control.scale !== 1;
   const residuals: Record<string, Feed> = {};
   for (const name of names) {
@@ -303,11 +311,16 @@ async function controlResiduals(control: ControlInput, unetFeeds: Record<string,
   return residuals;
 }
 
+type SessionRun = (session: OnnxModel, feeds: Record<string, Feed>, outputs: string[]) => Promise<Record<string, { data: Float32Array; dims: number[] }>>;
+
 /** The denoising loop shared by txt2img, img2img, inpainting and ControlNet pipelines. */
 export async function denoise(args: DenoiseArgs): Promise<{ latents: Float32Array; unetCalls: number }> {
-  const { model, scheduler, cond, uncond, guidanceScale, timings } = args;
+  const { model, scheduler, cond, uncond, guidanceScale, timings, batcher } = args;
   const cfg = uncond !== undefined;
   const batch = cfg ? 2 : 1;
+  const run: SessionRun = batcher
+    ? (session, feeds, outputs) => batcher.run(session, feeds, outputs, { rows: batch, signal: args.signal })
+    : (session, feeds, outputs) => session.run(feeds, outputs);
   const unet = args.unet ?? model.unet;
   const outName = unetOutputName(unet);
   const size = args.latents.length;
@@ -370,8 +383,8 @@ export async function denoise(args: DenoiseArgs): Promise<{ latents: Float32Arra
       sample: { data: sample, dims: sampleDims },
       timestep: timestepFeed(timestepInfo, batch, t),
     };
-    const residuals = args.control ? await controlResiduals(args.control, stepFeeds, batch, t) : {};
-    const out = await unet.run({ ...stepFeeds, ...residuals }, [outName]);
+    const residuals = args.control ? await controlResiduals(args.control, stepFeeds, batch, t, run) : {};
+    const out = await run(unet, { ...stepFeeds, ...residuals }, [outName]);
     timings.unetMs.push(performance.now() - started);
     unetCalls++;
 
@@ -428,6 +441,11 @@ export async function runDiffusion(
   // The prompt's <lora:NAME:SCALE> tags: the model's variant with them, held while this runs.
   const use = await withPromptLoras(model, options, extra);
   try {
+    // A ControlNet's UNet is the model's ControlNet-UNet: a LoRA variant's own (with its LoRAs) once
+    // the prompt's tags swapped one in. A steering image prompt brings its own (runDiffusionOn).
+    if (use.model !== model && use.extra.control && !imagePromptActive(options.imagePrompt)) {
+      use.extra = { ...use.extra, unet: (await use.model.controlUnet()) ?? use.extra.unet };
+    }
     return await runDiffusionOn(use.model, use.options, start, use.extra);
   } finally {
     use.release();
@@ -472,8 +490,9 @@ async function runDiffusionOn(
   const cfg = usesCfg(model, settings.guidanceScale);
   // The option, not the settings' string: for SDXL an absent negative prompt differs from "".
   const { cond, uncond } = await encodePrompts(model, settings.prompt, options.negativePrompt, cfg, timings);
-  // The image prompt's tokens, in the text's batch order; its UNet replaces the model's.
-  const imagePrompt = await imagePromptInputs(model, options.imagePrompt, cfg, extra.unet);
+  // The image prompt's tokens, in the text's batch order; its UNet replaces the model's (with a
+  // ControlNet: its residual-taking build replaces the ControlNet-UNet).
+  const imagePrompt = await imagePromptInputs(model, options.imagePrompt, cfg, { otherUnet: extra.unet, control: extra.control !== undefined });
   timings.encodeMs = performance.now() - started;
 
   const { latents, unetCalls } = await denoise({
@@ -497,13 +516,14 @@ async function runDiffusionOn(
     unet: imagePrompt?.unet ?? extra.unet,
     extraFeeds: imagePrompt?.feeds,
     control: extra.control && (await controlAtSize(extra.control, size)),
+    batcher: options.batcher,
     timings,
   });
 
   throwIfAborted(signal);
   onProgress?.({ stage: 'decode', step: begin.timesteps.length, totalSteps: begin.timesteps.length });
   started = performance.now();
-  const decoded = await resizeImage(await decodeLatents(model, latents, latentDims), settings.width, settings.height);
+  const decoded = await resizeImage(await decodeLatents(model, latents, latentDims, options.batcher), settings.width, settings.height);
   const image = extra.afterDecode ? extra.afterDecode(decoded) : decoded;
   timings.decodeMs = performance.now() - started;
   timings.totalMs = performance.now() - t0;

@@ -3,7 +3,9 @@
  * picture, their OpenPose skeleton is drawn as ControlNet-OpenPose was trained on, and the
  * OpenPose ControlNet conditions the generation on it. The skeleton picture is returned too.
  * The skeleton is drawn at the output size; on a model that declares a native size the pipeline
- * resizes it to the size denoised at, like the picture it conditions (pipeline.ts).
+ * resizes it to the size denoised at, like the picture it conditions (pipeline.ts). With an image
+ * prompt (GenerateOptions.imagePrompt, `face:0.5,style:0.6,pose:1.0`) the adapter UNet's
+ * residual-taking build runs in place of the ControlNet-UNet (image-prompt.ts).
  */
 import { generateWithControl, prepareControl } from './controlnet.js';
 import type { DiffusionModel } from './model.js';
@@ -43,7 +45,7 @@ export class NoPersonError extends InvalidOptionError {
 export async function poseGenerate(model: DiffusionModel, assets: PoseAssets, options: PoseGenerateOptions): Promise<PoseGenerateResult> {
   const { width, height } = resolveModelSize(model, options);
   // Refuse a ControlNet that cannot be used before spending the pose estimation on it.
-  const control = await prepareControl(model, assets.controlNet, options.controlScale);
+  const control = await prepareControl(model, assets.controlNet, options.controlScale, options.imagePrompt);
   const people = await estimatePose(assets.detector, assets.poseNet, options.image);
   if (!people.length) throw new NoPersonError();
   const pose = drawSkeleton(people, width, height);

@@ -19,7 +19,7 @@ import { poseGenerate, type PoseAssets } from './pose-control.js';
 import { loadPoseModels, type PoseModels } from './pose/index.js';
 import { InvalidOptionError, ModelLoadError } from './errors.js';
 import { loadImagePrompt, type ImagePrompt, type ImagePromptRunner } from './image-prompt.js';
-import { modelLoras } from './loras.js';
+import { UnetBatcher } from './unet-batcher.js';
 import { OnnxModel, type Device } from './onnx.js';
 import type { DiffusionModel } from './model.js';
 import type { RgbImage } from './vae.js';
@@ -135,21 +135,30 @@ function refuseInpaintOnly(model: DiffusionModel, param: 'mask' | 'model'): void
 
 const toBuffer = (bytes: Uint8Array) => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 
-/** Runs jobs on one Engine (one job at a time: the caches' sessions are swapped only between jobs). */
+/**
+ * Runs jobs on one Engine: one at a time, or with `maxBatch` > 1 up to that many at once, whose
+ * denoising steps share UNet runs (unet-batcher.ts).
+ */
 export class JobEngine {
   // ---- pose assets: loaded once, kept until their files change ------------------------------
   private readonly controlNets: Cache<OnnxModel> = new Map();
   private readonly poseNets: Cache<PoseModels> = new Map();
   // ---- image prompts: each model's adapters loaded once, again when their files change -------
   private readonly runners = new Map<string, { version: string; runner: ImagePromptRunner }>();
-  /** The job in flight: sessions are released only after it settles (releasing one mid-run aborts the process). */
-  private running: Promise<unknown> = Promise.resolve();
-  private current: AbortController | undefined;
+  /** Loads under way: jobs running at once (--max-batch) that need the same adapters share one. */
+  private readonly loadingRunners = new Map<string, Promise<ImagePromptRunner>>();
+  /** The jobs in flight: sessions are released only after they settle (releasing one mid-run aborts the process). */
+  private readonly running = new Set<Promise<unknown>>();
+  private readonly current = new Set<AbortController>();
+  private readonly batcher: UnetBatcher | undefined;
 
   constructor(
     readonly engine: Engine,
     private readonly device: Device,
-  ) {}
+    options: { maxBatch?: number } = {},
+  ) {
+    this.batcher = (options.maxBatch ?? 1) > 1 ? new UnetBatcher({ maxBatch: options.maxBatch! }) : undefined;
+  }
 
   /** Loads a model ahead of its first job. */
   async preload(model: { dir: string; name: string }): Promise<void> {
@@ -169,16 +178,28 @@ export class JobEngine {
     const files = spec.adapters.map((a) => ({ adapter: a.adapter, imageEncoder: a.imageEncoder }));
     const key = JSON.stringify([model.layout.dir, files]);
     const version = files.map((f) => `${fileVersion(f.adapter)}/${fileVersion(join(f.imageEncoder, 'model.safetensors'))}`).join(',');
+    const inFlight = this.loadingRunners.get(key);
+    if (inFlight) return inFlight;
     const known = this.runners.get(key);
     if (known && known.version === version && known.runner.model === model) return known.runner;
-    // A re-pulled adapter or encoder, or a reloaded model: the old sessions go (one job runs at a time, none uses them).
-    if (known) {
-      this.runners.delete(key);
-      await known.runner.release();
+    const loading = (async () => {
+      // A re-pulled adapter or encoder, or a reloaded model: the old sessions go once the jobs running now (which may use them) are done.
+      if (known) {
+        this.runners.delete(key);
+        const busy = [...this.running];
+        if (busy.length > 1) void Promise.allSettled(busy).then(() => known.runner.release());
+        else await known.runner.release();
+      }
+      const runner = await loadImagePrompt(model, files, this.engine);
+      this.runners.set(key, { version, runner });
+      return runner;
+    })();
+    this.loadingRunners.set(key, loading);
+    try {
+      return await loading;
+    } finally {
+      this.loadingRunners.delete(key);
     }
-    const runner = await loadImagePrompt(model, files, this.engine);
-    this.runners.set(key, { version, runner });
-    return runner;
   }
 
   /**
@@ -189,14 +210,6 @@ export class JobEngine {
   private async imagePromptFor(model: DiffusionModel, spec: EngineJob, upload: Buffer): Promise<ImagePrompt | undefined> {
     const ip = spec.imagePrompt;
     if (!ip || ip.adapters.length === 0) return undefined;
-    const loras = modelLoras(model);
-    if (loras.length) {
-      // The adapters are built into the UNet's plain weights: its LoRAs would silently drop out.
-      throw new InvalidOptionError(
-        `model ${model.name} runs with LoRAs (${loras.map((l) => l.name).join(', ')}, from its kiln.json), which cannot be combined with an image prompt yet`,
-        'user',
-      );
-    }
     let runner: ImagePromptRunner;
     try {
       runner = await this.imagePromptRunner(model, ip);
@@ -214,14 +227,15 @@ export class JobEngine {
 
   /** Runs one job to its encoded image; rejects with the engine's error (GenerationCancelledError when stopped). */
   run(spec: EngineJob, hooks: EngineJobHooks = {}): Promise<EngineJobResult> {
-    const done = this.running.then(() => this.runOne(spec, hooks));
-    this.running = done.catch(() => undefined);
+    const done = this.runOne(spec, hooks);
+    this.running.add(done);
+    void done.catch(() => undefined).finally(() => this.running.delete(done));
     return done;
   }
 
   private async runOne(spec: EngineJob, hooks: EngineJobHooks): Promise<EngineJobResult> {
     const controller = new AbortController();
-    this.current = controller;
+    this.current.add(controller);
     const onAbort = () => controller.abort();
     if (hooks.signal?.aborted) controller.abort();
     hooks.signal?.addEventListener('abort', onAbort, { once: true });
@@ -249,6 +263,7 @@ export class JobEngine {
       const options = {
         ...spec.options,
         signal: controller.signal,
+        batcher: this.batcher,
         onStepLatents: previewer?.onStepLatents,
         onProgress: (progress: Progress) => {
           checkCancel();
@@ -266,8 +281,10 @@ export class JobEngine {
           if (!spec.pose) throw new Error('a pose job needs its pose assets');
           const assets = await this.poseAssets(spec.pose);
           const image = await poseInput(upload, width, height);
+          // `face:0.5,style:0.6,pose:1.0`: the pose and the image prompt together (pipeline.ts).
+          const imagePrompt = await this.imagePromptFor(model, spec, upload);
           checkCancel();
-          const posed = await poseGenerate(model, assets, { ...options, image, controlScale: spec.pose.scale });
+          const posed = await poseGenerate(model, assets, { ...options, image, controlScale: spec.pose.scale, imagePrompt });
           ({ pose, people } = posed);
           result = posed;
         } else {
@@ -310,14 +327,14 @@ export class JobEngine {
       throw err;
     } finally {
       hooks.signal?.removeEventListener('abort', onAbort);
-      if (this.current === controller) this.current = undefined;
+      this.current.delete(controller);
     }
   }
 
-  /** Stops the job in flight at its next step, waits for it, then frees every session. */
+  /** Stops the jobs in flight at their next step, waits for them, then frees every session. */
   async close(): Promise<void> {
-    this.current?.abort();
-    await this.running;
+    for (const c of this.current) c.abort();
+    await Promise.allSettled([...this.running]);
     await Promise.allSettled([
       this.engine.close(),
       ...[...this.controlNets.values()].map(async (c) => (await c.loading).release()),

@@ -6,6 +6,7 @@ import type { DiffusionModel } from './model.js';
 import { NumericalError } from './errors.js';
 import type { Rng } from './rng.js';
 import type { Feed } from './onnx.js';
+import type { UnetBatcher } from './unet-batcher.js';
 
 /** An 8-bit RGB image, row-major, 3 bytes per pixel. */
 export interface RgbImage {
@@ -31,13 +32,22 @@ export async function resizeImage(image: RgbImage, width: number, height: number
   return { width, height, pixels: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) };
 }
 
-/** Decodes latents [1,4,h,w] (already denoised, *not* divided by the scaling factor). */
-export async function decodeLatents(model: DiffusionModel, latents: Float32Array, dims: number[]): Promise<RgbImage> {
+/** Decoded pixels one batched VAE run may make (its activations are the largest a generation holds). */
+const DECODE_BATCH_PIXELS = 2 ** 21;
+
+/**
+ * Decodes latents [1,4,h,w] (already denoised, *not* divided by the scaling factor). With a
+ * batcher, decodes of concurrent generations finishing together share a run, up to 2 MP of
+ * output in all (8 pictures of 512x512, 2 of 1024x1024).
+ */
+export async function decodeLatents(model: DiffusionModel, latents: Float32Array, dims: number[], batcher?: UnetBatcher): Promise<RgbImage> {
   const scale = model.layout.vaeScalingFactor;
   const scaled = new Float32Array(latents.length);
   for (let i = 0; i < latents.length; i++) scaled[i] = latents[i]! / scale;
   const outName = model.vaeDecoderOutputName();
-  const out = await model.vaeDecoder.run({ latent_sample: { data: scaled, dims } }, [outName]);
+  const feeds = { latent_sample: { data: scaled, dims } };
+  const maxRows = Math.floor(DECODE_BATCH_PIXELS / (dims[2]! * dims[3]! * 64));
+  const out = batcher && maxRows >= 2 ? await batcher.run(model.vaeDecoder, feeds, [outName], { rows: 1, maxRows }) : await model.vaeDecoder.run(feeds, [outName]);
   const { data, dims: outDims } = out[outName]!;
   const [, channels, height, width] = outDims as [number, number, number, number];
   if (channels !== 3) throw new NumericalError(`${model.vaeDecoder.label} returned ${channels} channels, expected 3`);

@@ -36,7 +36,8 @@ import { buildGraph, checkClass, writeBuiltGraph, type GraphDtype } from './conv
 import { attention, gelu, layerNorm, linear } from './layers.js';
 import type { GraphBuilder } from './onnx-builder.js';
 import { openSafetensors, SafetensorsError, type SafetensorsTensor } from './safetensors.js';
-import { buildUnet, parseUnetConfig, type DecoupledCrossAttention, type UnetConfig } from './unet.js';
+import { ensureEntryControlUnet } from './control-unet.js';
+import { buildUnet, parseUnetConfig, type DecoupledCrossAttention, type UnetBuildOptions, type UnetConfig } from './unet.js';
 import { componentWeights, Params, SafetensorsWeights } from './weights.js';
 import { GRAPH_FILE } from './write.js';
 
@@ -237,11 +238,18 @@ export function adapterCrossAttention(g: GraphBuilder, adapter: IpAdapterFile, c
 }
 
 /** The model's UNet with the adapters' cross-attention layers (inputs as unet.ts' ipInputNames). */
-export function buildIpAdapterUnet(g: GraphBuilder, config: Record<string, unknown>, p: Params, adapters: readonly IpAdapterFile[], model?: string): void {
+export function buildIpAdapterUnet(
+  g: GraphBuilder,
+  config: Record<string, unknown>,
+  p: Params,
+  adapters: readonly IpAdapterFile[],
+  model?: string,
+  options: Pick<UnetBuildOptions, 'controlResiduals'> = {},
+): void {
   const c = parseUnetConfig(config, p.source.component);
   for (const a of adapters) checkAdapterFits(a, c, model);
   const views = adapters.map((a, k) => adapterCrossAttention(g, a, c, k));
-  buildUnet(g, config, p, { ipAdapters: views });
+  buildUnet(g, config, p, { ...options, ipAdapters: views });
   views.forEach((v, k) => {
     const unused = v.params.unusedKeys().filter((key) => key.startsWith(`adapters.${k}.ip_adapter.`));
     if (unused.length) throw new ModelLoadError(`IP-Adapter ${adapters[k]!.name}: ${unused.length} layer weight(s) found no layer (${unused[0]})`, adapters[k]!.path);
@@ -362,8 +370,11 @@ export interface ImagePromptBuildSpec {
 /** A built (or cached) set of image-prompt graphs: `kiln-build.json` of the entry. */
 export interface ImagePromptBuild {
   dir: string;
+  dtype: GraphDtype;
   /** `<dir>/unet/model.onnx`. */
   unet: string;
+  /** The model's UNet folder the entry was built from, and each adapter's file (for ensureImagePromptControlUnet). */
+  sources: { unet: string; adapters: string[] };
   adapters: {
     name: string;
     kind: IpAdapterKind;
@@ -491,13 +502,38 @@ function buildEntry(spec: ImagePromptBuildSpec, plan: Plan, target: string, dtyp
 
 function readBuild(dir: string): ImagePromptBuild {
   const info = JSON.parse(readFileSync(join(dir, INFO_FILE), 'utf8')) as {
-    adapters: { name: string; kind: IpAdapterKind; tokens: number; encoder: number; encoderOutput: string }[];
+    dtype: GraphDtype;
+    unet: string;
+    adapters: { name: string; source: string; kind: IpAdapterKind; tokens: number; encoder: number; encoderOutput: string }[];
     encoders: { source: string; imageSize: number }[];
   };
   return {
     dir,
+    dtype: info.dtype,
     unet: join(dir, 'unet', GRAPH_FILE),
+    sources: { unet: info.unet, adapters: info.adapters.map((a) => a.source) },
     adapters: info.adapters.map((a, k) => ({ ...a, projection: join(dir, `image_proj.${k}`, GRAPH_FILE) })),
     encoders: info.encoders.map((e, k) => ({ graph: join(dir, `image_encoder.${k}`, GRAPH_FILE), source: e.source, imageSize: e.imageSize })),
   };
+}
+
+/**
+ * The entry's UNet with the adapters' layers and ControlNet residual inputs (image prompt and pose
+ * together): `<dir>/controlnet/model.onnx`, built from the entry's own sources on first use
+ * (control-unet.ts), so that entries without it stay valid and the image-prompt UNet itself
+ * carries no residual inputs.
+ */
+export function ensureImagePromptControlUnet(build: ImagePromptBuild, model?: string): string {
+  const config = JSON.parse(readFileSync(join(build.dir, 'unet', 'config.json'), 'utf8')) as Record<string, unknown>;
+  return ensureEntryControlUnet(build.dir, config, () => {
+    const adapters = build.sources.adapters.map((file) => readIpAdapter(file));
+    const who = model ? `model ${model}` : undefined;
+    return buildGraph(
+      { build: (g, c, p) => buildIpAdapterUnet(g, c, p, adapters, who, { controlResiduals: true }) },
+      'unet',
+      config,
+      componentWeights(build.sources.unet, 'unet'),
+      { dtype: build.dtype },
+    );
+  });
 }

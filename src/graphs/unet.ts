@@ -12,7 +12,8 @@
  * The config is the only source of shapes; every weight is checked against them by Params.
  * Graph I/O follows the ONNX model contract §2.4 (sample, timestep, encoder_hidden_states,
  * SDXL text_embeds + time_ids, LCM timestep_cond -> out_sample). Built with IP-Adapters
- * (UnetBuildOptions.ipAdapters) it also takes each adapter's image tokens and scale.
+ * (UnetBuildOptions.ipAdapters) it also takes each adapter's image tokens and scale; built with
+ * controlResiduals, the ControlNet residuals of the split layout's ControlNet-UNet (§4.1).
  */
 import { ModelLoadError } from '../engine/errors.js';
 import type { GraphBuilder } from './onnx-builder.js';
@@ -363,6 +364,21 @@ export interface UnetBuildOptions {
    * plain UNet, unchanged.
    */
   ipAdapters?: readonly DecoupledCrossAttention[];
+  /**
+   * ControlNet residual inputs, the contract of the split layout's ControlNet-UNet
+   * (`controlnet/model.onnx`, shared/reference/onnx-model-contracts.md §4.1): one
+   * `down_block_<j>_additional_residual` per skip connection, in diffusers' down_block_res_samples
+   * order (conv_in first; 12 for SD 1.x, 9 for SDXL), added to that skip where the up blocks take
+   * it, and `mid_block_additional_residual`, added to the mid block's output, as
+   * UNet2DConditionModel.forward does with down_block_additional_residuals /
+   * mid_block_additional_residual. Absent or false: the plain UNet, unchanged.
+   */
+  controlResiduals?: boolean;
+}
+
+/** The residual input names of down skip j and of the mid block (the ControlNet outputs' names). */
+export function residualInputName(j: number | 'mid'): string {
+  return j === 'mid' ? 'mid_block_additional_residual' : `down_block_${j}_additional_residual`;
 }
 
 /** Input names of adapter k: `ip_tokens` / `ip_scale` for the first, `ip_tokens.k` / `ip_scale.k` after it. */
@@ -502,6 +518,13 @@ export function buildUnet(g: GraphBuilder, config: Record<string, unknown>, p: P
     });
   });
 
+  // diffusers adds the down residuals to the skip connections only (the down path itself and the
+  // mid block's input are unchanged): a residual input per skip, added once, before the up blocks.
+  const residual = (name: string, channels: number): string => g.input(name, 'float32', ['batch', channels, `${name}_height`, `${name}_width`]);
+  if (options.controlResiduals) {
+    skips.forEach((s, j) => (skips[j] = { value: g.op('Add', [s.value, residual(residualInputName(j), s.channels)]), channels: s.channels }));
+  }
+
   if (c.hasMidBlock) {
     const q = p.at('mid_block');
     g.scope('mid_block', () => {
@@ -510,6 +533,8 @@ export function buildUnet(g: GraphBuilder, config: Record<string, unknown>, p: P
       h = resnet(q.at('resnets.1'), h, h.channels, c.midBlockScale);
     });
   }
+  // diffusers adds it also when the config has no mid block.
+  if (options.controlResiduals) h = { value: g.op('Add', [h.value, residual(residualInputName('mid'), h.channels)]), channels: h.channels };
 
   const reversed = <T>(list: T[]): T[] => [...list].reverse();
   const upChannels = reversed(c.blockOutChannels);

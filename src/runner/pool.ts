@@ -17,8 +17,13 @@ import { toEngineJob } from './prepare.js';
 import { deserializeError, type FromWorker, type ToWorker, type WorkerInit } from './protocol.js';
 
 export interface EnginePoolOptions {
-  /** Worker threads (jobs run at once). Default 1: one job already uses every core. */
+  /** Worker threads. Default 1: one job already uses every core. */
   size?: number;
+  /**
+   * Jobs each worker runs at once, their denoising steps batched into shared UNet runs
+   * (src/engine/unet-batcher.ts; images byte for byte as alone). Default 1: one job at a time.
+   */
+  maxBatch?: number;
   /** Models and every folder the threads' engines use (the threads read no environment). */
   catalog: ModelCatalog;
   /** Where the jobs' uploads are (InputStore keys). */
@@ -52,7 +57,8 @@ function startWorker(init: WorkerInit): Worker {
 class WorkerSlot {
   worker!: Worker;
   cancelCell!: Int32Array;
-  pending: Pending | undefined;
+  /** The jobs it runs (up to the pool's maxBatch), by id. */
+  readonly pending = new Map<number, Pending>();
   exited = false;
 
   constructor(private readonly pool: EnginePool) {
@@ -64,7 +70,7 @@ class WorkerSlot {
     this.cancelCell = new Int32Array(shared);
     this.exited = false;
     const { catalog, device = 'cpu' } = this.pool.options;
-    this.worker = startWorker({ folders: catalog.folders, device, cancel: shared });
+    this.worker = startWorker({ folders: catalog.folders, device, cancel: shared, maxBatch: this.pool.maxBatch });
     this.worker.on('message', (msg: FromWorker) => this.onMessage(msg));
     this.worker.on('error', (err) => this.onExit(err));
     this.worker.on('exit', (code) => this.onExit(new Error(`the inference worker exited with code ${code}`)));
@@ -77,12 +83,12 @@ class WorkerSlot {
   run(id: number, spec: JobSpec, context: RunContext): Promise<JobOutput> {
     return new Promise<JobOutput>((resolve, reject) => {
       const fail = (err: unknown) => {
-        if (this.pending?.id !== id) return;
-        this.pending = undefined;
+        if (!this.pending.has(id)) return;
+        this.pending.delete(id);
         reject(err);
         this.pool.release(this);
       };
-      this.pending = { id, context, resolve, reject };
+      this.pending.set(id, { id, context, resolve, reject });
       const onAbort = () => {
         Atomics.store(this.cancelCell, 0, id);
         this.post({ type: 'cancel', id });
@@ -92,7 +98,7 @@ class WorkerSlot {
       // Resolved on this thread (the input store lives here); a job that cannot be resolved fails without running.
       toEngineJob(spec, this.pool.options.catalog, this.pool.options.inputs).then(
         (job) => {
-          if (this.pending?.id === id) this.post({ type: 'run', id, job });
+          if (this.pending.has(id)) this.post({ type: 'run', id, job });
         },
         fail,
       );
@@ -100,7 +106,7 @@ class WorkerSlot {
   }
 
   private onMessage(msg: FromWorker): void {
-    const p = this.pending;
+    const p = 'id' in msg ? this.pending.get(msg.id) : undefined;
     switch (msg.type) {
       case 'progress':
         if (p?.id === msg.id) p.context.onProgress(msg.progress);
@@ -113,7 +119,7 @@ class WorkerSlot {
         break;
       case 'done':
         if (p?.id === msg.id) {
-          this.pending = undefined;
+          this.pending.delete(msg.id);
           const output: JobOutput = {
             bytes: Buffer.from(msg.bytes),
             contentType: msg.contentType,
@@ -129,7 +135,7 @@ class WorkerSlot {
         break;
       case 'failed':
         if (p?.id === msg.id) {
-          this.pending = undefined;
+          this.pending.delete(msg.id);
           p.reject(msg.cancelled ? new GenerationCancelledError() : deserializeError(msg.error));
           this.pool.release(this);
         }
@@ -152,35 +158,38 @@ class WorkerSlot {
   private onExit(err: Error): void {
     if (this.exited) return;
     this.exited = true;
-    const p = this.pending;
-    this.pending = undefined;
+    const jobs = [...this.pending.values()];
+    this.pending.clear();
     if (this.pool.closing) {
-      p?.reject(new GenerationCancelledError(new Error('the server is shutting down')));
+      for (const p of jobs) p.reject(new GenerationCancelledError(new Error('the server is shutting down')));
       return;
     }
     this.pool.options.onEvent?.({ type: 'crash', message: `inference worker failed: ${err.message}; starting a new one`, error: err });
-    p?.reject(new Error(`the inference worker failed while generating: ${err.message}`));
+    for (const p of jobs) p.reject(new Error(`the inference worker failed while generating: ${err.message}`));
     this.worker.removeAllListeners();
     this.spawn();
-    this.pool.release(this);
+    for (let i = 0; i < jobs.length; i++) this.pool.release(this);
   }
 }
 
 export class EnginePool extends EventEmitter implements JobRunner {
+  /** Jobs run at once: workers x maxBatch. */
   readonly slots: number;
+  readonly maxBatch: number;
   closing = false;
   private readonly workers: WorkerSlot[] = [];
+  /** One entry per job a worker can take now (a worker appears up to maxBatch times). */
   private readonly idle: WorkerSlot[] = [];
   private nextId = 1;
 
   constructor(readonly options: EnginePoolOptions) {
     super();
-    this.slots = Math.max(1, options.size ?? 1);
-    for (let i = 0; i < this.slots; i++) {
-      const slot = new WorkerSlot(this);
-      this.workers.push(slot);
-      this.idle.push(slot);
-    }
+    const size = Math.max(1, options.size ?? 1);
+    this.maxBatch = Math.max(1, options.maxBatch ?? 1);
+    this.slots = size * this.maxBatch;
+    for (let i = 0; i < size; i++) this.workers.push(new WorkerSlot(this));
+    // Jobs spread over the workers before any worker takes a second one.
+    for (let k = 0; k < this.maxBatch; k++) this.idle.push(...this.workers);
   }
 
   run(spec: JobSpec, context: RunContext): Promise<JobOutput> {
@@ -207,7 +216,7 @@ export class EnginePool extends EventEmitter implements JobRunner {
 
   /** @internal */
   release(slot: WorkerSlot): void {
-    if (!this.idle.includes(slot)) this.idle.push(slot);
+    if (this.idle.filter((s) => s === slot).length + slot.pending.size < this.maxBatch) this.idle.push(slot);
   }
 
   async close(): Promise<void> {

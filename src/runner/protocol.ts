@@ -5,10 +5,11 @@
  *   thread -> runner   ready   progress {id, progress}   partial {id, index, ...}   done {id, bytes, ...}   failed {id, error}
  *                      preloaded {model, error?}   warning {message}
  *
- * A thread runs one job at a time. Besides `cancel`, the runner writes the id of a job to stop
- * into the shared Int32 cell `cancel` (workerData), which the thread reads at every step.
- * Errors travel as SerializedError (also through Redis, src/queue/bullmq.ts) and are rebuilt
- * as the engine's classes, so the server maps them like local ones.
+ * A thread runs up to `maxBatch` jobs at once (their UNet steps batched; one by default). Besides
+ * `cancel`, the runner writes the id of a job to stop into the shared Int32 cell `cancel`
+ * (workerData), which the thread reads at every step. Errors travel as SerializedError (also
+ * through Redis, src/queue/bullmq.ts) and are rebuilt as the engine's classes, so the server maps
+ * them like local ones.
  */
 import type { Device } from '../engine/onnx.js';
 import type { EffectiveSettings, Progress, Timings } from '../engine/pipeline.js';
@@ -34,6 +35,8 @@ export interface WorkerInit {
   device: Device;
   /** SharedArrayBuffer of one Int32: the id of the job to stop. */
   cancel: SharedArrayBuffer;
+  /** Jobs run at once, their UNet calls batched step by step (src/engine/unet-batcher.ts); default 1. */
+  maxBatch?: number;
 }
 
 export type ToWorker =

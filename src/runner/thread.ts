@@ -1,6 +1,7 @@
 /**
  * An inference worker thread: one Engine (its ONNX sessions) behind the JobEngine entry point
- * (src/engine/run-job.ts), running one job at a time off the process's event loop, so that
+ * (src/engine/run-job.ts), running one job at a time (with `maxBatch` > 1 up to that many, their
+ * UNet steps batched) off the process's event loop, so that
  * HTTP (kiln serve) or BullMQ's lock renewals (kiln worker) go on while ONNX Runtime computes.
  * Protocol in protocol.ts.
  *
@@ -21,7 +22,7 @@ const post = (msg: FromWorker, transfer: ArrayBuffer[] = []) => port.postMessage
 const { home, searchDirs, cacheDir, lorasDir } = init.folders;
 // Warnings (LoRA modules that match nothing, unused checkpoint tensors) go to the server's log.
 const engine = new Engine({ device: init.device, home, searchDirs, cacheDir, lorasDir, onWarning: (message) => post({ type: 'warning', message }) });
-const jobs = new JobEngine(engine, init.device);
+const jobs = new JobEngine(engine, init.device, { maxBatch: init.maxBatch });
 const controllers = new Map<number, AbortController>();
 
 /** A standalone ArrayBuffer (a Buffer may be a view into a shared pool) to transfer, not copy. */

@@ -33,7 +33,10 @@ export interface QueueWorkerOptions {
   device?: Device;
   /** Inference threads, and jobs taken at once (default 1). */
   workers?: number;
-  /** Where uploads are (default: in Redis, RedisInputStore). */
+  /**
+   * The bucket's uploads (`--store s3://`, the API host's S3Store). Jobs whose uploads the API
+   * host kept in Redis (keys `in_...`) are read from Redis either way.
+   */
   inputs?: InputStore;
   /** BullMQ's job lock; renewed every half of it while the job runs (default 60 s). */
   lockDurationMs?: number;
@@ -65,7 +68,15 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
   const redis = connect(options.redis, { name: `kiln-worker-${id}` });
   // BullMQ's own (it duplicates it for its blocking reads); given, so close() quits it.
   const bullConnection = connect(options.redis);
-  const inputs = options.inputs ?? new RedisInputStore(redis, name);
+  const inRedis = new RedisInputStore(redis, name);
+  const bucket = options.inputs;
+  const inputs: InputStore = bucket
+    ? {
+        putInput: (bytes, o) => bucket.putInput(bytes, o),
+        getInput: (key) => (key.startsWith('in_') ? inRedis.getInput(key) : bucket.getInput(key)),
+        deleteInput: (key) => (key.startsWith('in_') ? inRedis.deleteInput(key) : bucket.deleteInput(key)),
+      }
+    : inRedis;
   const pool = new EnginePool({
     size: slots,
     catalog: options.catalog,

@@ -7,6 +7,7 @@
  *   GET  /v1/models, /v1/models/:id             installed models, read from disk per request
  *   GET  /images/:key?expires&signature         signed, expiring image URLs (no API key)
  *   GET  /ping /health /metrics /openapi.json
+ *   GET  /, /playground/*                       the browser playground (routes/playground.ts; no API key)
  *
  * This file assembles the server: the queue, store and workers, the hooks every request passes
  * (request id, shutdown, API keys, metrics), the error envelope, and one plugin per concern
@@ -35,6 +36,7 @@ import { createImagesService } from './images-service.js';
 import { createMetrics, type Metrics } from './metrics.js';
 import { createModelCatalog } from '../catalog/catalog.js';
 import { MemoryInputStore } from '../store/memory-inputs.js';
+import { isInputStore } from '../store/index.js';
 import { readModelAliases } from '../models/aliases.js';
 import type { NMeaning } from './params.js';
 import { fileRoutes } from './routes/files.js';
@@ -42,6 +44,7 @@ import { imageRoutes } from './routes/images.js';
 import { UploadBudget } from './upload-budget.js';
 import { modelRoutes } from './routes/models.js';
 import { opsRoutes } from './routes/ops.js';
+import { playgroundRoutes } from './routes/playground.js';
 import { loadOrCreateSecret, UrlSigner } from './signing.js';
 import { BodyRateGuard, connectionsCheckingInterval, DEFAULT_SLOW_CLIENT_LIMITS, type SlowClientLimits } from './slow-clients.js';
 import type { UploadLimits } from './uploads.js';
@@ -69,6 +72,8 @@ export interface ServerOptions {
   maxQueue?: number;
   /** Inference worker threads (default 1). */
   workers?: number;
+  /** Jobs each worker runs at once, their UNet steps batched (default 1; see EnginePoolOptions.maxBatch). */
+  maxBatch?: number;
   /** Per-request limit, queueing included (default 5 min); past it: 504. */
   requestTimeoutMs?: number;
   /** On close: how long running jobs may take to finish before they are cancelled (default 30 s). */
@@ -106,6 +111,8 @@ export interface ServerOptions {
   inputs?: InputStore;
   /** Scale-out: jobs go to a BullMQ queue in Redis, run by `kiln worker` processes (no inference threads here). */
   redisQueue?: { url: string; name?: string };
+  /** The secret image URLs are signed with (one shared by API hosts, e.g. kept in the bucket); default: <home>/secret. */
+  urlSecret?: Buffer;
 }
 
 export interface KilnServer {
@@ -208,11 +215,13 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
         onError: (err) => logger.warn({ err }, 'queue connection'),
       })
     : undefined;
-  const inputs = options.inputs ?? redisQueue?.inputs ?? new MemoryInputStore();
+  // Uploads: in the bucket with --store s3:// (any worker host reads them there), else in Redis when scaled out, else in memory.
+  const inputs = options.inputs ?? (isInputStore(options.store) ? options.store : undefined) ?? redisQueue?.inputs ?? new MemoryInputStore();
   const runner: JobRunner | undefined =
     options.runner ??
     (redisQueue || options.queue ? undefined : new EnginePool({
       size: options.workers ?? 1,
+      maxBatch: options.maxBatch,
       catalog: models,
       inputs,
       device,
@@ -227,7 +236,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       sweepIntervalMs: options.sweepIntervalMs ?? Math.min(15_000, Math.max(500, ttlMs / 4)),
       onError: (err) => logger.warn({ err }, 'image sweep failed'),
     }).start();
-  const signer = new UrlSigner(loadOrCreateSecret(join(home, 'secret')));
+  const signer = new UrlSigner(options.urlSecret ?? loadOrCreateSecret(join(home, 'secret')));
   const metrics = createMetrics(queue);
 
   const bodyTimeoutMs = options.bodyTimeoutMs ?? DEFAULT_SLOW_CLIENT_LIMITS.bodyTimeoutMs;
@@ -331,6 +340,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   await app.register(fileRoutes, { store, signer });
   await app.register(modelRoutes, { models });
   await app.register(opsRoutes, { queue, metrics });
+  await app.register(playgroundRoutes);
 
   let closePromise: Promise<void> | undefined;
   const server: KilnServer = {

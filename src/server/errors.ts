@@ -14,6 +14,7 @@ import {
 } from '../engine/errors.js';
 import { NoPersonError } from '../engine/pose-control.js';
 import { JobCancelledError, JobTimeoutError, NoWorkerError, QueueClosedError, QueueFullError, QueueUnavailableError } from '../queue/types.js';
+import { StoreUnavailableError } from '../store/errors.js';
 
 export type ErrorType = 'invalid_request_error' | 'authentication_error' | 'server_error';
 
@@ -115,6 +116,9 @@ export function toApiError(err: unknown): ApiError {
     return new ApiError(429, err.message, null, 'queue_full', {
       headers: { 'retry-after': String(err.retryAfterSeconds), 'x-should-retry': 'true' },
     });
+  }
+  if (err instanceof StoreUnavailableError) {
+    return new ApiError(503, err.message, null, 'storage_unavailable', { headers: { 'retry-after': '5', 'x-should-retry': 'true' }, cause: err });
   }
   if (err instanceof QueueClosedError) {
     return new ApiError(503, err.message, null, 'shutting_down', { headers: { ...SHUTTING_DOWN_HEADERS } });

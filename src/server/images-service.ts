@@ -8,12 +8,11 @@ import type { FastifyBaseLogger } from 'fastify';
 import { ModelLoadError } from '../engine/errors.js';
 import { detectLayout, type ModelLayout } from '../engine/model.js';
 import { resolveSize, sizeForUpload, type Size } from '../engine/presets.js';
-import { parsePromptLoras } from '../engine/loras.js';
 import { MAX_SEED, randomSeed } from '../engine/rng.js';
 import { JobCancelledError, JobTimeoutError, type JobOutput, type JobQueue, type JobSpec, type PartialImageEvent } from '../queue/types.js';
 import type { JobMode } from '../jobs/types.js';
 import type { ImageStore, InputStore } from '../store/types.js';
-import { ApiError, ClientGoneError } from './errors.js';
+import { ClientGoneError } from './errors.js';
 import type { ModelCatalog, ResolvedModel } from '../catalog/catalog.js';
 import { DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, type ImageParams, type ImagePromptWeights } from './params.js';
 import { resolveImagePromptAssets, type ImagePromptAdapter } from '../catalog/image-prompt-assets.js';
@@ -290,15 +289,6 @@ export function createImagesService({ queue, store, inputs, signer, models, home
         // A folder the layout check refuses cannot be served at all: its load error, not an image without the image prompt.
         const family = detectLayout(models.dir(model)).family;
         const adapters = resolveImagePromptAssets(family, model.id, home, upload.imagePrompt);
-        if (adapters.length && parsePromptLoras(params.prompt).loras.length) {
-          throw new ApiError(
-            400,
-            'LoRA tags (<lora:NAME:SCALE>) in the prompt cannot be combined with an image prompt yet (the adapters are built into the model\'s own UNet); ' +
-              'send one or the other.',
-            'prompt',
-            'unsupported_value',
-          );
-        }
         caller.log.debug({ model: model.id, adapters: adapters.map((a) => `${a.name}:${a.weight}`) }, 'image prompt');
         imagePrompt = { weights: upload.imagePrompt, adapters };
       }

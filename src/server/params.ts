@@ -109,7 +109,7 @@ export const FIELDS: Record<string, FieldSpec> = {
       'End-user id. On edits, `cn` asks for pose mode (ControlNet OpenPose at scale 1.0), `pose:<w>` for scale w (0 to 2); ' +
       `\`style:<w>\` and/or \`face:<w>\` (0 to ${MAX_IMAGE_PROMPT_SCALE}) make the upload an image prompt (IP-Adapter) with those weights ` +
       `(the style weight defaults to ${DEFAULT_STYLE_WEIGHT} once an image prompt is asked for); the list form is \`face:0.5,style:0.6,pose:1.0\` ` +
-      '(pose together with an image prompt is not supported yet: 400).',
+      '(pose and an image prompt together: the image follows the pose and the image prompt).',
   },
   negprompt: { type: 'string', maxLength: MAX_PROMPT_CHARS, description: 'Extension: negative prompt (Block Entropy\'s name).' },
   negative_prompt: { type: 'string', maxLength: MAX_PROMPT_CHARS, description: 'Extension: negative prompt; wins over `negprompt`.' },

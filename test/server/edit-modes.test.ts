@@ -238,9 +238,9 @@ describe('pose mode (user=cn)', () => {
     // The list form: its pose weight, with image-prompt weights of 0 (no adapter) the same image.
     const list = await edit(a, { image: await png(person), user: 'face:0,style:0,pose:0.5' });
     assert.ok(b64(list).equals(b64(half)));
-    // Pose with an image prompt is not supported yet; a list without pose is an image prompt
-    // (this home has no IP-Adapters: 400 naming the pulls; image-prompts.test.ts has the rest).
-    await badRequest(edit(a, { image: await png(person), user: 'face:0.5,style:0.6,pose:1.0' }), 'user', 'unsupported_value');
+    // Pose with an image prompt, and a list without pose (an image prompt): this home has no
+    // IP-Adapters, a 400 naming the pulls (image-prompt-pose.test.ts and image-prompts.test.ts have the rest).
+    await badRequest(edit(a, { image: await png(person), user: 'face:0.5,style:0.6,pose:1.0' }), 'user', 'image_prompt_model_missing');
     await badRequest(edit(a, { image: await png(person), user: 'face:0.5,style:0.6' }), 'user', 'image_prompt_model_missing');
     // Not a pose weight: 400 (user), nothing queued.
     await badRequest(edit(a, { image: await png(person), user: 'pose:3' }), 'user');

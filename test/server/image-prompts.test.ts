@@ -4,7 +4,8 @@
  * a model, the golden IP-Adapter files in the h94/IP-Adapter layout under ip-adapters/, and the
  * golden SD 1.5 LoRA in loras/: `user=style:<w>` / `face:<w>` and the `style` field, weight 0 =
  * the plain model's bytes, the weights in `kiln`, the 400s naming the `kiln pull` lines, and
- * `kiln.loras`, with the LoRA errors' messages free of server paths.
+ * `kiln.loras`, with the LoRA errors' messages free of server paths (image prompts with pose and
+ * with LoRAs: image-prompt-pose.test.ts).
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -122,13 +123,14 @@ describe('image prompts', () => {
     assert.ok(!b64(steered).equals(b64(inpainted)));
   });
 
-  test('bad weights are 400s naming user (or style); pose with an image prompt is refused for now', async () => {
+  test('bad weights are 400s naming user (or style); pose with an image prompt needs the pose models', async () => {
     for (const user of ['style:abc', 'style:-1', 'style:9', 'face:', 'style:0.5,style:0.6']) {
       await badRequest(edit({ user }), 'user', 'invalid_value');
     }
     for (const style of ['abc', '-1', '9']) await badRequest(edit({ style }), 'style', 'invalid_value');
-    const e = await badRequest(edit({ user: 'face:0.5,style:0.6,pose:1.0' }), 'user', 'unsupported_value');
-    assert.match(e.message, /Pose mode \(pose:1\) together with an image prompt .* is not supported yet/);
+    // This home has no OpenPose ControlNet (image-prompt-pose.test.ts has one): the pose part names its pull.
+    const e = await badRequest(edit({ user: 'face:0.5,style:0.6,pose:1.0' }), 'user', 'pose_model_missing');
+    assert.match(e.message, /no OpenPose ControlNet is installed .* `kiln pull controlnet-openpose`/);
     // cn with the reference's style field: pose mode as the reference had it (the field does not ask for an image prompt there).
     assert.deepEqual(editWeights({ user: 'cn', styleWeight: 0.6 }), { pose: 1 });
     assert.deepEqual(editWeights({ user: 'face:0.5', styleWeight: undefined }), { imagePrompt: { style: 0.6, face: 0.5, from: 'user', styleDefault: true } });
@@ -188,11 +190,13 @@ describe('LoRAs in responses', () => {
     assert.ok(!b64(styled).equals(b64(plainGen)), 'the LoRA changes the image');
   });
 
-  test('an unknown LoRA is a 400 (prompt); with an image prompt a LoRA tag is refused for now', async () => {
+  test('an unknown LoRA is a 400 (prompt); a LoRA tag with an image prompt applies both', async () => {
     const unknown = await badRequest(server.client().images.generate({ prompt: 'x <lora:nope:0.7>', ...FAST } as any), 'prompt', 'invalid_value');
     assert.match(unknown.message, /unknown LoRA "nope" in the prompt \(installed LoRAs: broken, sd15-lora, stray\)/);
-    const both = await badRequest(edit({ prompt: 'x <lora:sd15-lora:0.7>', user: 'style:0.6' }), 'prompt', 'unsupported_value');
-    assert.match(both.message, /cannot be combined with an image prompt yet/);
+    // (image-prompt-pose.test.ts checks the bytes: weight 0 is the LoRA alone.)
+    const both = await edit({ prompt: 'x <lora:sd15-lora:0.7>', user: 'style:0.6' });
+    assert.deepEqual(both.kiln.loras, [{ name: 'sd15-lora', scale: 0.7 }]);
+    assert.deepEqual(both.kiln.image_prompt, { style: 0.6, adapters: ['ip-adapter_sd15.safetensors'] });
   });
 
   test('error messages keep file names and API routes, not server folders', () => {

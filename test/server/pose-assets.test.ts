@@ -17,6 +17,7 @@ import { ApiError, toApiError } from '../../src/server/errors.js';
 import { deserializeError, serializeError } from '../../src/runner/protocol.js';
 import { NoPersonError } from '../../src/engine/pose-control.js';
 import { InvalidOptionError } from '../../src/engine/errors.js';
+import { GOLDEN_DIR } from '../graphs/golden.js';
 import { linkFarm, markInstalled } from './helpers.js';
 
 let root: string;
@@ -57,12 +58,22 @@ describe('resolvePoseAssets: the documented order', () => {
     missing(() => resolvePoseAssets(model, 'm', home), /ControlNet-UNet \(controlnet\/model\.onnx/);
   });
 
+  test('a model Kiln builds from safetensors needs none: Kiln builds its ControlNet-UNet', () => {
+    const home = join(root, `home-${++count}`);
+    const model = linkFarm(join(GOLDEN_DIR, 'pipelines', 'sd15'), join(home, 'models', 'st'));
+    graph(join(model, 'controlnet-openpose'));
+    dwpose(join(model, 'annotators', 'dwpose'));
+    const r = resolvePoseAssets(model, 'st', home);
+    assert.equal(r.controlUnet, undefined);
+    assert.equal(r.controlNet, join(model, 'controlnet-openpose', 'model.onnx'));
+  });
+
   test('without a ControlNet-UNet the answer says what would make pose mode work for the family (or that built-in models have none)', async () => {
     const sd15Lines = /`kiln pull stable-diffusion-v1-5-controlnet && kiln pull controlnet-openpose && kiln pull dwpose`, then send model=stable-diffusion-v1-5-controlnet/;
     const { home, model } = setup('sd15', true);
     missing(() => resolvePoseAssets(model, 'm', home), new RegExp(`For SD 1\\.x: ${sd15Lines.source}`));
     const xl = setup('sdxl', true);
-    missing(() => resolvePoseAssets(xl.model, 'm', xl.home), /SDXL ControlNet-UNet.*`kiln pull controlnet-openpose-sdxl && kiln pull dwpose`.*Or use SD 1\.5: `kiln pull stable-diffusion-v1-5-controlnet/);
+    missing(() => resolvePoseAssets(xl.model, 'm', xl.home), /SDXL ControlNet-UNet.*safetensors weights, for which Kiln builds the ControlNet-UNet, then `kiln pull controlnet-openpose-sdxl && kiln pull dwpose`.*Or use SD 1\.5: `kiln pull stable-diffusion-v1-5-controlnet/);
     assert.match(poseRecipe('sd2', false), /no pose models for SD 2\.x.*kiln pull stable-diffusion-v1-5-controlnet/);
     // Kiln's own kiln-tiny models, from the package's models/ folder.
     for (const name of ['kiln-tiny', 'kiln-tiny-xl']) {

@@ -123,8 +123,8 @@ async function readEditForm(request: FastifyRequest, maxFiles: number, maxBytes:
 
 /**
  * The checks on an edit's files, in order: an image, each a PNG, JPEG or WebP within the limits, a
- * mask matching the image; then what `user` / `style` ask for: pose mode takes no mask, and not
- * an image prompt (yet).
+ * mask matching the image; then what `user` / `style` ask for: pose mode takes no mask (an image
+ * prompt it takes: `face:0.5,style:0.6,pose:1.0`).
  */
 async function checkEditUpload(form: { images: Buffer[]; mask?: Buffer }, params: ImageParams, limits: UploadLimits): Promise<EditUpload> {
   if (form.images.length === 0) throw new ApiError(400, "Missing required parameter: 'image' (a PNG, JPEG or WebP file).", 'image', 'missing_required_parameter');
@@ -139,16 +139,6 @@ async function checkEditUpload(form: { images: Buffer[]; mask?: Buffer }, params
   const { pose: poseScale, imagePrompt } = editWeights(params);
   if (poseScale !== undefined && mask) {
     throw new ApiError(400, 'A mask cannot be combined with pose mode (user=cn / pose:<w>); send one or the other.', 'mask', 'unsupported_value');
-  }
-  // ControlNet and IP-Adapter in one UNet is not built yet; weight 0 everywhere asks for no adapter.
-  if (poseScale !== undefined && imagePrompt && (imagePrompt.style > 0 || (imagePrompt.face ?? 0) > 0)) {
-    throw new ApiError(
-      400,
-      `Pose mode (pose:${poseScale}) together with an image prompt (style:${imagePrompt.style}${imagePrompt.face !== undefined ? `, face:${imagePrompt.face}` : ''}) is not supported yet: ` +
-        'send either the pose weight (user=cn or pose:<w>) or the image-prompt weights (style:<w>, face:<w>), or set the image-prompt weights to 0.',
-      'user',
-      'unsupported_value',
-    );
   }
   return { image, imageSize: sizes[0]!, mask, poseScale, imagePrompt };
 }
