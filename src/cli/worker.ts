@@ -16,6 +16,7 @@ export interface WorkerFlags {
   home?: string;
   device: Device;
   workers: number;
+  maxBatch: number;
   lockDuration: number;
   stalledInterval: number;
   heartbeat: number;
@@ -68,6 +69,7 @@ export async function workerCommand(flags: WorkerFlags): Promise<void> {
     catalog,
     device: flags.device,
     workers: flags.workers,
+    maxBatch: flags.maxBatch,
     lockDurationMs: flags.lockDuration,
     stalledIntervalMs: flags.stalledInterval,
     heartbeatMs: flags.heartbeat,
@@ -100,7 +102,8 @@ export function registerWorkerCommand(program: Command): void {
     .requiredOption('--queue <redis-url>', 'the queue: redis://HOST:PORT[/DB] (the same as kiln serve --queue)', parseQueue)
     .option('--home <dir>', "Kiln's home folder: the models this worker serves (default $KILN_HOME or ~/.local/share/kiln)")
     .addOption(new Option('--device <device>', 'execution provider').choices(['cpu', 'cuda']).default('cpu'))
-    .option('--workers <n>', 'inference threads (jobs run at once)', parseCount, 1)
+    .option('--workers <n>', 'inference threads', parseCount, 1)
+    .option('--max-batch <n>', 'jobs each thread runs at once, their denoising steps batched (as kiln serve --max-batch)', parseCount, 1)
     .addOption(new Option('--lock-duration <duration>', "a job's lock, renewed every half of it while it runs; a dead worker's job is run again after it").argParser(parseDuration).default(60_000, '60s'))
     .addOption(new Option('--stalled-interval <duration>', 'how often jobs whose worker died are looked for').argParser(parseDuration).default(30_000, '30s'))
     .addOption(new Option('--heartbeat <duration>', 'how often this worker announces itself and its models (it counts as gone after three)').argParser(parseDuration).default(5_000, '5s'))

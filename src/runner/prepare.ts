@@ -21,7 +21,7 @@ export class InputMissingError extends Error {
 async function input(inputs: InputStore | undefined, key: string | undefined, what: string): Promise<Buffer | undefined> {
   if (key === undefined) return undefined;
   const bytes = await inputs?.getInput(key);
-  if (!bytes) throw new InputMissingError(`the job's ${what} is no longer in the input store (it expired before a worker took the job)`);
+  if (!bytes) throw new InputMissingError(`the job's ${what} is no longer in the input store (it expired before a worker took the job, or it is in a bucket this worker was not given: kiln worker --store)`);
   return bytes;
 }
 

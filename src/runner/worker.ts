@@ -31,8 +31,10 @@ export interface QueueWorkerOptions {
   name?: string;
   catalog: ModelCatalog;
   device?: Device;
-  /** Inference threads, and jobs taken at once (default 1). */
+  /** Inference threads (default 1). */
   workers?: number;
+  /** Jobs each thread runs at once, their UNet steps batched (default 1); jobs taken at once: workers x maxBatch. */
+  maxBatch?: number;
   /**
    * The bucket's uploads (`--store s3://`, the API host's S3Store). Jobs whose uploads the API
    * host kept in Redis (keys `in_...`) are read from Redis either way.
@@ -63,7 +65,7 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
   const name = options.name ?? DEFAULT_QUEUE_NAME;
   const k = keys(name);
   const id = `${hostname()}-${process.pid}-${randomBytes(3).toString('hex')}`;
-  const slots = Math.max(1, options.workers ?? 1);
+  const threads = Math.max(1, options.workers ?? 1);
   const log = options.log ?? (() => {});
   const redis = connect(options.redis, { name: `kiln-worker-${id}` });
   // BullMQ's own (it duplicates it for its blocking reads); given, so close() quits it.
@@ -78,12 +80,14 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
       }
     : inRedis;
   const pool = new EnginePool({
-    size: slots,
+    size: threads,
+    maxBatch: options.maxBatch,
     catalog: options.catalog,
     inputs,
     device: options.device,
     onEvent: (e) => log(e.type === 'crash' || e.error ? 'error' : e.type === 'warning' ? 'warn' : 'info', e.message),
   });
+  const slots = pool.slots;
   const running = new Map<string, AbortController>();
   const resultTtlMs = options.resultTtlMs ?? 10 * 60_000;
   const startedAt = Date.now();
@@ -166,7 +170,7 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
   await worker.waitUntilReady();
   await beat().catch(() => {});
   void worker.run().catch((err: Error) => log('error', `the queue worker stopped: ${err.message}`));
-  log('info', `worker ${id} takes jobs (${slots} inference thread(s))`);
+  log('info', `worker ${id} takes jobs (${threads} inference thread(s), ${slots} job(s) at once)`);
 
   return {
     id,

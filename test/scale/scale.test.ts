@@ -129,7 +129,7 @@ test('a job longer than the lock duration keeps its lock (renewed from the free 
   const before = workers.map((w) => w.jobsDone);
   const stalledBefore = workers.map((w) => (w.log.match(/found stalled/g) ?? []).length);
   // Several lock durations (2 s) of work on these CPUs.
-  const r = await generate(api, { seed: 11, model: 'kiln-slow', size: '1024x1024', steps: 30 });
+  const r = await generate(api, { seed: 11, model: 'kiln-slow', size: '1024x1024', steps: 60 });
   assert.equal(r.status, 200, r.text);
   assert.ok(r.json.kiln.timings.generation_ms > 2000, `the job outlasted the 2 s lock (${r.json.kiln.timings.generation_ms} ms)`);
   assert.equal(workers.reduce((n, w, i) => n + w.jobsDone - before[i]!, 0), 1, 'one run');
