@@ -15,10 +15,13 @@
  * The input is soft-clamped first (tanh(x / 3) · 3, a fixed 3 whatever latent_magnitude says), and
  * the [0, 1] output mapped to [-1, 1].
  */
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { ModelLoadError } from '../engine/errors.js';
+import { buildGraph, checkClass, writeBuiltGraph, type ConvertOptions, type ConvertResult } from './convert.js';
 import { conv2d } from './layers.js';
 import type { GraphBuilder } from './onnx-builder.js';
-import type { Params } from './weights.js';
+import { componentWeights, type Params } from './weights.js';
 
 export interface TinyDecoderConfig {
   latentChannels: number;
@@ -121,4 +124,25 @@ export function buildTinyDecoder(g: GraphBuilder, config: Record<string, unknown
   const out = g.op('Sub', [g.op('Mul', [h, g.constF32([2], [])]), g.constF32([1], [])]);
   g.op('Identity', [out], {}, 'sample');
   g.output('sample', 'float32', ['batch', c.outChannels, 'height', 'width']);
+}
+
+/**
+ * An AutoencoderTiny folder (config.json + diffusers safetensors weights: what `kiln pull taesd`
+ * installs) -> `out/model.onnx` (the decoder) beside a copy of its config. Cached by cache.ts's
+ * ensureBuilt with kind `taesd-decoder`.
+ */
+export function convertTinyDecoder(src: string, out: string, options: ConvertOptions = {}): ConvertResult {
+  const path = join(src, 'config.json');
+  let config: Record<string, unknown>;
+  try {
+    config = JSON.parse(readFileSync(path, 'utf8')) as Record<string, unknown>;
+  } catch {
+    throw new ModelLoadError(`taesd: ${path} is missing or not JSON`, path);
+  }
+  if (!config || typeof config !== 'object' || Array.isArray(config)) throw new ModelLoadError(`taesd: ${path} is not a JSON object`, path);
+  checkClass(config, ['AutoencoderTiny'], 'taesd', path);
+  const built = buildGraph({ build: buildTinyDecoder }, 'taesd_decoder', config, componentWeights(src, 'taesd'), { dtype: options.dtype });
+  const written = writeBuiltGraph(built, out, options);
+  writeFileSync(join(out, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
+  return { components: [{ name: 'taesd_decoder', ...written }], warnings: [] };
 }

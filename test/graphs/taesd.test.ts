@@ -24,7 +24,7 @@ import { buildTinyDecoder, tinyDecoderConfig, tinyDecoderScale } from '../../src
 import { componentWeights, Params, RandomWeights, type WeightSource } from '../../src/graphs/weights.js';
 import { assertWithinRounding, describeValues, editedWeights, maxAbsDiff, runGraph } from './golden.js';
 
-export const TAESD_FIXTURE = resolve(dirname(fileURLToPath(import.meta.url)), '..', 'fixtures', 'taesd');
+const TAESD_FIXTURE = resolve(dirname(fileURLToPath(import.meta.url)), '..', 'fixtures', 'taesd');
 const config = JSON.parse(readFileSync(join(TAESD_FIXTURE, 'config.json'), 'utf8')) as Record<string, unknown>;
 const manifest = JSON.parse(readFileSync(join(TAESD_FIXTURE, 'manifest.json'), 'utf8')) as {
   decoder_parameters: number;
