@@ -20,7 +20,7 @@ import type { StepLatents } from './pipeline.js';
 import { encodeImageToLatents, type RgbImage } from './vae.js';
 import type { OutputFormat } from './image-codec.js';
 import { solveLinear } from './schedulers/common.js';
-import { tinyDecoderFor, type TinyDecoderLocation } from './tiny-decoder.js';
+import { previewBudget, tinyDecoderFor, type TinyDecoderLocation } from './tiny-decoder.js';
 
 const CHANNELS = 4;
 const FEATURES = CHANNELS + 1;
@@ -232,6 +232,19 @@ export interface PreviewerOptions {
   tinyDecoder?: TinyDecoderLocation | false;
   /** A tiny decoder that does not load or run (default: a line on stderr). */
   onWarning?: (message: string) => void;
+  /** The share of the run's time tiny-decoder previews may take (default $KILN_PREVIEW_BUDGET, else 0.05; see withinBudget). */
+  budget?: number;
+}
+
+/**
+ * Whether a run can afford its previews from the tiny decoder: `count` decodes of `decodeMs`
+ * each within `budget` of the run's expected time, `totalSteps` at the pace of the first `step`
+ * (`elapsedMs` since the run began, text encoding included).
+ */
+export function withinBudget(decodeMs: number, count: number, elapsedMs: number, step: number, totalSteps: number, budget: number): boolean {
+  if (budget === Infinity) return true;
+  const runMs = (elapsedMs / Math.max(1, step)) * totalSteps;
+  return decodeMs * count <= budget * runMs;
 }
 
 /**
@@ -243,11 +256,18 @@ export function createPreviewer(model: DiffusionModel, options: PreviewerOptions
   const map = latentRgbMap(model);
   const warn = options.onWarning ?? ((m: string): void => void process.stderr.write(`kiln: warning: ${m}\n`));
   const tiny = options.tinyDecoder === false ? Promise.resolve(undefined) : tinyDecoderFor(model, options.tinyDecoder, warn);
+  const budget = options.budget ?? previewBudget();
+  const started = performance.now();
   let tinyFailed = false;
+  /** Decided at the first preview, for the whole run (previews of one run all look alike). */
+  let affordable: boolean | undefined;
   /** The step's picture: the tiny decoder's when it has one, else the linear map's (undefined while there is none). */
-  const draw = async (x0: Float32Array, dims: number[]): Promise<{ image: RgbImage; decoder: string } | undefined> => {
+  const draw = async (x0: Float32Array, dims: number[], at: { step: number; totalSteps: number; elapsedMs: number }): Promise<{ image: RgbImage; decoder: string } | undefined> => {
     const decoder = tinyFailed ? undefined : await tiny;
     if (decoder && decoder.config.latentChannels === dims[1]) {
+      affordable ??= withinBudget(decoder.estimateMs(dims), wanted!.size, at.elapsedMs, at.step, at.totalSteps, budget);
+    }
+    if (decoder && affordable && decoder.config.latentChannels === dims[1]) {
       try {
         return { image: await decoder.decode(x0, dims), decoder: decoder.alias };
       } catch (err) {
@@ -266,8 +286,9 @@ export function createPreviewer(model: DiffusionModel, options: PreviewerOptions
       wanted ??= new Set(previewSteps(s.totalSteps, options.count));
       if (!wanted.has(s.step)) return;
       const x0 = s.predOriginal ?? s.latents;
+      const at = { step: s.step, totalSteps: s.totalSteps, elapsedMs: performance.now() - started };
       chain = chain.then(async () => {
-        const drawn = await draw(x0, s.latentDims);
+        const drawn = await draw(x0, s.latentDims, at);
         if (!drawn) return;
         const bytes = await encodePreview(drawn.image, options.width, options.height, options.format, options.quality);
         options.onPartial({ index: index++, step: s.step, totalSteps: s.totalSteps, bytes, decoder: drawn.decoder });

@@ -12,6 +12,13 @@
  * like any built graph). The folder is looked up for every run, so a pull is used without a
  * restart and a removal falls back to the linear map. A decoder that fails to build, load or run
  * is reported once and the linear map is used: a preview is never worth failing an image for.
+ *
+ * Previews must not slow the final image by more than a few percent, and a tiny decoder is not
+ * cheap beside a small or fast UNet (full-size TAESD: ~0.5 s per 256x256 preview on 2 CPU cores,
+ * more than kiln-tiny's whole run). So each run decides at its first preview (preview.ts
+ * withinBudget): the decoder's measured cost at this size times the previews asked for, against
+ * the run's expected time (from its pace so far) times the budget, 5% by default
+ * ($KILN_PREVIEW_BUDGET, a fraction; `Infinity`: always); over it, that run uses the linear map.
  */
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
@@ -41,6 +48,8 @@ export interface TinyDecoder {
   readonly config: TinyDecoderConfig;
   /** Diffusion latents [1, C, h, w] -> the picture (in the decoder's own size, 8x the latent's for TAESD). */
   decode(latents: Float32Array, dims: number[]): Promise<RgbImage>;
+  /** What a decode of latents of `dims` takes on this host, in ms, from the last one (one is made at load). */
+  estimateMs(dims: number[]): number;
 }
 
 const WEIGHTS = 'diffusion_pytorch_model.safetensors';
@@ -63,6 +72,8 @@ function folderVersion(dir: string): string {
 
 class LoadedTinyDecoder implements TinyDecoder {
   private running: Promise<unknown> = Promise.resolve();
+  /** Milliseconds per latent cell of the last decode (its cost grows with the area). */
+  private msPerCell = 0;
 
   constructor(
     readonly alias: string,
@@ -75,9 +86,24 @@ class LoadedTinyDecoder implements TinyDecoder {
     const { scalingFactor, shiftFactor } = this.config;
     const input = new Float32Array(latents.length);
     for (let i = 0; i < latents.length; i++) input[i] = latents[i]! / scalingFactor + shiftFactor;
-    const run = this.session.run({ latent_sample: { data: input, dims } }, ['sample']).then(({ sample }) => toRgb(sample!.data, sample!.dims));
+    const started = performance.now();
+    const run = this.session.run({ latent_sample: { data: input, dims } }, ['sample']).then(({ sample }) => {
+      this.msPerCell = (performance.now() - started) / (dims[2]! * dims[3]!);
+      return toRgb(sample!.data, sample!.dims);
+    });
     this.running = run.catch(() => {});
     return run;
+  }
+
+  estimateMs(dims: number[]): number {
+    return this.msPerCell * dims[2]! * dims[3]!;
+  }
+
+  /** A first measure of the cost: one small decode to warm the session, one timed. */
+  async calibrate(): Promise<void> {
+    const c = this.config.latentChannels;
+    await this.decode(new Float32Array(c * 64), [1, c, 8, 8]);
+    await this.decode(new Float32Array(c * 256), [1, c, 16, 16]);
   }
 
   /** Frees the session once the decode under way (if any) is over. */
@@ -109,7 +135,14 @@ async function load(alias: string, dir: string, cacheDir: string, device: Device
     const config = tinyDecoderConfig(JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8')) as Record<string, unknown>);
     const built = await ensureBuilt(dir, { cacheDir, build: { kind: 'taesd-decoder', convert: convertTinyDecoder } });
     const session = await OnnxModel.load(join(built, 'model.onnx'), built, { device });
-    return new LoadedTinyDecoder(alias, dir, config, session);
+    const decoder = new LoadedTinyDecoder(alias, dir, config, session);
+    try {
+      await decoder.calibrate();
+    } catch (err) {
+      await session.release();
+      throw err;
+    }
+    return decoder;
   } catch (err) {
     onWarning(`previews: the tiny decoder in ${dir} does not load (${err instanceof Error ? err.message : String(err)}); previews use the linear latent map`);
     return undefined;
@@ -136,3 +169,12 @@ export function tinyDecoderFor(model: DiffusionModel, location: TinyDecoderLocat
   loaded.set(key, { version, loading });
   return loading;
 }
+
+/** The share of a run's time tiny-decoder previews may take: $KILN_PREVIEW_BUDGET, else 0.05. */
+export function previewBudget(env: NodeJS.ProcessEnv = process.env): number {
+  const raw = env.KILN_PREVIEW_BUDGET?.trim();
+  const v = raw ? Number(raw) : NaN;
+  return v >= 0 ? v : DEFAULT_PREVIEW_BUDGET;
+}
+
+export const DEFAULT_PREVIEW_BUDGET = 0.05;

@@ -1,8 +1,9 @@
 /**
  * Previews from a tiny VAE decoder (src/engine/tiny-decoder.ts): with the family's TAESD installed
  * under <home>/previews/, a partial image is that decoder's picture of the step's predicted clean
- * sample (checked against the decoder graph run on its own), SDXL takes taesdxl and SD taesd, and a
- * decoder that does not load gives the linear map's previews and one warning. The decoder is the
+ * sample (checked against the decoder graph run on its own), SDXL takes taesdxl and SD taesd, a run
+ * whose previews would cost over the budget keeps to the linear map, and a decoder that does not
+ * load gives the linear map's previews and one warning. The decoder is the
  * small diffusers-made fixture of test/graphs/taesd.test.ts.
  */
 import { test, after } from 'node:test';
@@ -15,8 +16,8 @@ import sharp from 'sharp';
 import { DiffusionModel } from '../../src/engine/model.js';
 import { builtinModelsDir, locateModel } from '../../src/engine/locate.js';
 import { generate, type StepLatents } from '../../src/engine/pipeline.js';
-import { createPreviewer, encodePreview, type PartialImage, type PreviewerOptions } from '../../src/engine/preview.js';
-import { PREVIEWS_DIR, tinyDecoderDir } from '../../src/engine/tiny-decoder.js';
+import { createPreviewer, encodePreview, withinBudget, type PartialImage, type PreviewerOptions } from '../../src/engine/preview.js';
+import { PREVIEWS_DIR, previewBudget, tinyDecoderDir, tinyDecoderFor } from '../../src/engine/tiny-decoder.js';
 import { GraphBuilder } from '../../src/graphs/onnx-builder.js';
 import { buildTinyDecoder } from '../../src/graphs/taesd.js';
 import { componentWeights, Params } from '../../src/graphs/weights.js';
@@ -85,7 +86,8 @@ test('kiln-tiny with previews/taesd: each partial is TAESD decoding the step\'s 
   assert.equal(model.layout.family, 'sd1');
   const home = homeWith('taesd');
   assert.equal(tinyDecoderDir('sd1', home), join(home, PREVIEWS_DIR, 'taesd'));
-  const tiny = await run(model, { tinyDecoder: { home } });
+  // Budget Infinity: on a loaded test host the decoder's cost beside kiln-tiny's run must not decide.
+  const tiny = await run(model, { tinyDecoder: { home }, budget: Infinity });
   assert.deepEqual(tiny.partials.map((p) => [p.step, p.decoder]), [[2, 'taesd'], [4, 'taesd']]);
   for (const p of tiny.partials) {
     const s = tiny.steps.get(p.step)!;
@@ -104,10 +106,32 @@ test('kiln-tiny with previews/taesd: each partial is TAESD decoding the step\'s 
 test('the family decides: an SDXL model takes taesdxl (taesd alone leaves it the linear map)', async () => {
   const model = await load('kiln-tiny-xl');
   assert.equal(model.layout.family, 'sdxl');
-  const onlySd = await run(model, { tinyDecoder: { home: homeWith('taesd') } });
+  const onlySd = await run(model, { tinyDecoder: { home: homeWith('taesd') }, budget: Infinity });
   assert.deepEqual(onlySd.partials.map((p) => p.decoder), ['linear', 'linear']);
-  const xl = await run(model, { tinyDecoder: { home: homeWith('taesdxl') } });
+  const xl = await run(model, { tinyDecoder: { home: homeWith('taesdxl') }, budget: Infinity });
   assert.deepEqual(xl.partials.map((p) => p.decoder), ['taesdxl', 'taesdxl']);
+});
+
+test('over the budget a run keeps to the linear map: budget 0 with the decoder installed', async () => {
+  const model = await load('kiln-tiny');
+  const home = homeWith('taesd');
+  const decoder = await tinyDecoderFor(model, { home });
+  assert.ok(decoder && decoder.estimateMs([1, 4, 32, 32]) > 0, 'the load measured the decoder');
+  const r = await run(model, { tinyDecoder: { home }, budget: 0 });
+  assert.deepEqual(r.partials.map((p) => p.decoder), ['linear', 'linear']);
+});
+
+test('withinBudget: the previews\' decodes against the budget share of the run expected at its pace so far', () => {
+  // 20 steps at 100 ms each (2 s elapsed at step 5 of 20 is 8 s in all): 5% is 400 ms.
+  assert.equal(withinBudget(130, 3, 2000, 5, 20, 0.05), true);
+  assert.equal(withinBudget(140, 3, 2000, 5, 20, 0.05), false);
+  assert.equal(withinBudget(1e9, 3, 1, 1, 2, Infinity), true);
+  assert.equal(withinBudget(0.001, 1, 1000, 1, 10, 0), false);
+  assert.equal(previewBudget({}), 0.05);
+  assert.equal(previewBudget({ KILN_PREVIEW_BUDGET: '0.2' }), 0.2);
+  assert.equal(previewBudget({ KILN_PREVIEW_BUDGET: 'Infinity' }), Infinity);
+  assert.equal(previewBudget({ KILN_PREVIEW_BUDGET: 'lots' }), 0.05);
+  assert.equal(previewBudget({ KILN_PREVIEW_BUDGET: '-1' }), 0.05);
 });
 
 test('a tiny decoder that does not build gives the linear map and one warning, not a failed image', async () => {
@@ -115,9 +139,9 @@ test('a tiny decoder that does not build gives the linear map and one warning, n
   const home = homeWith('taesd');
   writeFileSync(join(home, PREVIEWS_DIR, 'taesd', 'config.json'), JSON.stringify({ _class_name: 'AutoencoderTiny', decoder_block_out_channels: [64, 64, 64, 64] }));
   const warnings: string[] = [];
-  const first = await run(model, { tinyDecoder: { home }, onWarning: (m) => warnings.push(m) });
+  const first = await run(model, { tinyDecoder: { home }, budget: Infinity, onWarning: (m) => warnings.push(m) });
   assert.deepEqual(first.partials.map((p) => p.decoder), ['linear', 'linear']);
-  const second = await run(model, { tinyDecoder: { home }, onWarning: (m) => warnings.push(m) });
+  const second = await run(model, { tinyDecoder: { home }, budget: Infinity, onWarning: (m) => warnings.push(m) });
   assert.equal(second.partials.length, 2);
   assert.equal(warnings.length, 1, warnings.join('\n'));
   assert.match(warnings[0]!, /previews: the tiny decoder in .*taesd does not load \(taesd: .*decoder\.layers\.0\.weight.*\); previews use the linear latent map/);

@@ -18,13 +18,19 @@ const TAESD_FIXTURE = resolve(dirname(fileURLToPath(import.meta.url)), '..', 'fi
 
 let t: TestServer;
 let home: string;
+const savedBudget = process.env.KILN_PREVIEW_BUDGET;
 before(async () => {
   home = await makeHome({ 'kiln-tiny-xl': 'sdxl' });
+  // The workers read it (their environment is this one's): the decoder is used whatever it costs
+  // beside the tiny model on a loaded host, so that the test does not depend on timings.
+  process.env.KILN_PREVIEW_BUDGET = 'Infinity';
   t = await startTestServer({ home });
 });
 after(async () => {
   await t.close();
   rmSync(home, { recursive: true, force: true });
+  if (savedBudget === undefined) delete process.env.KILN_PREVIEW_BUDGET;
+  else process.env.KILN_PREVIEW_BUDGET = savedBudget;
 });
 
 function install(): void {
