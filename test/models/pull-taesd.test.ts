@@ -3,7 +3,7 @@
  * laid out like madebyollin/taesd and madebyollin/taesdxl (the diffusers files beside the original
  * .pth checkpoints and PyTorch .bin): exactly config.json and the safetensors weights are fetched,
  * into $KILN_HOME/previews/<alias>/, where the previews look for them (engine/tiny-decoder.ts),
- * and the decoder they make loads there.
+ * listed and removed like other installs, and the decoder they make loads there.
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -14,6 +14,7 @@ import { DiffusionModel } from '../../src/engine/model.js';
 import { builtinModelsDir, locateModel } from '../../src/engine/locate.js';
 import { PREVIEWS_DIR, TINY_DECODER_ALIASES, tinyDecoderDir, tinyDecoderFor } from '../../src/engine/tiny-decoder.js';
 import { resolvePullSpec } from '../../src/models/aliases.js';
+import { listModels, removeModel } from '../../src/models/installed.js';
 import { pullModel } from '../../src/models/pull.js';
 import { FakeHub } from './fake-hub.js';
 import { filler, tempHome } from './helpers.js';
@@ -83,6 +84,10 @@ test('kiln pull taesd, taesdxl: only the diffusers files, installed where previe
   assert.equal(tinyDecoderDir('sd1', home), join(home, PREVIEWS_DIR, 'taesd'));
   assert.equal(tinyDecoderDir('sd2', home), join(home, PREVIEWS_DIR, 'taesd'));
   assert.equal(tinyDecoderDir('sdxl', home), join(home, PREVIEWS_DIR, 'taesdxl'));
+  // `kiln models` lists them; `kiln rm` removes one, and its family's previews go back to the linear map.
+  assert.deepEqual(listModels({ home, builtinDir: null }).map((m) => [m.name, m.kind]), [['taesd', 'files'], ['taesdxl', 'files']]);
+  await removeModel('taesdxl', { home });
+  assert.equal(tinyDecoderDir('sdxl', home), undefined);
 
   const model = await DiffusionModel.load(locateModel('kiln-tiny', [builtinModelsDir()]));
   try {
