@@ -14,8 +14,8 @@
  * is reported once and the linear map is used: a preview is never worth failing an image for.
  *
  * Previews must not slow the final image by more than a few percent, and a tiny decoder is not
- * cheap beside a small or fast UNet (full-size TAESD: ~0.5 s per 256x256 preview on 2 CPU cores,
- * more than kiln-tiny's whole run). So each run decides at its first preview (preview.ts
+ * cheap beside a small or fast UNet (full-size TAESD: 0.17-0.5 s per 256x256 preview on 2 CPU
+ * cores, about half of kiln-tiny's whole run). So each run decides at its first preview (preview.ts
  * withinBudget): the decoder's measured cost at this size times the previews asked for, against
  * the run's expected time (from its pace so far) times the budget, 5% by default
  * ($KILN_PREVIEW_BUDGET, a fraction; `Infinity`: always); over it, that run uses the linear map.
