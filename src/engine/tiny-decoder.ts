@@ -19,6 +19,8 @@
  * withinBudget): the decoder's measured cost at this size times the previews asked for, against
  * the run's expected time (from its pace so far) times the budget, 5% by default
  * ($KILN_PREVIEW_BUDGET, a fraction; `Infinity`: always); over it, that run uses the linear map.
+ * The first run of a process waits at its first preview for the decoder to load (a graph build
+ * the first time ever, then a session and the measuring decodes: well under a second for TAESD).
  */
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
