@@ -3,7 +3,7 @@
  * percentiles, plus /health latency while the server is loaded.
  *
  *   npm run bench:server -- [--clients 4] [--requests 32] [--size 256x256] [--steps 8]
- *                           [--format b64_json|url] [--workers 1] [--partial-images N]
+ *                           [--format b64_json|url] [--workers 1] [--partial-images N [--taesd]]
  *                           [--max-batch 1 | --max-batch 1,8 [--rounds 2]]
  *                           [--model NAME|DIR | --fixture VARIANT [--channels N]] [--url http://HOST:PORT]
  *   npm run bench:server -- --queue redis://HOST:PORT ...   scale-out: 1 and 2 kiln worker processes (bench/server-queue.ts)
@@ -15,6 +15,9 @@
  * outside load falls on all alike.
  * BENCH_TRACE=1 prints each request's finish time and latency to stderr.
  *
+ * --taesd: the previews come from a tiny VAE decoder: a full-size TAESD (the real config, 1.22 M
+ * decoder parameters, seeded random weights) is installed as the temp home's previews/taesd and
+ * previews/taesdxl, as `kiln pull taesd` / `taesdxl` would (engine/tiny-decoder.ts).
  * --partial-images N: the preview cost. Requests alternate between a plain one and a streamed one
  * (`stream: true, partial_images: N`, read to its completed event), same settings otherwise, so
  * outside load falls on both alike; each kind's latency is reported and the streamed / plain ratio.
@@ -24,11 +27,19 @@
  */
 import { parseArgs } from 'node:util';
 import os from 'node:os';
-import { mkdtempSync, mkdirSync, rmSync, symlinkSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createServer, type KilnServer } from '../src/server/app.js';
 import { locateModel } from '../src/engine/locate.js';
 import { ensureFixture, type FixtureVariant } from '../tools/fixtures/variants.js';
+import { Engine } from '../src/engine/engine.js';
+import { parseSize } from '../src/engine/presets.js';
+import { PREVIEWS_DIR, previewBudget, tinyDecoderFor } from '../src/engine/tiny-decoder.js';
+import { GraphBuilder } from '../src/graphs/onnx-builder.js';
+import { TAESD } from '../src/graphs/reference-configs.js';
+import { writeSafetensors, type TensorToWrite } from '../src/graphs/safetensors.js';
+import { buildTinyDecoder } from '../src/graphs/taesd.js';
+import { Params, RecordingWeights } from '../src/graphs/weights.js';
 import { queueBench, queueBenchRequested } from './server-queue.js';
 
 // --queue redis://...: the scale-out benchmark (its own options, bench/server-queue.ts).
@@ -53,9 +64,71 @@ const { values: args } = parseArgs({
     'partial-images': { type: 'string' },
     'max-batch': { type: 'string', default: '1' },
     rounds: { type: 'string', default: '1' },
+    taesd: { type: 'boolean', default: false },
   },
 });
 const partialImages = args['partial-images'] === undefined ? undefined : Number(args['partial-images']);
+if (args.taesd && (args.url || partialImages === undefined)) throw new Error('--taesd installs the decoder in the bench\'s own server: it needs --partial-images and no --url');
+
+/** A full-size TAESD folder (config.json + seeded random decoder weights) in previews/taesd and previews/taesdxl of `home`. */
+function installRandomTaesd(home: string): number {
+  const weights = new RecordingWeights('taesd');
+  const g = new GraphBuilder('taesd_decoder');
+  const p = Params.of(g, weights);
+  buildTinyDecoder(g, { ...TAESD }, p);
+  const tensors: Record<string, TensorToWrite> = {};
+  for (const [key, shape] of weights.shapes) {
+    const source = weights.lookup(key, shape).source;
+    if (source.kind !== 'values') throw new Error(`${key}: expected generated values`);
+    tensors[key] = { dtype: 'F32', shape, data: source.values() };
+  }
+  for (const alias of ['taesd', 'taesdxl']) {
+    const dir = join(home, PREVIEWS_DIR, alias);
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(join(dir, 'config.json'), JSON.stringify(TAESD));
+    writeSafetensors(join(dir, 'diffusion_pytorch_model.safetensors'), tensors);
+  }
+  return p.parameterCount;
+}
+
+/**
+ * What the model's tiny decoder costs per preview at the bench's size (median of 5 decodes, in
+ * this process once the server is closed), and what the previewer's budget rule decides with it
+ * for a run as long as a plain request (preview.ts withinBudget).
+ */
+async function tinyDecoderCost(dir: string, count: number, plainMs: number): Promise<string> {
+  const home = mkdtempSync(join(os.tmpdir(), 'kiln-bench-taesd-'));
+  mkdirSync(join(home, 'models'));
+  symlinkSync(dir, join(home, 'models', 'bench-model'), 'dir');
+  installRandomTaesd(home);
+  const engine = new Engine({ searchDirs: [join(home, 'models')], cacheDir: join(home, 'cache') });
+  try {
+    const model = await engine.model('bench-model');
+    const decoder = await tinyDecoderFor(model, { home });
+    if (!decoder) return 'tiny decoder: none loaded';
+    const { width, height } = parseSize(args.size!, [args.size!]);
+    const dims = [1, decoder.config.latentChannels, height / 8, width / 8];
+    const latents = new Float32Array(dims.reduce((a, b) => a * b, 1)).map((_, i) => Math.sin(i));
+    const times: number[] = [];
+    for (let i = 0; i < 5; i++) {
+      const t0 = performance.now();
+      await decoder.decode(latents, dims);
+      times.push(performance.now() - t0);
+    }
+    times.sort((a, b) => a - b);
+    const ms = times[2]!;
+    const budget = previewBudget();
+    const share = (count * ms) / plainMs;
+    return (
+      `tiny decoder (${decoder.alias}) at ${dims[2]}x${dims[3]} latents: median ${ms.toFixed(0)} ms per preview; ${count} previews = ` +
+      `${(share * 100).toFixed(1)}% of a plain image's mean latency; budget ${(budget * 100).toFixed(0)}%` +
+      ` ($KILN_PREVIEW_BUDGET): such runs preview with ${share <= budget ? 'the tiny decoder' : 'the linear map'}`
+    );
+  } finally {
+    await engine.close();
+    rmSync(home, { recursive: true, force: true });
+  }
+}
 
 const percentile = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1))]!;
 const ms = (x: number) => `${x.toFixed(0)} ms`;
@@ -97,6 +170,7 @@ async function startTarget(maxBatch: number, dir: string | undefined): Promise<T
     home = mkdtempSync(join(os.tmpdir(), 'kiln-bench-'));
     mkdirSync(join(home, 'models'));
     symlinkSync(dir!, join(home, 'models', 'bench-model'), 'dir');
+    if (args.taesd) installRandomTaesd(home);
     server = await createServer({
       home,
       port: 0,
@@ -208,7 +282,8 @@ async function main(): Promise<void> {
   if (!batches.every((b) => Number.isInteger(b) && b >= 1)) throw new Error('--max-batch takes integers >= 1, e.g. 1,8');
   if (args.url && batches.length > 1) throw new Error('--max-batch with several values starts its own servers: leave out --url');
   const rounds = Math.max(1, Number(args.rounds));
-  const { dir, label } = args.url ? { dir: undefined, label: args.url } : await modelDir();
+  const { dir, label: modelLabel } = args.url ? { dir: undefined, label: args.url } : await modelDir();
+  const label = args.taesd ? `${modelLabel}, previews from a random-weight full-size TAESD` : modelLabel;
   const loadBefore = os.loadavg();
   // Every server is started first and stays up (idle while another is measured), so that rounds
   // can alternate often without paying a start-up each time.
@@ -242,6 +317,7 @@ async function main(): Promise<void> {
     `npm run bench:server -- --clients ${clients} --requests ${total} --size ${args.size} --steps ${args.steps} --format ${args.format} --workers ${args.workers}` +
     ` --max-batch ${args['max-batch']}` + (rounds > 1 ? ` --rounds ${rounds}` : '') +
     (partialImages !== undefined ? ` --partial-images ${partialImages}` : '') +
+    (args.taesd ? ' --taesd' : '') +
     (args.url ? ` --url ${args.url}` : args.model ? ` --model ${args.model}` : ` --fixture ${args.fixture ?? 'sdxl'} --channels ${args.channels ?? 8}`);
   const lines = [
     `kiln server benchmark: ${label}, ${args.size}, ${args.steps} steps, ${args.format}, ${clients} concurrent clients, ${total} requests, ${args.workers} worker(s)`,
@@ -281,6 +357,7 @@ async function main(): Promise<void> {
       ].filter(Boolean),
     );
   });
+  if (args.taesd && dir) lines.push(await tinyDecoderCost(dir, partialImages!, mean(pooled[0]!.latencies)));
   lines.push(`reproduce: ${command}`);
   process.stdout.write(`${lines.join('\n')}\n`);
 }

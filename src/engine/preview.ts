@@ -2,7 +2,9 @@
  * Cheap previews of a generation in progress: the clean sample the scheduler predicts at a step
  * (its pred_original_sample) mapped to RGB by a linear map per VAE, 4 latent channels -> 3
  * colours plus a bias, one pixel per latent cell, then scaled up to the image size. No VAE run
- * per preview: the map costs 15 multiply-adds per latent cell.
+ * per preview: the map costs 15 multiply-adds per latent cell. When the family's tiny VAE
+ * decoder is installed (TAESD / TAESDXL, tiny-decoder.ts) it decodes the clean sample instead,
+ * a picture that looks like the final image.
  *
  * The map is fitted once per VAE (per worker) by least squares from the VAE itself, so it holds
  * for any VAE (a family's stock one, kiln-tiny's own, a `--vae` replacement):
@@ -18,6 +20,7 @@ import type { StepLatents } from './pipeline.js';
 import { encodeImageToLatents, type RgbImage } from './vae.js';
 import type { OutputFormat } from './image-codec.js';
 import { solveLinear } from './schedulers/common.js';
+import { previewBudget, tinyDecoderFor, type TinyDecoderLocation } from './tiny-decoder.js';
 
 const CHANNELS = 4;
 const FEATURES = CHANNELS + 1;
@@ -213,6 +216,8 @@ export interface PartialImage {
   step: number;
   totalSteps: number;
   bytes: Buffer;
+  /** What drew it: the family's tiny decoder (`taesd`, `taesdxl`) or the linear map. */
+  decoder: string;
 }
 
 export interface PreviewerOptions {
@@ -223,6 +228,23 @@ export interface PreviewerOptions {
   format: OutputFormat;
   quality?: number;
   onPartial: (partial: PartialImage) => void;
+  /** Where the tiny decoders are (default $KILN_HOME/previews/); false: the linear map only. */
+  tinyDecoder?: TinyDecoderLocation | false;
+  /** A tiny decoder that does not load or run (default: a line on stderr). */
+  onWarning?: (message: string) => void;
+  /** The share of the run's time tiny-decoder previews may take (default $KILN_PREVIEW_BUDGET, else 0.05; see withinBudget). */
+  budget?: number;
+}
+
+/**
+ * Whether a run can afford its previews from the tiny decoder: `count` decodes of `decodeMs`
+ * each within `budget` of the run's expected time, `totalSteps` at the pace of the first `step`
+ * (`elapsedMs` since the run began, text encoding included).
+ */
+export function withinBudget(decodeMs: number, count: number, elapsedMs: number, step: number, totalSteps: number, budget: number): boolean {
+  if (budget === Infinity) return true;
+  const runMs = (elapsedMs / Math.max(1, step)) * totalSteps;
+  return decodeMs * count <= budget * runMs;
 }
 
 /**
@@ -232,6 +254,30 @@ export interface PreviewerOptions {
  */
 export function createPreviewer(model: DiffusionModel, options: PreviewerOptions) {
   const map = latentRgbMap(model);
+  const warn = options.onWarning ?? ((m: string): void => void process.stderr.write(`kiln: warning: ${m}\n`));
+  const tiny = options.tinyDecoder === false ? Promise.resolve(undefined) : tinyDecoderFor(model, options.tinyDecoder, warn);
+  const budget = options.budget ?? previewBudget();
+  const started = performance.now();
+  let tinyFailed = false;
+  /** Decided at the first preview, for the whole run (previews of one run all look alike). */
+  let affordable: boolean | undefined;
+  /** The step's picture: the tiny decoder's when it has one, else the linear map's (undefined while there is none). */
+  const draw = async (x0: Float32Array, dims: number[], at: { step: number; totalSteps: number; elapsedMs: number }): Promise<{ image: RgbImage; decoder: string } | undefined> => {
+    const decoder = tinyFailed ? undefined : await tiny;
+    if (decoder && decoder.config.latentChannels === dims[1]) {
+      affordable ??= withinBudget(decoder.estimateMs(dims), wanted!.size, at.elapsedMs, at.step, at.totalSteps, budget);
+    }
+    if (decoder && affordable && decoder.config.latentChannels === dims[1]) {
+      try {
+        return { image: await decoder.decode(x0, dims), decoder: decoder.alias };
+      } catch (err) {
+        tinyFailed = true; // for the rest of this run
+        warn(`previews: the tiny decoder in ${decoder.dir} failed (${err instanceof Error ? err.message : String(err)}); this run's previews use the linear latent map`);
+      }
+    }
+    const m = await map;
+    return m && { image: latentsToRgb(m, x0, dims), decoder: 'linear' };
+  };
   let chain: Promise<void> = Promise.resolve();
   let wanted: Set<number> | undefined;
   let index = 0;
@@ -240,11 +286,12 @@ export function createPreviewer(model: DiffusionModel, options: PreviewerOptions
       wanted ??= new Set(previewSteps(s.totalSteps, options.count));
       if (!wanted.has(s.step)) return;
       const x0 = s.predOriginal ?? s.latents;
+      const at = { step: s.step, totalSteps: s.totalSteps, elapsedMs: performance.now() - started };
       chain = chain.then(async () => {
-        const m = await map;
-        if (!m) return;
-        const bytes = await encodePreview(latentsToRgb(m, x0, s.latentDims), options.width, options.height, options.format, options.quality);
-        options.onPartial({ index: index++, step: s.step, totalSteps: s.totalSteps, bytes });
+        const drawn = await draw(x0, s.latentDims, at);
+        if (!drawn) return;
+        const bytes = await encodePreview(drawn.image, options.width, options.height, options.format, options.quality);
+        options.onPartial({ index: index++, step: s.step, totalSteps: s.totalSteps, bytes, decoder: drawn.decoder });
       });
     },
     /** Resolves when every partial so far is delivered; rejects if one failed. */

@@ -151,12 +151,14 @@ export class JobEngine {
   private readonly running = new Set<Promise<unknown>>();
   private readonly current = new Set<AbortController>();
   private readonly batcher: UnetBatcher | undefined;
+  private readonly onWarning: ((message: string) => void) | undefined;
 
   constructor(
     readonly engine: Engine,
     private readonly device: Device,
-    options: { maxBatch?: number } = {},
+    options: { maxBatch?: number; onWarning?: (message: string) => void } = {},
   ) {
+    this.onWarning = options.onWarning;
     this.batcher = (options.maxBatch ?? 1) > 1 ? new UnetBatcher({ maxBatch: options.maxBatch! }) : undefined;
   }
 
@@ -258,6 +260,9 @@ export class JobEngine {
           format,
           quality: spec.output.quality,
           onPartial: (p) => hooks.onPartial?.({ index: p.index, step: p.step, totalSteps: p.totalSteps, width, height, bytes: p.bytes }),
+          // The tiny decoders are under the Engine's home (previews/), given by the caller, never read from the environment here.
+          tinyDecoder: this.engine.home ? { home: this.engine.home, cacheDir: this.engine.cacheDir } : undefined,
+          onWarning: this.onWarning,
         });
       }
       const options = {

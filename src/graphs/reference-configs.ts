@@ -339,6 +339,29 @@ export const SDXL_SCHEDULER: Readonly<SchedulerConfig> = {
   use_karras_sigmas: false,
 };
 
+/**
+ * madebyollin/taesd config.json (diffusers AutoencoderTiny): also diffusers' defaults, and the
+ * layout of madebyollin/taesdxl (same widths and blocks, trained on SDXL's latents). Kiln builds
+ * only its decoder (taesd.ts): 1,222,531 parameters, as PyTorch counts them
+ * (tools/oracle/taesd_golden.py).
+ */
+export const TAESD: JsonConfig = {
+  _class_name: 'AutoencoderTiny',
+  act_fn: 'relu',
+  decoder_block_out_channels: [64, 64, 64, 64],
+  encoder_block_out_channels: [64, 64, 64, 64],
+  force_upcast: false,
+  in_channels: 3,
+  latent_channels: 4,
+  latent_magnitude: 3,
+  latent_shift: 0.5,
+  num_decoder_blocks: [3, 3, 3, 1],
+  num_encoder_blocks: [1, 3, 3, 3],
+  out_channels: 3,
+  scaling_factor: 1.0,
+  upsampling_scaling_factor: 2,
+};
+
 export type ReferenceKind = 'unet' | 'vae' | 'clip-text';
 
 export interface ReferenceModel {

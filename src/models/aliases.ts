@@ -109,7 +109,21 @@ export const BUILTIN_ALIASES: Readonly<Record<string, AliasEntry>> = Object.free
   // Image prompts (src/catalog/image-prompt-assets.ts): h94's files under $KILN_HOME/ip-adapters/,
   // each pull in its own folder (a pull replaces its whole folder), the encoders where h94 keeps them.
   ...ipAdapterAliases(),
+  // Tiny decoders for previews (src/engine/tiny-decoder.ts), each in $KILN_HOME/previews/<alias>/:
+  // the diffusers AutoencoderTiny files (config + safetensors; Kiln builds its decoder graph).
+  ...previewDecoderAliases(),
 } satisfies Record<string, AliasEntry>);
+
+function previewDecoderAliases(): Record<string, AliasEntry> {
+  const decoder = (alias: string, repo: string, description: string): [string, AliasEntry] => [
+    alias,
+    { repo, files: [{ path: 'config.json' }, { path: 'diffusion_pytorch_model.safetensors' }], kind: 'files', dir: `previews/${alias}`, description, size: '~10 MB' },
+  ];
+  return Object.fromEntries([
+    decoder('taesd', 'madebyollin/taesd', 'TAESD, the tiny VAE decoder of SD 1.x / 2.x latents: streamed previews that look like the final image'),
+    decoder('taesdxl', 'madebyollin/taesdxl', 'TAESDXL, the tiny VAE decoder of SDXL latents: streamed previews that look like the final image'),
+  ]);
+}
 
 function ipAdapterAliases(): Record<string, AliasEntry> {
   const adapter = (alias: string, path: string, description: string, size: string): [string, AliasEntry] => [

@@ -21,8 +21,9 @@ const cancelCell = new Int32Array(init.cancel);
 const post = (msg: FromWorker, transfer: ArrayBuffer[] = []) => port.postMessage(msg, transfer);
 const { home, searchDirs, cacheDir, lorasDir } = init.folders;
 // Warnings (LoRA modules that match nothing, unused checkpoint tensors) go to the server's log.
-const engine = new Engine({ device: init.device, home, searchDirs, cacheDir, lorasDir, onWarning: (message) => post({ type: 'warning', message }) });
-const jobs = new JobEngine(engine, init.device, { maxBatch: init.maxBatch });
+const warn = (message: string) => post({ type: 'warning', message });
+const engine = new Engine({ device: init.device, home, searchDirs, cacheDir, lorasDir, onWarning: warn });
+const jobs = new JobEngine(engine, init.device, { maxBatch: init.maxBatch, onWarning: warn });
 const controllers = new Map<number, AbortController>();
 
 /** A standalone ArrayBuffer (a Buffer may be a view into a shared pool) to transfer, not copy. */
