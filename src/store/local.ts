@@ -8,6 +8,7 @@ import { mkdir, readdir, rename, stat, unlink, writeFile } from 'node:fs/promise
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import type { ImageStore, StoredImage } from './types.js';
+import { startSweeper } from './sweeper.js';
 
 const KEY = /^([0-9a-z]{1,11})_([0-9a-f]{48})\.(png|jpeg|webp)$/;
 const TMP = /^\.tmp-/;
@@ -46,13 +47,7 @@ export class LocalDiskStore implements ImageStore {
 
   /** Starts the periodic sweeper (and sweeps once now). */
   start(): this {
-    if (this.timer) return this;
-    const run = () => {
-      this.sweep().catch((err) => this.options.onError?.(err));
-    };
-    run();
-    this.timer = setInterval(run, this.options.sweepIntervalMs ?? 15_000);
-    this.timer.unref();
+    this.timer ??= startSweeper(() => this.sweep(), this.options.sweepIntervalMs ?? 15_000, this.options.onError);
     return this;
   }
 

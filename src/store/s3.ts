@@ -29,6 +29,7 @@ import {
 import { getSignedUrl } from '@aws-sdk/s3-request-presigner';
 import { StoreUnavailableError } from './errors.js';
 import type { ImageStore, InputStore, StoredImage } from './types.js';
+import { startSweeper } from './sweeper.js';
 
 const EXPIRY_DIGITS = 7; // base 36: enough until the year 4450
 const IMAGE_KEY = /^([0-9a-z]{7})_([0-9a-f]{48})\.(png|jpeg|webp)$/;
@@ -145,13 +146,7 @@ export class S3Store implements ImageStore, InputStore {
 
   /** Starts the periodic sweeper (and sweeps once now). */
   start(): this {
-    if (this.timer) return this;
-    const run = () => {
-      this.sweep().catch((err) => this.options.onError?.(err));
-    };
-    run();
-    this.timer = setInterval(run, this.options.sweepIntervalMs ?? 15_000);
-    this.timer.unref();
+    this.timer ??= startSweeper(() => this.sweep(), this.options.sweepIntervalMs ?? 15_000, this.options.onError);
     return this;
   }
 
