@@ -41,6 +41,8 @@ export interface ResolvedModel {
   dir?: string;
   /** The name the request asked for, when an alias or the OpenAI fallback answered it with `id`. */
   requested?: string;
+  /** Scale-out: served by the workers only, no folder on this host (catalog/fleet.ts). */
+  remote?: boolean;
 }
 
 /** The folders an Engine works in, all from the catalog's home. */
@@ -63,7 +65,7 @@ export interface ModelCatalog {
   installed(): { id: string; dir: string }[];
   /** The model a request names (or the default), or ModelNotFoundError (404). */
   resolve(requested: string | undefined): ResolvedModel;
-  /** The folder of a resolved model (for reading its files before anything is queued). */
+  /** The folder of a resolved model (for reading its files before anything is queued); '' for a remote one. */
   dir(model: ResolvedModel): string;
 }
 

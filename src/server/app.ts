@@ -35,6 +35,7 @@ import { ApiError, SHUTTING_DOWN_HEADERS } from './errors.js';
 import { createImagesService } from './images-service.js';
 import { createMetrics, type Metrics } from './metrics.js';
 import { createModelCatalog } from '../catalog/catalog.js';
+import { withFleetModels } from '../catalog/fleet.js';
 import { MemoryInputStore } from '../store/memory-inputs.js';
 import { isInputStore } from '../store/index.js';
 import { readModelAliases } from '../models/aliases.js';
@@ -189,7 +190,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   const limits: UploadLimits = { maxBytes: options.maxUploadBytes ?? 4 * 1024 * 1024, maxPixels: options.maxUploadPixels ?? 4096 * 4096 };
   const maxFiles = options.maxUploadFiles ?? 16;
   const logger = makeLogger(options.logger);
-  const models = createModelCatalog(searchDirs, { defaultModel: options.defaultModel, aliases: options.modelAliases, home });
+  let models = createModelCatalog(searchDirs, { defaultModel: options.defaultModel, aliases: options.modelAliases, home });
   try {
     readModelAliases(home);
   } catch (err) {
@@ -216,6 +217,11 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       })
     : undefined;
   // Uploads: in the bucket with --store s3:// (any worker host reads them there), else in Redis when scaled out, else in memory.
+  // Scaled out, the names the live workers announce resolve too (the API host needs no copy of their models).
+  if (redisQueue) {
+    const fleetQueue = redisQueue;
+    models = withFleetModels(models, () => fleetQueue.fleet().workers.flatMap((w) => w.models));
+  }
   const inputs = options.inputs ?? (isInputStore(options.store) ? options.store : undefined) ?? redisQueue?.inputs ?? new MemoryInputStore();
   const runner: JobRunner | undefined =
     options.runner ??

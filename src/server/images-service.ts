@@ -90,6 +90,8 @@ export function createImagesService({ queue, store, inputs, signer, models, home
    * upload's shape at the model's native area.
    */
   function requestSize(params: ImageParams, model: ResolvedModel, upload?: Size): string {
+    // Only the workers have its folder: they check the size (an edit's `auto` is the model's native size there).
+    if (model.remote) return params.size;
     let layout: ModelLayout;
     try {
       layout = detectLayout(models.dir(model));
@@ -169,7 +171,7 @@ export function createImagesService({ queue, store, inputs, signer, models, home
       if (edit) {
         spec.inputs = jobInputs;
         // Weights all 0: the plain model (no adapter is resolved on the worker either).
-        if (edit.imagePrompt && edit.imagePrompt.adapters.length) spec.imagePrompt = edit.imagePrompt.weights;
+        if (edit.imagePrompt && (edit.imagePrompt.adapters.length || model.remote)) spec.imagePrompt = edit.imagePrompt.weights;
         if (edit.pose) spec.pose = edit.pose;
         else if (!fromNoise) spec.strength = params.strength ?? (edit.mask ? DEFAULT_INPAINT_STRENGTH : DEFAULT_STRENGTH);
       }
@@ -279,16 +281,18 @@ export function createImagesService({ queue, store, inputs, signer, models, home
       const model = models.resolve(params.model);
       let pose: EditInput['pose'];
       if (upload.poseScale !== undefined) {
-        // Checked here too, so that a request that cannot be honoured gets its 400 before it is queued.
-        const assets = resolvePoseAssets(models.dir(model), model.id, home);
-        caller.log.debug({ model: model.id, ...assets.sources }, 'pose assets');
+        // Checked here too, so that a request that cannot be honoured gets its 400 before it is queued (a remote model: on the worker).
+        if (!model.remote) {
+          const assets = resolvePoseAssets(models.dir(model), model.id, home);
+          caller.log.debug({ model: model.id, ...assets.sources }, 'pose assets');
+        }
         pose = { scale: upload.poseScale };
       }
       let imagePrompt: EditInput['imagePrompt'];
       if (upload.imagePrompt) {
         // A folder the layout check refuses cannot be served at all: its load error, not an image without the image prompt.
-        const family = detectLayout(models.dir(model)).family;
-        const adapters = resolveImagePromptAssets(family, model.id, home, upload.imagePrompt);
+        // A remote model's adapters are found (or refused) on the worker; the response names none.
+        const adapters = model.remote ? [] : resolveImagePromptAssets(detectLayout(models.dir(model)).family, model.id, home, upload.imagePrompt);
         caller.log.debug({ model: model.id, adapters: adapters.map((a) => `${a.name}:${a.weight}`) }, 'image prompt');
         imagePrompt = { weights: upload.imagePrompt, adapters };
       }

@@ -27,8 +27,8 @@ const SLOW: ModelSpec = { variant: 'sdxl', options: { channels: 64 } };
 
 before(async () => {
   redis = await RedisServer.start();
-  // The workers serve the built-in kiln-tiny models and 'kiln-slow'.
-  workerHome = await makeHome({ 'kiln-slow': SLOW });
+  // The workers serve the built-in kiln-tiny models, 'kiln-slow', and 'worker-only', which the API host does not have.
+  workerHome = await makeHome({ 'kiln-slow': SLOW, 'worker-only': 'sdxl' });
   // The API's home has one more model, 'only-here', that no worker has.
   api = await startTestServer({
     models: { 'only-here': 'sdxl', 'kiln-slow': SLOW },
@@ -153,6 +153,27 @@ test('a client that disconnects mid-job: the worker stops the job between steps'
   await until(async () => /job cancelled \(its client went away\)/.test(worker.log), () => `the worker to report the job cancelled; its log:\n${worker.log}`);
   await until(async () => ((await fleet(api)).workers!.every((w) => w.active === 0) ? true : undefined), 'the worker idle again');
   assert.deepEqual(workers.map((w) => w.jobsDone), before, 'the job never finished');
+});
+
+test('a model only the workers have: listed in /v1/models, served, and its pose refusal comes back from the worker as a 400', async () => {
+  const list = await getJson(`${api.url}/v1/models`);
+  assert.ok(list.json.data.some((m: { id: string }) => m.id === 'worker-only'), JSON.stringify(list.json.data.map((m: { id: string }) => m.id)));
+  const r = await generate(api, { model: 'worker-only', size: '512x512' });
+  assert.equal(r.status, 200, r.text);
+  assert.equal(r.json.kiln.model, 'worker-only');
+  assert.equal(r.json.size, '512x512');
+  // Its folder (no ControlNet-UNet) is only on the workers: the worker refuses pose mode, the API answers the same 400 as one machine would.
+  const form = new FormData();
+  form.append('image', new Blob([await makePng(256, 256)], { type: 'image/png' }), 'in.png');
+  form.append('prompt', 'a dancer');
+  form.append('model', 'worker-only');
+  form.append('user', 'cn');
+  const res = await fetch(`${api.url}/v1/images/edits`, { method: 'POST', body: form });
+  assert.equal(res.status, 400);
+  const e = envelope(await res.json());
+  assert.equal(e.code, 'pose_model_missing');
+  assert.equal(e.param, 'user');
+  assert.match(e.message, /worker-only/);
 });
 
 test('a model no live worker serves answers 503 saying so (not a hanging request)', async () => {
