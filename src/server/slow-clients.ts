@@ -70,7 +70,13 @@ export class BodyRateGuard {
     if (!this.timer || request.complete) return;
     const socket = request.socket;
     this.tracked.set(request, { socket, samples: [{ at: performance.now(), bytes: socket.bytesRead }] });
-    const untrack = () => this.tracked.delete(request);
+    // Both listeners go once either fires: a kept-alive socket serves many requests, and must not
+    // collect one 'close' listener per request it ever carried.
+    const untrack = () => {
+      this.tracked.delete(request);
+      request.off('end', untrack);
+      socket.off('close', untrack);
+    };
     request.once('end', untrack);
     socket.once('close', untrack);
   }

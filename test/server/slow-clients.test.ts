@@ -11,7 +11,9 @@ import assert from 'node:assert/strict';
 import { connect } from 'node:net';
 import { openSlowConnection, type SlowConnection } from '../../tools/hostile/requests.js';
 import { startTestServer, envelope, type TestServer } from './helpers.js';
-import { connectionsCheckingInterval } from '../../src/server/slow-clients.js';
+import { EventEmitter } from 'node:events';
+import type { IncomingMessage } from 'node:http';
+import { BodyRateGuard, connectionsCheckingInterval } from '../../src/server/slow-clients.js';
 
 const limits = { headersTimeoutMs: 800, bodyTimeoutMs: 2500, minBodyRate: 1024, bodyRateWindowMs: 800 };
 // Node checks its deadlines every connectionsCheckingInterval; the rate guard 4 times a window.
@@ -102,5 +104,23 @@ test('a client at full speed is not affected, on a connection it keeps using', a
     await res.arrayBuffer();
     // Idle between requests for longer than the header limit: keep-alive is not the header clock.
     if (i === 0) await new Promise((r) => setTimeout(r, limits.headersTimeoutMs + nodeSlack));
+  }
+});
+
+test('the rate guard keeps no listener per request on a kept-alive socket', () => {
+  // Stand-ins with the only members the guard reads: a socket's byte count and events, a request's `complete`.
+  const socket = Object.assign(new EventEmitter(), { bytesRead: 0, destroyed: false });
+  const guard = new BodyRateGuard({ minBodyRate: 1024, bodyRateWindowMs: 800 }, () => {});
+  try {
+    for (let i = 0; i < 25; i++) {
+      const request = Object.assign(new EventEmitter(), { socket, complete: false });
+      guard.track(request as unknown as IncomingMessage);
+      request.complete = true;
+      request.emit('end');
+      assert.equal(request.listenerCount('end'), 0);
+    }
+    assert.equal(socket.listenerCount('close'), 0, 'one close listener left per request the socket carried');
+  } finally {
+    guard.close();
   }
 });
