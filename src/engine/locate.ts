@@ -7,7 +7,7 @@ import { existsSync, statSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ModelLoadError, ModelNotFoundError } from './errors.js';
-import { fileModelFolder, isWeightsFilePath } from '../graphs/checkpoint.js';
+import { assertNotPickle, fileModelFolder, isWeightsFilePath } from '../graphs/checkpoint.js';
 
 /** The `models/` folder shipped with the package (kiln-tiny lives there). */
 export function builtinModelsDir(): string {
@@ -37,6 +37,7 @@ export interface LocateOptions {
 export function locateModel(nameOrPath: string, searchDirs: readonly string[], options: LocateOptions = {}): string {
   const asPath = resolve(nameOrPath);
   if (isWeightsFilePath(nameOrPath) && existsSync(asPath) && statSync(asPath).isFile()) {
+    assertNotPickle(asPath); // what is wrong with the file comes before what is missing from the call
     if (options.cacheDir === undefined) {
       throw new ModelLoadError(`${asPath} is a single-file checkpoint, built into a model folder under a cache folder: pass the cacheDir option`, asPath);
     }
