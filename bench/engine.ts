@@ -13,7 +13,8 @@ import os from 'node:os';
 import { DiffusionModel } from '../src/engine/model.js';
 import { generate } from '../src/engine/pipeline.js';
 import { encodeGeneratedPng } from '../src/engine/image-codec.js';
-import { locateModel } from '../src/engine/locate.js';
+import { locateInHome } from '../src/catalog/installed-models.js';
+import { kilnHome } from '../src/catalog/home.js';
 import type { Device } from '../src/engine/onnx.js';
 import { median } from './stats.js';
 import { ensureFixture, type FixtureVariant } from '../tools/fixtures/variants.js';
@@ -38,7 +39,7 @@ async function main(): Promise<void> {
   let dir: string;
   let label: string;
   if (args.model) {
-    dir = locateModel(args.model);
+    dir = locateInHome(args.model, kilnHome());
     label = args.model;
   } else {
     const variant = (args.fixture ?? 'sdxl') as FixtureVariant;

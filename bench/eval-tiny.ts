@@ -21,7 +21,8 @@ import sharp from 'sharp';
 import cliProgress from 'cli-progress';
 import { DiffusionModel } from '../src/engine/model.js';
 import { denoiseSize, generate, resolveModelSize } from '../src/engine/pipeline.js';
-import { locateModel } from '../src/engine/locate.js';
+import { locateInHome } from '../src/catalog/installed-models.js';
+import { kilnHome } from '../src/catalog/home.js';
 import { median } from './stats.js';
 import {
   ACCURACY_BAR, ATTRIBUTES, accuracy, describe, emptyTally, scoreImage, tallyImage, worldCaptions,
@@ -52,7 +53,7 @@ async function main(): Promise<void> {
   let allPass = true;
   const denoised: string[] = [];
   for (const name of models) {
-    const model = await DiffusionModel.load(locateModel(name), { device: 'cpu' });
+    const model = await DiffusionModel.load(locateInHome(name, kilnHome()), { device: 'cpu' });
     const output = resolveModelSize(model, { size: args.size });
     const work = denoiseSize(model, output);
     denoised.push(`${name} ${work.width === output.width && work.height === output.height ? 'at that size' : `at ${work.width}x${work.height} (kiln.json native_size), resized`}`);

@@ -22,7 +22,8 @@ import { createWriteStream, mkdtempSync, mkdirSync, readFileSync, rmSync, symlin
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import sharp from 'sharp';
-import { locateModel } from '../src/engine/locate.js';
+import { locateInHome } from '../src/catalog/installed-models.js';
+import { kilnHome } from '../src/catalog/home.js';
 import { ensureFixture, type FixtureVariant } from '../tools/fixtures/variants.js';
 import { heavyRequests, malformedRequests, multipartBody, openSlowConnection, prng, sendHostile, type HostileRequest, type SlowConnection, type SlowKind } from '../tools/hostile/requests.js';
 
@@ -87,7 +88,7 @@ async function main(): Promise<void> {
 
   const home = mkdtempSync(join(os.tmpdir(), 'kiln-bench-memory-'));
   mkdirSync(join(home, 'models'));
-  const modelDir = args.model ? locateModel(args.model) : await ensureFixture(variant, { channels });
+  const modelDir = args.model ? locateInHome(args.model, kilnHome()) : await ensureFixture(variant, { channels });
   const modelLabel = args.model ? `model ${args.model}` : `fixture ${variant}, UNet channels ${channels}`;
   symlinkSync(modelDir, join(home, 'models', 'bench-model'), 'dir');
   const validSize = args['valid-size']!;

@@ -11,7 +11,8 @@
 import { parseArgs } from 'node:util';
 import { DiffusionModel } from '../src/engine/model.js';
 import { generate } from '../src/engine/pipeline.js';
-import { locateModel } from '../src/engine/locate.js';
+import { locateInHome } from '../src/catalog/installed-models.js';
+import { kilnHome } from '../src/catalog/home.js';
 
 const { values: args } = parseArgs({
   options: {
@@ -30,7 +31,7 @@ const PROMPTS = [
 ];
 
 async function main(): Promise<void> {
-  const model = await DiffusionModel.load(locateModel(args.model!));
+  const model = await DiffusionModel.load(locateInHome(args.model!, kilnHome()));
   const weights = args.weights!.split(',').map(Number);
   const seeds = Number(args.seeds);
   const base = { size: args.size!, allowedSizes: [args.size!], steps: Number(args.steps) };

@@ -30,11 +30,12 @@ import os from 'node:os';
 import { mkdtempSync, mkdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createServer, type KilnServer } from '../src/server/app.js';
-import { locateModel } from '../src/engine/locate.js';
+import { locateInHome } from '../src/catalog/installed-models.js';
+import { kilnHome, previewBudget } from '../src/catalog/home.js';
 import { ensureFixture, type FixtureVariant } from '../tools/fixtures/variants.js';
 import { Engine } from '../src/engine/engine.js';
 import { parseSize } from '../src/engine/presets.js';
-import { PREVIEWS_DIR, previewBudget, tinyDecoderFor } from '../src/engine/tiny-decoder.js';
+import { PREVIEWS_DIR, tinyDecoderFor } from '../src/engine/tiny-decoder.js';
 import { GraphBuilder } from '../src/graphs/onnx-builder.js';
 import { TAESD } from '../src/graphs/reference-configs.js';
 import { writeSafetensors, type TensorToWrite } from '../src/graphs/safetensors.js';
@@ -147,7 +148,7 @@ interface Measurement {
 
 /** The model folder and its label, when this process starts the server. */
 async function modelDir(): Promise<{ dir: string; label: string }> {
-  if (args.model) return { dir: locateModel(args.model), label: args.model };
+  if (args.model) return { dir: locateInHome(args.model, kilnHome()), label: args.model };
   const variant = (args.fixture ?? 'sdxl') as FixtureVariant;
   const channels = Number(args.channels ?? 8);
   return { dir: await ensureFixture(variant, { channels }), label: `fixture ${variant} (UNet channels ${channels})` };

@@ -12,7 +12,8 @@ import { parseArgs } from 'node:util';
 import os from 'node:os';
 import { DiffusionModel } from '../src/engine/model.js';
 import { generate } from '../src/engine/pipeline.js';
-import { locateModel } from '../src/engine/locate.js';
+import { locateInHome } from '../src/catalog/installed-models.js';
+import { kilnHome } from '../src/catalog/home.js';
 import type { Feed, OnnxModel } from '../src/engine/onnx.js';
 import { median } from './stats.js';
 import { ensureFixture, type FixtureVariant } from '../tools/fixtures/variants.js';
@@ -28,7 +29,7 @@ const { values: args } = parseArgs({
 });
 
 async function main(): Promise<void> {
-  const dir = args.model ? locateModel(args.model) : await ensureFixture((args.fixture ?? 'sdxl') as FixtureVariant);
+  const dir = args.model ? locateInHome(args.model, kilnHome()) : await ensureFixture((args.fixture ?? 'sdxl') as FixtureVariant);
   const label = args.model ?? `fixture ${args.fixture ?? 'sdxl'}`;
   const model = await DiffusionModel.load(dir);
   const unet = model.unet as OnnxModel & { run: OnnxModel['run'] };

@@ -15,7 +15,8 @@
  */
 import { existsSync } from 'node:fs';
 import { basename, join, resolve } from 'node:path';
-import { defaultModelName, isModelPath, listInstalledModels, locateModel } from '../engine/locate.js';
+import { isModelPath } from '../engine/locate.js';
+import { defaultModelName, listInstalledModels, locateModel } from './installed-models.js';
 import { ModelNotFoundError } from '../engine/errors.js';
 import { readModelAliases } from '../models/aliases.js';
 

@@ -6,7 +6,10 @@ import { join } from 'node:path';
 import { SingleBar, Presets } from 'cli-progress';
 import { Engine } from '../engine/engine.js';
 import { BuildProgress } from './convert.js';
-import { defaultModelName } from '../engine/locate.js';
+import { isModelPath } from '../engine/locate.js';
+import { kilnHome, loraCacheSize, modelSearchDirs, previewBudget } from '../catalog/home.js';
+import { createModelCatalog } from '../catalog/catalog.js';
+import { defaultModelName } from '../catalog/installed-models.js';
 import { randomSeed } from '../engine/rng.js';
 import { encodeGeneratedPng } from '../engine/image-codec.js';
 import type { Device } from '../engine/onnx.js';
@@ -37,15 +40,21 @@ export interface GenerateFlags {
 
 export async function generateCommand(flags: GenerateFlags): Promise<void> {
   const build = new BuildProgress();
-  const engine = new Engine({ device: flags.device, onBuildProgress: build.handle });
-  const modelName = flags.model ?? defaultModelName(engine.searchDirs);
+  // The home (--home sets $KILN_HOME) and tuning come from the environment here; the engine is given folders and values.
+  const home = kilnHome();
+  const catalog = createModelCatalog(modelSearchDirs(home), { home });
+  const budget = previewBudget();
+  const engine = new Engine({ device: flags.device, ...catalog.folders, loraCacheSize: loraCacheSize(), previewBudget: budget, onBuildProgress: build.handle });
+  const modelName = flags.model ?? defaultModelName(catalog.folders.searchDirs, home);
   const seed = flags.seed ?? randomSeed();
   const started = performance.now();
   const bar = process.stderr.isTTY
     ? new SingleBar({ format: ' {stage} |{bar}| {value}/{total} steps | {duration_formatted}', hideCursor: true }, Presets.shades_classic)
     : undefined;
   try {
-    const model = await engine.model(modelName, { loras: flags.lora });
+    // Names (aliases included) resolve through the catalog; the engine loads the folder.
+    const modelDir = catalog.locate(modelName);
+    const model = await engine.model(modelDir, { loras: flags.lora, name: isModelPath(modelName) ? undefined : modelName });
     build.stop();
     const onProgress = (p: Progress) => {
       if (!bar) return;
@@ -65,6 +74,8 @@ export async function generateCommand(flags: GenerateFlags): Promise<void> {
         height,
         format: 'png',
         onPartial: (p) => writes.push(writeFile(join(dir, `partial-${p.index}-step-${p.step}.png`), p.bytes)),
+        tinyDecoder: { home, cacheDir: catalog.folders.cacheDir },
+        budget,
       });
     }
     const result = await generate(model, {

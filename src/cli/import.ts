@@ -7,7 +7,7 @@
 import { join, resolve } from 'node:path';
 import { Option, type Command } from 'commander';
 import { InvalidOptionError } from '../engine/errors.js';
-import { kilnHome } from '../engine/locate.js';
+import { kilnHome } from '../catalog/home.js';
 import { importCheckpoint, importLora } from '../graphs/checkpoint.js';
 import { PREDICTION_TYPES, type PredictionType } from '../graphs/families.js';
 import { isValidModelName } from '../models/aliases.js';

@@ -6,7 +6,7 @@ import { aliasTable } from '../models/aliases.js';
 import { PullError } from '../models/errors.js';
 import { listModels, removeModel, type InstalledModel } from '../models/installed.js';
 import { formatBytes } from '../models/pull.js';
-import { kilnHome } from '../engine/locate.js';
+import { kilnHome } from '../catalog/home.js';
 import { ModelNotFoundError } from '../engine/errors.js';
 
 function table(rows: string[][]): string {

@@ -4,7 +4,9 @@
 import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { builtinModelsDir, defaultModelName, isModelPath, kilnHome, locateModel, modelSearchDirs, REFERENCE_DEFAULT_MODEL } from '../engine/locate.js';
+import { builtinModelsDir, isModelPath } from '../engine/locate.js';
+import { kilnHome, modelSearchDirs } from '../catalog/home.js';
+import { defaultModelName, locateModel, REFERENCE_DEFAULT_MODEL } from '../catalog/installed-models.js';
 import { MODEL_NAME, OPENAI_IMAGE_MODELS } from '../catalog/catalog.js';
 import type { Device } from '../engine/onnx.js';
 import { createServer } from '../server/app.js';
@@ -112,9 +114,9 @@ function parseUrl(value: string): string {
 function describeDefaultModel(configured: string | undefined, home: string): string {
   if (configured) return `${configured} (--default-model)`;
   const searchDirs = modelSearchDirs(home);
-  const name = defaultModelName(searchDirs);
+  const name = defaultModelName(searchDirs, home);
   try {
-    const dir = locateModel(name, searchDirs);
+    const dir = locateModel(name, searchDirs, { home });
     return dir.startsWith(builtinModelsDir()) ? `${name} (built into Kiln; \`kiln pull ${REFERENCE_DEFAULT_MODEL}\` for the reference's SDXL)` : name;
   } catch {
     return `${name} (not installed: requests that name no model get 404)`;

@@ -4,7 +4,7 @@
  */
 import { resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { kilnHome, modelSearchDirs } from '../engine/locate.js';
+import { kilnHome, modelSearchDirs } from '../catalog/home.js';
 import type { Device } from '../engine/onnx.js';
 import { createModelCatalog } from '../catalog/catalog.js';
 import { describeRedis, parseRedisUrl } from '../queue/redis-url.js';

@@ -8,13 +8,13 @@
  * plus those a request's prompt names (`<lora:NAME:SCALE>`, src/engine/loras.ts), plus those
  * `model(name, { loras })` is given. Each set is a variant whose UNet / text encoder graphs fold
  * the LoRAs in (src/graphs/lora-graph.ts); variants are kept in an LRU cache of
- * `loraCacheSize` (default 2, or $KILN_LORA_CACHE) beside the base models. A variant's other
+ * `loraCacheSize` (default 2; commands pass $KILN_LORA_CACHE) beside the base models. A variant's other
  * UNets (ControlNet-UNet, image-prompt UNets) fold in the same LoRAs when used (model.withLoras).
  */
 import { existsSync, readdirSync, statSync } from 'node:fs';
 import { basename, join, resolve } from 'node:path';
 import { DiffusionModel, isSafetensorsLayout } from './model.js';
-import { isModelPath, kilnHome, locateModel, modelSearchDirs } from './locate.js';
+import { builtinModelsDir, isModelPath, locateModel } from './locate.js';
 import { InvalidOptionError, ModelLoadError } from './errors.js';
 import { attachLoras, isValidLoraName, mergeLoras, VariantCache, type AppliedLora, type LoraLease } from './loras.js';
 import { OnnxModel } from './onnx.js';
@@ -28,18 +28,23 @@ import type { Device } from './onnx.js';
 
 export interface EngineOptions {
   device?: Device;
-  /** Folders to look model names up in (default: $KILN_HOME/models, then the built-in models). */
+  /**
+   * Folders to look model names up in (default: the models shipped with Kiln). The engine reads
+   * no environment and assumes no home: callers pass every folder (src/catalog/ resolves them).
+   */
   searchDirs?: string[];
-  /** Kiln's home, for the aliases of installed models (default: $KILN_HOME). Servers pass it, and every folder, explicitly. */
+  /** Kiln's home: where the tiny preview decoders are (<home>/previews/); without it previews use the linear map. */
   home?: string;
-  /** Where graphs built from safetensors folders are kept (default: $KILN_HOME/cache). */
+  /** Where graphs built from safetensors folders are kept; loading such a folder without it is an error naming this option. */
   cacheDir?: string;
   /** Precision of graphs built from safetensors (default: fp16 on CUDA, fp32 on CPU). */
   dtype?: GraphDtype;
-  /** Where LoRA names are looked up: `<lorasDir>/<name>.safetensors` (default: $KILN_HOME/loras). */
+  /** Where LoRA names are looked up: `<lorasDir>/<name>.safetensors`; naming a LoRA without it is an error naming this option. */
   lorasDir?: string;
-  /** LoRA variants kept loaded beside the base models (default: $KILN_LORA_CACHE, else 2). */
+  /** LoRA variants kept loaded beside the base models (default 2). */
   loraCacheSize?: number;
+  /** The share of a run's time tiny-decoder previews may take (default 0.05; see preview.ts withinBudget). */
+  previewBudget?: number;
   /** Progress of a graph build (first use of a safetensors folder). */
   onBuildProgress?: (event: { model: string; component: string; done: number; total: number }) => void;
   /** Things people should know that do not stop a load (LoRA modules matching nothing, unused checkpoint tensors). */
@@ -74,20 +79,14 @@ const LORA_COMPONENTS: readonly [LoraComponent, 'unet' | 'textEncoder' | 'textEn
   ['text_encoder_2', 'textEncoder2'],
 ];
 
-function envCacheSize(): number | undefined {
-  const raw = process.env.KILN_LORA_CACHE;
-  if (raw === undefined || raw.trim() === '') return undefined;
-  const n = Number(raw);
-  return Number.isInteger(n) && n >= 0 ? n : undefined;
-}
-
 export class Engine {
   readonly device: Device;
   readonly searchDirs: string[];
-  readonly cacheDir: string;
+  readonly cacheDir: string | undefined;
   readonly dtype: GraphDtype;
-  readonly lorasDir: string;
+  readonly lorasDir: string | undefined;
   readonly home: string | undefined;
+  readonly previewBudget: number | undefined;
   private readonly onBuildProgress: EngineOptions['onBuildProgress'];
   private readonly warn: (message: string) => void;
   private readonly models = new Map<string, { version: string; loading: Promise<LoadedModel> }>();
@@ -97,14 +96,13 @@ export class Engine {
 
   constructor(options: EngineOptions = {}) {
     this.device = options.device ?? 'cpu';
-    // The environment is read only for what the caller leaves out (the library's and `kiln generate`'s defaults).
-    const home = () => options.home ?? kilnHome();
     this.home = options.home;
-    this.searchDirs = options.searchDirs ?? modelSearchDirs(home());
-    this.cacheDir = options.cacheDir ?? join(home(), 'cache');
+    this.searchDirs = options.searchDirs ?? [builtinModelsDir()];
+    this.cacheDir = options.cacheDir;
     this.dtype = options.dtype ?? (this.device === 'cuda' ? 'fp16' : 'fp32');
-    this.lorasDir = resolve(options.lorasDir ?? join(home(), 'loras'));
-    this.variants = new VariantCache(options.loraCacheSize ?? envCacheSize() ?? 2);
+    this.lorasDir = options.lorasDir === undefined ? undefined : resolve(options.lorasDir);
+    this.previewBudget = options.previewBudget;
+    this.variants = new VariantCache(options.loraCacheSize ?? 2);
     this.onBuildProgress = options.onBuildProgress;
     this.warn = options.onWarning ?? ((m) => process.stderr.write(`kiln: warning: ${m}\n`));
   }
@@ -128,7 +126,7 @@ export class Engine {
   private load(nameOrPath: string, shownName?: string): Promise<LoadedModel> {
     let dir: string;
     try {
-      dir = locateModel(nameOrPath, this.searchDirs, { cacheDir: this.cacheDir, home: this.home });
+      dir = locateModel(nameOrPath, this.searchDirs, { cacheDir: this.cacheDir });
     } catch (err) {
       return Promise.reject(err);
     }
@@ -164,6 +162,9 @@ export class Engine {
   /** The folder to load: `dir` itself, or the graphs built from it when it holds safetensors. */
   private async onnxFolder(dir: string): Promise<string> {
     if (!isSafetensorsLayout(dir)) return dir;
+    if (this.cacheDir === undefined) {
+      throw new ModelLoadError(`${dir} holds safetensors weights, which Kiln builds into ONNX graphs under a cache folder: pass the Engine's cacheDir option`, dir);
+    }
     const model = basename(dir);
     const built = await ensureBuilt(dir, {
       cacheDir: this.cacheDir,
@@ -188,15 +189,20 @@ export class Engine {
     };
     if (!isValidLoraName(lora.name)) fail(`"${lora.name}" (in ${where}) is not a LoRA name: letters, digits, . _ + -, without .safetensors`);
     if (!Number.isFinite(lora.scale)) fail(`LoRA "${lora.name}" (in ${where}) has scale ${lora.scale}, not a number`);
-    const path = join(this.lorasDir, `${lora.name}.safetensors`);
+    const lorasDir = this.lorasDir;
+    if (lorasDir === undefined) {
+      // How the engine was set up, not what was asked: the same error whoever named the LoRA.
+      throw new ModelLoadError(`LoRA "${lora.name}" (in ${where}) cannot be looked up: this Engine was given no lorasDir option (the folder of <name>.safetensors LoRAs)`);
+    }
+    const path = join(lorasDir, `${lora.name}.safetensors`);
     if (!existsSync(path) || !statSync(path).isFile()) {
       // A request is told the names it may use, not where the server keeps them.
-      const installed = existsSync(this.lorasDir) ? readdirSync(this.lorasDir).filter((f) => f.endsWith('.safetensors')).map((f) => f.slice(0, -'.safetensors'.length)).filter(isValidLoraName).sort() : [];
+      const installed = existsSync(lorasDir) ? readdirSync(lorasDir).filter((f) => f.endsWith('.safetensors')).map((f) => f.slice(0, -'.safetensors'.length)).filter(isValidLoraName).sort() : [];
       const names = installed.length ? `installed LoRAs: ${installed.slice(0, 20).join(', ')}${installed.length > 20 ? ', ...' : ''}` : 'no LoRAs are installed';
       fail(
         origin === 'prompt'
           ? `unknown LoRA "${lora.name}" in the prompt (${names})`
-          : `unknown LoRA "${lora.name}" (in ${where}): there is no ${lora.name}.safetensors in ${this.lorasDir} (${names}; install one with \`kiln import --lora FILE --name ${lora.name}\`)`,
+          : `unknown LoRA "${lora.name}" (in ${where}): there is no ${lora.name}.safetensors in ${lorasDir} (${names}; install one with \`kiln import --lora FILE --name ${lora.name}\`)`,
       );
     }
     return { ...lora, path };

@@ -157,8 +157,8 @@ export interface ImageAdapterFiles {
 }
 
 export interface ImagePromptLoadOptions {
-  /** Where the adapter graphs are built (the Engine's cacheDir). */
-  cacheDir: string;
+  /** Where the adapter graphs are built (the Engine's cacheDir); required. */
+  cacheDir?: string | undefined;
   /** Graph precision (default: fp16 on CUDA, fp32 on CPU, as the Engine). */
   dtype?: GraphDtype;
   device?: Device;
@@ -309,14 +309,18 @@ const runners = new WeakMap<DiffusionModel, Map<string, Promise<ImagePromptRunne
  * or image encoder, an adapter of another model family, an encoder of the wrong width, an ONNX-only model.
  */
 export function loadImagePrompt(model: DiffusionModel, adapters: readonly ImageAdapterFiles[], options: ImagePromptLoadOptions): Promise<ImagePromptRunner> {
+  const { cacheDir } = options;
+  if (cacheDir === undefined) {
+    return Promise.reject(new ModelLoadError('image prompts build adapter graphs under a cache folder: pass the cacheDir option (the Engine\'s cacheDir)'));
+  }
   const device = options.device ?? model.device;
   const dtype = options.dtype ?? (device === 'cuda' ? 'fp16' : 'fp32');
-  const key = JSON.stringify([adapters.map((a) => [resolve(a.adapter), resolve(a.imageEncoder)]), resolve(options.cacheDir), dtype, device]);
+  const key = JSON.stringify([adapters.map((a) => [resolve(a.adapter), resolve(a.imageEncoder)]), resolve(cacheDir), dtype, device]);
   let byKey = runners.get(model);
   if (!byKey) runners.set(model, (byKey = new Map()));
   const known = byKey.get(key);
   if (known) return known;
-  const loading = loadRunner(model, adapters, options.cacheDir, dtype, device);
+  const loading = loadRunner(model, adapters, cacheDir, dtype, device);
   const forget = (): void => {
     if (byKey.get(key) === loading) byKey.delete(key);
   };

@@ -1,5 +1,7 @@
 /**
- * `kiln/engine`: the diffusion engine as a library.
+ * `kiln/engine`: the diffusion engine as a library. It reads no environment and assumes no home:
+ * the caller names the folders (models to look names up in, a cache for graphs built from
+ * safetensors, LoRAs).
  */
 export { Engine, type EngineOptions } from './engine.js';
 export { DiffusionModel, detectLayout, type ModelLayout, type ModelFamily, type Distillation, type ModelDefaults } from './model.js';
@@ -57,7 +59,7 @@ export {
   type PreviewerOptions,
 } from './preview.js';
 export { encodeImage, encodeGeneratedPng, insertPngText, readPngText, parametersText, OUTPUT_FORMATS, type OutputFormat } from './image-codec.js';
-export { locateModel, listInstalledModels, kilnHome, builtinModelsDir, modelSearchDirs, defaultModelName, REFERENCE_DEFAULT_MODEL, BUILTIN_DEFAULT_MODEL } from './locate.js';
+export { locateModel, builtinModelsDir, isModelPath, type LocateOptions } from './locate.js';
 export { OnnxModel, type Device } from './onnx.js';
 export { UnetBatcher, type UnetBatcherOptions, type BatchRunOptions, type BatcherStats } from './unet-batcher.js';
 export * from './errors.js';

@@ -20,7 +20,7 @@ import type { StepLatents } from './pipeline.js';
 import { encodeImageToLatents, type RgbImage } from './vae.js';
 import type { OutputFormat } from './image-codec.js';
 import { solveLinear } from './schedulers/common.js';
-import { previewBudget, tinyDecoderFor, type TinyDecoderLocation } from './tiny-decoder.js';
+import { DEFAULT_PREVIEW_BUDGET, tinyDecoderFor, type TinyDecoderLocation } from './tiny-decoder.js';
 
 const CHANNELS = 4;
 const FEATURES = CHANNELS + 1;
@@ -228,11 +228,11 @@ export interface PreviewerOptions {
   format: OutputFormat;
   quality?: number;
   onPartial: (partial: PartialImage) => void;
-  /** Where the tiny decoders are (default $KILN_HOME/previews/); false: the linear map only. */
+  /** Where the tiny decoders are (<home>/previews/); absent or false: the linear map only. */
   tinyDecoder?: TinyDecoderLocation | false;
   /** A tiny decoder that does not load or run (default: a line on stderr). */
   onWarning?: (message: string) => void;
-  /** The share of the run's time tiny-decoder previews may take (default $KILN_PREVIEW_BUDGET, else 0.05; see withinBudget). */
+  /** The share of the run's time tiny-decoder previews may take (default 0.05; commands pass $KILN_PREVIEW_BUDGET; see withinBudget). */
   budget?: number;
 }
 
@@ -255,8 +255,8 @@ export function withinBudget(decodeMs: number, count: number, elapsedMs: number,
 export function createPreviewer(model: DiffusionModel, options: PreviewerOptions) {
   const map = latentRgbMap(model);
   const warn = options.onWarning ?? ((m: string): void => void process.stderr.write(`kiln: warning: ${m}\n`));
-  const tiny = options.tinyDecoder === false ? Promise.resolve(undefined) : tinyDecoderFor(model, options.tinyDecoder, warn);
-  const budget = options.budget ?? previewBudget();
+  const tiny = options.tinyDecoder ? tinyDecoderFor(model, options.tinyDecoder, warn) : Promise.resolve(undefined);
+  const budget = options.budget ?? DEFAULT_PREVIEW_BUDGET;
   const started = performance.now();
   let tinyFailed = false;
   /** Decided at the first preview, for the whole run (previews of one run all look alike). */

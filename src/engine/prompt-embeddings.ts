@@ -13,7 +13,6 @@ import { ensureBuilt } from '../graphs/cache.js';
 import { convertTextEncoder } from '../graphs/convert.js';
 import { encodeConditioning, type TextEncoders } from './conditioning.js';
 import { ModelLoadError } from './errors.js';
-import { kilnHome } from './locate.js';
 import { OnnxModel, type Device } from './onnx.js';
 import { loadClipTokenizer } from './tokenizer.js';
 
@@ -25,7 +24,7 @@ export interface PromptEmbeddingsOptions {
    * are chunked at sentence ends, as Kiln's pipelines do (compel's `truncate_long_prompts=False`).
    */
   truncate?: boolean;
-  /** Where encoders built from safetensors are kept (default `$KILN_HOME/cache`). */
+  /** Where encoders built from safetensors are kept; required when an encoder is safetensors. */
   cacheDir?: string;
   device?: Device;
 }
@@ -45,8 +44,11 @@ async function loadEncoder(folder: string, name: string, options: PromptEmbeddin
   if (!existsSync(join(dir, 'config.json'))) {
     throw new ModelLoadError(`${folder} has no ${name}/model.onnx and no ${name}/config.json with safetensors weights`, dir);
   }
+  if (options.cacheDir === undefined) {
+    throw new ModelLoadError(`${dir} holds safetensors weights, built into an ONNX graph under a cache folder: pass the cacheDir option`, dir);
+  }
   const built = await ensureBuilt(dir, {
-    cacheDir: options.cacheDir ?? join(kilnHome(), 'cache'),
+    cacheDir: options.cacheDir,
     build: {
       kind: `clip-text${options.withProjection ? '+projection' : ''}`,
       convert: (src, out, o) => convertTextEncoder(src, out, { ...o, withProjection: options.withProjection, component: name }),

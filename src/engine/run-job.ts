@@ -262,6 +262,7 @@ export class JobEngine {
           onPartial: (p) => hooks.onPartial?.({ index: p.index, step: p.step, totalSteps: p.totalSteps, width, height, bytes: p.bytes }),
           // The tiny decoders are under the Engine's home (previews/), given by the caller, never read from the environment here.
           tinyDecoder: this.engine.home ? { home: this.engine.home, cacheDir: this.engine.cacheDir } : undefined,
+          budget: this.engine.previewBudget,
           onWarning: this.onWarning,
         });
       }

@@ -4,12 +4,12 @@
  * picture that looks like the final image, instead of preview.ts's linear latent -> RGB map.
  *
  *   family      decoder    installed by            folder
- *   SD 1.x/2.x  TAESD      `kiln pull taesd`       $KILN_HOME/previews/taesd/
- *   SDXL        TAESDXL    `kiln pull taesdxl`     $KILN_HOME/previews/taesdxl/
+ *   SD 1.x/2.x  TAESD      `kiln pull taesd`       <home>/previews/taesd/
+ *   SDXL        TAESDXL    `kiln pull taesdxl`     <home>/previews/taesdxl/
  *
  * A folder holds diffusers' AutoencoderTiny files (config.json + diffusion_pytorch_model.safetensors);
- * Kiln builds the decoder graph from them once (graphs/taesd.ts, cached under $KILN_HOME/cache
- * like any built graph). The folder is looked up for every run, so a pull is used without a
+ * Kiln builds the decoder graph from them once (graphs/taesd.ts, cached under <home>/cache
+ * like any built graph; the caller names the home). The folder is looked up for every run, so a pull is used without a
  * restart and a removal falls back to the linear map. A decoder that fails to build, load or run
  * is reported once and the linear map is used: a preview is never worth failing an image for.
  *
@@ -17,8 +17,9 @@
  * cheap beside a small or fast UNet (full-size TAESD: 0.17-0.5 s per 256x256 preview on 2 CPU
  * cores, about half of kiln-tiny's whole run). So each run decides at its first preview (preview.ts
  * withinBudget): the decoder's measured cost at this size times the previews asked for, against
- * the run's expected time (from its pace so far) times the budget, 5% by default
- * ($KILN_PREVIEW_BUDGET, a fraction; `Infinity`: always); over it, that run uses the linear map.
+ * the run's expected time (from its pace so far) times the budget, 5% by default (the caller's
+ * `budget`: commands pass $KILN_PREVIEW_BUDGET, a fraction, `Infinity`: always); over it, that
+ * run uses the linear map.
  * The first run of a process waits at its first preview for the decoder to load (a graph build
  * the first time ever, then a session and the measuring decodes: well under a second for TAESD).
  */
@@ -26,7 +27,6 @@ import { existsSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { ensureBuilt } from '../graphs/cache.js';
 import { convertTinyDecoder, tinyDecoderConfig, type TinyDecoderConfig } from '../graphs/taesd.js';
-import { kilnHome } from './locate.js';
 import type { DiffusionModel, ModelFamily } from './model.js';
 import { OnnxModel, type Device } from './onnx.js';
 import type { RgbImage } from './vae.js';
@@ -37,8 +37,8 @@ export const PREVIEWS_DIR = 'previews';
 export const TINY_DECODER_ALIASES: Readonly<Record<ModelFamily, 'taesd' | 'taesdxl'>> = { sd1: 'taesd', sd2: 'taesd', sdxl: 'taesdxl' };
 
 export interface TinyDecoderLocation {
-  /** Kiln's home (default $KILN_HOME): the decoders are under <home>/previews/. */
-  home?: string;
+  /** Kiln's home: the decoders are under <home>/previews/. */
+  home: string;
   /** Where the built graph is kept (default <home>/cache). */
   cacheDir?: string;
 }
@@ -57,7 +57,7 @@ export interface TinyDecoder {
 const WEIGHTS = 'diffusion_pytorch_model.safetensors';
 
 /** The installed folder of `family`'s tiny decoder, if there is one. */
-export function tinyDecoderDir(family: ModelFamily, home: string = kilnHome()): string | undefined {
+export function tinyDecoderDir(family: ModelFamily, home: string): string | undefined {
   const dir = join(home, PREVIEWS_DIR, TINY_DECODER_ALIASES[family]);
   return existsSync(join(dir, 'config.json')) && existsSync(join(dir, WEIGHTS)) ? dir : undefined;
 }
@@ -157,8 +157,8 @@ const warnToStderr = (message: string): void => void process.stderr.write(`kiln:
  * The tiny decoder for `model`'s family, loaded once per folder version and device; undefined
  * when none is installed or it does not load (reported once through `onWarning`, default stderr).
  */
-export function tinyDecoderFor(model: DiffusionModel, location: TinyDecoderLocation = {}, onWarning: (message: string) => void = warnToStderr): Promise<TinyDecoder | undefined> {
-  const home = location.home ?? kilnHome();
+export function tinyDecoderFor(model: DiffusionModel, location: TinyDecoderLocation, onWarning: (message: string) => void = warnToStderr): Promise<TinyDecoder | undefined> {
+  const { home } = location;
   const dir = tinyDecoderDir(model.layout.family, home);
   if (!dir) return Promise.resolve(undefined);
   const cacheDir = location.cacheDir ?? join(home, 'cache');
@@ -172,11 +172,5 @@ export function tinyDecoderFor(model: DiffusionModel, location: TinyDecoderLocat
   return loading;
 }
 
-/** The share of a run's time tiny-decoder previews may take: $KILN_PREVIEW_BUDGET, else 0.05. */
-export function previewBudget(env: NodeJS.ProcessEnv = process.env): number {
-  const raw = env.KILN_PREVIEW_BUDGET?.trim();
-  const v = raw ? Number(raw) : NaN;
-  return v >= 0 ? v : DEFAULT_PREVIEW_BUDGET;
-}
-
+/** The share of a run's time tiny-decoder previews may take unless the caller says otherwise. */
 export const DEFAULT_PREVIEW_BUDGET = 0.05;

@@ -8,7 +8,8 @@ import { existsSync, lstatSync, readdirSync, readFileSync, statSync } from 'node
 import { mkdir, rename, rm } from 'node:fs/promises';
 import { join, relative, sep } from 'node:path';
 import { ModelNotFoundError } from '../engine/errors.js';
-import { builtinModelsDir, kilnHome } from '../engine/locate.js';
+import { builtinModelsDir } from '../engine/locate.js';
+import { kilnHome } from '../catalog/home.js';
 import { detectLayout, FAMILY_LABELS } from '../engine/model.js';
 import { aliasTableLenient, isValidModelName, type InstallKind } from './aliases.js';
 import { PullError } from './errors.js';

@@ -13,7 +13,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { basename, extname, join } from 'node:path';
 import { ModelLoadError } from '../engine/errors.js';
-import { kilnHome } from '../engine/locate.js';
+import { kilnHome } from '../catalog/home.js';
 import { importCheckpoint, importLora, PICKLE_EXTENSIONS, pickleMessage } from '../graphs/checkpoint.js';
 import { detectFamily, type DetectedFamily } from '../graphs/keys-ldm.js';
 import { readLora } from '../graphs/lora.js';

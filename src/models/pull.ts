@@ -24,7 +24,7 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, readdirSync, statSync } from 'node:fs';
 import { cp, mkdir, open, readFile, rename, rm, stat, statfs as fsStatfs, unlink, writeFile } from 'node:fs/promises';
 import { dirname, join, relative, sep } from 'node:path';
-import { kilnHome } from '../engine/locate.js';
+import { kilnHome } from '../catalog/home.js';
 import { ModelLoadError } from '../engine/errors.js';
 import { detectLayout } from '../engine/model.js';
 import { isValidModelName, resolvePullSpec, type InstallKind, type PullTarget } from './aliases.js';

@@ -12,9 +12,10 @@ import type { JobOutput, JobRunner, JobSpec, RunContext } from '../queue/types.j
 import type { ModelCatalog } from '../catalog/catalog.js';
 import type { InputStore } from '../store/types.js';
 import { isModelPath } from '../engine/locate.js';
+import { loraCacheSize, previewBudget } from '../catalog/home.js';
 import { basename } from 'node:path';
 import { toEngineJob } from './prepare.js';
-import { deserializeError, type FromWorker, type ToWorker, type WorkerInit } from './protocol.js';
+import { deserializeError, type FromWorker, type EngineTuning, type ToWorker, type WorkerInit } from './protocol.js';
 
 export interface EnginePoolOptions {
   /** Worker threads. Default 1: one job already uses every core. */
@@ -29,6 +30,10 @@ export interface EnginePoolOptions {
   /** Where the jobs' uploads are (InputStore keys). */
   inputs?: InputStore;
   device?: Device;
+  /** LoRA variants each thread's engine keeps loaded (default: $KILN_LORA_CACHE, else the engine's 2). */
+  loraCacheSize?: number;
+  /** The share of a run's time tiny-decoder previews may take (default: $KILN_PREVIEW_BUDGET, else 0.05). */
+  previewBudget?: number;
   /** Worker lifecycle messages (crashes, preload results) and the engine's warnings. */
   onEvent?: (event: { type: 'crash' | 'preloaded' | 'warning'; message: string; error?: Error }) => void;
 }
@@ -70,7 +75,7 @@ class WorkerSlot {
     this.cancelCell = new Int32Array(shared);
     this.exited = false;
     const { catalog, device = 'cpu' } = this.pool.options;
-    this.worker = startWorker({ folders: catalog.folders, device, cancel: shared, maxBatch: this.pool.maxBatch });
+    this.worker = startWorker({ folders: catalog.folders, device, cancel: shared, maxBatch: this.pool.maxBatch, tuning: this.pool.tuning });
     this.worker.on('message', (msg: FromWorker) => this.onMessage(msg));
     this.worker.on('error', (err) => this.onExit(err));
     this.worker.on('exit', (code) => this.onExit(new Error(`the inference worker exited with code ${code}`)));
@@ -176,6 +181,7 @@ export class EnginePool extends EventEmitter implements JobRunner {
   /** Jobs run at once: workers x maxBatch. */
   readonly slots: number;
   readonly maxBatch: number;
+  readonly tuning: EngineTuning;
   closing = false;
   private readonly workers: WorkerSlot[] = [];
   /** One entry per job a worker can take now (a worker appears up to maxBatch times). */
@@ -186,6 +192,8 @@ export class EnginePool extends EventEmitter implements JobRunner {
     super();
     const size = Math.max(1, options.size ?? 1);
     this.maxBatch = Math.max(1, options.maxBatch ?? 1);
+    // The environment's tuning is read here, once, on the runner's side: the threads' engines get values.
+    this.tuning = { loraCacheSize: options.loraCacheSize ?? loraCacheSize(), previewBudget: options.previewBudget ?? previewBudget() };
     this.slots = size * this.maxBatch;
     for (let i = 0; i < size; i++) this.workers.push(new WorkerSlot(this));
     // Jobs spread over the workers before any worker takes a second one.

@@ -37,6 +37,13 @@ export interface WorkerInit {
   cancel: SharedArrayBuffer;
   /** Jobs run at once, their UNet calls batched step by step (src/engine/unet-batcher.ts); default 1. */
   maxBatch?: number;
+  /** Engine tuning the runner resolved ($KILN_LORA_CACHE, $KILN_PREVIEW_BUDGET). */
+  tuning: EngineTuning;
+}
+
+export interface EngineTuning {
+  loraCacheSize?: number;
+  previewBudget?: number;
 }
 
 export type ToWorker =

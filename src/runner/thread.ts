@@ -22,7 +22,7 @@ const post = (msg: FromWorker, transfer: ArrayBuffer[] = []) => port.postMessage
 const { home, searchDirs, cacheDir, lorasDir } = init.folders;
 // Warnings (LoRA modules that match nothing, unused checkpoint tensors) go to the server's log.
 const warn = (message: string) => post({ type: 'warning', message });
-const engine = new Engine({ device: init.device, home, searchDirs, cacheDir, lorasDir, onWarning: warn });
+const engine = new Engine({ device: init.device, home, searchDirs, cacheDir, lorasDir, ...init.tuning, onWarning: warn });
 const jobs = new JobEngine(engine, init.device, { maxBatch: init.maxBatch, onWarning: warn });
 const controllers = new Map<number, AbortController>();
 

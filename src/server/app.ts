@@ -21,7 +21,7 @@ import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, t
 import multipart from '@fastify/multipart';
 import swagger from '@fastify/swagger';
 import { pino, type Logger } from 'pino';
-import { locateModel, modelSearchDirs } from '../engine/locate.js';
+import { modelSearchDirs } from '../catalog/home.js';
 import type { Device } from '../engine/onnx.js';
 import { priorMsPerStepMp } from '../queue/estimate.js';
 import { InProcessQueue } from '../queue/memory.js';
@@ -168,9 +168,9 @@ class RedactingLogController extends LogController {
 }
 
 /** Bytes of a model's UNet on disk (every file of unet/, external weights included); undefined when unknown. */
-function unetBytes(model: string, searchDirs: string[]): number | undefined {
+function unetBytes(model: string, locate: (ref: string) => string): number | undefined {
   try {
-    const dir = join(locateModel(model, searchDirs), 'unet');
+    const dir = join(locate(model), 'unet');
     return readdirSync(dir).reduce((sum, name) => sum + statSync(join(dir, name)).size, 0);
   } catch {
     return undefined; // not installed, or a layout without unet/: the default prior
@@ -202,7 +202,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   const priors = new Map<string, number>();
   const prior = (model: string) => {
     let ms = priors.get(model);
-    if (ms === undefined) priors.set(model, (ms = priorMsPerStepMp(unetBytes(model, searchDirs), device)));
+    if (ms === undefined) priors.set(model, (ms = priorMsPerStepMp(unetBytes(model, models.locate), device)));
     return ms;
   };
   // Loaded only when scaled out: one machine never loads BullMQ.

@@ -210,3 +210,19 @@ test('variants are kept in a bounded LRU cache; one in use is freed only when it
   await assert.rejects(cache.acquire('c', async () => Promise.reject(new Error('build failed'))), /build failed/);
   assert.equal(cache.size, 1, 'a failed build is not kept');
 });
+
+test('an Engine given no cacheDir or lorasDir names the option a safetensors model or a LoRA needs, rather than guessing a folder', async () => {
+  const bare = new Engine();
+  try {
+    await assert.rejects(bare.model(SD15), (e: unknown) => e instanceof ModelLoadError && /pass the Engine's cacheDir option/.test(e.message));
+    await assert.rejects(
+      bare.model(join(builtinModelsDir(), 'kiln-tiny'), { loras: [{ name: 'sd15-lora', scale: 1 }] }),
+      (e: unknown) => e instanceof ModelLoadError && /given no lorasDir option/.test(e.message),
+    );
+    // The built-in ONNX models need neither, and are found by name without any home.
+    const tiny = await bare.model('kiln-tiny');
+    assert.equal(tiny.name, 'kiln-tiny');
+  } finally {
+    await bare.close();
+  }
+});

@@ -10,7 +10,7 @@ import { ensureFixture, FIXTURE_VARIANTS, type FixtureVariant } from '../../tool
 import { DiffusionModel, detectLayout } from '../../src/engine/model.js';
 import { generate } from '../../src/engine/pipeline.js';
 import { encodeGeneratedPng } from '../../src/engine/image-codec.js';
-import { defaultModelName, listInstalledModels, locateModel } from '../../src/engine/locate.js';
+import { defaultModelName, listInstalledModels, locateModel } from '../../src/catalog/installed-models.js';
 import { pullModel, type PullOptions } from '../../src/models/pull.js';
 import { PullError } from '../../src/models/errors.js';
 import { resolvePullSpec } from '../../src/models/aliases.js';
@@ -194,7 +194,7 @@ test('a corrupted file (wrong sha256) is refused and nothing half-written stays 
   assert.deepEqual(readdirSync(join(home, 'models')), []);
   const staging = join(home, 'downloads', 'sd15-optimum');
   assert.ok(!existsSync(join(staging, 'unet/model.onnx_data')) && !existsSync(join(staging, 'unet/model.onnx_data.incomplete')));
-  assert.deepEqual(listInstalledModels([join(home, 'models')]), []);
+  assert.deepEqual(listInstalledModels([join(home, 'models')], home), []);
 
   // A small file stored in git is checked against its git blob sha1.
   hub.reset();
@@ -257,11 +257,10 @@ test('aliases: built-in ones resolve, user aliases.json extends them, aliases of
 
   // The reference default, installed under another name, is still found by its alias.
   await pullModel('kiln-test/sdxl', opts(home, { name: 'my-xl' }));
-  const saved = process.env.KILN_HOME;
-  process.env.KILN_HOME = home;
-  try {
+  {
+    // The home is passed, never read from the environment: the aliases are <home>'s.
     const dirs = [join(home, 'models')];
-    const entries = listInstalledModels(dirs);
+    const entries = listInstalledModels(dirs, home);
     assert.deepEqual(
       entries.map((e) => [e.name, e.aliasOf]),
       [
@@ -270,13 +269,10 @@ test('aliases: built-in ones resolve, user aliases.json extends them, aliases of
         ['be-stable-diffusion-xl-base-1.0', 'my-xl'],
       ],
     );
-    assert.equal(locateModel('be-stable-diffusion-xl-base-1.0', dirs), join(home, 'models', 'my-xl'));
-    assert.equal(defaultModelName(dirs), 'be-stable-diffusion-xl-base-1.0');
+    assert.equal(locateModel('be-stable-diffusion-xl-base-1.0', dirs, { home }), join(home, 'models', 'my-xl'));
+    assert.equal(defaultModelName(dirs, home), 'be-stable-diffusion-xl-base-1.0');
     const listed = listModels({ home, builtinDir: null });
     assert.deepEqual(listed.find((m) => m.name === 'my-xl')!.aliases, ['be-stable-diffusion-xl-base-1.0']);
-  } finally {
-    if (saved === undefined) delete process.env.KILN_HOME;
-    else process.env.KILN_HOME = saved;
   }
 });
 
@@ -316,7 +312,7 @@ test('file aliases install explicit files (DWPose-like), external data follows i
     ['pose', 'annotator', 'annotator'],
     ['cn-pose', 'controlnet', 'ControlNet'],
   ]);
-  assert.deepEqual(listInstalledModels([join(home, 'models')]), [], 'non-diffusion installs are not served as models');
+  assert.deepEqual(listInstalledModels([join(home, 'models')], home), [], 'non-diffusion installs are not served as models');
   const removed = await removeModel('cn-pose', { home });
   assert.equal(removed.dir, cn.dir);
   assert.ok(!existsSync(cn.dir));
@@ -421,7 +417,7 @@ test('kiln rm removes an installed model; names that exist but were not pulled a
   assert.equal(listModels({ home, builtinDir: null })[0]!.family, 'SD 1.x');
   const removed = await removeModel('old', { home });
   assert.ok(removed.bytes > 0);
-  assert.deepEqual(listInstalledModels([join(home, 'models')]), []);
+  assert.deepEqual(listInstalledModels([join(home, 'models')], home), []);
 
   // A folder kiln did not pull (no readable kiln-source.json) is not overwritten without --force.
   const handMade = join(home, 'models', 'hand-made');

@@ -21,7 +21,7 @@ let home: string;
 const savedBudget = process.env.KILN_PREVIEW_BUDGET;
 before(async () => {
   home = await makeHome({ 'kiln-tiny-xl': 'sdxl' });
-  // The workers read it (their environment is this one's): the decoder is used whatever it costs
+  // The server's runner reads it when it starts and hands it to its engines: the decoder is used whatever it costs
   // beside the tiny model on a loaded host, so that the test does not depend on timings.
   process.env.KILN_PREVIEW_BUDGET = 'Infinity';
   t = await startTestServer({ home });
