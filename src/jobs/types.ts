@@ -6,6 +6,7 @@
  * and image-prompt adapters from the model's name itself.
  */
 import type { OutputFormat } from '../engine/image-codec.js';
+import type { EngineJob } from '../engine/run-job.js';
 
 /**
  * - generate: text to image;
@@ -18,17 +19,8 @@ import type { OutputFormat } from '../engine/image-codec.js';
 export const JOB_MODES = ['generate', 'img2img', 'inpaint', 'pose', 'image_prompt'] as const;
 export type JobMode = (typeof JOB_MODES)[number];
 
-/** Plain, serializable generation options (the engine's GenerateOptions minus callbacks). */
-export interface JobOptions {
-  prompt: string;
-  negativePrompt?: string;
-  seed: number;
-  size: string;
-  quality?: string;
-  steps?: number;
-  scheduler?: string;
-  guidanceScale?: number;
-}
+/** Plain, serializable generation options (the engine's GenerateOptions minus callbacks): the engine entry point's own. */
+export type JobOptions = EngineJob['options'];
 
 /** An image prompt's weight per adapter role, and the field that asked for it (for 400s). */
 export interface ImagePromptWeights {

@@ -13,12 +13,12 @@
  * - Cancelling (client gone, timeout) removes a waiting job, or sets the job's cancel key that
  *   its worker polls and turns into an abort at the engine's next step.
  */
+import { QueuedJob } from './job-handle.js';
 import { EventEmitter } from 'node:events';
 import { isModelPath } from '../engine/locate.js';
 import type { Progress } from '../engine/pipeline.js';
 import type { OutputFormat } from '../engine/image-codec.js';
 import { Queue, QueueEvents } from 'bullmq';
-import { randomBytes } from 'node:crypto';
 import { deserializeError } from '../runner/protocol.js';
 import { GenerationCancelledError } from '../engine/errors.js';
 import { RunTimeEstimator } from './estimate.js';
@@ -33,12 +33,12 @@ import {
   QueueFullError,
   QueueUnavailableError,
   type FleetStatus,
-  type JobEvents,
+ 
   type JobHandle,
   type JobOutput,
   type JobQueue,
   type JobSpec,
-  type JobState,
+ 
   type QueueEvents as KilnQueueEvents,
   type QueueStats,
   type SubmitOptions,
@@ -77,48 +77,14 @@ function timeout<T>(promise: Promise<T>, ms = COMMAND_TIMEOUT_MS): Promise<T> {
   ]);
 }
 
-class RemoteJob implements JobHandle {
-  readonly id = `job_${randomBytes(12).toString('base64url')}`;
-  readonly events = new EventEmitter<JobEvents>();
-  readonly result: Promise<JobOutput>;
-  readonly submittedAt = performance.now();
-  startedAt: number | undefined;
-  state: JobState = 'queued';
-  progress: Progress | undefined;
-  timer: NodeJS.Timeout | undefined;
+class RemoteJob extends QueuedJob {
   /** The job is in Redis (add() answered). */
   added = false;
   /** Its result is being read. */
   collecting = false;
-  resolve!: (output: JobOutput) => void;
-  reject!: (err: unknown) => void;
 
-  constructor(
-    readonly spec: JobSpec,
-    private readonly onCancel: (job: RemoteJob, reason: Error) => void,
-  ) {
-    this.result = new Promise<JobOutput>((resolve, reject) => {
-      this.resolve = resolve;
-      this.reject = reject;
-    });
-    this.result.catch(() => {});
-  }
-
-  get queuedMs(): number | undefined {
-    return this.startedAt === undefined ? undefined : this.startedAt - this.submittedAt;
-  }
-
-  get settled(): boolean {
-    return this.state === 'done' || this.state === 'failed' || this.state === 'cancelled';
-  }
-
-  setState(state: JobState): void {
-    this.state = state;
-    this.events.emit('state', state);
-  }
-
-  cancel(reason: Error = new JobCancelledError()): void {
-    if (!this.settled) this.onCancel(this, reason);
+  constructor(spec: JobSpec, onCancel: (job: RemoteJob, reason: Error) => void) {
+    super(spec, onCancel as (job: QueuedJob, reason: Error) => void, 12);
   }
 }
 

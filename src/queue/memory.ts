@@ -4,8 +4,8 @@
  * its AbortSignal (the engine stops at its next step) and keeps its runner slot until it has.
  * On close, waiting jobs are cancelled at once and running ones get until the deadline.
  */
+import { QueuedJob } from './job-handle.js';
 import { EventEmitter } from 'node:events';
-import { randomBytes } from 'node:crypto';
 import type { Progress } from '../engine/pipeline.js';
 import { megapixels, RunTimeEstimator } from './estimate.js';
 import { jobKind } from '../jobs/types.js';
@@ -14,13 +14,13 @@ import {
   JobTimeoutError,
   QueueClosedError,
   QueueFullError,
-  type JobEvents,
+ 
   type JobHandle,
   type JobOutput,
   type JobQueue,
   type JobRunner,
   type JobSpec,
-  type JobState,
+ 
   type PartialImageEvent,
   type QueueEvents,
   type QueueStats,
@@ -39,45 +39,14 @@ export interface InProcessQueueOptions {
   priorMsPerStepMp?: (spec: JobSpec) => number;
 }
 
-class Job implements JobHandle {
-  readonly id = `job_${randomBytes(9).toString('base64url')}`;
-  readonly events = new EventEmitter<JobEvents>();
+class Job extends QueuedJob {
   readonly controller = new AbortController();
-  readonly result: Promise<JobOutput>;
-  readonly submittedAt = performance.now();
-  startedAt: number | undefined;
-  state: JobState = 'queued';
-  timer: NodeJS.Timeout | undefined;
-  progress: Progress | undefined;
   /** When its first and latest denoising steps were reported: its measured time per step. */
   firstStep: { at: number; step: number } | undefined;
   lastStep: { at: number; step: number } | undefined;
-  resolve!: (output: JobOutput) => void;
-  reject!: (err: unknown) => void;
 
-  constructor(
-    readonly spec: JobSpec,
-    private readonly onCancel: (job: Job, reason: Error) => void,
-  ) {
-    this.result = new Promise<JobOutput>((resolve, reject) => {
-      this.resolve = resolve;
-      this.reject = reject;
-    });
-    // Nobody may be listening any more (client gone); never let that be an unhandled rejection.
-    this.result.catch(() => {});
-  }
-
-  get queuedMs(): number | undefined {
-    return this.startedAt === undefined ? undefined : this.startedAt - this.submittedAt;
-  }
-
-  setState(state: JobState): void {
-    this.state = state;
-    this.events.emit('state', state);
-  }
-
-  cancel(reason: Error = new JobCancelledError()): void {
-    if (this.state === 'queued' || this.state === 'running') this.onCancel(this, reason);
+  constructor(spec: JobSpec, onCancel: (job: Job, reason: Error) => void) {
+    super(spec, onCancel as (job: QueuedJob, reason: Error) => void, 9);
   }
 }
 
