@@ -4,8 +4,10 @@
  * store, the pose assets and image-prompt adapters from the model's name (src/catalog).
  */
 import { basename } from 'node:path';
+import sharp from 'sharp';
 import { detectLayout } from '../engine/model.js';
 import { isModelPath } from '../engine/locate.js';
+import { sizeForUpload } from '../engine/presets.js';
 import type { EngineJob } from '../engine/run-job.js';
 import type { ModelCatalog } from '../catalog/catalog.js';
 import { resolvePoseAssets } from '../catalog/pose-assets.js';
@@ -33,6 +35,14 @@ export async function toEngineJob(job: Job, catalog: ModelCatalog, inputs: Input
   if (job.strength !== undefined) out.strength = job.strength;
   const [image, mask] = await Promise.all([input(inputs, job.inputs?.image, 'image'), input(inputs, job.inputs?.mask, 'mask')]);
   if (image) out.image = image;
+  // An API host without the model's folder leaves an edit's `auto` to the worker: the upload's
+  // upright shape at the model's native area, as one machine does (images-service requestSize).
+  if (image && job.options.size === 'auto') {
+    const meta = await sharp(image).metadata();
+    const upright = meta.autoOrient ?? { width: meta.width ?? 0, height: meta.height ?? 0 };
+    const size = sizeForUpload(upright, detectLayout(dir));
+    out.options = { ...job.options, size: `${size.width}x${size.height}` };
+  }
   if (mask) out.mask = mask;
   if (job.mode === 'pose') {
     const assets = resolvePoseAssets(dir, name, catalog.home);

@@ -90,7 +90,7 @@ export function createImagesService({ queue, store, inputs, signer, models, home
    * upload's shape at the model's native area.
    */
   function requestSize(params: ImageParams, model: ResolvedModel, upload?: Size): string {
-    // Only the workers have its folder: they check the size (an edit's `auto` is the model's native size there).
+    // Only the workers have its folder: they check the size and turn an edit's `auto` into the upload's shape (runner/prepare.ts).
     if (model.remote) return params.size;
     let layout: ModelLayout;
     try {

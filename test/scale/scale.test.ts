@@ -12,6 +12,8 @@ import assert from 'node:assert/strict';
 import { readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Progress } from '../../src/engine/pipeline.js';
+import { detectLayout } from '../../src/engine/model.js';
+import { sizeForUpload } from '../../src/engine/presets.js';
 import { startTestServer, postJson, getJson, envelope, makeHome, makePng, type ModelSpec, type TestServer } from '../server/helpers.js';
 import { RedisServer, WorkerProcess, until } from './helpers.js';
 
@@ -162,6 +164,21 @@ test('a model only the workers have: listed in /v1/models, served, and its pose 
   assert.equal(r.status, 200, r.text);
   assert.equal(r.json.kiln.model, 'worker-only');
   assert.equal(r.json.size, '512x512');
+  // An edit's `size: auto` follows the upload's shape there too, by one machine's rule (the worker
+  // resolves it), not the model's square native size.
+  const auto = new FormData();
+  auto.append('image', new Blob([await makePng(384, 256)], { type: 'image/png' }), 'wide.png');
+  auto.append('prompt', 'a wide field');
+  auto.append('model', 'worker-only');
+  auto.append('size', 'auto');
+  auto.append('steps', '2');
+  auto.append('response_format', 'b64_json');
+  const autoRes = await fetch(`${api.url}/v1/images/edits`, { method: 'POST', body: auto });
+  const autoJson = (await autoRes.json()) as any;
+  assert.equal(autoRes.status, 200, JSON.stringify(autoJson));
+  const expected = sizeForUpload({ width: 384, height: 256 }, detectLayout(join(workerHome, 'models', 'worker-only')));
+  assert.ok(expected.width > expected.height, `${expected.width}x${expected.height}`);
+  assert.equal(autoJson.size, `${expected.width}x${expected.height}`);
   // Its folder (no ControlNet-UNet) is only on the workers: the worker refuses pose mode, the API answers the same 400 as one machine would.
   const form = new FormData();
   form.append('image', new Blob([await makePng(256, 256)], { type: 'image/png' }), 'in.png');
