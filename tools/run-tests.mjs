@@ -20,6 +20,9 @@ const args = process.argv.slice(2);
 const explicit = args.filter((a) => a.endsWith('.ts'));
 const flags = args.filter((a) => !a.endsWith('.ts'));
 const files = explicit.length ? explicit : findTests('test');
+// Two test files at a time (node's default on a 2-core machine is one): much of each file's time is
+// tsx start-up and waiting on servers it starts, so the whole suite takes about a quarter less.
+if (!flags.some((f) => f.startsWith('--test-concurrency'))) flags.push('--test-concurrency=2');
 const result = spawnSync(
   process.execPath,
   ['--import', 'tsx', '--test', '--test-reporter=spec', ...flags, ...files],
