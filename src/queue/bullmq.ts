@@ -323,16 +323,8 @@ export class BullJobQueue implements JobQueue {
 
   private finish(job: RemoteJob, state: 'done' | 'failed' | 'cancelled', value: unknown): void {
     if (job.settled) return;
-    clearTimeout(job.timer);
     this.jobs.delete(job.id);
-    job.setState(state);
-    const now = performance.now();
-    const queuedMs = (job.startedAt ?? now) - job.submittedAt;
-    const runMs = job.startedAt === undefined ? 0 : now - job.startedAt;
-    const outcome = state === 'cancelled' && value instanceof JobTimeoutError ? 'timeout' : state;
-    if (state === 'done') job.resolve(value as JobOutput);
-    else job.reject(value);
-    this.events.emit('finished', { job, kind: jobKind(job.spec), outcome, queuedMs, runMs });
+    this.events.emit('finished', job.settle(state, value));
   }
 
   async close(deadlineMs: number): Promise<void> {

@@ -5,7 +5,8 @@
 import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import type { Progress } from '../engine/pipeline.js';
-import { JobCancelledError, type JobEvents, type JobHandle, type JobOutput, type JobSpec, type JobState } from './types.js';
+import { jobKind } from '../jobs/types.js';
+import { JobCancelledError, JobTimeoutError, type JobEvents, type JobFinished, type JobHandle, type JobOutput, type JobSpec, type JobState } from './types.js';
 
 export abstract class QueuedJob implements JobHandle {
   readonly id: string;
@@ -44,6 +45,19 @@ export abstract class QueuedJob implements JobHandle {
   setState(state: JobState): void {
     this.state = state;
     this.events.emit('state', state);
+  }
+
+  /** Ends the job with its outcome: its state, its result promise, and what the queue's 'finished' event reports. */
+  settle(state: 'done' | 'failed' | 'cancelled', value: unknown): JobFinished {
+    clearTimeout(this.timer);
+    this.setState(state);
+    const now = performance.now();
+    const queuedMs = (this.startedAt ?? now) - this.submittedAt;
+    const runMs = this.startedAt === undefined ? 0 : now - this.startedAt;
+    const outcome = state === 'cancelled' && value instanceof JobTimeoutError ? 'timeout' : state;
+    if (state === 'done') this.resolve(value as JobOutput);
+    else this.reject(value);
+    return { job: this, kind: jobKind(this.spec), outcome, queuedMs, runMs };
   }
 
   cancel(reason: Error = new JobCancelledError()): void {

@@ -8,7 +8,6 @@ import { QueuedJob } from './job-handle.js';
 import { EventEmitter } from 'node:events';
 import type { Progress } from '../engine/pipeline.js';
 import { megapixels, RunTimeEstimator } from './estimate.js';
-import { jobKind } from '../jobs/types.js';
 import {
   JobCancelledError,
   JobTimeoutError,
@@ -205,15 +204,7 @@ export class InProcessQueue implements JobQueue {
   }
 
   private finish(job: Job, state: 'done' | 'failed' | 'cancelled', value: unknown): void {
-    clearTimeout(job.timer);
-    job.setState(state);
-    const now = performance.now();
-    const queuedMs = (job.startedAt ?? now) - job.submittedAt;
-    const runMs = job.startedAt === undefined ? 0 : now - job.startedAt;
-    const outcome = state === 'cancelled' && value instanceof JobTimeoutError ? 'timeout' : state;
-    if (state === 'done') job.resolve(value as JobOutput);
-    else job.reject(value);
-    this.events.emit('finished', { job, kind: jobKind(job.spec), outcome, queuedMs, runMs });
+    this.events.emit('finished', job.settle(state, value));
   }
 
   private checkIdle(): void {
