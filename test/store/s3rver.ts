@@ -6,11 +6,12 @@
  * kept) stand for an outage and the store coming back.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
-import { createServer, type AddressInfo } from 'node:net';
+import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Server } from 'node:http';
 import S3rver from 's3rver';
+import { freePort } from '../free-port.js';
 
 export interface TestS3 {
   endpoint: string;
@@ -22,14 +23,8 @@ export interface TestS3 {
   close(): Promise<void>;
 }
 
-/** A loopback port nobody listens on (taken, then released). */
-export async function closedPort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as AddressInfo;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
+/** A loopback port nobody listens on: a store that is down. */
+export const closedPort = freePort;
 
 export async function startS3(bucket = 'kiln-test'): Promise<TestS3> {
   const directory = mkdtempSync(join(tmpdir(), 'kiln-s3rver-'));
