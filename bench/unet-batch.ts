@@ -10,11 +10,13 @@
  */
 import { parseArgs } from 'node:util';
 import os from 'node:os';
+import { join } from 'node:path';
 import { DiffusionModel } from '../src/engine/model.js';
+import { OnnxModel } from '../src/engine/onnx.js';
 import { generate } from '../src/engine/pipeline.js';
 import { locateInHome } from '../src/catalog/installed-models.js';
 import { kilnHome } from '../src/catalog/home.js';
-import type { Feed, OnnxModel } from '../src/engine/onnx.js';
+import type { Feed } from '../src/engine/onnx.js';
 import { median } from './stats.js';
 import { ensureFixture, type FixtureVariant } from '../tools/fixtures/variants.js';
 
@@ -101,6 +103,29 @@ async function main(): Promise<void> {
         `; bit-identical to running alone: ${exact}/${n}`,
     );
   }
+  // The ceiling on this host: batching can only remove per-call overhead and idle cores, so the
+  // best it can do is every core busy at one thread's per-request pace in a large batch.
+  const largest = Math.max(...counts);
+  const oneThread = await OnnxModel.load(join(dir, 'unet/model.onnx'), dir, { intraOpThreads: 1 });
+  const feeds = stacked(largest);
+  await oneThread.run(feeds, [outName]);
+  const times: number[] = [];
+  for (let r = 0; r < Number(args.runs); r++) {
+    const t0 = performance.now();
+    await oneThread.run(feeds, [outName]);
+    times.push(performance.now() - t0);
+  }
+  await oneThread.release();
+  const cores = os.availableParallelism();
+  const perRequestOneThread = median(times) / largest;
+  if (soloMs.length) {
+    lines.push(
+      `ceiling: one thread takes ${perRequestOneThread.toFixed(2)} ms per request at ${largest} requests a call, so ${cores} cores at that pace ` +
+        `give ${(perRequestOneThread / cores).toFixed(2)} ms per request at best: at most ${(soloMs[0]! / (perRequestOneThread / cores)).toFixed(2)}x ` +
+        `the throughput of one at a time on this host`,
+    );
+  }
+  lines.push(`reproduce: node --import tsx bench/unet-batch.ts ${process.argv.slice(2).join(' ')}`.trimEnd());
   process.stdout.write(`${lines.join('\n')}\n`);
   await model.release();
 }

@@ -43,6 +43,8 @@ export interface SessionOptions {
   device?: Device;
   /** Shared counter of time spent in session.run, for benchmarks. */
   stats?: RunStats;
+  /** Threads per session for one operator; default ONNX Runtime's (one per physical core). */
+  intraOpThreads?: number;
 }
 
 export class OnnxModel {
@@ -80,6 +82,7 @@ export class OnnxModel {
       const sessionOptions: ort.InferenceSession.SessionOptions = {
         executionProviders: device === 'cuda' ? ['cuda'] : ['cpu'],
         graphOptimizationLevel: 'all',
+        ...(options.intraOpThreads ? { intraOpNumThreads: options.intraOpThreads } : {}),
         // Every session has its own intra-op pool, and by default its threads spin after each op
         // waiting for the next. A pipeline runs several sessions in turn beside HTTP, PNG encoding
         // and other worker threads, so spinning threads take the cores the next piece of work
