@@ -60,6 +60,6 @@ export {
 } from './preview.js';
 export { encodeImage, encodeGeneratedPng, insertPngText, readPngText, parametersText, OUTPUT_FORMATS, type OutputFormat } from './image-codec.js';
 export { locateModel, builtinModelsDir, isModelPath, type LocateOptions } from './locate.js';
-export { OnnxModel, type Device } from './onnx.js';
+export { OnnxModel, setSessionThreads, type Device } from './onnx.js';
 export { UnetBatcher, type UnetBatcherOptions, type BatchRunOptions, type BatcherStats } from './unet-batcher.js';
 export * from './errors.js';

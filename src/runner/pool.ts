@@ -5,6 +5,7 @@
  * Used by `kiln serve` (one machine) and by `kiln worker` (scale-out, src/runner/worker.ts).
  */
 import { Worker } from 'node:worker_threads';
+import { availableParallelism } from 'node:os';
 import { EventEmitter } from 'node:events';
 import type { Device } from '../engine/onnx.js';
 import { GenerationCancelledError } from '../engine/errors.js';
@@ -75,7 +76,7 @@ class WorkerSlot {
     this.cancelCell = new Int32Array(shared);
     this.exited = false;
     const { catalog, device = 'cpu' } = this.pool.options;
-    this.worker = startWorker({ folders: catalog.folders, device, cancel: shared, maxBatch: this.pool.maxBatch, tuning: this.pool.tuning });
+    this.worker = startWorker({ folders: catalog.folders, device, cancel: shared, maxBatch: this.pool.maxBatch, sessionThreads: this.pool.sessionThreads, tuning: this.pool.tuning });
     this.worker.on('message', (msg: FromWorker) => this.onMessage(msg));
     this.worker.on('error', (err) => this.onExit(err));
     this.worker.on('exit', (code) => this.onExit(new Error(`the inference worker exited with code ${code}`)));
@@ -182,6 +183,8 @@ export class EnginePool extends EventEmitter implements JobRunner {
   readonly slots: number;
   readonly maxBatch: number;
   readonly tuning: EngineTuning;
+  /** Threads per ONNX Runtime session in each worker thread (0: the default). */
+  readonly sessionThreads: number;
   closing = false;
   private readonly workers: WorkerSlot[] = [];
   /** One entry per job a worker can take now (a worker appears up to maxBatch times). */
@@ -195,6 +198,8 @@ export class EnginePool extends EventEmitter implements JobRunner {
     // The environment's tuning is read here, once, on the runner's side: the threads' engines get values.
     this.tuning = { loraCacheSize: options.loraCacheSize ?? loraCacheSize(), previewBudget: options.previewBudget ?? previewBudget() };
     this.slots = size * this.maxBatch;
+    // One thread: ONNX Runtime's default (every physical core). Several: the cores shared among them.
+    this.sessionThreads = size > 1 ? Math.max(1, Math.floor(availableParallelism() / size)) : 0;
     for (let i = 0; i < size; i++) this.workers.push(new WorkerSlot(this));
     // Jobs spread over the workers before any worker takes a second one.
     for (let k = 0; k < this.maxBatch; k++) this.idle.push(...this.workers);

@@ -37,6 +37,8 @@ export interface WorkerInit {
   cancel: SharedArrayBuffer;
   /** Jobs run at once, their UNet calls batched step by step (src/engine/unet-batcher.ts); default 1. */
   maxBatch?: number;
+  /** Threads per ONNX Runtime session (0: one per physical core); the runner shares the cores among its threads. */
+  sessionThreads: number;
   /** Engine tuning the runner resolved ($KILN_LORA_CACHE, $KILN_PREVIEW_BUDGET). */
   tuning: EngineTuning;
 }

@@ -13,6 +13,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { Engine } from '../engine/engine.js';
 import { JobEngine } from '../engine/run-job.js';
+import { setSessionThreads } from '../engine/onnx.js';
 import { serializeError, type FromWorker, type ToWorker, type WorkerInit } from './protocol.js';
 
 const init = workerData as WorkerInit;
@@ -22,6 +23,7 @@ const post = (msg: FromWorker, transfer: ArrayBuffer[] = []) => port.postMessage
 const { home, searchDirs, cacheDir, lorasDir } = init.folders;
 // Warnings (LoRA modules that match nothing, unused checkpoint tensors) go to the server's log.
 const warn = (message: string) => post({ type: 'warning', message });
+setSessionThreads(init.sessionThreads);
 const engine = new Engine({ device: init.device, home, searchDirs, cacheDir, lorasDir, ...init.tuning, onWarning: warn });
 const jobs = new JobEngine(engine, init.device, { maxBatch: init.maxBatch, onWarning: warn });
 const controllers = new Map<number, AbortController>();
