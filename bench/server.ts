@@ -3,7 +3,7 @@
  * percentiles, plus /health latency while the server is loaded.
  *
  *   npm run bench:server -- [--clients 4] [--requests 32] [--size 256x256] [--steps 8]
- *                           [--format b64_json|url] [--workers 1] [--partial-images N [--taesd]]
+ *                           [--format b64_json|url] [--workers 1] [--device cpu|cuda] [--partial-images N [--taesd]]
  *                           [--max-batch 1 | --max-batch 1,8 [--rounds 2]]
  *                           [--model NAME|DIR | --fixture VARIANT [--channels N]] [--url http://HOST:PORT]
  *   npm run bench:server -- --queue redis://HOST:PORT ...   scale-out: 1 and 2 kiln worker processes (bench/server-queue.ts)
@@ -57,6 +57,7 @@ const { values: args } = parseArgs({
     steps: { type: 'string', default: '8' },
     format: { type: 'string', default: 'b64_json' },
     workers: { type: 'string', default: '1' },
+    device: { type: 'string', default: 'cpu' },
     model: { type: 'string' },
     fixture: { type: 'string' },
     channels: { type: 'string' },
@@ -177,6 +178,7 @@ async function startTarget(maxBatch: number, dir: string | undefined): Promise<T
       port: 0,
       defaultModel: 'bench-model',
       workers: Number(args.workers),
+      device: args.device as 'cpu' | 'cuda',
       maxBatch,
       maxQueue: clients,
       logger: 'silent',
@@ -316,12 +318,13 @@ async function main(): Promise<void> {
   const cpu = os.cpus()[0]?.model ?? 'unknown CPU';
   const command =
     `npm run bench:server -- --clients ${clients} --requests ${total} --size ${args.size} --steps ${args.steps} --format ${args.format} --workers ${args.workers}` +
+    (args.device !== 'cpu' ? ` --device ${args.device}` : '') +
     ` --max-batch ${args['max-batch']}` + (rounds > 1 ? ` --rounds ${rounds}` : '') +
     (partialImages !== undefined ? ` --partial-images ${partialImages}` : '') +
     (args.taesd ? ' --taesd' : '') +
     (args.url ? ` --url ${args.url}` : args.model ? ` --model ${args.model}` : ` --fixture ${args.fixture ?? 'sdxl'} --channels ${args.channels ?? 8}`);
   const lines = [
-    `kiln server benchmark: ${label}, ${args.size}, ${args.steps} steps, ${args.format}, ${clients} concurrent clients, ${total} requests, ${args.workers} worker(s)`,
+    `kiln server benchmark: ${label}, ${args.size}, ${args.steps} steps, ${args.format}, ${clients} concurrent clients, ${total} requests, ${args.workers} worker(s), device ${args.device}`,
     `host: ${cpu}, ${os.cpus().length} cores, node ${process.version}; load average ${loadBefore.map((l) => l.toFixed(2)).join(' ')} before, ${loadAfter.map((l) => l.toFixed(2)).join(' ')} after`,
   ];
   const first = pooled[0]!;

@@ -6,7 +6,7 @@
  * its call runs alone (the API's same-n-same-bytes promise).
  *
  *   node --import tsx bench/unet-batch.ts -- [--model NAME|DIR | --fixture VARIANT] [--size 256x256]
- *                                            [--requests 1,2,4,8] [--runs 10]
+ *                                            [--requests 1,2,4,8] [--runs 10] [--device cpu|cuda]
  */
 import { parseArgs } from 'node:util';
 import os from 'node:os';
@@ -27,13 +27,15 @@ const { values: args } = parseArgs({
     size: { type: 'string', default: '256x256' },
     requests: { type: 'string', default: '1,2,4,8' },
     runs: { type: 'string', default: '10' },
+    device: { type: 'string', default: 'cpu' },
   },
 });
 
 async function main(): Promise<void> {
   const dir = args.model ? locateInHome(args.model, kilnHome()) : await ensureFixture((args.fixture ?? 'sdxl') as FixtureVariant);
   const label = args.model ?? `fixture ${args.fixture ?? 'sdxl'}`;
-  const model = await DiffusionModel.load(dir);
+  const device = args.device as 'cpu' | 'cuda';
+  const model = await DiffusionModel.load(dir, { device });
   const unet = model.unet as OnnxModel & { run: OnnxModel['run'] };
   const run = unet.run.bind(unet);
   let captured: Record<string, Feed> | undefined;
@@ -71,7 +73,7 @@ async function main(): Promise<void> {
 
   const counts = args.requests.split(',').map(Number);
   const lines = [
-    `UNet batching: ${label}, ${args.size}, ${rows} rows per request, ${args.runs} runs per batch`,
+    `UNet batching: ${label}, ${args.size}, ${device}, ${rows} rows per request, ${args.runs} runs per batch`,
     `host: ${os.cpus()[0]?.model ?? 'unknown CPU'}, ${os.cpus().length} cores, load ${os.loadavg().map((l) => l.toFixed(1)).join(' ')}`,
   ];
   const alone = new Map<number, Float32Array>();
@@ -103,27 +105,29 @@ async function main(): Promise<void> {
         `; bit-identical to running alone: ${exact}/${n}`,
     );
   }
-  // The ceiling on this host: batching can only remove per-call overhead and idle cores, so the
+  // The ceiling on a CPU host: batching can only remove per-call overhead and idle cores, so the
   // best it can do is every core busy at one thread's per-request pace in a large batch.
-  const largest = Math.max(...counts);
-  const oneThread = await OnnxModel.load(join(dir, 'unet/model.onnx'), dir, { intraOpThreads: 1 });
-  const feeds = stacked(largest);
-  await oneThread.run(feeds, [outName]);
-  const times: number[] = [];
-  for (let r = 0; r < Number(args.runs); r++) {
-    const t0 = performance.now();
+  if (device === 'cpu') {
+    const largest = Math.max(...counts);
+    const oneThread = await OnnxModel.load(join(dir, 'unet/model.onnx'), dir, { device, intraOpThreads: 1 });
+    const feeds = stacked(largest);
     await oneThread.run(feeds, [outName]);
-    times.push(performance.now() - t0);
-  }
-  await oneThread.release();
-  const cores = os.availableParallelism();
-  const perRequestOneThread = median(times) / largest;
-  if (soloMs.length) {
-    lines.push(
-      `ceiling: one thread takes ${perRequestOneThread.toFixed(2)} ms per request at ${largest} requests a call, so ${cores} cores at that pace ` +
-        `give ${(perRequestOneThread / cores).toFixed(2)} ms per request at best: at most ${(soloMs[0]! / (perRequestOneThread / cores)).toFixed(2)}x ` +
-        `the throughput of one at a time on this host`,
-    );
+    const times: number[] = [];
+    for (let r = 0; r < Number(args.runs); r++) {
+      const t0 = performance.now();
+      await oneThread.run(feeds, [outName]);
+      times.push(performance.now() - t0);
+    }
+    await oneThread.release();
+    const cores = os.availableParallelism();
+    const perRequestOneThread = median(times) / largest;
+    if (soloMs.length) {
+      lines.push(
+        `ceiling: one thread takes ${perRequestOneThread.toFixed(2)} ms per request at ${largest} requests a call, so ${cores} cores at that pace ` +
+          `give ${(perRequestOneThread / cores).toFixed(2)} ms per request at best: at most ${(soloMs[0]! / (perRequestOneThread / cores)).toFixed(2)}x ` +
+          `the throughput of one at a time on this host`,
+      );
+    }
   }
   lines.push(`reproduce: node --import tsx bench/unet-batch.ts ${process.argv.slice(2).join(' ')}`.trimEnd());
   process.stdout.write(`${lines.join('\n')}\n`);
