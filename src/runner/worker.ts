@@ -96,7 +96,7 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
   });
   const slots = pool.slots;
   const running = new Map<string, AbortController>();
-  /** The abort reason of a job stopped by shutdown (a cancel key's abort has none). */
+  /** The abort reason of a job stopped by shutdown (a cancel key's abort leaves the default one). */
   const HAND_BACK = new Error('the worker is shutting down: the job goes back to the queue');
   const resultTtlMs = options.resultTtlMs ?? 10 * 60_000;
   const startedAt = Date.now();
