@@ -1,6 +1,7 @@
 /**
  * `kiln worker --queue redis://...`: runs the jobs `kiln serve --queue` puts on the BullMQ queue,
- * on this host's models and device, until SIGTERM/SIGINT (running jobs get --shutdown-timeout).
+ * on this host's models and device, until SIGTERM/SIGINT (running jobs get --shutdown-timeout to
+ * finish, then go back to the queue).
  */
 import { resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
@@ -79,11 +80,21 @@ export async function workerCommand(flags: WorkerFlags): Promise<void> {
     `kiln worker: ${worker.id} takes jobs from ${describeRedis(target)} with ${flags.workers} inference thread(s) on ${flags.device}; ` +
       `serves ${catalog.installed().map((m) => m.id).join(', ') || 'no installed model'} (Ctrl-C to stop)\n`,
   );
-  let stopping = false;
+  // First signal: finish what runs (up to --shutdown-timeout), give the rest back to the queue, exit 0.
+  // Second: give running jobs back now (at their next step). Third: exit at once; the jobs' locks
+  // expire and the stalled check gives them to another worker.
+  let signals = 0;
   const stop = (signal: NodeJS.Signals) => {
-    if (stopping) process.exit(1);
-    stopping = true;
-    process.stderr.write(`kiln worker: ${signal}: finishing running jobs (up to ${Math.round(flags.shutdownTimeout / 1000)} s)\n`);
+    signals++;
+    if (signals >= 3) process.exit(1);
+    if (signals === 2) {
+      process.stderr.write(`kiln worker: ${signal} again: giving running jobs back to the queue now (once more to exit at once)\n`);
+      void worker.close(0);
+      return;
+    }
+    process.stderr.write(
+      `kiln worker: ${signal}: taking no new jobs; running ones may finish for ${Math.round(flags.shutdownTimeout / 1000)} s, then go back to the queue\n`,
+    );
     worker.close(flags.shutdownTimeout).then(async () => {
       await bucket?.close();
     }).then(
@@ -107,7 +118,7 @@ export function registerWorkerCommand(program: Command): void {
     .addOption(new Option('--lock-duration <duration>', "a job's lock, renewed every half of it while it runs; a dead worker's job is run again after it").argParser(parseDuration).default(60_000, '60s'))
     .addOption(new Option('--stalled-interval <duration>', 'how often jobs whose worker died are looked for').argParser(parseDuration).default(30_000, '30s'))
     .addOption(new Option('--heartbeat <duration>', 'how often this worker announces itself and its models (it counts as gone after three)').argParser(parseDuration).default(5_000, '5s'))
-    .addOption(new Option('--shutdown-timeout <duration>', 'on SIGTERM, how long running jobs may take before they are cancelled').argParser(parseDuration).default(30_000, '30s'))
+    .addOption(new Option('--shutdown-timeout <duration>', 'on SIGTERM/SIGINT, how long running jobs may take to finish here; then they stop at their next step and go back to the queue for another worker (a second signal: at once)').argParser(parseDuration).default(30_000, '30s'))
     .addOption(new Option('--log-level <level>', 'log level').choices(['error', 'warn', 'info', 'silent']).default('info'))
     .option('--store <s3://bucket[/prefix]>', 'the bucket of `kiln serve --store s3://...`, where the API hosts keep uploads (AWS_REGION, AWS_ENDPOINT_URL_S3, the AWS credentials chain)', parseStore)
     .action(workerCommand);

@@ -12,6 +12,10 @@
  *   worker died and the stalled check gave it to another) is still delivered once.
  * - Cancelling (client gone, timeout) removes a waiting job, or sets the job's cancel key that
  *   its worker polls and turns into an abort at the engine's next step.
+ * - A job may go back to waiting (its worker shut down and gave it back, or it stalled) and run
+ *   again, from the start, on another worker: the handle goes back to 'queued', progress restarts
+ *   at the new run's first step, and partial images are passed on only past the last index sent
+ *   (the new run's earlier ones repeat what the client has), so a stream never repeats an index.
  */
 import { QueuedJob } from './job-handle.js';
 import { EventEmitter } from 'node:events';
@@ -82,6 +86,8 @@ class RemoteJob extends QueuedJob {
   added = false;
   /** Its result is being read. */
   collecting = false;
+  /** The next partial image index to pass on (a run again after a hand-back starts over at 0). */
+  nextPartial = 0;
 
   constructor(spec: JobSpec, onCancel: (job: RemoteJob, reason: Error) => void) {
     super(spec, onCancel as (job: QueuedJob, reason: Error) => void, 12);
@@ -122,6 +128,8 @@ export class BullJobQueue implements JobQueue {
     this.queueEvents = new QueueEvents(this.name, { connection: this.connections[1]!, prefix: KEY_PREFIX });
     this.queueEvents.on('error', (err) => options.onError?.(err));
     this.queueEvents.on('active', ({ jobId }) => this.onActive(jobId));
+    this.queueEvents.on('waiting', ({ jobId, prev }) => prev === 'active' && this.onRequeued(jobId));
+    this.queueEvents.on('stalled', ({ jobId }) => this.onRequeued(jobId));
     this.queueEvents.on('progress', ({ jobId, data }) => this.onProgress(jobId, data as unknown as ProgressMessage));
     this.queueEvents.on('completed', ({ jobId }) => void this.collect(jobId));
     this.queueEvents.on('failed', ({ jobId, failedReason }) => this.onFailed(jobId, failedReason));
@@ -252,6 +260,14 @@ export class BullJobQueue implements JobQueue {
     job.setState('running');
   }
 
+  /** Back in the queue, to be run again from the start; its queue time then counts until that run starts. */
+  private onRequeued(jobId: string): void {
+    const job = this.jobs.get(jobId);
+    if (!job || job.settled || job.state !== 'running') return;
+    job.progress = undefined;
+    job.setState('queued');
+  }
+
   private onProgress(jobId: string, data: ProgressMessage): void {
     const job = this.jobs.get(jobId);
     if (!job || job.settled || !data || typeof data !== 'object') return;
@@ -261,6 +277,8 @@ export class BullJobQueue implements JobQueue {
       job.events.emit('progress', data.progress);
     } else if ('partial' in data) {
       const p = data.partial;
+      if (p.index < job.nextPartial) return;
+      job.nextPartial = p.index + 1;
       job.events.emit('partial', { index: p.index, step: p.step, totalSteps: p.totalSteps, width: p.width, height: p.height, bytes: Buffer.from(p.bytes, 'base64') });
     }
   }

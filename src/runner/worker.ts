@@ -12,11 +12,14 @@
  *   the API host).
  * - Cancellation: the API sets `cancel:<job>`; this process polls the keys of its running jobs
  *   and aborts them, and the thread stops at the engine's next step.
+ * - Shutdown (close): no new jobs; running ones finish until the deadline, then stop at their next
+ *   step and are given back to the queue (BullMQ's manual retry: moveToWait + WaitingError), so
+ *   another worker runs them from the start and the request still gets its one image.
  * - Heartbeat: `worker:<id>` with a TTL of three beats, naming the models this host serves.
  */
 import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
-import { Worker, type Job as BullJob } from 'bullmq';
+import { WaitingError, Worker, type Job as BullJob } from 'bullmq';
 import type { ModelCatalog } from '../catalog/catalog.js';
 import type { Device } from '../engine/onnx.js';
 import type { Job } from '../jobs/types.js';
@@ -57,7 +60,11 @@ export interface QueueWorkerOptions {
 
 export interface QueueWorker {
   readonly id: string;
-  /** Stops taking jobs, lets running ones finish (up to `deadlineMs`, then cancels them), frees the threads. */
+  /**
+   * Stops taking jobs, lets running ones finish (up to `deadlineMs`), then stops the rest at their
+   * next step and gives them back to the queue for another worker; frees the threads. Called again
+   * while closing, the earlier of the two deadlines holds (a second signal: `close(0)`).
+   */
   close(deadlineMs?: number): Promise<void>;
 }
 
@@ -89,10 +96,12 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
   });
   const slots = pool.slots;
   const running = new Map<string, AbortController>();
+  /** The abort reason of a job stopped by shutdown (a cancel key's abort leaves the default one). */
+  const HAND_BACK = new Error('the worker is shutting down: the job goes back to the queue');
   const resultTtlMs = options.resultTtlMs ?? 10 * 60_000;
   const startedAt = Date.now();
 
-  async function processJob(job: BullJob): Promise<{ ok: boolean }> {
+  async function processJob(job: BullJob, token?: string): Promise<{ ok: boolean }> {
     const jobId = job.id!;
     const spec = job.data as Job;
     const controller = new AbortController();
@@ -122,6 +131,20 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
       result = { ok: false, error: serializeError(err), cancelled: controller.signal.aborted, worker: id };
     } finally {
       running.delete(jobId);
+    }
+    // Stopped by shutdown and not cancelled by its client: back to the queue, whole (no result, so
+    // no second image). The cancel key wins: a request that is gone is not run again.
+    if (!result.ok && controller.signal.reason === HAND_BACK && !(await redis.get(k.cancel(jobId)).catch(() => null))) {
+      try {
+        // At the head of the wait list: the next free worker takes it.
+        await job.moveToWait(token);
+        log('info', 'job given back to the queue (shutting down)', { job: jobId });
+      } catch (err) {
+        // Left active: once this process stops renewing its lock the stalled check puts it back.
+        log('warn', `could not give the job back (${(err as Error).message}); it is run again once its lock expires`, { job: jobId });
+      }
+      // BullMQ's signal that the job was moved: neither completed nor failed.
+      throw new WaitingError();
     }
     // A job cancelled by its client: nobody waits for it any more.
     if (!result.ok && result.cancelled && (await redis.get(k.cancel(jobId)).catch(() => null))) {
@@ -172,20 +195,35 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
   void worker.run().catch((err: Error) => log('error', `the queue worker stopped: ${err.message}`));
   log('info', `worker ${id} takes jobs (${threads} inference thread(s), ${slots} job(s) at once)`);
 
+  let closing: Promise<void> | undefined;
+  let deadline = Infinity;
+  let stopper: NodeJS.Timeout | undefined;
+  const handBack = () => {
+    for (const c of running.values()) c.abort(HAND_BACK);
+  };
+  /** (Re)arms the hand-back for the earliest deadline asked for. */
+  const handBackAt = (at: number) => {
+    if (at >= deadline) return;
+    deadline = at;
+    clearTimeout(stopper);
+    stopper = setTimeout(handBack, Math.max(0, at - Date.now()));
+  };
+
   return {
     id,
-    async close(deadlineMs = 30_000) {
-      clearInterval(heartbeat);
-      await redis.del(k.worker(id)).catch(() => {});
-      // Past the deadline the jobs still running are stopped at their next step (they fail as cancelled).
-      const stopper = setTimeout(() => {
-        for (const c of running.values()) c.abort();
-      }, deadlineMs);
-      await worker.close();
-      clearTimeout(stopper);
-      clearInterval(cancelPoll);
-      await pool.close();
-      await Promise.allSettled([redis.quit(), bullConnection.quit()]);
+    close(deadlineMs = 30_000) {
+      handBackAt(Date.now() + Math.max(0, deadlineMs));
+      closing ??= (async () => {
+        clearInterval(heartbeat);
+        await redis.del(k.worker(id)).catch(() => {});
+        // Resolves once every running job has finished or been given back (BullMQ takes no new one meanwhile).
+        await worker.close();
+        clearTimeout(stopper);
+        clearInterval(cancelPoll);
+        await pool.close();
+        await Promise.allSettled([redis.quit(), bullConnection.quit()]);
+      })();
+      return closing;
     },
   };
 }
