@@ -159,7 +159,7 @@ export class JobEngine {
     options: { maxBatch?: number; onWarning?: (message: string) => void } = {},
   ) {
     this.onWarning = options.onWarning;
-    this.batcher = (options.maxBatch ?? 1) > 1 ? new UnetBatcher({ maxBatch: options.maxBatch! }) : undefined;
+    this.batcher = (options.maxBatch ?? 1) > 1 ? new UnetBatcher({ maxBatch: options.maxBatch!, batchDecodes: device === 'cuda' }) : undefined;
   }
 
   /** Loads a model ahead of its first job. */

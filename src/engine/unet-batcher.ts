@@ -36,6 +36,13 @@ export interface UnetBatcherOptions {
    * never batch a shape where it does not). Default true; turning it off trusts the provider.
    */
   verify?: boolean;
+  /**
+   * Whether VAE decodes of generations that finish together share a run (vae.ts). Default true.
+   * Kiln's threads batch them only on CUDA: on CPU a batched decode costs as much per picture or
+   * more (kiln-tiny, 32x32 latents: 21.6 ms alone, 21.1 / 23.9 / 28.1 ms each in batches of
+   * 2 / 4 / 8; 64x64: 104 ms alone, 111-114 in batches of 4-8), its activations outgrow the caches.
+   */
+  batchDecodes?: boolean;
 }
 
 export interface BatchRunOptions {
@@ -81,6 +88,7 @@ type Outputs = Record<string, FloatTensor>;
 export class UnetBatcher {
   readonly maxBatch: number;
   readonly verify: boolean;
+  readonly batchDecodes: boolean;
   readonly stats: BatcherStats = { runs: 0, calls: 0, batchedRuns: 0, largestBatch: 0, checks: 0, inexact: 0 };
   private pending: Call[] = [];
   private scheduled = false;
@@ -94,6 +102,7 @@ export class UnetBatcher {
     if (!Number.isInteger(options.maxBatch) || options.maxBatch < 1) throw new RangeError('maxBatch must be an integer >= 1');
     this.maxBatch = options.maxBatch;
     this.verify = options.verify ?? true;
+    this.batchDecodes = options.batchDecodes ?? true;
   }
 
   /** Runs `session` on `feeds` as part of a batch when others fit; resolves with this call's rows only. */

@@ -37,7 +37,7 @@ const DECODE_BATCH_PIXELS = 2 ** 21;
 
 /**
  * Decodes latents [1,4,h,w] (already denoised, *not* divided by the scaling factor). With a
- * batcher, decodes of concurrent generations finishing together share a run, up to 2 MP of
+ * batcher that batches decodes, decodes of concurrent generations finishing together share a run, up to 2 MP of
  * output in all (8 pictures of 512x512, 2 of 1024x1024).
  */
 export async function decodeLatents(model: DiffusionModel, latents: Float32Array, dims: number[], batcher?: UnetBatcher): Promise<RgbImage> {
@@ -47,7 +47,7 @@ export async function decodeLatents(model: DiffusionModel, latents: Float32Array
   const outName = model.vaeDecoderOutputName();
   const feeds = { latent_sample: { data: scaled, dims } };
   const maxRows = Math.floor(DECODE_BATCH_PIXELS / (dims[2]! * dims[3]! * 64));
-  const out = batcher && maxRows >= 2 ? await batcher.run(model.vaeDecoder, feeds, [outName], { rows: 1, maxRows }) : await model.vaeDecoder.run(feeds, [outName]);
+  const out = batcher?.batchDecodes && maxRows >= 2 ? await batcher.run(model.vaeDecoder, feeds, [outName], { rows: 1, maxRows }) : await model.vaeDecoder.run(feeds, [outName]);
   const { data, dims: outDims } = out[outName]!;
   const [, channels, height, width] = outDims as [number, number, number, number];
   if (channels !== 3) throw new NumericalError(`${model.vaeDecoder.label} returned ${channels} channels, expected 3`);

@@ -96,6 +96,20 @@ test('concurrent txt2img requests: one UNet run per step for the batch and one V
   await assertSameBytes(batched, alone, 'kiln-tiny, CFG');
 });
 
+test('batchDecodes false (Kiln\'s threads on CPU): the UNet runs stay batched, each picture is decoded alone, bytes as alone', async () => {
+  const model = await kilnTiny();
+  const alone = [];
+  for (let i = 0; i < 3; i++) alone.push(await generate(model, request(i)));
+  const rows = spy(model.unet);
+  const decodes = spy(model.vaeDecoder, undefined, 'latent_sample');
+  const batcher = new UnetBatcher({ maxBatch: 4, verify: false, batchDecodes: false });
+  const batched = await Promise.all([0, 1, 2].map((i) => generate(model, { ...request(i), batcher })));
+  assert.deepEqual(rows, [6, 6, 6, 6], 'one UNet run per step, 3 requests x 2 CFG rows');
+  assert.deepEqual(decodes, [1, 1, 1], 'three decodes of one picture each');
+  assert.equal(batcher.stats.calls, 12, 'decodes do not go through the batcher');
+  await assertSameBytes(batched, alone, 'kiln-tiny, decodes alone');
+});
+
 test('the first batch of a shape is checked against running alone; without CFG (one row per request) too', async () => {
   const model = await kilnTiny();
   const opts = (i: number) => request(i, { guidanceScale: 1, steps: 3 });
