@@ -23,7 +23,7 @@ let events: QueueEvents;
 let eventsConnection: ReturnType<typeof connect>;
 const workers: WorkerProcess[] = [];
 
-/** As in scale.test.ts: a wide UNet, about 0.2 s per step at 1024x1024 on one core. */
+/** As in scale.test.ts: a wide UNet, about 0.2 s per step at 1024x1024 on one core (0.05 s at 512x512, the size used here). */
 const SLOW: ModelSpec = { variant: 'sdxl', options: { channels: 64 } };
 const SHORT = ['--shutdown-timeout', '300ms'];
 
@@ -58,7 +58,7 @@ after(async () => {
 });
 
 const generate = (body: Record<string, unknown>) =>
-  postJson(`${api.url}/v1/images/generations`, { prompt: 'a lighthouse in a storm', model: 'kiln-slow', size: '1024x1024', response_format: 'b64_json', ...body });
+  postJson(`${api.url}/v1/images/generations`, { prompt: 'a lighthouse in a storm', model: 'kiln-slow', size: '512x512', response_format: 'b64_json', ...body });
 
 const idle = () => until(async () => ((await fleet()).workers.length === 2 && (await fleet()).workers.every((w) => w.active === 0) ? true : undefined), 'two idle workers');
 
@@ -114,7 +114,7 @@ test('a streamed job handed over: partial image indices keep increasing (none se
   const res = await fetch(`${api.url}/v1/images/generations`, {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ prompt: 'a lighthouse in a storm', model: 'kiln-slow', size: '1024x1024', steps: 60, seed: 7, stream: true, partial_images: 3 }),
+    body: JSON.stringify({ prompt: 'a lighthouse in a storm', model: 'kiln-slow', size: '512x512', steps: 60, seed: 7, stream: true, partial_images: 3 }),
   });
   assert.equal(res.status, 200);
   const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
@@ -160,7 +160,7 @@ test('SIGTERM with a long --shutdown-timeout: the worker finishes its job (deliv
   await Promise.all(workers.splice(0).map((w) => w.stop()));
   workers.push(...(await Promise.all([0, 1].map(() => WorkerProcess.start(redis.url, workerHome, ['--shutdown-timeout', '10m'])))));
   await idle();
-  const first = generate({ seed: 21, steps: 30 });
+  const first = generate({ seed: 21, steps: 60 });
   const victim = await holderAt(2);
   const other = workers.find((w) => w !== victim)!;
   // The other worker busy with a longer job, so that the next one waits in the queue while the
