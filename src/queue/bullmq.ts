@@ -249,7 +249,12 @@ export class BullJobQueue implements JobQueue {
       const queued = await timeout(this.redis.exists(`${KEY_PREFIX}:${this.name}:${j.id}`));
       const result = await timeout(this.redis.exists(this.k.result(j.id)));
       if (result) void this.collect(j.id);
-      else if (!queued && !j.settled && !j.collecting) this.finish(j, 'failed', new QueueUnavailableError('the job was lost from the queue (Redis restarted without it); retry'));
+      else if (!queued && !j.settled && !j.collecting) {
+        this.finish(j, 'failed', new QueueUnavailableError('the job was lost from the queue (Redis restarted without it); retry'));
+        // A worker may still be running it (its run outlives the Redis that held it): nobody waits
+        // for it now, so flag it like a cancelled job and free the slot.
+        void this.withdraw(j.id);
+      }
     }
   }
 

@@ -218,7 +218,8 @@ export class S3Store implements ImageStore, InputStore {
 
   /**
    * The secret Kiln's URLs are signed with, shared by every API host through the bucket: read,
-   * or made on first use (a conditional write, so two hosts starting at once end up with one).
+   * or made on first use (a conditional write, so two hosts starting at once end up with one, on
+   * a store that honours If-None-Match as S3 does).
    */
   async urlSecret(): Promise<Buffer> {
     const key = `${this.prefix}url-secret`;
@@ -242,7 +243,9 @@ export class S3Store implements ImageStore, InputStore {
       const status = (err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode;
       if (status !== 412 && status !== 409) throw err;
     }
-    // Read back rather than trust what was sent: a store that ignores If-None-Match lets the last writer win.
+    // Read back rather than trust what was sent: a store that ignores If-None-Match (s3rver) lets
+    // the last writer win, and this agrees with it unless that write lands after this read (then
+    // the hosts keep different secrets until they restart).
     const secret = await read();
     if (!secret) throw new Error(`s3://${this.bucket}/${key} could not be read back after writing it`);
     return secret;
