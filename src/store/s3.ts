@@ -246,7 +246,12 @@ export class S3Store implements ImageStore, InputStore {
     // Read back rather than trust what was sent: a store that ignores If-None-Match (s3rver) lets
     // the last writer win, and this agrees with it unless that write lands after this read (then
     // the hosts keep different secrets until they restart).
-    const secret = await read();
+    // After a 409 the other host's write may not have landed yet: a few reads, 0.1 s to 1.6 s apart.
+    let secret = await read();
+    for (let wait = 100; !secret && wait <= 1600; wait *= 2) {
+      await new Promise((resolve) => setTimeout(resolve, wait));
+      secret = await read();
+    }
     if (!secret) throw new Error(`s3://${this.bucket}/${key} could not be read back after writing it`);
     return secret;
   }
