@@ -197,7 +197,7 @@ export class BullJobQueue implements JobQueue {
     job.added = true;
     this.counts.waiting++;
     // Cancelled while add() was under way: take it back out.
-    if (job.settled) await this.withdraw(job.id);
+    if (job.settled) await this.withdraw(job.id, 'cancelled while it was being queued');
   }
 
   /** Seconds until a new job would start: the jobs ahead of it times the run time, over the fleet's slots. */
@@ -253,7 +253,7 @@ export class BullJobQueue implements JobQueue {
         this.finish(j, 'failed', new QueueUnavailableError('the job was lost from the queue (Redis restarted without it); retry'));
         // A worker may still be running it (its run outlives the Redis that held it): nobody waits
         // for it now, so flag it like a cancelled job and free the slot.
-        void this.withdraw(j.id);
+        void this.withdraw(j.id, 'the job was lost from the queue (Redis restarted without it)');
       }
     }
   }
@@ -331,13 +331,13 @@ export class BullJobQueue implements JobQueue {
   private cancelJob(job: RemoteJob, reason: Error): void {
     // The request is answered now; the worker stops at its next step once it sees the cancel key.
     this.finish(job, 'cancelled', reason);
-    if (job.added) void this.withdraw(job.id);
+    if (job.added) void this.withdraw(job.id, reason.message);
   }
 
-  /** Removes a waiting job, or flags a running one for its worker. */
-  private async withdraw(jobId: string): Promise<void> {
+  /** Removes a waiting job, or flags a running one for its worker (the flag's value says why, for its log). */
+  private async withdraw(jobId: string, why: string): Promise<void> {
     try {
-      await this.redis.set(this.k.cancel(jobId), '1', 'PX', 3_600_000);
+      await this.redis.set(this.k.cancel(jobId), why.slice(0, 200) || 'cancelled', 'PX', 3_600_000);
       await this.queue.remove(jobId).catch(() => 0); // refused while a worker holds its lock
     } catch {
       // Redis is down: the job may still run; its result expires unread

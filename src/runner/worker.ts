@@ -146,9 +146,11 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
       // BullMQ's signal that the job was moved: neither completed nor failed.
       throw new WaitingError();
     }
-    // A job cancelled by its client: nobody waits for it any more.
-    if (!result.ok && result.cancelled && (await redis.get(k.cancel(jobId)).catch(() => null))) {
-      log('info', 'job cancelled (its client went away)', { job: jobId });
+    // A job cancelled by the API host (its client went away, its request timed out, it was lost
+    // from the queue): nobody waits for it any more. The flag's value says why.
+    const cancelled = !result.ok && result.cancelled ? await redis.get(k.cancel(jobId)).catch(() => null) : null;
+    if (cancelled) {
+      log('info', `job cancelled: ${cancelled}`, { job: jobId });
       return { ok: false };
     }
     // Keyed by job id: a job run twice (a stalled first run) leaves one result; the API reads it once.

@@ -68,7 +68,7 @@ test('Redis restarted empty: the running and the waiting request answer 503 (job
   }
 
   // Nobody waits for the lost job any more: its worker stops it instead of running it to the end.
-  await until(async () => /job cancelled/.test(worker!.log), () => `the worker to stop the lost job; its log:\n${worker!.log}`);
+  await until(async () => /job cancelled: the job was lost from the queue/.test(worker!.log), () => `the worker to stop the lost job; its log:\n${worker!.log}`);
   await until(async () => ((await fleet()).workers?.[0]?.active === 0 ? true : undefined), 'the worker idle again');
   assert.equal(worker!.jobsDone, 0, 'neither lost job was finished');
 

@@ -152,7 +152,7 @@ test('a client that disconnects mid-job: the worker stops the job between steps'
   controller.abort();
   assert.ok((await pending) instanceof Error);
   const worker = workers.find((w) => w.pid === busy.pid)!;
-  await until(async () => /job cancelled \(its client went away\)/.test(worker.log), () => `the worker to report the job cancelled; its log:\n${worker.log}`);
+  await until(async () => /job cancelled: the client disconnected/.test(worker.log), () => `the worker to report the job cancelled; its log:\n${worker.log}`);
   await until(async () => ((await fleet(api)).workers!.every((w) => w.active === 0) ? true : undefined), 'the worker idle again');
   assert.deepEqual(workers.map((w) => w.jobsDone), before, 'the job never finished');
 });
