@@ -27,7 +27,14 @@ async function input(inputs: InputStore | undefined, key: string | undefined, wh
   return bytes;
 }
 
-export async function toEngineJob(job: Job, catalog: ModelCatalog, inputs: InputStore | undefined): Promise<EngineJob> {
+/** A job resolved for the engine, and what of that resolution its result reports (JobOutput). */
+export interface PreparedJob {
+  engineJob: EngineJob;
+  /** The image prompt's adapter files by name (JobOutput.imagePromptAdapters); absent without an image prompt. */
+  imagePromptAdapters?: string[];
+}
+
+export async function toEngineJob(job: Job, catalog: ModelCatalog, inputs: InputStore | undefined): Promise<PreparedJob> {
   const dir = catalog.locate(job.model);
   const name = isModelPath(job.model) ? basename(dir) : job.model;
   const out: EngineJob = { mode: job.mode, model: { dir, name }, options: job.options, output: job.output };
@@ -51,6 +58,7 @@ export async function toEngineJob(job: Job, catalog: ModelCatalog, inputs: Input
   if (job.imagePrompt) {
     const adapters = resolveImagePromptAssets(detectLayout(dir).family, name, catalog.home, job.imagePrompt);
     out.imagePrompt = { adapters: adapters.map(({ adapter, imageEncoder, weight }) => ({ adapter, imageEncoder, weight })) };
+    return { engineJob: out, imagePromptAdapters: adapters.map((a) => a.name) };
   }
-  return out;
+  return { engineJob: out };
 }

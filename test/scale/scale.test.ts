@@ -9,12 +9,14 @@
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { readdirSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Progress } from '../../src/engine/pipeline.js';
 import { detectLayout } from '../../src/engine/model.js';
 import { sizeForUpload } from '../../src/engine/presets.js';
-import { startTestServer, postJson, getJson, envelope, makeHome, makePng, type ModelSpec, type TestServer } from '../server/helpers.js';
+import { startTestServer, postJson, getJson, envelope, makeHome, makePng, personPng, type ModelSpec, type TestServer } from '../server/helpers.js';
+import { installImagePromptPose } from '../server/image-prompt-fixtures.js';
 import { RedisServer, WorkerProcess, until } from './helpers.js';
 
 let redis: RedisServer;
@@ -31,6 +33,8 @@ before(async () => {
   redis = await RedisServer.start();
   // The workers serve the built-in kiln-tiny models, 'kiln-slow', and 'worker-only', which the API host does not have.
   workerHome = await makeHome({ 'kiln-slow': SLOW, 'worker-only': 'sdxl' });
+  // And 'worker-sd15' with its IP-Adapters (style and face) and pose models, also only theirs.
+  await installImagePromptPose(workerHome, 'worker-sd15');
   // The API's home has one more model, 'only-here', that no worker has.
   api = await startTestServer({
     models: { 'only-here': 'sdxl', 'kiln-slow': SLOW },
@@ -191,6 +195,57 @@ test('a model only the workers have: listed in /v1/models, served, and its pose 
   assert.equal(e.code, 'pose_model_missing');
   assert.equal(e.param, 'user');
   assert.match(e.message, /worker-only/);
+});
+
+test('an image prompt on a model only the workers have: kiln.image_prompt names the adapters the worker used, as one machine does', async () => {
+  // One machine with the same model and assets (its in-process runner): what the same requests report there.
+  const oneHome = mkdtempSync(join(tmpdir(), 'kiln-scale-one-'));
+  mkdirSync(join(oneHome, 'models'));
+  await installImagePromptPose(oneHome, 'worker-sd15');
+  const one = await startTestServer({ home: oneHome });
+  const person = await personPng(256);
+  const edit = async (t: TestServer, user: string) => {
+    const form = new FormData();
+    form.append('image', new Blob([person], { type: 'image/png' }), 'in.png');
+    form.append('prompt', 'a dancer on a stage');
+    form.append('model', 'worker-sd15');
+    form.append('user', user);
+    form.append('size', '256x256');
+    form.append('steps', '1');
+    form.append('seed', '5');
+    form.append('response_format', 'b64_json');
+    const res = await fetch(`${t.url}/v1/images/edits`, { method: 'POST', body: form });
+    return { status: res.status, json: (await res.json()) as any };
+  };
+  try {
+    const reports: Record<string, any> = {};
+    for (const user of ['face:0.5,style:0.6', 'face:0,style:0', 'face:0.5,style:0.6,pose:1.0']) {
+      const remote = await edit(api, user);
+      assert.equal(remote.status, 200, JSON.stringify(remote.json));
+      const local = await edit(one, user);
+      assert.equal(local.status, 200, JSON.stringify(local.json));
+      // Every field of the kiln block but the timings: the model, settings, mode, people and the image prompt.
+      const { timings: _remote, ...remoteKiln } = remote.json.kiln;
+      const { timings: _local, ...localKiln } = local.json.kiln;
+      assert.deepEqual(remoteKiln, localKiln, user);
+      assert.equal(remote.json.data[0].b64_json, local.json.data[0].b64_json, `${user}: the worker drew what one machine draws`);
+      reports[user] = remote.json.kiln;
+    }
+    assert.deepEqual(reports['face:0.5,style:0.6']!.image_prompt, {
+      style: 0.6,
+      face: 0.5,
+      adapters: ['ip-adapter_sd15.safetensors', 'ip-adapter-plus-face_sd15.safetensors'],
+    });
+    assert.deepEqual(reports['face:0,style:0']!.image_prompt, { style: 0, face: 0, adapters: [] });
+    const posed = reports['face:0.5,style:0.6,pose:1.0']!;
+    assert.equal(posed.mode, 'pose');
+    assert.equal(posed.control_scale, 1);
+    assert.equal(posed.people, 1);
+    assert.deepEqual(posed.image_prompt, reports['face:0.5,style:0.6']!.image_prompt);
+  } finally {
+    await one.close();
+    rmSync(oneHome, { recursive: true, force: true });
+  }
 });
 
 test('a model no live worker serves answers 503 saying so (not a hanging request)', async () => {
