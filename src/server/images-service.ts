@@ -199,6 +199,9 @@ export function createImagesService({ queue, store, inputs, signer, models, home
     }
 
     const s = outputs[0]!.settings;
+    // A remote model is named as asked; the worker may have resolved that name (its aliases) to another model: report that one, as one machine does.
+    const drew = model.remote ? s.model : model.id;
+    const requested = model.remote ? (s.model !== model.id ? model.id : undefined) : model.requested;
     const totalMs = performance.now() - received;
     let expiresAt: number | undefined;
     const put = async (bytes: Buffer, contentType: string) => {
@@ -225,7 +228,7 @@ export function createImagesService({ queue, store, inputs, signer, models, home
     const allSeeds = outputs.map((o) => o.settings.seed);
 
     const headers: Record<string, string> = {
-      'x-kiln-model': headerValue(model.id),
+      'x-kiln-model': headerValue(drew),
       'x-kiln-seed': allSeeds.join(','),
       'x-kiln-size': `${s.width}x${s.height}`,
       'x-kiln-quality': headerValue(s.quality),
@@ -244,8 +247,8 @@ export function createImagesService({ queue, store, inputs, signer, models, home
       quality: s.quality,
       output_format: outputs[0]!.format,
       kiln: {
-        model: model.id,
-        ...(model.requested !== undefined ? { requested_model: model.requested } : {}),
+        model: drew,
+        ...(requested !== undefined ? { requested_model: requested } : {}),
         seed: s.seed,
         ...(outputs.length > 1 ? { seeds: allSeeds } : {}),
         size: `${s.width}x${s.height}`,
