@@ -316,6 +316,7 @@ export class BullJobQueue implements JobQueue {
     };
     if (r.pose) output.pose = Buffer.from(r.pose, 'base64');
     if (r.people !== undefined) output.people = r.people;
+    if (Array.isArray(r.imagePromptAdapters)) output.imagePromptAdapters = r.imagePromptAdapters.map(String);
     job.startedAt ??= performance.now();
     this.estimator.finished(job.spec, output, performance.now() - job.startedAt);
     this.finish(job, 'done', output);

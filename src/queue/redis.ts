@@ -106,6 +106,8 @@ export type StoredResult =
       timings: unknown;
       pose?: string;
       people?: number;
+      /** The adapter files this worker's home resolved (JobOutput.imagePromptAdapters). */
+      imagePromptAdapters?: string[];
       worker: string;
     }
   | { ok: false; error: import('../runner/protocol.js').SerializedError; cancelled: boolean; worker: string };

@@ -33,6 +33,12 @@ export interface JobOutput {
   /** Pose mode: the skeleton picture (same format as the image) and how many people DWPose found. */
   pose?: Buffer;
   people?: number;
+  /**
+   * Image prompt: the adapter files the runner resolved from its own home and ran with, in the
+   * response's order (none: every weight 0). Set where the job ran, so that an API host without
+   * the model (scale-out) reports what the worker used.
+   */
+  imagePromptAdapters?: string[];
 }
 
 export type JobState = 'queued' | 'running' | 'done' | 'failed' | 'cancelled';

@@ -44,6 +44,8 @@ interface Pending {
   context: RunContext;
   resolve: (output: JobOutput) => void;
   reject: (err: unknown) => void;
+  /** Known once the job is resolved on this thread (prepare.ts); added to its output. */
+  imagePromptAdapters?: string[];
 }
 
 /** Starts the worker entry: the .ts source under tsx (tests, `npm run`), the .js build under dist. */
@@ -103,8 +105,11 @@ class WorkerSlot {
       else context.signal.addEventListener('abort', onAbort, { once: true });
       // Resolved on this thread (the input store lives here); a job that cannot be resolved fails without running.
       toEngineJob(spec, this.pool.options.catalog, this.pool.options.inputs).then(
-        (job) => {
-          if (this.pending.has(id)) this.post({ type: 'run', id, job });
+        ({ engineJob, imagePromptAdapters }) => {
+          const p = this.pending.get(id);
+          if (!p) return;
+          if (imagePromptAdapters) p.imagePromptAdapters = imagePromptAdapters;
+          this.post({ type: 'run', id, job: engineJob });
         },
         fail,
       );
@@ -135,6 +140,7 @@ class WorkerSlot {
           };
           if (msg.pose) output.pose = Buffer.from(msg.pose);
           if (msg.people !== undefined) output.people = msg.people;
+          if (p.imagePromptAdapters) output.imagePromptAdapters = p.imagePromptAdapters;
           p.resolve(output);
           this.pool.release(this);
         }

@@ -9,7 +9,8 @@ import { detectLayout } from '../engine/model.js';
 import { isModelPath } from '../engine/locate.js';
 import { sizeForUpload } from '../engine/presets.js';
 import type { EngineJob } from '../engine/run-job.js';
-import type { ModelCatalog } from '../catalog/catalog.js';
+import type { ModelCatalog, ResolvedModel } from '../catalog/catalog.js';
+import { ModelNotFoundError } from '../engine/errors.js';
 import { resolvePoseAssets } from '../catalog/pose-assets.js';
 import { resolveImagePromptAssets } from '../catalog/image-prompt-assets.js';
 import type { Job } from '../jobs/types.js';
@@ -27,9 +28,37 @@ async function input(inputs: InputStore | undefined, key: string | undefined, wh
   return bytes;
 }
 
-export async function toEngineJob(job: Job, catalog: ModelCatalog, inputs: InputStore | undefined): Promise<EngineJob> {
-  const dir = catalog.locate(job.model);
-  const name = isModelPath(job.model) ? basename(dir) : job.model;
+/** A job resolved for the engine, and what of that resolution its result reports (JobOutput). */
+export interface PreparedJob {
+  engineJob: EngineJob;
+  /** The image prompt's adapter files by name (JobOutput.imagePromptAdapters); absent without an image prompt. */
+  imagePromptAdapters?: string[];
+}
+
+/**
+ * A job's model: its folder, and the name the engine reports and messages show. A name no folder
+ * of this host holds may be one of its serving aliases (aliases.json): a worker announces those,
+ * and an API host without the model queues the name as asked, so it is resolved here as one
+ * machine's catalog resolves it before queueing (the model it stands for, under that model's name).
+ */
+function jobModel(ref: string, catalog: ModelCatalog): { dir: string; name: string } {
+  try {
+    const dir = catalog.locate(ref);
+    return { dir, name: isModelPath(ref) ? basename(dir) : ref };
+  } catch (err) {
+    if (!(err instanceof ModelNotFoundError) || isModelPath(ref)) throw err;
+    let model: ResolvedModel;
+    try {
+      model = catalog.resolve(ref);
+    } catch {
+      throw err; // not an alias either: the folder lookup's message
+    }
+    return { dir: catalog.dir(model), name: model.id };
+  }
+}
+
+export async function toEngineJob(job: Job, catalog: ModelCatalog, inputs: InputStore | undefined): Promise<PreparedJob> {
+  const { dir, name } = jobModel(job.model, catalog);
   const out: EngineJob = { mode: job.mode, model: { dir, name }, options: job.options, output: job.output };
   if (job.partialImages) out.partialImages = job.partialImages;
   if (job.strength !== undefined) out.strength = job.strength;
@@ -51,6 +80,7 @@ export async function toEngineJob(job: Job, catalog: ModelCatalog, inputs: Input
   if (job.imagePrompt) {
     const adapters = resolveImagePromptAssets(detectLayout(dir).family, name, catalog.home, job.imagePrompt);
     out.imagePrompt = { adapters: adapters.map(({ adapter, imageEncoder, weight }) => ({ adapter, imageEncoder, weight })) };
+    return { engineJob: out, imagePromptAdapters: adapters.map((a) => a.name) };
   }
-  return out;
+  return { engineJob: out };
 }

@@ -125,6 +125,7 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
         settings: output.settings,
         timings: output.timings,
         ...(output.pose ? { pose: output.pose.toString('base64'), people: output.people } : {}),
+        ...(output.imagePromptAdapters ? { imagePromptAdapters: output.imagePromptAdapters } : {}),
         worker: id,
       };
     } catch (err) {

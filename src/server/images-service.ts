@@ -73,11 +73,11 @@ function headerValue(v: string | number): string {
 }
 
 /** `kiln.image_prompt`: the weight of each role asked for (0 included) and the adapter files used. */
-function imagePromptReport(weights: ImagePromptWeights, adapters: ImagePromptAdapter[]) {
+function imagePromptReport(weights: ImagePromptWeights, adapters: string[]) {
   return {
     style: weights.style,
     ...(weights.face !== undefined ? { face: weights.face } : {}),
-    adapters: adapters.map((a) => a.name),
+    adapters,
   };
 }
 
@@ -199,6 +199,9 @@ export function createImagesService({ queue, store, inputs, signer, models, home
     }
 
     const s = outputs[0]!.settings;
+    // A remote model is named as asked; the worker may have resolved that name (its aliases) to another model: report that one, as one machine does.
+    const drew = model.remote ? s.model : model.id;
+    const requested = model.remote ? (s.model !== model.id ? model.id : undefined) : model.requested;
     const totalMs = performance.now() - received;
     let expiresAt: number | undefined;
     const put = async (bytes: Buffer, contentType: string) => {
@@ -225,7 +228,7 @@ export function createImagesService({ queue, store, inputs, signer, models, home
     const allSeeds = outputs.map((o) => o.settings.seed);
 
     const headers: Record<string, string> = {
-      'x-kiln-model': headerValue(model.id),
+      'x-kiln-model': headerValue(drew),
       'x-kiln-seed': allSeeds.join(','),
       'x-kiln-size': `${s.width}x${s.height}`,
       'x-kiln-quality': headerValue(s.quality),
@@ -244,8 +247,8 @@ export function createImagesService({ queue, store, inputs, signer, models, home
       quality: s.quality,
       output_format: outputs[0]!.format,
       kiln: {
-        model: model.id,
-        ...(model.requested !== undefined ? { requested_model: model.requested } : {}),
+        model: drew,
+        ...(requested !== undefined ? { requested_model: requested } : {}),
         seed: s.seed,
         ...(outputs.length > 1 ? { seeds: allSeeds } : {}),
         size: `${s.width}x${s.height}`,
@@ -257,7 +260,10 @@ export function createImagesService({ queue, store, inputs, signer, models, home
         ...(kind === 'edit' ? { mode } : {}),
         ...(s.strength !== undefined ? { strength: s.strength } : {}),
         ...(edit?.pose ? { control_scale: edit.pose.scale, people: people.length > 1 ? people : people[0] } : {}),
-        ...(edit?.imagePrompt ? { image_prompt: imagePromptReport(edit.imagePrompt.weights, edit.imagePrompt.adapters) } : {}),
+        // The adapters the runner resolved (a worker's own home for a remote model); this host's when no job resolved any (weights all 0).
+        ...(edit?.imagePrompt
+          ? { image_prompt: imagePromptReport(edit.imagePrompt.weights, outputs[0]!.imagePromptAdapters ?? edit.imagePrompt.adapters.map((a) => a.name)) }
+          : {}),
         ...(s.loras?.length ? { loras: s.loras } : {}),
         ...(expiresAt !== undefined ? { expires_at: Math.floor(expiresAt / 1000) } : {}),
         timings: {
@@ -291,7 +297,7 @@ export function createImagesService({ queue, store, inputs, signer, models, home
       let imagePrompt: EditInput['imagePrompt'];
       if (upload.imagePrompt) {
         // A folder the layout check refuses cannot be served at all: its load error, not an image without the image prompt.
-        // A remote model's adapters are found (or refused) on the worker; the response names none.
+        // A remote model's adapters are found (or refused) on the worker; the response names the ones its result reports.
         const adapters = model.remote ? [] : resolveImagePromptAssets(detectLayout(models.dir(model)).family, model.id, home, upload.imagePrompt);
         caller.log.debug({ model: model.id, adapters: adapters.map((a) => `${a.name}:${a.weight}`) }, 'image prompt');
         imagePrompt = { weights: upload.imagePrompt, adapters };

@@ -9,18 +9,29 @@
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { readdirSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Progress } from '../../src/engine/pipeline.js';
 import { detectLayout } from '../../src/engine/model.js';
 import { sizeForUpload } from '../../src/engine/presets.js';
-import { startTestServer, postJson, getJson, envelope, makeHome, makePng, type ModelSpec, type TestServer } from '../server/helpers.js';
+import { startTestServer, postJson, getJson, envelope, makeHome, makePng, personPng, type ModelSpec, type TestServer } from '../server/helpers.js';
+import { installImagePromptPose } from '../server/image-prompt-fixtures.js';
 import { RedisServer, WorkerProcess, until } from './helpers.js';
 
 let redis: RedisServer;
 let api: TestServer;
 let workerHome: string;
 const workers: WorkerProcess[] = [];
+/** One machine (its in-process runner) with the workers' 'worker-sd15', its assets and alias: what the same requests report there. */
+let one: TestServer;
+let oneHome: string;
+
+/** 'worker-sd15' with its IP-Adapters (style and face) and pose models, and a serving alias of it, 'worker-pretty'. */
+async function installWorkerSd15(home: string): Promise<void> {
+  await installImagePromptPose(home, 'worker-sd15');
+  writeFileSync(join(home, 'aliases.json'), JSON.stringify({ 'worker-pretty': { model: 'worker-sd15' } }));
+}
 
 const fleet = async (t: TestServer) => (await getJson(`${t.url}/ping`)).json as { workers?: { pid: number; active: number; models: string[] }[] };
 
@@ -31,6 +42,12 @@ before(async () => {
   redis = await RedisServer.start();
   // The workers serve the built-in kiln-tiny models, 'kiln-slow', and 'worker-only', which the API host does not have.
   workerHome = await makeHome({ 'kiln-slow': SLOW, 'worker-only': 'sdxl' });
+  // And 'worker-sd15' (installWorkerSd15), also only theirs.
+  await installWorkerSd15(workerHome);
+  oneHome = mkdtempSync(join(tmpdir(), 'kiln-scale-one-'));
+  mkdirSync(join(oneHome, 'models'));
+  await installWorkerSd15(oneHome);
+  one = await startTestServer({ home: oneHome });
   // The API's home has one more model, 'only-here', that no worker has.
   api = await startTestServer({
     models: { 'only-here': 'sdxl', 'kiln-slow': SLOW },
@@ -46,8 +63,10 @@ before(async () => {
 after(async () => {
   await Promise.allSettled(workers.map((w) => w.stop()));
   await api?.close();
+  await one?.close();
   await redis?.close();
   rmSync(workerHome, { recursive: true, force: true });
+  if (oneHome) rmSync(oneHome, { recursive: true, force: true });
 });
 
 /** Every worker's heartbeat says it is idle: any job seen running after this is the next one submitted. */
@@ -191,6 +210,63 @@ test('a model only the workers have: listed in /v1/models, served, and its pose 
   assert.equal(e.code, 'pose_model_missing');
   assert.equal(e.param, 'user');
   assert.match(e.message, /worker-only/);
+});
+
+/** The kiln block but its timings: the model, the settings, the mode, people and the image prompt. */
+const kilnBlock = (json: any) => {
+  const { timings: _timings, ...rest } = json.kiln;
+  return rest;
+};
+
+test('an image prompt on a model only the workers have: kiln.image_prompt names the adapters the worker used, as one machine does', async () => {
+  const person = await personPng(256);
+  const edit = async (t: TestServer, user: string) => {
+    const form = new FormData();
+    form.append('image', new Blob([person], { type: 'image/png' }), 'in.png');
+    form.append('prompt', 'a dancer on a stage');
+    form.append('model', 'worker-sd15');
+    form.append('user', user);
+    form.append('size', '256x256');
+    form.append('steps', '1');
+    form.append('seed', '5');
+    form.append('response_format', 'b64_json');
+    const res = await fetch(`${t.url}/v1/images/edits`, { method: 'POST', body: form });
+    return { status: res.status, json: (await res.json()) as any };
+  };
+  const reports: Record<string, any> = {};
+  for (const user of ['face:0.5,style:0.6', 'face:0,style:0', 'face:0.5,style:0.6,pose:1.0']) {
+    const remote = await edit(api, user);
+    assert.equal(remote.status, 200, JSON.stringify(remote.json));
+    const local = await edit(one, user);
+    assert.equal(local.status, 200, JSON.stringify(local.json));
+    assert.deepEqual(kilnBlock(remote.json), kilnBlock(local.json), user);
+    assert.equal(remote.json.data[0].b64_json, local.json.data[0].b64_json, `${user}: the worker drew what one machine draws`);
+    reports[user] = remote.json.kiln;
+  }
+  assert.deepEqual(reports['face:0.5,style:0.6']!.image_prompt, {
+    style: 0.6,
+    face: 0.5,
+    adapters: ['ip-adapter_sd15.safetensors', 'ip-adapter-plus-face_sd15.safetensors'],
+  });
+  assert.deepEqual(reports['face:0,style:0']!.image_prompt, { style: 0, face: 0, adapters: [] });
+  const posed = reports['face:0.5,style:0.6,pose:1.0']!;
+  assert.equal(posed.mode, 'pose');
+  assert.equal(posed.control_scale, 1);
+  assert.equal(posed.people, 1);
+  assert.deepEqual(posed.image_prompt, reports['face:0.5,style:0.6']!.image_prompt);
+});
+
+test("a worker's own alias (aliases.json) of a model only it has: it runs that model, and the response names both, as one machine's does", async () => {
+  const body = { prompt: 'a lighthouse', model: 'worker-pretty', size: '256x256', steps: 1, seed: 9, response_format: 'b64_json' };
+  const remote = await postJson(`${api.url}/v1/images/generations`, body);
+  assert.equal(remote.status, 200, remote.text);
+  const local = await postJson(`${one.url}/v1/images/generations`, body);
+  assert.equal(local.status, 200, local.text);
+  assert.equal(remote.json.kiln.model, 'worker-sd15');
+  assert.equal(remote.json.kiln.requested_model, 'worker-pretty');
+  assert.deepEqual(kilnBlock(remote.json), kilnBlock(local.json));
+  assert.equal(remote.headers.get('x-kiln-model'), local.headers.get('x-kiln-model'));
+  assert.equal(remote.json.data[0].b64_json, local.json.data[0].b64_json);
 });
 
 test('a model no live worker serves answers 503 saying so (not a hanging request)', async () => {
