@@ -106,7 +106,8 @@ export function toApiError(err: unknown): ApiError {
   if (err instanceof NoWorkerError) return new ApiError(503, err.message, 'model', 'no_worker_for_model', { headers: { 'retry-after': '30', 'x-should-retry': 'false' } });
   if (err instanceof NoPersonError) return new ApiError(400, err.message, 'image', 'no_person_found');
   if (err instanceof InvalidOptionError) return new ApiError(400, redactPaths(err.message), err.param, 'invalid_value');
-  if (err instanceof ModelNotFoundError) return new ApiError(404, err.message, 'model', 'model_not_found');
+  // A worker's (or the engine's) lookup names the folders it searched: not for clients.
+  if (err instanceof ModelNotFoundError) return new ApiError(404, redactPaths(err.message), 'model', 'model_not_found');
   if (err instanceof ModelLoadError) {
     return new ApiError(500, `The model could not be loaded: ${redactPaths(err.message)}`, 'model', 'model_load_failed', { cause: err });
   }

@@ -328,6 +328,9 @@ describe('errors', () => {
     assert.equal(toApiError(new QueueFullError(3)).headers['retry-after'], '3');
     assert.doesNotMatch(toApiError(new Error('secret internals')).message, /secret/);
     assert.match(toApiError(new ModelLoadError('missing unet/model.onnx')).message, /missing unet\/model\.onnx/);
+    // A worker's lookup names the folders it searched; the client sees their last parts only.
+    const missing = toApiError(new ModelNotFoundError('model "x" is not installed (looked in /srv/kiln/home/models, /opt/kiln/models); pull it', 'x'));
+    assert.equal(missing.message, 'model "x" is not installed (looked in models, models); pull it');
   });
 
   test('errors cross the worker boundary with their class and fields', () => {
