@@ -199,9 +199,10 @@ export function createImagesService({ queue, store, inputs, signer, models, home
     }
 
     const s = outputs[0]!.settings;
-    // A remote model is named as asked; the worker may have resolved that name (its aliases) to another model: report that one, as one machine does.
+    // A remote model is queued by the name this host resolved it to (an alias of this host's: its target); the worker may have
+    // resolved that name (its own aliases) to another model: report that one, and the name the client asked for, as one machine does.
     const drew = model.remote ? s.model : model.id;
-    const requested = model.remote ? (s.model !== model.id ? model.id : undefined) : model.requested;
+    const requested = model.remote ? (model.requested ?? (s.model !== model.id ? model.id : undefined)) : model.requested;
     const totalMs = performance.now() - received;
     let expiresAt: number | undefined;
     const put = async (bytes: Buffer, contentType: string) => {
