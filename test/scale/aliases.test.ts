@@ -2,7 +2,8 @@
  * Scale-out aliases, against real services (Redis, a `kiln worker` child process, the API
  * in-process): an alias of the API host's own (its aliases.json) whose model only the workers
  * have runs that model on them and is reported as one machine reports an alias; names nothing
- * serves keep their 404, a model no worker serves its 503.
+ * serves keep their 404, a model no worker serves its 503. And `kiln worker --preload` of one of
+ * the worker's own aliases loads the model it stands for.
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -38,7 +39,8 @@ before(async () => {
     }),
   );
   api = await startTestServer({ home: apiHome, searchDirs: undefined, redisQueue: { url: redis.url }, requestTimeoutMs: 180_000 });
-  worker = await WorkerProcess.start(redis.url, workerHome);
+  // A preload by the worker's alias, and one of a name it does not have (which says so).
+  worker = await WorkerProcess.start(redis.url, workerHome, ['--preload', 'worker-pretty', '--preload', 'no-such-model']);
   await until(async () => {
     const ping = (await getJson(`${api.url}/ping`)).json as { workers?: unknown[] };
     return ping.workers?.length === 1 ? true : undefined;
@@ -101,4 +103,21 @@ test('names nothing serves keep their 404; an alias of a model no worker serves,
   assert.equal(here.status, 503, here.text);
   assert.equal(envelope(here.json).code, 'no_worker_for_model');
   assert.match(envelope(here.json).message, /only-here/);
+});
+
+test("kiln worker --preload of the worker's own alias loads the model it stands for; an unknown name is reported", async () => {
+  // Waits for each preload's outcome, whichever it is (loading the SD 1.5 graphs may take a while on a busy machine).
+  await until(
+    async () => /preloaded worker-sd15\b|could not preload worker-pretty/.test(worker.log) && /preload(ed)? no-such-model/.test(worker.log),
+    () => `both preloads reported; the worker's log:\n${worker.log}`,
+    1200,
+  );
+  assert.doesNotMatch(worker.log, /could not preload worker-pretty/);
+  assert.match(worker.log, /info: preloaded worker-sd15\b/);
+  assert.match(worker.log, /error: could not preload no-such-model: /);
+  // And a job by that alias runs the preloaded model.
+  const r = await generate('worker-pretty', { steps: 1 });
+  assert.equal(r.status, 200, r.text);
+  assert.equal(r.json.kiln.model, 'worker-sd15');
+  assert.equal(r.json.kiln.requested_model, 'worker-pretty');
 });
