@@ -300,7 +300,7 @@ export function createImagesService({ queue, store, inputs, signer, models, home
         // A folder the layout check refuses cannot be served at all: its load error, not an image without the image prompt.
         // A remote model's adapters are found (or refused) on the worker; the response names the ones its result reports.
         const adapters = model.remote ? [] : resolveImagePromptAssets(detectLayout(models.dir(model)).family, model.id, home, upload.imagePrompt);
-        caller.log.debug({ model: model.id, adapters: adapters.map((a) => `${a.name}:${a.weight}`) }, 'image prompt');
+        caller.log.debug({ model: model.id, adapters: model.remote ? 'resolved on the worker' : adapters.map((a) => `${a.name}:${a.weight}`) }, 'image prompt');
         imagePrompt = { weights: upload.imagePrompt, adapters };
       }
       return runImageJob(caller, params, 'edit', { images: [upload.image], imageSize: upload.imageSize, mask: upload.mask, pose, imagePrompt }, model, stream);
