@@ -68,6 +68,8 @@ export interface ModelCatalog {
   resolve(requested: string | undefined): ResolvedModel;
   /** The folder of a resolved model (for reading its files before anything is queued); '' for a remote one. */
   dir(model: ResolvedModel): string;
+  /** The serving aliases, alias -> MODEL as written (--model-alias over aliases.json), whether or not MODEL is here. */
+  aliases(): Record<string, string>;
 }
 
 export interface CatalogOptions {
@@ -190,5 +192,5 @@ export function createModelCatalog(searchDirs: string[], options: CatalogOptions
     return model.dir ?? locate(model.ref);
   }
 
-  return { home, folders, locate, installed, resolve: resolveModel, dir };
+  return { home, folders, locate, installed, resolve: resolveModel, dir, aliases: aliasTable };
 }

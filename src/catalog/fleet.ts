@@ -3,12 +3,24 @@
  * this host does not have but a worker serves resolves to that name with no local folder
  * (`remote`), so an API host needs no copy of the workers' models; what it would have checked
  * from the folder (size, pose and image-prompt assets) the worker checks, and its errors come
- * back as the same 400s.
+ * back as the same 400s. This host's own aliases come first, as on one machine: one whose
+ * target only the workers serve resolves to that target, remote, with the alias as `requested`.
  */
 import { ModelNotFoundError } from '../engine/errors.js';
+import { isModelPath } from '../engine/locate.js';
 import { MODEL_NAME, type ModelCatalog, type ResolvedModel } from './catalog.js';
 
 export function withFleetModels(local: ModelCatalog, fleetModels: () => string[]): ModelCatalog {
+  /** What the fleet serves a name as: its own name, or (this host's alias) the target; undefined when no live worker does. */
+  function remote(name: string, served: string[]): ResolvedModel | undefined {
+    if (!MODEL_NAME.test(name)) return undefined;
+    const target = local.aliases()[name];
+    if (target === undefined) return served.includes(name) ? { id: name, ref: name, remote: true } : undefined;
+    // A folder target is this host's, and names nothing a worker announces.
+    if (isModelPath(target) || !MODEL_NAME.test(target) || !served.includes(target)) return undefined;
+    return { id: target, ref: target, remote: true, ...(target !== name ? { requested: name } : {}) };
+  }
+
   return {
     get home() {
       return local.home;
@@ -17,18 +29,30 @@ export function withFleetModels(local: ModelCatalog, fleetModels: () => string[]
       return local.folders;
     },
     locate: (ref) => local.locate(ref),
+    aliases: () => local.aliases(),
     installed() {
       const list = local.installed();
       const known = new Set(list.map((m) => m.id));
-      for (const name of [...new Set(fleetModels())].sort()) if (!known.has(name)) list.push({ id: name, dir: '' });
+      const served = fleetModels();
+      // This host's aliases of the workers' models (local.installed() leaves out aliases whose model is not here).
+      for (const alias of Object.keys(local.aliases()).sort()) {
+        if (!known.has(alias) && remote(alias, served)) {
+          list.push({ id: alias, dir: '' });
+          known.add(alias);
+        }
+      }
+      for (const name of [...new Set(served)].sort()) if (!known.has(name)) list.push({ id: name, dir: '' });
       return list;
     },
     resolve(requested): ResolvedModel {
       try {
         return local.resolve(requested);
       } catch (err) {
-        if (!(err instanceof ModelNotFoundError) || requested === undefined || !MODEL_NAME.test(requested) || !fleetModels().includes(requested)) throw err;
-        return { id: requested, ref: requested, remote: true };
+        if (!(err instanceof ModelNotFoundError) || requested === undefined) throw err;
+        const found = remote(requested, fleetModels());
+        // Unknown to the fleet too (or an alias whose target no live worker serves): this host's 404, which says why.
+        if (!found) throw err;
+        return found;
       }
     },
     dir: (model) => (model.remote ? '' : local.dir(model)),

@@ -24,6 +24,7 @@ export interface WorkerFlags {
   shutdownTimeout: number;
   logLevel: string;
   store?: string;
+  preload: string[];
 }
 
 function parseCount(value: string): number {
@@ -74,6 +75,7 @@ export async function workerCommand(flags: WorkerFlags): Promise<void> {
     lockDurationMs: flags.lockDuration,
     stalledIntervalMs: flags.stalledInterval,
     heartbeatMs: flags.heartbeat,
+    preload: flags.preload,
     log,
   });
   process.stderr.write(
@@ -120,6 +122,7 @@ export function registerWorkerCommand(program: Command): void {
     .addOption(new Option('--heartbeat <duration>', 'how often this worker announces itself and its models (it counts as gone after three)').argParser(parseDuration).default(5_000, '5s'))
     .addOption(new Option('--shutdown-timeout <duration>', 'on SIGTERM/SIGINT, how long running jobs may take to finish here; then they stop at their next step and go back to the queue for another worker (a second signal: at once)').argParser(parseDuration).default(30_000, '30s'))
     .addOption(new Option('--log-level <level>', 'log level').choices(['error', 'warn', 'info', 'silent']).default('info'))
+    .option('--preload <model>', 'load a model (an installed name, one of this home\'s aliases, or a folder) in every inference thread at start; repeatable', (v: string, prev: string[]) => [...prev, v], [] as string[])
     .option('--store <s3://bucket[/prefix]>', 'the bucket of `kiln serve --store s3://...`, where the API hosts keep uploads (AWS_REGION, AWS_ENDPOINT_URL_S3, the AWS credentials chain)', parseStore)
     .action(workerCommand);
 }

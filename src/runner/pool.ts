@@ -12,10 +12,8 @@ import { GenerationCancelledError } from '../engine/errors.js';
 import type { JobOutput, JobRunner, JobSpec, RunContext } from '../queue/types.js';
 import type { ModelCatalog } from '../catalog/catalog.js';
 import type { InputStore } from '../store/types.js';
-import { isModelPath } from '../engine/locate.js';
 import { loraCacheSize, previewBudget } from '../catalog/home.js';
-import { basename } from 'node:path';
-import { toEngineJob } from './prepare.js';
+import { jobModel, toEngineJob } from './prepare.js';
 import { deserializeError, type FromWorker, type EngineTuning, type ToWorker, type WorkerInit } from './protocol.js';
 
 export interface EnginePoolOptions {
@@ -222,15 +220,15 @@ export class EnginePool extends EventEmitter implements JobRunner {
 
   /** Loads a model in every worker ahead of the first request (errors are reported, not thrown). */
   preload(model: string): void {
-    let dir: string;
+    let found: { dir: string; name: string };
     try {
-      dir = this.options.catalog.locate(model);
+      // A job's lookup (an alias: the model it stands for), so the preloaded model is the one such jobs run.
+      found = jobModel(model, this.options.catalog);
     } catch (err) {
       this.options.onEvent?.({ type: 'preloaded', message: `could not preload ${model}: ${(err as Error).message}`, error: err as Error });
       return;
     }
-    const name = isModelPath(model) ? basename(dir) : model;
-    for (const w of this.workers) w.post({ type: 'preload', model: { dir, name } });
+    for (const w of this.workers) w.post({ type: 'preload', model: found });
   }
 
   /** @internal */

@@ -40,8 +40,9 @@ export interface PreparedJob {
  * of this host holds may be one of its serving aliases (aliases.json): a worker announces those,
  * and an API host without the model queues the name as asked, so it is resolved here as one
  * machine's catalog resolves it before queueing (the model it stands for, under that model's name).
+ * Preloading (pool.ts) looks models up here too, so that it loads what a job by that name runs.
  */
-function jobModel(ref: string, catalog: ModelCatalog): { dir: string; name: string } {
+export function jobModel(ref: string, catalog: ModelCatalog): { dir: string; name: string } {
   try {
     const dir = catalog.locate(ref);
     return { dir, name: isModelPath(ref) ? basename(dir) : ref };

@@ -55,6 +55,8 @@ export interface QueueWorkerOptions {
   resultTtlMs?: number;
   /** How often running jobs' cancel keys are read (default 250 ms). */
   cancelPollMs?: number;
+  /** Models (names, this host's aliases, folders) each inference thread loads at start, before its first job; results are logged. */
+  preload?: string[];
   log?: (level: 'info' | 'warn' | 'error', message: string, extra?: Record<string, unknown>) => void;
 }
 
@@ -193,6 +195,8 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
     );
   }, options.cancelPollMs ?? 250);
 
+  // Posted before any job can reach the threads, so each loads these first (a job for one of them waits for that load).
+  for (const model of options.preload ?? []) pool.preload(model);
   await worker.waitUntilReady();
   await beat().catch(() => {});
   void worker.run().catch((err: Error) => log('error', `the queue worker stopped: ${err.message}`));

@@ -199,9 +199,10 @@ export function createImagesService({ queue, store, inputs, signer, models, home
     }
 
     const s = outputs[0]!.settings;
-    // A remote model is named as asked; the worker may have resolved that name (its aliases) to another model: report that one, as one machine does.
+    // A remote model is queued by the name this host resolved it to (an alias of this host's: its target); the worker may have
+    // resolved that name (its own aliases) to another model: report that one, and the name the client asked for, as one machine does.
     const drew = model.remote ? s.model : model.id;
-    const requested = model.remote ? (s.model !== model.id ? model.id : undefined) : model.requested;
+    const requested = model.remote ? (model.requested ?? (s.model !== model.id ? model.id : undefined)) : model.requested;
     const totalMs = performance.now() - received;
     let expiresAt: number | undefined;
     const put = async (bytes: Buffer, contentType: string) => {
@@ -299,7 +300,7 @@ export function createImagesService({ queue, store, inputs, signer, models, home
         // A folder the layout check refuses cannot be served at all: its load error, not an image without the image prompt.
         // A remote model's adapters are found (or refused) on the worker; the response names the ones its result reports.
         const adapters = model.remote ? [] : resolveImagePromptAssets(detectLayout(models.dir(model)).family, model.id, home, upload.imagePrompt);
-        caller.log.debug({ model: model.id, adapters: adapters.map((a) => `${a.name}:${a.weight}`) }, 'image prompt');
+        caller.log.debug({ model: model.id, adapters: model.remote ? 'resolved on the worker' : adapters.map((a) => `${a.name}:${a.weight}`) }, 'image prompt');
         imagePrompt = { weights: upload.imagePrompt, adapters };
       }
       return runImageJob(caller, params, 'edit', { images: [upload.image], imageSize: upload.imageSize, mask: upload.mask, pose, imagePrompt }, model, stream);
