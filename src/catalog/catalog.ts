@@ -126,7 +126,11 @@ export function createModelCatalog(searchDirs: string[], options: CatalogOptions
   }
 
   function defaultResolved(): ResolvedModel {
-    if (configuredDefault) return configuredDefault;
+    if (configuredDefault) {
+      // A default named by one of the aliases serves the model it stands for (the table is re-read, as for requests by name).
+      const target = isModelPath(defaultModel!) ? undefined : aliasTable()[configuredDefault.id];
+      return target !== undefined && target !== configuredDefault.id ? aliasTarget(configuredDefault.id, target) : configuredDefault;
+    }
     const name = defaultModelName(searchDirs, home);
     const found = direct(name);
     if (!found) throw notInstalled(name);

@@ -109,3 +109,25 @@ test('the OpenAI name rule, --model-alias parsing, and aliases.json serving entr
     rmSync(home, { recursive: true, force: true });
   }
 });
+
+test('--default-model may name an alias: requests without a model (and OpenAI names) are drawn by the model it stands for', async () => {
+  const s = await startTestServer({ home: t.home, modelAliases: { mine: 'third' }, defaultModel: 'house' });
+  writeFileSync(join(t.home, 'aliases.json'), JSON.stringify({ 'gpt-image-1': { model: 'other' }, 'dall-e-2': { model: 'third' }, 'house-style': { model: 'gone' }, house: { model: 'other' } }));
+  try {
+    const plain = await postJson(`${s.baseURL}/images/generations`, { prompt: 'a red circle', size: '256x256', steps: 1 });
+    assert.equal(plain.status, 200, plain.text);
+    assert.equal(plain.json.kiln.model, 'other');
+    const openAi = await postJson(`${s.baseURL}/images/generations`, { prompt: 'a red circle', size: '256x256', steps: 1, model: 'dall-e-3' });
+    assert.equal(openAi.status, 200, openAi.text);
+    assert.equal(openAi.json.kiln.model, 'other');
+    assert.equal(openAi.json.kiln.requested_model, 'dall-e-3');
+    // The alias table is re-read: pointed elsewhere, the default follows.
+    writeFileSync(join(t.home, 'aliases.json'), JSON.stringify({ house: { model: 'third' } }));
+    const moved = await postJson(`${s.baseURL}/images/generations`, { prompt: 'a red circle', size: '256x256', steps: 1 });
+    assert.equal(moved.status, 200, moved.text);
+    assert.equal(moved.json.kiln.model, 'third');
+  } finally {
+    writeFileSync(join(t.home, 'aliases.json'), JSON.stringify({ 'gpt-image-1': { model: 'other' }, 'dall-e-2': { model: 'third' }, 'house-style': { model: 'gone' } }));
+    await s.close();
+  }
+});
