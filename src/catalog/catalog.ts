@@ -70,6 +70,8 @@ export interface ModelCatalog {
   dir(model: ResolvedModel): string;
   /** The serving aliases, alias -> MODEL as written (--model-alias over aliases.json), whether or not MODEL is here. */
   aliases(): Record<string, string>;
+  /** The default model as configured (--default-model), a name or a folder; undefined: the built-in choice. */
+  readonly configuredDefault: string | undefined;
 }
 
 export interface CatalogOptions {
@@ -196,5 +198,5 @@ export function createModelCatalog(searchDirs: string[], options: CatalogOptions
     return model.dir ?? locate(model.ref);
   }
 
-  return { home, folders, locate, installed, resolve: resolveModel, dir, aliases: aliasTable };
+  return { home, folders, locate, installed, resolve: resolveModel, dir, aliases: aliasTable, configuredDefault: defaultModel };
 }

@@ -8,7 +8,7 @@
  */
 import { ModelNotFoundError } from '../engine/errors.js';
 import { isModelPath } from '../engine/locate.js';
-import { MODEL_NAME, type ModelCatalog, type ResolvedModel } from './catalog.js';
+import { MODEL_NAME, isOpenAiImageModel, type ModelCatalog, type ResolvedModel } from './catalog.js';
 
 export function withFleetModels(local: ModelCatalog, fleetModels: () => string[]): ModelCatalog {
   /** What the fleet serves a name as: its own name, or (this host's alias) the target; undefined when no live worker does. */
@@ -30,6 +30,9 @@ export function withFleetModels(local: ModelCatalog, fleetModels: () => string[]
     },
     locate: (ref) => local.locate(ref),
     aliases: () => local.aliases(),
+    get configuredDefault() {
+      return local.configuredDefault;
+    },
     installed() {
       const list = local.installed();
       const known = new Set(list.map((m) => m.id));
@@ -45,15 +48,34 @@ export function withFleetModels(local: ModelCatalog, fleetModels: () => string[]
       return list;
     },
     resolve(requested): ResolvedModel {
+      let found: ResolvedModel;
       try {
-        return local.resolve(requested);
+        found = local.resolve(requested);
       } catch (err) {
-        if (!(err instanceof ModelNotFoundError) || requested === undefined) throw err;
+        if (!(err instanceof ModelNotFoundError)) throw err;
+        // A request naming no model, or an OpenAI name no alias maps, is the configured default's
+        // (which, or whose alias target, only the workers may have).
+        const byDefault = requested === undefined || (isOpenAiImageModel(requested) && local.aliases()[requested] === undefined);
+        const fallback = byDefault && local.configuredDefault !== undefined ? remote(local.configuredDefault, fleetModels()) : undefined;
+        if (fallback) return requested === undefined ? fallback : { ...fallback, requested };
+        if (requested === undefined) throw err;
         const found = remote(requested, fleetModels());
         // Unknown to the fleet too (or an alias whose target no live worker serves): this host's 404, which says why.
         if (!found) throw err;
         return found;
       }
+      // The configured default (for a request naming no model, or an OpenAI name) may be a name
+      // only the workers have: the local catalog returns it unlocated.
+      if (found.dir === undefined && !isModelPath(found.ref)) {
+        try {
+          local.locate(found.ref);
+        } catch (err) {
+          const served = err instanceof ModelNotFoundError ? remote(found.id, fleetModels()) : undefined;
+          if (!served) throw err;
+          return { ...served, ...(found.requested !== undefined ? { requested: found.requested } : {}) };
+        }
+      }
+      return found;
     },
     dir: (model) => (model.remote ? '' : local.dir(model)),
   };

@@ -121,3 +121,24 @@ test("kiln worker --preload of the worker's own alias loads the model it stands 
   assert.equal(r.json.kiln.model, 'worker-sd15');
   assert.equal(r.json.kiln.requested_model, 'worker-pretty');
 });
+
+test('an API host whose default model only the workers have (by name or by its alias): requests naming no model, and OpenAI names, run there', async () => {
+  for (const defaultModel of ['worker-only', 'api-only']) {
+    const second = await startTestServer({ home: apiHome, searchDirs: undefined, redisQueue: { url: redis.url }, requestTimeoutMs: 180_000, defaultModel });
+    try {
+      await until(async () => (((await getJson(`${second.url}/ping`)).json as { workers?: unknown[] }).workers?.length === 1 ? true : undefined), 'the worker in the second host\'s /ping');
+      const body = { prompt: 'a lighthouse', size: '256x256', steps: 2, seed: 7, response_format: 'b64_json' };
+      const plain = await postJson(`${second.url}/v1/images/generations`, body);
+      assert.equal(plain.status, 200, `${defaultModel}: ${plain.text}`);
+      assert.equal(plain.json.kiln.model, 'worker-only', defaultModel);
+      const openAi = await postJson(`${second.url}/v1/images/generations`, { ...body, model: 'dall-e-3' });
+      assert.equal(openAi.status, 200, `${defaultModel}: ${openAi.text}`);
+      assert.equal(openAi.json.kiln.model, 'worker-only', defaultModel);
+      assert.equal(openAi.json.kiln.requested_model, 'dall-e-3', defaultModel);
+      const byName = await generate('worker-only');
+      assert.equal(plain.json.data[0].b64_json, byName.json.data[0].b64_json, `${defaultModel}: the same image as by the model name`);
+    } finally {
+      await second.close();
+    }
+  }
+});
