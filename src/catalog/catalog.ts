@@ -139,8 +139,15 @@ export function createModelCatalog(searchDirs: string[], options: CatalogOptions
     return found;
   }
 
-  /** What an alias points at: an installed name, the default's id, or a model folder. */
-  function aliasTarget(alias: string, target: string): ResolvedModel {
+  /** What an alias points at: an installed name, the default's id, a model folder, or another alias (followed). */
+  function aliasTarget(alias: string, target: string, seen: ReadonlySet<string> = new Set([alias])): ResolvedModel {
+    const further = isModelPath(target) ? undefined : aliasTable()[target];
+    if (further !== undefined && further !== target) {
+      if (seen.has(target)) {
+        throw new ModelNotFoundError(`The model '${shorten(alias)}' is an alias in a loop (${[...seen, target].map(shorten).join(' -> ')}).`, alias);
+      }
+      return aliasTarget(alias, further, new Set([...seen, target]));
+    }
     if (isModelPath(target)) {
       const ref = resolve(target);
       if (!existsSync(ref)) throw new ModelNotFoundError(`The model '${shorten(alias)}' is an alias for the folder ${ref}, which does not exist.`, alias);

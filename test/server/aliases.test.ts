@@ -131,3 +131,20 @@ test('--default-model may name an alias: requests without a model (and OpenAI na
     await s.close();
   }
 });
+
+test('an alias of an alias is followed to its model; a loop is a 404 that shows it', async () => {
+  const s = await startTestServer({ home: t.home, modelAliases: { first: 'second', second: 'third', loop1: 'loop2', loop2: 'loop1' } });
+  try {
+    const r = await postJson(`${s.baseURL}/images/generations`, { ...small, model: 'first' });
+    assert.equal(r.status, 200, r.text);
+    assert.equal(r.json.kiln.model, 'third');
+    assert.equal(r.json.kiln.requested_model, 'first');
+    const loop = await postJson(`${s.baseURL}/images/generations`, { ...small, model: 'loop1' });
+    assert.equal(loop.status, 404, loop.text);
+    assert.match(envelope(loop.json).message, /'loop1' is an alias in a loop \(loop1 -> loop2 -> loop1\)/);
+    const ids = (await getJson(`${s.baseURL}/models`)).json.data.map((m: { id: string }) => m.id);
+    assert.ok(ids.includes('first') && ids.includes('second') && !ids.includes('loop1'), JSON.stringify(ids));
+  } finally {
+    await s.close();
+  }
+});
