@@ -27,6 +27,8 @@ export interface TextConditioning {
   hidden: FloatTensor;
   /** [1, P] for SDXL, else undefined. */
   pooled?: FloatTensor;
+  /** Prompt tokens past the chunks kept (weighting.ts MAX_PROMPT_CHUNKS), not encoded; absent when none. */
+  droppedTokens?: number;
 }
 
 /** What conditioning needs of a model (a DiffusionModel has it). */
@@ -152,11 +154,16 @@ export async function encodeConditioning(
     }
     return { data, dims: [1, count * S, dim] };
   });
-  if (!model.isXL) return hidden.map((h) => ({ hidden: h }));
+  // What each prompt lost to the chunk bound (the encoders tokenize alike but for SDXL's "!": the most).
+  const dropped = (p: number): { droppedTokens?: number } => {
+    const n = Math.max(...plans.map((side) => side[p]!.base.dropped));
+    return n > 0 ? { droppedTokens: n } : {};
+  };
+  if (!model.isXL) return hidden.map((h, p) => ({ hidden: h, ...dropped(p) }));
 
   const rows = prompts.map((p) => ({ ids: model.tokenizer2!.encodePadded(p) }));
   const pooled = await encodeRows(model.textEncoder2!, rows, 'text_embeds');
-  return hidden.map((h, p) => ({ hidden: h, pooled: { data: pooled.data.slice(p * pooled.dim, (p + 1) * pooled.dim), dims: [1, pooled.dim] } }));
+  return hidden.map((h, p) => ({ hidden: h, pooled: { data: pooled.data.slice(p * pooled.dim, (p + 1) * pooled.dim), dims: [1, pooled.dim] }, ...dropped(p) }));
 }
 
 /**

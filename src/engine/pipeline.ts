@@ -110,6 +110,8 @@ export interface EffectiveSettings {
    * from width x height (the picture was then resized to width x height).
    */
   nativeSize?: string;
+  /** Tokens of the prompt / negative prompt past the chunks encoded (weighting.ts MAX_PROMPT_CHUNKS); absent when all fit. */
+  droppedTokens?: { prompt?: number; negativePrompt?: number };
 }
 
 export interface Timings {
@@ -490,6 +492,9 @@ async function runDiffusionOn(
   const cfg = usesCfg(model, settings.guidanceScale);
   // The option, not the settings' string: for SDXL an absent negative prompt differs from "".
   const { cond, uncond } = await encodePrompts(model, settings.prompt, options.negativePrompt, cfg, timings);
+  if (cond.droppedTokens || uncond?.droppedTokens) {
+    settings.droppedTokens = { ...(cond.droppedTokens ? { prompt: cond.droppedTokens } : {}), ...(uncond?.droppedTokens ? { negativePrompt: uncond.droppedTokens } : {}) };
+  }
   // The image prompt's tokens, in the text's batch order; its UNet replaces the model's (with a
   // ControlNet: its residual-taking build replaces the ControlNet-UNet).
   const imagePrompt = await imagePromptInputs(model, options.imagePrompt, cfg, { otherUnet: extra.unet, control: extra.control !== undefined });

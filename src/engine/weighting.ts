@@ -22,9 +22,11 @@
  *     its weight, and a down-weighted fragment cut by the limit masks the EOS too; chunked, a mask
  *     never covers a chunk's first or last position.
  *
- * One bound compel does not have: the extra passes of one prompt encode at most MAX_EXTRA_ROWS
- * rows (a 4000-character prompt can hold hundreds of down-weighted fragments, each a pass, and in
- * REMOVE mode each pass re-encodes every chunk). Fragments past it keep step 3's weighting only.
+ * Two bounds compel does not have: the extra passes of one prompt encode at most MAX_EXTRA_ROWS
+ * rows (a long prompt can hold hundreds of down-weighted fragments, each a pass, and in REMOVE
+ * mode each pass re-encodes every chunk); fragments past it keep step 3's weighting only. And a
+ * chunked prompt keeps at most MAX_PROMPT_CHUNKS chunks (the UNet attends to every token of
+ * every chunk, at every step): ids past them are dropped, counted in the layout's `dropped`.
  */
 import type { ClipTokenizer } from './tokenizer.js';
 import type { WeightedFragment } from './prompt-weights.js';
@@ -61,6 +63,12 @@ export function tokenFragments(tokenizer: ClipTokenizer, fragments: readonly Wei
   return out;
 }
 
+/**
+ * Chunks a chunked prompt keeps: 16 x 75 = 1,200 tokens, about 5,000 characters of English (a
+ * 4,000-character prompt of ordinary words is 12-14 chunks).
+ */
+export const MAX_PROMPT_CHUNKS = 16;
+
 /** Rows laid end to end, with a float32 weight per position and where each fragment landed. */
 export interface ChunkLayout {
   /** chunks·77 ids. */
@@ -70,6 +78,8 @@ export interface ChunkLayout {
   chunks: number;
   /** Per fragment: its first and last position in `ids` (compel's ranges), or undefined when dropped. */
   ranges: ([number, number] | undefined)[];
+  /** Chunked: ids past MAX_PROMPT_CHUNKS chunks, not encoded (0 when all fit). */
+  dropped: number;
 }
 
 const SENTENCE_END = ['.</w>'];
@@ -115,6 +125,12 @@ export function layoutChunks(tokenizer: ClipTokenizer, fragments: readonly Token
       bounds.push(from);
       if (from >= body.length) break;
     }
+  let dropped = 0;
+  if (bounds.length - 1 > MAX_PROMPT_CHUNKS) {
+    bounds.length = MAX_PROMPT_CHUNKS + 1;
+    dropped = body.length - bounds[MAX_PROMPT_CHUNKS]!;
+    body.length = bounds[MAX_PROMPT_CHUNKS]!;
+  }
   const chunks = bounds.length - 1;
   const ids = new Array<number>(chunks * S).fill(tokenizer.padTokenId);
   const weights = new Float32Array(chunks * S).fill(1);
@@ -142,11 +158,13 @@ export function layoutChunks(tokenizer: ClipTokenizer, fragments: readonly Token
         break;
       }
       ranges.push([start + 1, end < span ? end + 1 : S - 1]);
+    } else if (dropped > 0 && start >= body.length) {
+      ranges.push(undefined); // past the kept chunks
     } else {
-      ranges.push([position[start]!, position[end]!]);
+      ranges.push([position[start]!, position[Math.min(end, body.length - 1)]!]);
     }
   }
-  return { ids, weights, chunks, ranges };
+  return { ids, weights, chunks, ranges, dropped };
 }
 
 /** One extra encoder pass for a down-weighted fragment, and its lerp weight before normalising. */

@@ -266,6 +266,10 @@ export function createImagesService({ queue, store, inputs, signer, models, home
           ? { image_prompt: imagePromptReport(edit.imagePrompt.weights, outputs[0]!.imagePromptAdapters ?? edit.imagePrompt.adapters.map((a) => a.name)) }
           : {}),
         ...(s.loras?.length ? { loras: s.loras } : {}),
+        // A prompt longer than the chunks Kiln encodes (MAX_PROMPT_CHUNKS): what was left out.
+        ...(s.droppedTokens
+          ? { dropped_tokens: { ...(s.droppedTokens.prompt ? { prompt: s.droppedTokens.prompt } : {}), ...(s.droppedTokens.negativePrompt ? { negative_prompt: s.droppedTokens.negativePrompt } : {}) } }
+          : {}),
         ...(expiresAt !== undefined ? { expires_at: Math.floor(expiresAt / 1000) } : {}),
         timings: {
           queue_ms: Math.round(queueMs),

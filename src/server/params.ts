@@ -12,7 +12,8 @@ import { ApiError } from './errors.js';
 import { isGptImageModel } from '../catalog/catalog.js';
 
 /** Longest prompt (and negative prompt) accepted, in characters (Unicode code points). */
-export const MAX_PROMPT_CHARS = 4000;
+/** OpenAI's largest prompt limit (gpt-image-1: 32,000; dall-e-3: 4,000): what apps built for it may send. Kiln encodes the first MAX_PROMPT_CHUNKS chunks. */
+export const MAX_PROMPT_CHARS = 32_000;
 export const DEFAULT_SIZE = '1024x1024';
 export const RESPONSE_FORMATS = ['url', 'b64_json'] as const;
 export type ResponseFormat = (typeof RESPONSE_FORMATS)[number];

@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { loadClipTokenizer, type ClipTokenizer } from '../../src/engine/tokenizer.js';
 import { parsePromptWeights } from '../../src/engine/prompt-weights.js';
-import { applyWeights, blendPasses, layoutChunks, MAX_EXTRA_ROWS, planWeighting, runPlans, tokenFragments, type EncoderRow, type WeightingPlan } from '../../src/engine/weighting.js';
+import { applyWeights, blendPasses, layoutChunks, MAX_EXTRA_ROWS, MAX_PROMPT_CHUNKS, planWeighting, runPlans, tokenFragments, type EncoderRow, type WeightingPlan } from '../../src/engine/weighting.js';
 import { casePrompts, compelCases, compelFolder, compelTensor, type CompelEvent, type EncoderCall, type LerpEvent, type WeightedEvent } from '../graphs/compel-golden.js';
 
 const tokenizers: Record<string, ClipTokenizer> = {};
@@ -175,5 +175,31 @@ test('the extra passes of one prompt are bounded: hundreds of down-weighted frag
     assert.ok(encoded <= 1 + plan.base.chunks + MAX_EXTRA_ROWS, `${downweight}: ${encoded} rows`);
     // The budget is used: it stops only when the next pass would not fit.
     assert.ok(encoded > 1 + plan.base.chunks + MAX_EXTRA_ROWS - (downweight === 'remove' ? plan.base.chunks + 1 : 2), `${downweight}: ${encoded} rows`);
+  }
+});
+
+test('a chunked prompt keeps MAX_PROMPT_CHUNKS chunks: later ids are dropped and counted, their fragments lose their weight pass', () => {
+  const tok = tokenizers.text_encoder!;
+  const words = (n: number, w = 'cat') => Array.from({ length: n }, () => w).join(' ');
+  // Exactly the bound: nothing dropped, the layout as before.
+  const full = layoutChunks(tok, tokenFragments(tok, [{ text: words(75 * MAX_PROMPT_CHUNKS), weight: 1 }]), false);
+  assert.deepEqual([full.chunks, full.dropped], [MAX_PROMPT_CHUNKS, 0]);
+  // 40 ids more, then a down-weighted fragment wholly past the bound, and one across it.
+  const fragments = tokenFragments(tok, parsePromptWeights(`${words(75 * MAX_PROMPT_CHUNKS - 10)} (dog dog dog dog dog dog dog dog dog dog dog dog dog dog dog dog dog dog dog dog)0.5 ${words(30)} (bird)0.5`));
+  const layout = layoutChunks(tok, fragments, false);
+  assert.equal(layout.chunks, MAX_PROMPT_CHUNKS);
+  assert.equal(layout.ids.length, MAX_PROMPT_CHUNKS * 77);
+  const total = fragments.reduce((n, f) => n + f.ids.length, 0);
+  assert.equal(layout.dropped, total - 75 * MAX_PROMPT_CHUNKS, 'every id past the kept chunks is counted');
+  const across = fragments.findIndex((f) => f.ids.length === 20);
+  const past = fragments.length - 1;
+  const [from, to] = layout.ranges[across]!;
+  assert.ok(from < to && to === MAX_PROMPT_CHUNKS * 77 - 2, `the fragment across the bound keeps its kept part: ${from}..${to}`);
+  assert.equal(layout.ranges[past], undefined, 'a fragment past the bound has no range');
+  for (const downweight of ['mask', 'remove'] as const) {
+    const plan = planWeighting(tok, fragments, { truncate: false, downweight });
+    assert.equal(plan.base.chunks, MAX_PROMPT_CHUNKS);
+    assert.deepEqual(plan.passes.map((p) => p.fragment), [across], `${downweight}: one pass, for the fragment that was kept in part`);
+    if (plan.passes[0]!.layout) assert.ok(plan.passes[0]!.layout.chunks <= MAX_PROMPT_CHUNKS);
   }
 });

@@ -65,16 +65,16 @@ describe('generations: 400 for what the client sent, naming the field', () => {
     expectError(await postJson(GEN(), ''), 400, null);
   });
 
-  test('prompt: missing, null, empty, blank, wrong type, too long (limit 4000 characters)', async () => {
+  test('prompt: missing, null, empty, blank, wrong type, too long (limit 32000 characters, OpenAI\'s largest)', async () => {
     expectError(await postJson(GEN(), {}), 400, 'prompt', 'missing_required_parameter');
     expectError(await postJson(GEN(), { prompt: null }), 400, 'prompt', 'missing_required_parameter');
     expectError(await postJson(GEN(), { prompt: '' }), 400, 'prompt', 'empty_string');
     expectError(await postJson(GEN(), { prompt: '  \n ' }), 400, 'prompt', 'empty_string');
     expectError(await postJson(GEN(), { prompt: 42 }), 400, 'prompt', 'invalid_type');
     expectError(await postJson(GEN(), { prompt: ['a'] }), 400, 'prompt', 'invalid_type');
-    const e = expectError(await postJson(GEN(), { prompt: 'x'.repeat(4001) }), 400, 'prompt', 'string_above_max_length');
-    assert.match(e.message, /4000/);
-    expectError(await postJson(GEN(), { prompt: 'x', negprompt: 'y'.repeat(4001) }), 400, 'negprompt');
+    const e = expectError(await postJson(GEN(), { prompt: 'x'.repeat(32001) }), 400, 'prompt', 'string_above_max_length');
+    assert.match(e.message, /32000/);
+    expectError(await postJson(GEN(), { prompt: 'x', negprompt: 'y'.repeat(32001) }), 400, 'negprompt');
   });
 
   test('n (and seed): a non-negative integer up to 2^32-1', async () => {

@@ -113,6 +113,23 @@ test('extensions: negprompt/negative_prompt, steps, guidance_scale, scheduler, o
   assert.equal((await sharp(Buffer.from(await res2.arrayBuffer())).metadata()).format, 'webp');
 });
 
+test('a prompt longer than Kiln encodes (the gpt-image-1 limit is 32000 characters): drawn from its first 16 chunks, the rest reported', async () => {
+  const client = t.client();
+  // 7 tokens a sentence, so a 77-token chunk holds 10 sentences (it ends at the last full stop):
+  // 16 chunks are 160 sentences, and 1,300 (29,900 characters) leave 1,140 x 7 = 7,980 tokens out.
+  const sentence = 'a red fox in the snow. ';
+  const ask = (prompt: string) => client.images.generate({ model: 'gpt-image-1', prompt, size: '256x256', n: 3, steps: 2 } as any) as Promise<any>;
+  const long = await ask(sentence.repeat(1300));
+  assert.deepEqual(long.kiln.dropped_tokens, { prompt: 1140 * 7 });
+  const fits = await ask(sentence.repeat(160));
+  assert.equal(fits.kiln.dropped_tokens, undefined, 'a prompt that fits reports nothing');
+  // The PNGs differ in their text chunk (the prompt as given); the pixels are the same.
+  const pixels = async (r: any) => sharp(Buffer.from(r.data[0].b64_json, 'base64')).raw().toBuffer();
+  assert.ok((await pixels(long)).equals(await pixels(fits)), 'what is drawn is the kept start of the prompt');
+  const negative = (await client.images.generate({ prompt: 'a fox', size: '256x256', n: 3, steps: 2, negative_prompt: 'fog, '.repeat(2000), response_format: 'b64_json' } as any)) as any;
+  assert.ok(negative.kiln.dropped_tokens.negative_prompt > 0 && negative.kiln.dropped_tokens.prompt === undefined, JSON.stringify(negative.kiln.dropped_tokens));
+});
+
 test('models: listed from disk per request (a model installed while running appears and works), chosen by name', async () => {
   const client = t.client();
   const ids = (await client.models.list()).data.map((m) => m.id).sort();
