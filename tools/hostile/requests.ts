@@ -8,6 +8,7 @@
 import { connect } from 'node:net';
 import { crc32, deflateSync } from 'node:zlib';
 import { mulberry32 } from '../../src/graphs/onnx-builder.js';
+import { MAX_PROMPT_CHARS } from '../../src/server/params.js';
 
 /** A small seeded PRNG in [0, 1): the graph builder's mulberry32. */
 export const prng = mulberry32;
@@ -159,11 +160,11 @@ export function malformedRequests(rand: () => number, { good, tooLargePad = 300 
   // 2. Wrong types and values for every field (1e309 parses to Infinity).
   const notString = [7, 1.5, true, [], ['x'], {}, { a: 1 }];
   const invalid: Record<string, unknown[]> = {
-    prompt: [...notString, '', ' \t\n', 'p'.repeat(4001)],
+    prompt: [...notString, '', ' \t\n', 'p'.repeat(MAX_PROMPT_CHARS + 1)],
     model: [...notString, 'm'.repeat(257), 'no-such-model', '../escape', '/etc/passwd', ''],
     user: [...notString, 'u'.repeat(257)],
-    negprompt: [...notString, 'n'.repeat(4001)],
-    negative_prompt: [...notString, 'n'.repeat(4001)],
+    negprompt: [...notString, 'n'.repeat(MAX_PROMPT_CHARS + 1)],
+    negative_prompt: [...notString, 'n'.repeat(MAX_PROMPT_CHARS + 1)],
     scheduler: [...notString, 'bogus', ''],
     quality: [...notString, 'ultra', ''],
     response_format: [...notString, 'png', 'URL'],
@@ -187,7 +188,7 @@ export function malformedRequests(rand: () => number, { good, tooLargePad = 300 
   json('prompt 100k', JSON.stringify({ prompt: 'y'.repeat(100_000) }));
   json('body 2 MiB', JSON.stringify({ prompt: 'x', pad: 'z'.repeat(2 * 1024 * 1024) }));
   json('many keys', JSON.stringify(Object.fromEntries(Array.from({ length: 20_000 }, (_, i) => [`k${i}`, i]))));
-  json('unicode prompt too long', JSON.stringify({ prompt: '😀'.repeat(4001) }));
+  json('unicode prompt too long', JSON.stringify({ prompt: '😀'.repeat(MAX_PROMPT_CHARS + 1) }));
 
   // 4. Wrong content types and methods.
   for (const type of ['text/plain', 'application/x-www-form-urlencoded', 'application/xml', 'image/png', 'application/octet-stream', 'multipart/form-data']) {
