@@ -53,29 +53,28 @@ export function withFleetModels(local: ModelCatalog, fleetModels: () => string[]
         found = local.resolve(requested);
       } catch (err) {
         if (!(err instanceof ModelNotFoundError)) throw err;
+        const served = fleetModels();
         // A request naming no model, or an OpenAI name no alias maps, is the configured default's
         // (which, or whose alias target, only the workers may have).
         const byDefault = requested === undefined || (isOpenAiImageModel(requested) && local.aliases()[requested] === undefined);
-        const fallback = byDefault && local.configuredDefault !== undefined ? remote(local.configuredDefault, fleetModels()) : undefined;
+        const fallback = byDefault && local.configuredDefault !== undefined ? remote(local.configuredDefault, served) : undefined;
         if (fallback) return requested === undefined ? fallback : { ...fallback, requested };
-        if (requested === undefined) throw err;
-        const found = remote(requested, fleetModels());
         // Unknown to the fleet too (or an alias whose target no live worker serves): this host's 404, which says why.
-        if (!found) throw err;
-        return found;
+        const named = requested === undefined ? undefined : remote(requested, served);
+        if (!named) throw err;
+        return named;
       }
-      // The configured default (for a request naming no model, or an OpenAI name) may be a name
-      // only the workers have: the local catalog returns it unlocated.
-      if (found.dir === undefined && !isModelPath(found.ref)) {
-        try {
-          local.locate(found.ref);
-        } catch (err) {
-          const served = err instanceof ModelNotFoundError ? remote(found.id, fleetModels()) : undefined;
-          if (!served) throw err;
-          return { ...served, ...(found.requested !== undefined ? { requested: found.requested } : {}) };
-        }
+      if (found.dir !== undefined || isModelPath(found.ref)) return found;
+      // The configured default (for a request naming no model, or an OpenAI name) comes back
+      // unlocated, and may be a name only the workers have. Located here, the folder rides along
+      // (dir() then reads it instead of looking again).
+      try {
+        return { ...found, dir: local.locate(found.ref) };
+      } catch (err) {
+        const served = err instanceof ModelNotFoundError ? remote(found.id, fleetModels()) : undefined;
+        if (!served) throw err;
+        return { ...served, ...(found.requested !== undefined ? { requested: found.requested } : {}) };
       }
-      return found;
     },
     dir: (model) => (model.remote ? '' : local.dir(model)),
   };

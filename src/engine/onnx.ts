@@ -43,7 +43,7 @@ export interface SessionOptions {
   device?: Device;
   /** Shared counter of time spent in session.run, for benchmarks. */
   stats?: RunStats;
-  /** Threads per session for one operator; default: sessionThreads(), else ONNX Runtime's (one per physical core). */
+  /** Threads per session for one operator; default: what setSessionThreads set, else ONNX Runtime's (one per physical core). */
   intraOpThreads?: number;
 }
 
@@ -92,11 +92,12 @@ export class OnnxModel {
     const device = options.device ?? 'cpu';
     if (device === 'cuda') assertCudaProviderInstalled();
     let session: ort.InferenceSession;
+    const threads = options.intraOpThreads ?? defaultIntraOpThreads;
     try {
       const sessionOptions: ort.InferenceSession.SessionOptions = {
         executionProviders: device === 'cuda' ? ['cuda'] : ['cpu'],
         graphOptimizationLevel: 'all',
-        ...((options.intraOpThreads ?? defaultIntraOpThreads) > 0 ? { intraOpNumThreads: options.intraOpThreads ?? defaultIntraOpThreads } : {}),
+        ...(threads > 0 ? { intraOpNumThreads: threads } : {}),
         // Every session has its own intra-op pool, and by default its threads spin after each op
         // waiting for the next. A pipeline runs several sessions in turn beside HTTP, PNG encoding
         // and other worker threads, so spinning threads take the cores the next piece of work

@@ -37,8 +37,8 @@ const DECODE_BATCH_PIXELS = 2 ** 21;
 
 /**
  * Decodes latents [1,4,h,w] (already denoised, *not* divided by the scaling factor). With a
- * batcher that batches decodes, decodes of concurrent generations finishing together share a run, up to 2 MP of
- * output in all (8 pictures of 512x512, 2 of 1024x1024).
+ * batcher that batches decodes, decodes of concurrent generations finishing together share a
+ * run, up to 2 MP of output in all (8 pictures of 512x512, 2 of 1024x1024).
  */
 export async function decodeLatents(model: DiffusionModel, latents: Float32Array, dims: number[], batcher?: UnetBatcher): Promise<RgbImage> {
   const scale = model.layout.vaeScalingFactor;

@@ -11,8 +11,11 @@ import { MAX_IMAGE_PROMPT_SCALE } from '../engine/image-prompt.js';
 import { ApiError } from './errors.js';
 import { isGptImageModel } from '../catalog/catalog.js';
 
-/** Longest prompt (and negative prompt) accepted, in characters (Unicode code points). */
-/** OpenAI's largest prompt limit (gpt-image-1: 32,000; dall-e-3: 4,000): what apps built for it may send. Kiln encodes the first MAX_PROMPT_CHUNKS chunks. */
+/**
+ * Longest prompt (and negative prompt) accepted, in characters (Unicode code points): OpenAI's
+ * largest limit (gpt-image-1: 32,000; dall-e-3: 4,000), so apps built for it may send what they
+ * send it. What is encoded is bounded apart (engine/weighting.ts MAX_PROMPT_CHUNKS).
+ */
 export const MAX_PROMPT_CHARS = 32_000;
 export const DEFAULT_SIZE = '1024x1024';
 export const RESPONSE_FORMATS = ['url', 'b64_json'] as const;

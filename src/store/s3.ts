@@ -17,6 +17,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import type { Readable } from 'node:stream';
+import { setTimeout as sleep } from 'node:timers/promises';
 import {
   DeleteObjectCommand,
   DeleteObjectsCommand,
@@ -249,7 +250,7 @@ export class S3Store implements ImageStore, InputStore {
     // After a 409 the other host's write may not have landed yet: a few reads, 0.1 s to 1.6 s apart.
     let secret = await read();
     for (let wait = 100; !secret && wait <= 1600; wait *= 2) {
-      await new Promise((resolve) => setTimeout(resolve, wait));
+      await sleep(wait);
       secret = await read();
     }
     if (!secret) throw new Error(`s3://${this.bucket}/${key} could not be read back after writing it`);
