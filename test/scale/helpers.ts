@@ -10,7 +10,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { freePort } from '../free-port.js';
 
 /** Resolves once `child`'s output matches `pattern` (rejects if it exits first or after `ms`). */
-function waitForOutput(child: ChildProcess, pattern: RegExp, ms: number, what: string): Promise<void> {
+export function waitForOutput(child: ChildProcess, pattern: RegExp, ms: number, what: string): Promise<void> {
   return new Promise((resolve, reject) => {
     let seen = '';
     const onData = (chunk: Buffer) => {

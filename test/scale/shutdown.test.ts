@@ -14,7 +14,7 @@ import { QueueEvents } from 'bullmq';
 import { DEFAULT_QUEUE_NAME, KEY_PREFIX, connect } from '../../src/queue/redis.js';
 import { parseRedisUrl } from '../../src/queue/redis-url.js';
 import { startTestServer, postJson, getJson, makeHome, type ModelSpec, type TestServer } from '../server/helpers.js';
-import { RedisServer, WorkerProcess, until } from './helpers.js';
+import { RedisServer, WorkerProcess, until, waitForOutput } from './helpers.js';
 
 let redis: RedisServer;
 let api: TestServer;
@@ -64,8 +64,9 @@ const idle = () => until(async () => ((await fleet()).workers.length === 2 && (a
 
 /** The worker whose heartbeat says it runs a job, once that job has reported `step` denoising steps. */
 async function holderAt(step: number): Promise<WorkerProcess> {
-  const busy = await until(async () => (await fleet()).workers.find((w) => w.active > 0), 'a worker running the job');
-  await until(async () => [...stepOf.values()].some((s) => s >= step), `the job at denoising step ${step}`);
+  // Polled often: the job must be far from done when the caller signals its worker.
+  const busy = await until(async () => (await fleet()).workers.find((w) => w.active > 0), 'a worker running the job', 1200, 50);
+  await until(async () => [...stepOf.values()].some((s) => s >= step), `the job at denoising step ${step}`, 1200, 50);
   return workers.find((w) => w.pid === busy.pid)!;
 }
 
@@ -135,7 +136,7 @@ test('a streamed job handed over: partial image indices keep increasing (none se
     assert.ok(!done, `the stream ended before a partial image: ${text.slice(0, 500)}`);
     text += value;
   }
-  const busy = await until(async () => (await fleet()).workers.find((w) => w.active > 0), 'the worker running the streamed job');
+  const busy = await until(async () => (await fleet()).workers.find((w) => w.active > 0), 'the worker running the streamed job', 1200, 50);
   const victim = workers.find((w) => w.pid === busy.pid)!;
   assert.equal(await sigterm(victim), 0, victim.log);
   assert.equal(given(victim), 1, victim.log);
@@ -189,13 +190,16 @@ test('a second SIGTERM during a long shutdown gives the running job back at once
   await replace(gone, ['--shutdown-timeout', '10m']);
   await idle();
   stepOf.clear();
-  const pending = generate({ seed: 31, steps: 60 });
+  // Long enough that the job cannot finish between the two signals on a fast host (the second
+  // one is sent the moment the first is acknowledged, not after a poll).
+  const pending = generate({ seed: 31, steps: 150 });
   const victim = await holderAt(2);
   const other = workers.find((w) => w !== victim)!;
   const otherDone = other.jobsDone;
   const exited = new Promise<number | null>((r) => victim.child.once('exit', (code) => r(code)));
+  const acknowledged = waitForOutput(victim.child, /taking no new jobs/, 30_000, 'the first SIGTERM handled');
   victim.child.kill('SIGTERM');
-  await until(async () => /taking no new jobs/.test(victim.log), () => `the first SIGTERM handled; log:\n${victim.log}`);
+  await acknowledged;
   victim.child.kill('SIGTERM');
   const r = await pending;
   assert.equal(r.status, 200, r.text);
