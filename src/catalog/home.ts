@@ -28,6 +28,14 @@ export function loraCacheSize(env: NodeJS.ProcessEnv = process.env): number | un
   return Number.isInteger(n) && n >= 0 ? n : undefined;
 }
 
+/** `$KILN_MAX_MODELS`: models each inference thread keeps loaded; undefined (no bound) when unset or not a positive count. */
+export function maxModels(env: NodeJS.ProcessEnv = process.env): number | undefined {
+  const raw = env.KILN_MAX_MODELS;
+  if (raw === undefined || raw.trim() === '') return undefined;
+  const n = Number(raw);
+  return Number.isInteger(n) && n >= 1 ? n : undefined;
+}
+
 /** The share of a run's time tiny-decoder previews may take: `$KILN_PREVIEW_BUDGET` (a fraction, `Infinity`), else 0.05. */
 export function previewBudget(env: NodeJS.ProcessEnv = process.env): number {
   const raw = env.KILN_PREVIEW_BUDGET?.trim();

@@ -28,6 +28,7 @@ export interface ServeFlags {
   maxQueue: number;
   workers: number;
   maxBatch: number;
+  maxModels?: number;
   timeout: number;
   shutdownTimeout: number;
   headersTimeout: number;
@@ -59,6 +60,12 @@ function parseCount(value: string): number {
 function parseMaxBatch(value: string): number {
   const n = parseCount(value);
   if (n < 1 || n > 64) throw new InvalidArgumentError('expected an integer from 1 to 64');
+  return n;
+}
+
+function parseMaxModels(value: string): number {
+  const n = parseCount(value);
+  if (n < 1) throw new InvalidArgumentError('expected a positive integer');
   return n;
 }
 
@@ -163,6 +170,7 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
     maxQueue: flags.maxQueue,
     workers: flags.workers,
     maxBatch: flags.maxBatch,
+    maxModels: flags.maxModels,
     requestTimeoutMs: flags.timeout,
     shutdownTimeoutMs: flags.shutdownTimeout,
     headersTimeoutMs: flags.headersTimeout,
@@ -228,6 +236,7 @@ export function registerServeCommand(program: Command): void {
     .option('--max-queue <n>', 'requests that may wait for a worker; more are answered 429', parseCount, 16)
     .option('--workers <n>', 'inference worker threads', parseCount, 1)
     .option('--max-batch <n>', "jobs each worker runs at once, their denoising steps batched into shared UNet runs (images byte for byte as alone); 1: one at a time", parseMaxBatch, 1)
+    .option('--max-models <n>', 'models each worker keeps loaded; the least recently used idle one is unloaded to load another (default: $KILN_MAX_MODELS, else no bound)', parseMaxModels)
     .addOption(new Option('--timeout <duration>', 'per-request limit, waiting included (answered 504 past it)').argParser(parseDuration).default(300_000, '5m'))
     .addOption(
       new Option('--shutdown-timeout <duration>', 'on SIGTERM, how long running jobs may take before they are cancelled')

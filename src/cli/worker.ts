@@ -18,6 +18,7 @@ export interface WorkerFlags {
   device: Device;
   workers: number;
   maxBatch: number;
+  maxModels?: number;
   lockDuration: number;
   stalledInterval: number;
   heartbeat: number;
@@ -72,6 +73,7 @@ export async function workerCommand(flags: WorkerFlags): Promise<void> {
     device: flags.device,
     workers: flags.workers,
     maxBatch: flags.maxBatch,
+    maxModels: flags.maxModels,
     lockDurationMs: flags.lockDuration,
     stalledIntervalMs: flags.stalledInterval,
     heartbeatMs: flags.heartbeat,
@@ -117,6 +119,7 @@ export function registerWorkerCommand(program: Command): void {
     .addOption(new Option('--device <device>', 'execution provider').choices(['cpu', 'cuda']).default('cpu'))
     .option('--workers <n>', 'inference threads', parseCount, 1)
     .option('--max-batch <n>', 'jobs each thread runs at once, their denoising steps batched (as kiln serve --max-batch)', parseCount, 1)
+    .option('--max-models <n>', 'models each thread keeps loaded, the least recently used idle one unloaded first (as kiln serve --max-models)', parseCount)
     .addOption(new Option('--lock-duration <duration>', "a job's lock, renewed every half of it while it runs; a dead worker's job is run again after it").argParser(parseDuration).default(60_000, '60s'))
     .addOption(new Option('--stalled-interval <duration>', 'how often jobs whose worker died are looked for').argParser(parseDuration).default(30_000, '30s'))
     .addOption(new Option('--heartbeat <duration>', 'how often this worker announces itself and its models (it counts as gone after three)').argParser(parseDuration).default(5_000, '5s'))

@@ -1,6 +1,8 @@
 /**
- * The engine facade: resolves model names, keeps one loaded model (its sessions) per folder
- * and device for the life of the process, and runs generations on them. A diffusers folder
+ * The engine facade: resolves model names, keeps loaded models (their sessions) by folder, and
+ * runs generations on them. Models are leased (`lease`) by whoever runs on them; at most
+ * `maxModels` stay loaded (default: no bound), the least recently used idle one unloaded first,
+ * never one a request runs on; `model()` loads one for the engine's life. A diffusers folder
  * with safetensors weights (or a single-file checkpoint, src/graphs/checkpoint.ts) is first
  * built into ONNX graphs (once, cached: src/graphs/cache.ts).
  *
@@ -16,7 +18,8 @@ import { basename, join, resolve } from 'node:path';
 import { DiffusionModel, isSafetensorsLayout } from './model.js';
 import { builtinModelsDir, isModelPath, locateModel } from './locate.js';
 import { InvalidOptionError, ModelLoadError } from './errors.js';
-import { attachLoras, isValidLoraName, mergeLoras, VariantCache, type AppliedLora, type LoraLease } from './loras.js';
+import { attachLoras, isValidLoraName, mergeLoras, type AppliedLora, type LoraLease } from './loras.js';
+import { LeaseCache } from './lease-cache.js';
 import { OnnxModel } from './onnx.js';
 import { BUILD_INFO, ensureBuilt } from '../graphs/cache.js';
 import { readKilnJson } from '../graphs/checkpoint.js';
@@ -43,6 +46,10 @@ export interface EngineOptions {
   lorasDir?: string;
   /** LoRA variants kept loaded beside the base models (default 2). */
   loraCacheSize?: number;
+  /** Models kept loaded, idle ones unloaded least recently used first (default: no bound); a model in use is never unloaded. */
+  maxModels?: number;
+  /** Told each time the cache unloads a model (the name it was loaded under), for the logs. */
+  onUnload?: (model: string) => void;
   /** The share of a run's time tiny-decoder previews may take (default 0.05; see preview.ts withinBudget). */
   previewBudget?: number;
   /** Progress of a graph build (first use of a safetensors folder). */
@@ -60,6 +67,8 @@ interface ResolvedLora extends AppliedLora {
 }
 
 interface LoadedModel {
+  /** The cache key: the folder and its version (folderVersion). */
+  key: string;
   /** The folder the name resolved to (where kiln.json is read). */
   dir: string;
   /** The ONNX folder the sessions come from (`dir`, or its build in the cache). */
@@ -89,10 +98,14 @@ export class Engine {
   readonly previewBudget: number | undefined;
   private readonly onBuildProgress: EngineOptions['onBuildProgress'];
   private readonly warn: (message: string) => void;
-  private readonly models = new Map<string, { version: string; loading: Promise<LoadedModel> }>();
-  private readonly variants: VariantCache;
-  /** Leases of `model(name, { loras })` callers, released when the engine closes. */
-  private readonly held: LoraLease[] = [];
+  /** Keyed by `${dir}\n${folderVersion(dir)}`: a replaced folder is another entry. */
+  private readonly models: LeaseCache<LoadedModel>;
+  /** LoRA variants, keyed by `${their model's key}\n${LoRA stamps}`. */
+  private readonly variants: LeaseCache<{ model: DiffusionModel; release(): Promise<void> }>;
+  /** Leases of `model()` callers (one per model they were given), released when the engine closes. */
+  private readonly held = new Map<DiffusionModel, ModelLease>();
+  private readonly onUnload: EngineOptions['onUnload'];
+  private readonly unloadListeners: ((model: DiffusionModel) => void)[] = [];
 
   constructor(options: EngineOptions = {}) {
     this.device = options.device ?? 'cpu';
@@ -102,61 +115,89 @@ export class Engine {
     this.dtype = options.dtype ?? (this.device === 'cuda' ? 'fp16' : 'fp32');
     this.lorasDir = options.lorasDir === undefined ? undefined : resolve(options.lorasDir);
     this.previewBudget = options.previewBudget;
-    this.variants = new VariantCache(options.loraCacheSize ?? 2);
+    this.variants = new LeaseCache(options.loraCacheSize ?? 2, (v) => v.release());
+    this.models = new LeaseCache(options.maxModels ?? Infinity, (m) => this.unload(m));
+    this.onUnload = options.onUnload;
     this.onBuildProgress = options.onBuildProgress;
     this.warn = options.onWarning ?? ((m) => process.stderr.write(`kiln: warning: ${m}\n`));
   }
 
   /**
-   * Loads a model once (by folder) and returns the same instance afterwards, until the folder
+   * A model, loaded on first use (by folder) and the same instance afterwards until the folder
    * is replaced (a re-pull swaps the files under the same name) or its kiln.json changes: then
-   * it is loaded afresh. With kiln.json LoRAs (or `options.loras`, added to them) the result is
-   * the variant that applies them.
+   * it is loaded afresh (the old one unloaded once nobody runs on it). With kiln.json LoRAs (or
+   * `options.loras`, added to them) the model is the variant that applies them. It stays loaded
+   * until `release()`: then it may be unloaded to keep within `maxModels`.
    */
-  async model(nameOrPath: string, options: { loras?: readonly AppliedLora[]; name?: string } = {}): Promise<DiffusionModel> {
+  async lease(nameOrPath: string, options: { loras?: readonly AppliedLora[]; name?: string } = {}): Promise<ModelLease> {
     for (const l of options.loras ?? []) this.resolveLora(l, 'option'); // an unknown name fails before any load
-    const loaded = await this.load(nameOrPath, options.name);
-    if (!options.loras?.length) return loaded.defaultVariant ? (await loaded.defaultVariant).model : loaded.base;
-    const lease = await this.acquire(loaded, mergeLoras(loaded.defaults, options.loras), 'option');
-    this.held.push(lease);
+    const dir = locateModel(nameOrPath, this.searchDirs, { cacheDir: this.cacheDir });
+    const key = `${dir}\n${folderVersion(dir)}`;
+    // A replaced folder's old entry goes (freed once no request runs on it).
+    void this.models.evict((k) => k !== key && k.slice(0, k.indexOf('\n')) === dir);
+    const name = options.name ?? (isModelPath(nameOrPath) ? basename(dir) : nameOrPath);
+    const held = await this.models.acquire(key, () => this.loadFolder(key, dir, name));
+    const loaded = held.value;
+    try {
+      if (options.loras?.length) {
+        const variant = await this.acquire(loaded, mergeLoras(loaded.defaults, options.loras), 'option');
+        return { model: variant.model, release: once(() => (variant.release(), held.release())) };
+      }
+      const model = loaded.defaultVariant ? (await loaded.defaultVariant).model : loaded.base;
+      return { model, release: once(held.release) };
+    } catch (err) {
+      held.release();
+      throw err;
+    }
+  }
+
+  /** `lease` for the engine's life: the model is never unloaded (the engine closes it). */
+  async model(nameOrPath: string, options: { loras?: readonly AppliedLora[]; name?: string } = {}): Promise<DiffusionModel> {
+    const lease = await this.lease(nameOrPath, options);
+    if (this.held.has(lease.model)) lease.release();
+    else this.held.set(lease.model, lease);
     return lease.model;
   }
 
-  /** `shownName`: what messages call the model (a folder's name otherwise). */
-  private load(nameOrPath: string, shownName?: string): Promise<LoadedModel> {
-    let dir: string;
-    try {
-      dir = locateModel(nameOrPath, this.searchDirs, { cacheDir: this.cacheDir });
-    } catch (err) {
-      return Promise.reject(err);
-    }
-    const version = folderVersion(dir);
-    const cached = this.models.get(dir);
-    if (cached && cached.version === version) return cached.loading;
-    // A replaced model's sessions are not released here: a request may still be running on
-    // them. They are freed with the last reference (its kiln.json variant once no request holds it).
-    if (cached) void cached.loading.then((old) => old.defaultVariant?.then((l) => l.release())).catch(() => {});
-    const name = shownName ?? (isModelPath(nameOrPath) ? basename(dir) : nameOrPath);
-    const loading = this.loadFolder(dir, name);
-    // A failed load is not cached, so a fixed folder can be retried without a restart.
-    loading.catch(() => {
-      if (this.models.get(dir)?.loading === loading) this.models.delete(dir);
-    });
-    this.models.set(dir, { version, loading });
-    return loading;
+  /** Models loaded now (in use or kept in the cache). */
+  get loadedModels(): number {
+    return this.models.size;
   }
 
-  private async loadFolder(dir: string, name: string): Promise<LoadedModel> {
+  /** `listener` is told each base model the cache unloads, after its sessions are released (for caches of things made from it). */
+  onModelUnloaded(listener: (model: DiffusionModel) => void): void {
+    this.unloadListeners.push(listener);
+  }
+
+  private async loadFolder(key: string, dir: string, name: string): Promise<LoadedModel> {
     const settings = readKilnJson(dir);
     const onnxDir = await this.onnxFolder(dir);
     const base = await DiffusionModel.load(onnxDir, { device: this.device, name });
-    const loaded: LoadedModel = { dir, onnxDir, base, kilnBuilt: existsSync(join(onnxDir, BUILD_INFO)), defaults: settings?.loras ?? [] };
+    const loaded: LoadedModel = { key, dir, onnxDir, base, kilnBuilt: existsSync(join(onnxDir, BUILD_INFO)), defaults: settings?.loras ?? [] };
     attachLoras(base, [], (tags) => this.acquire(loaded, mergeLoras(loaded.defaults, tags), 'prompt'));
     if (loaded.defaults.length) {
       loaded.defaultVariant = this.acquire(loaded, loaded.defaults, 'kiln.json');
-      await loaded.defaultVariant;
+      try {
+        await loaded.defaultVariant;
+      } catch (err) {
+        await base.release();
+        throw err;
+      }
     }
     return loaded;
+  }
+
+  /** Frees a model the cache let go of: its kiln.json variant, its other LoRA variants (idle: no request runs on the model), its sessions. */
+  private async unload(loaded: LoadedModel): Promise<void> {
+    try {
+      (await loaded.defaultVariant?.catch(() => undefined))?.release();
+      await this.variants.evict((k) => k.startsWith(`${loaded.key}\n`));
+      await loaded.base.release();
+      for (const listener of this.unloadListeners) listener(loaded.base);
+      this.onUnload?.(loaded.base.name);
+    } catch (err) {
+      this.warn(`${loaded.base.name}: unloading failed: ${(err as Error).message}`);
+    }
   }
 
   /** The folder to load: `dir` itself, or the graphs built from it when it holds safetensors. */
@@ -224,8 +265,9 @@ export class Engine {
       const st = statSync(l.path);
       return `${l.name}:${l.scale}:${st.size}:${st.mtimeMs}:${st.ino}`;
     });
-    const key = `${loaded.onnxDir}\n${stamps.join('\n')}`;
-    return this.variants.acquire(key, () => this.buildVariant(loaded, resolved, origin));
+    // Per loaded entry: a variant shares its base model's sessions, so it goes with them.
+    const key = `${loaded.key}\n${stamps.join('\n')}`;
+    return this.variants.acquire(key, () => this.buildVariant(loaded, resolved, origin)).then((l) => ({ model: l.value.model, release: l.release }));
   }
 
   private async buildVariant(loaded: LoadedModel, loras: ResolvedLora[], origin: LoraOrigin) {
@@ -272,16 +314,35 @@ export class Engine {
   }
 
   async generate(nameOrPath: string, options: GenerateOptions): Promise<GenerateResult> {
-    return generate(await this.model(nameOrPath), options);
+    const { model, release } = await this.lease(nameOrPath);
+    try {
+      return await generate(model, options);
+    } finally {
+      release();
+    }
   }
 
   async close(): Promise<void> {
-    for (const lease of this.held.splice(0)) lease.release();
-    const loaded = await Promise.allSettled([...this.models.values()].map((m) => m.loading));
-    this.models.clear();
+    for (const lease of this.held.values()) lease.release();
+    this.held.clear();
+    await this.models.clear();
     await this.variants.clear();
-    await Promise.all(loaded.map((r) => (r.status === 'fulfilled' ? r.value.base.release() : undefined)));
   }
+}
+
+/** A model held until `release()` (see Engine.lease); releasing twice is harmless. */
+export interface ModelLease {
+  model: DiffusionModel;
+  release(): void;
+}
+
+function once(fn: () => void): () => void {
+  let done = false;
+  return () => {
+    if (done) return;
+    done = true;
+    fn();
+  };
 }
 
 /** Identity of a folder's current contents: its index file's and kiln.json's inode and modification time. */

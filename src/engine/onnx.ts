@@ -146,6 +146,8 @@ export class OnnxModel {
    * are returned as float32.
    */
   async run(feeds: Record<string, Feed>, outputNames: string[]): Promise<Record<string, FloatTensor>> {
+    // A released native session must never be run (it would take the process down): a bug made loud.
+    if (this.isReleased) throw new Error(`${this.label}: the session was released (its model was unloaded)`);
     const ortFeeds: Record<string, ort.Tensor> = {};
     for (const [name, feed] of Object.entries(feeds)) {
       ortFeeds[name] = toOrtTensor(this.input(name), feed);
@@ -170,7 +172,16 @@ export class OnnxModel {
     return out;
   }
 
+  private isReleased = false;
+
+  /** Whether release() was called (the sessions of an unloaded model). */
+  get released(): boolean {
+    return this.isReleased;
+  }
+
   async release(): Promise<void> {
+    if (this.isReleased) return;
+    this.isReleased = true;
     await this.session.release();
   }
 }

@@ -11,7 +11,7 @@
 import { statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import sharp from 'sharp';
-import type { Engine } from './engine.js';
+import type { Engine, ModelLease } from './engine.js';
 import { generate, resolveModelSize, type EffectiveSettings, type GenerateResult, type Progress, type Timings } from './pipeline.js';
 import { img2img, prepareInitImage } from './img2img.js';
 import { inpaint, prepareMask } from './inpaint.js';
@@ -159,12 +159,25 @@ export class JobEngine {
     options: { maxBatch?: number; onWarning?: (message: string) => void } = {},
   ) {
     this.onWarning = options.onWarning;
+    // An unloaded model's image-prompt sessions (its adapter UNet, the image encoder) go with it.
+    engine.onModelUnloaded((unloaded) => {
+      for (const [key, { runner }] of this.runners) {
+        if (!runner.model.sameModelAs(unloaded)) continue;
+        this.runners.delete(key);
+        void runner.release().catch((err: Error) => this.onWarning?.(`releasing an image prompt of ${unloaded.name}: ${err.message}`));
+      }
+    });
     this.batcher = (options.maxBatch ?? 1) > 1 ? new UnetBatcher({ maxBatch: options.maxBatch!, batchDecodes: device === 'cuda' }) : undefined;
   }
 
-  /** Loads a model ahead of its first job. */
+  /** Image prompts (adapter UNet and image encoders) loaded now, one per model and adapter set. */
+  get loadedImagePrompts(): number {
+    return this.runners.size;
+  }
+
+  /** Loads a model ahead of its first job (it stays loaded as any model does: see the Engine's maxModels). */
   async preload(model: { dir: string; name: string }): Promise<void> {
-    await this.engine.model(model.dir, { name: model.name });
+    (await this.engine.lease(model.dir, { name: model.name })).release();
   }
 
   private async poseAssets(paths: NonNullable<EngineJob['pose']>): Promise<PoseAssets> {
@@ -245,9 +258,12 @@ export class JobEngine {
       if (!controller.signal.aborted && hooks.isCancelled?.()) controller.abort();
     };
     let previewer: ReturnType<typeof createPreviewer> | undefined;
+    // Held until the job is done: the engine never unloads a model a job runs on.
+    let lease: ModelLease | undefined;
     try {
       checkCancel();
-      const model = await this.engine.model(spec.model.dir, { name: spec.model.name });
+      lease = await this.engine.lease(spec.model.dir, { name: spec.model.name });
+      const model = lease.model;
       checkCancel();
       const format = spec.output.format;
       // Streaming: partial images made beside the denoising loop, each handed on as soon as it is encoded.
@@ -332,6 +348,7 @@ export class JobEngine {
       await previewer?.flush().catch(() => {});
       throw err;
     } finally {
+      lease?.release();
       hooks.signal?.removeEventListener('abort', onAbort);
       this.current.delete(controller);
     }

@@ -12,7 +12,7 @@ import { GenerationCancelledError } from '../engine/errors.js';
 import type { JobOutput, JobRunner, JobSpec, RunContext } from '../queue/types.js';
 import type { ModelCatalog } from '../catalog/catalog.js';
 import type { InputStore } from '../store/types.js';
-import { loraCacheSize, previewBudget } from '../catalog/home.js';
+import { loraCacheSize, maxModels, previewBudget } from '../catalog/home.js';
 import { jobModel, toEngineJob } from './prepare.js';
 import { deserializeError, type FromWorker, type EngineTuning, type ToWorker, type WorkerInit } from './protocol.js';
 
@@ -31,10 +31,12 @@ export interface EnginePoolOptions {
   device?: Device;
   /** LoRA variants each thread's engine keeps loaded (default: $KILN_LORA_CACHE, else the engine's 2). */
   loraCacheSize?: number;
+  /** Models each thread's engine keeps loaded, idle ones unloaded least recently used first (default: $KILN_MAX_MODELS, else no bound). */
+  maxModels?: number;
   /** The share of a run's time tiny-decoder previews may take (default: $KILN_PREVIEW_BUDGET, else 0.05). */
   previewBudget?: number;
   /** Worker lifecycle messages (crashes, preload results) and the engine's warnings. */
-  onEvent?: (event: { type: 'crash' | 'preloaded' | 'warning'; message: string; error?: Error }) => void;
+  onEvent?: (event: { type: 'crash' | 'preloaded' | 'unloaded' | 'warning'; message: string; error?: Error }) => void;
 }
 
 interface Pending {
@@ -157,6 +159,9 @@ class WorkerSlot {
           error: msg.error ? deserializeError(msg.error) : undefined,
         });
         break;
+      case 'unloaded':
+        this.pool.options.onEvent?.({ type: 'unloaded', message: `unloaded ${msg.model} (idle; at most ${this.pool.tuning.maxModels} model(s) loaded per inference thread)` });
+        break;
       case 'warning':
         this.pool.options.onEvent?.({ type: 'warning', message: msg.message });
         break;
@@ -200,7 +205,7 @@ export class EnginePool extends EventEmitter implements JobRunner {
     const size = Math.max(1, options.size ?? 1);
     this.maxBatch = Math.max(1, options.maxBatch ?? 1);
     // The environment's tuning is read here, once, on the runner's side: the threads' engines get values.
-    this.tuning = { loraCacheSize: options.loraCacheSize ?? loraCacheSize(), previewBudget: options.previewBudget ?? previewBudget() };
+    this.tuning = { loraCacheSize: options.loraCacheSize ?? loraCacheSize(), maxModels: options.maxModels ?? maxModels(), previewBudget: options.previewBudget ?? previewBudget() };
     this.slots = size * this.maxBatch;
     // One thread: ONNX Runtime's default (every physical core). Several: the cores shared among them.
     this.sessionThreads = size > 1 ? Math.max(1, Math.floor(availableParallelism() / size)) : 0;

@@ -3,7 +3,7 @@
  *
  *   runner -> thread   run {id, job}   cancel {id}   preload {model}   close
  *   thread -> runner   ready   progress {id, progress}   partial {id, index, ...}   done {id, bytes, ...}   failed {id, error}
- *                      preloaded {model, error?}   warning {message}
+ *                      preloaded {model, error?}   unloaded {model}   warning {message}
  *
  * A thread runs up to `maxBatch` jobs at once (their UNet steps batched; one by default). Besides
  * `cancel`, the runner writes the id of a job to stop into the shared Int32 cell `cancel`
@@ -39,12 +39,13 @@ export interface WorkerInit {
   maxBatch?: number;
   /** Threads per ONNX Runtime session (0: one per physical core); the runner shares the cores among its threads. */
   sessionThreads: number;
-  /** Engine tuning the runner resolved ($KILN_LORA_CACHE, $KILN_PREVIEW_BUDGET). */
+  /** Engine tuning the runner resolved ($KILN_LORA_CACHE, $KILN_MAX_MODELS, $KILN_PREVIEW_BUDGET). */
   tuning: EngineTuning;
 }
 
 export interface EngineTuning {
   loraCacheSize?: number;
+  maxModels?: number;
   previewBudget?: number;
 }
 
@@ -82,6 +83,8 @@ export type FromWorker =
     }
   | { type: 'failed'; id: number; error: SerializedError; cancelled: boolean }
   | { type: 'preloaded'; model: string; error?: SerializedError }
+  /** The engine unloaded an idle model to keep within maxModels. */
+  | { type: 'unloaded'; model: string }
   /** Something the engine reports that does not stop a job (LoRA modules matching nothing, ...). */
   | { type: 'warning'; message: string };
 

@@ -38,6 +38,8 @@ export interface QueueWorkerOptions {
   workers?: number;
   /** Jobs each thread runs at once, their UNet steps batched (default 1); jobs taken at once: workers x maxBatch. */
   maxBatch?: number;
+  /** Models each thread keeps loaded (EnginePoolOptions.maxModels). */
+  maxModels?: number;
   /**
    * The bucket's uploads (`--store s3://`, the API host's S3Store). Jobs whose uploads the API
    * host kept in Redis (keys `in_...`) are read from Redis either way.
@@ -91,6 +93,7 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
   const pool = new EnginePool({
     size: threads,
     maxBatch: options.maxBatch,
+    maxModels: options.maxModels,
     catalog: options.catalog,
     inputs,
     device: options.device,

@@ -75,6 +75,8 @@ export interface ServerOptions {
   workers?: number;
   /** Jobs each worker runs at once, their UNet steps batched (default 1; see EnginePoolOptions.maxBatch). */
   maxBatch?: number;
+  /** Models each worker thread keeps loaded (EnginePoolOptions.maxModels: default $KILN_MAX_MODELS, else no bound). */
+  maxModels?: number;
   /** Per-request limit, queueing included (default 5 min); past it: 504. */
   requestTimeoutMs?: number;
   /** On close: how long running jobs may take to finish before they are cancelled (default 30 s). */
@@ -228,6 +230,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
     (redisQueue || options.queue ? undefined : new EnginePool({
       size: options.workers ?? 1,
       maxBatch: options.maxBatch,
+      maxModels: options.maxModels,
       catalog: models,
       inputs,
       device,

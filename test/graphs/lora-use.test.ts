@@ -13,7 +13,8 @@ import { Engine } from '../../src/engine/engine.js';
 import { builtinModelsDir } from '../../src/engine/locate.js';
 import { InvalidOptionError, ModelLoadError } from '../../src/engine/errors.js';
 import { parametersText } from '../../src/engine/image-codec.js';
-import { mergeLoras, parsePromptLoras, VariantCache } from '../../src/engine/loras.js';
+import { mergeLoras, parsePromptLoras } from '../../src/engine/loras.js';
+import { LeaseCache } from '../../src/engine/lease-cache.js';
 import { generate, type GenerateResult } from '../../src/engine/pipeline.js';
 import { openSafetensors, readTensorBytes, writeSafetensors, type TensorToWrite } from '../../src/graphs/safetensors.js';
 import type { DiffusionModel } from '../../src/engine/model.js';
@@ -197,8 +198,8 @@ test('variants are kept in a bounded LRU cache; one in use is freed only when it
   }
   // The cache itself: an evicted entry in use is released after its lease ends.
   const released: string[] = [];
-  const cache = new VariantCache(1);
-  const variant = (name: string) => async () => ({ model: { name } as unknown as DiffusionModel, release: async () => void released.push(name) });
+  const cache = new LeaseCache<string>(1, async (name) => void released.push(name));
+  const variant = (name: string) => async () => name;
   const first = await cache.acquire('a', variant('a'));
   const second = await cache.acquire('b', variant('b'));
   assert.equal(cache.size, 2, 'a is in use: kept');
@@ -208,7 +209,9 @@ test('variants are kept in a bounded LRU cache; one in use is freed only when it
   second.release();
   assert.equal(cache.size, 1);
   await assert.rejects(cache.acquire('c', async () => Promise.reject(new Error('build failed'))), /build failed/);
-  assert.equal(cache.size, 1, 'a failed build is not kept');
+  // b, idle, was freed to make room before c was built; c failed, so nothing is kept.
+  assert.deepEqual(cache.keys(), [], 'a failed build is not kept');
+  assert.deepEqual(released, ['a', 'b']);
 });
 
 test('an Engine given no cacheDir or lorasDir names the option a safetensors model or a LoRA needs, rather than guessing a folder', async () => {

@@ -1,0 +1,112 @@
+/**
+ * Loaded things (a model's sessions, a LoRA variant's) by key, handed out as leases. An entry
+ * leased by anyone stays; once more than `capacity` entries exist, idle ones go, least recently
+ * used first, before anything new is built (its memory is freed first), and an entry taken out
+ * while leased is freed when its last lease ends. So the cache may briefly hold more than
+ * `capacity` (everything in use), never frees what a request is running on, and keeps nothing
+ * that failed to build.
+ */
+
+/** A value held until `release()` (idempotent); the cache frees it only after. */
+export interface Lease<T> {
+  value: T;
+  release(): void;
+}
+
+interface Entry<T> {
+  promise: Promise<T>;
+  refs: number;
+  /** Out of the cache: freed when its last lease ends. */
+  evicted: boolean;
+}
+
+export class LeaseCache<T> {
+  private readonly entries = new Map<string, Entry<T>>();
+
+  /** `free` releases a value the cache let go of (its errors are the caller's to log inside it). */
+  constructor(
+    readonly capacity: number,
+    private readonly free: (value: T) => Promise<void>,
+  ) {}
+
+  get size(): number {
+    return this.entries.size;
+  }
+
+  keys(): string[] {
+    return [...this.entries.keys()];
+  }
+
+  /** The value of `key`, built by `build` on a miss once idle entries past the capacity are freed. */
+  async acquire(key: string, build: () => Promise<T>): Promise<Lease<T>> {
+    let entry = this.entries.get(key);
+    if (entry) {
+      this.entries.delete(key); // most recently used last
+      this.entries.set(key, entry);
+    } else {
+      const created: Entry<T> = { promise: undefined as unknown as Promise<T>, refs: 0, evicted: false };
+      this.entries.set(key, created);
+      created.refs++; // not trimmed while it is built
+      const freeing = this.trim();
+      created.refs--;
+      created.promise = freeing.then(build);
+      created.promise.catch(() => {
+        if (this.entries.get(key) === created) this.entries.delete(key);
+      });
+      entry = created;
+    }
+    entry.refs++;
+    let value: T;
+    try {
+      value = await entry.promise;
+    } catch (err) {
+      entry.refs--;
+      throw err;
+    }
+    const held = entry;
+    let released = false;
+    return {
+      value,
+      release: () => {
+        if (released) return;
+        released = true;
+        held.refs--;
+        if (held.evicted && held.refs === 0) void this.free(value);
+        else void this.trim();
+      },
+    };
+  }
+
+  /** Takes the entries whose keys match out of the cache: idle ones are freed now, leased ones when their last lease ends. */
+  evict(match: (key: string) => boolean): Promise<void> {
+    const freeing: Promise<void>[] = [];
+    for (const [key, entry] of this.entries) {
+      if (match(key)) freeing.push(this.drop(key, entry));
+    }
+    return Promise.all(freeing).then(() => undefined);
+  }
+
+  /** Frees every entry (the owner is closing: nothing runs). */
+  async clear(): Promise<void> {
+    const all = [...this.entries.values()];
+    this.entries.clear();
+    await Promise.all(all.map((e) => e.promise.then((v) => this.free(v)).catch(() => {})));
+  }
+
+  /** Drops idle entries, oldest first, beyond the capacity; resolves once they are freed. */
+  private trim(): Promise<void> {
+    const freeing: Promise<void>[] = [];
+    for (const [key, entry] of this.entries) {
+      if (this.entries.size <= this.capacity) break;
+      if (entry.refs === 0) freeing.push(this.drop(key, entry));
+    }
+    return Promise.all(freeing).then(() => undefined);
+  }
+
+  private drop(key: string, entry: Entry<T>): Promise<void> {
+    this.entries.delete(key);
+    entry.evicted = true;
+    if (entry.refs > 0) return Promise.resolve();
+    return entry.promise.then((v) => this.free(v)).catch(() => {});
+  }
+}

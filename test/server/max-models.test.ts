@@ -1,0 +1,61 @@
+/**
+ * `maxModels` (kiln serve --max-models) over the API: with one model kept loaded, requests that
+ * alternate between two models all succeed, each image the same bytes as on a server that keeps
+ * both, and the log says which model was unloaded; requests at once on both models (two jobs at
+ * once per thread) each finish with the same image (the model a job runs on is never unloaded
+ * under it).
+ */
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { Writable } from 'node:stream';
+import { pino } from 'pino';
+import { postJson, startTestServer, type ModelSpec, type TestServer } from './helpers.js';
+
+const MODELS: Record<string, ModelSpec> = { 'model-xl': 'sdxl', 'model-15': 'sd15-optimum' };
+let bounded: TestServer;
+let unbounded: TestServer;
+const logLines: string[] = [];
+
+before(async () => {
+  const logStream = new Writable({
+    write(chunk, _encoding, done) {
+      logLines.push(...String(chunk).split('\n').filter(Boolean));
+      done();
+    },
+  });
+  // Two jobs at once per thread: a request on one model runs while the other model is loaded.
+  bounded = await startTestServer({ models: MODELS, maxModels: 1, maxBatch: 2, logger: pino({ level: 'info' }, logStream) });
+  unbounded = await startTestServer({ models: MODELS });
+});
+after(async () => {
+  await bounded?.close();
+  await unbounded?.close();
+});
+
+const generate = (server: TestServer, model: string, seed: number) =>
+  postJson(`${server.url}/v1/images/generations`, { prompt: 'a kiln at night', model, n: seed, size: '256x256', steps: 2, response_format: 'b64_json' });
+const unloads = () => logLines.map((l) => JSON.parse(l) as { msg: string }).filter((l) => /^unloaded /.test(l.msg)).map((l) => l.msg.split(' ')[1]);
+
+test('--max-models 1: alternating models are unloaded and loaded again, the images as with both kept', async () => {
+  const order = ['model-xl', 'model-15', 'model-xl', 'model-15'];
+  for (const [i, model] of order.entries()) {
+    const [r, ref] = await Promise.all([generate(bounded, model, 10 + i), generate(unbounded, model, 10 + i)]);
+    assert.equal(r.status, 200, r.text);
+    assert.equal(ref.status, 200, ref.text);
+    assert.equal(r.json.data[0].b64_json, ref.json.data[0].b64_json, `request ${i} (${model}): the same image`);
+  }
+  assert.deepEqual(unloads(), ['model-xl', 'model-15', 'model-xl'], 'each switch unloads the other model');
+  assert.match(logLines.find((l) => l.includes('unloaded '))!, /at most 1 model\(s\) loaded per inference thread/);
+});
+
+test('--max-models 1: requests on both models at once all finish, with the images as alone (no model unloaded under a running job)', async () => {
+  const before = unloads().length;
+  const model = (i: number) => (i % 2 ? 'model-15' : 'model-xl');
+  const rs = await Promise.all([0, 1, 2, 3].map((i) => generate(bounded, model(i), 20 + i)));
+  for (const [i, r] of rs.entries()) {
+    assert.equal(r.status, 200, r.text);
+    const ref = await generate(unbounded, model(i), 20 + i);
+    assert.equal(r.json.data[0].b64_json, ref.json.data[0].b64_json, `request ${i}: the same image`);
+  }
+  assert.ok(unloads().length > before, 'models were unloaded between the requests');
+});
