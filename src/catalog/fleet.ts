@@ -10,6 +10,14 @@ import { ModelNotFoundError } from '../engine/errors.js';
 import { isModelPath } from '../engine/locate.js';
 import { MODEL_NAME, isOpenAiImageModel, type ModelCatalog, type ResolvedModel } from './catalog.js';
 
+/** For a 404 on an API host: the models its live workers announce, or that none is live. */
+function fleetNote(served: readonly string[]): string {
+  const names = [...new Set(served)].sort();
+  if (names.length === 0) return 'No live worker serves it either (none is live now).';
+  const shown = names.slice(0, 20).join(', ') + (names.length > 20 ? ', ...' : '');
+  return `No live worker serves it either (the workers serve ${shown}).`;
+}
+
 export function withFleetModels(local: ModelCatalog, fleetModels: () => string[]): ModelCatalog {
   /** What the fleet serves a name as: its own name, or (this host's alias) the target; undefined when no live worker does. */
   function remote(name: string, served: string[]): ResolvedModel | undefined {
@@ -59,9 +67,10 @@ export function withFleetModels(local: ModelCatalog, fleetModels: () => string[]
         const byDefault = requested === undefined || (isOpenAiImageModel(requested) && local.aliases()[requested] === undefined);
         const fallback = byDefault && local.configuredDefault !== undefined ? remote(local.configuredDefault, served) : undefined;
         if (fallback) return requested === undefined ? fallback : { ...fallback, requested };
-        // Unknown to the fleet too (or an alias whose target no live worker serves): this host's 404, which says why.
+        // Unknown to the fleet too (or an alias whose target no live worker serves): this host's 404,
+        // which says why, and what the live workers do serve.
         const named = requested === undefined ? undefined : remote(requested, served);
-        if (!named) throw err;
+        if (!named) throw new ModelNotFoundError(`${err.message} ${fleetNote(served)}`, err.model);
         return named;
       }
       if (found.dir !== undefined || isModelPath(found.ref)) return found;

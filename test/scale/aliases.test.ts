@@ -95,9 +95,11 @@ test('names nothing serves keep their 404; an alias of a model no worker serves,
   const e = envelope(nowhere.json);
   assert.equal(e.code, 'model_not_found');
   assert.match(e.message, /'api-nowhere' is an alias for 'no-such-model'/);
+  assert.match(e.message, /No live worker serves it either \(the workers serve [^)]*\bworker-sd15\b/, 'and what the fleet does serve');
   const unknown = await generate('no-such-model');
   assert.equal(unknown.status, 404, unknown.text);
   assert.equal(envelope(unknown.json).code, 'model_not_found');
+  assert.match(envelope(unknown.json).message, /No live worker serves it either/);
   assert.equal((await getJson(`${api.url}/v1/models/api-nowhere`)).status, 404);
   const here = await generate('api-here');
   assert.equal(here.status, 503, here.text);
