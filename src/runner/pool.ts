@@ -36,7 +36,7 @@ export interface EnginePoolOptions {
   /** The share of a run's time tiny-decoder previews may take (default: $KILN_PREVIEW_BUDGET, else 0.05). */
   previewBudget?: number;
   /** Worker lifecycle messages (crashes, preload results) and the engine's warnings. */
-  onEvent?: (event: { type: 'crash' | 'preloaded' | 'unloaded' | 'warning'; message: string; error?: Error }) => void;
+  onEvent?: (event: { type: 'crash' | 'preloaded' | 'unloaded' | 'warning'; message: string; error?: Error; model?: string }) => void;
 }
 
 interface Pending {
@@ -160,7 +160,7 @@ class WorkerSlot {
         });
         break;
       case 'unloaded':
-        this.pool.options.onEvent?.({ type: 'unloaded', message: `unloaded ${msg.model} (idle; at most ${this.pool.tuning.maxModels} model(s) loaded per inference thread)` });
+        this.pool.options.onEvent?.({ type: 'unloaded', model: msg.model, message: `unloaded ${msg.model} (idle; at most ${this.pool.tuning.maxModels} model(s) loaded per inference thread)` });
         break;
       case 'warning':
         this.pool.options.onEvent?.({ type: 'warning', message: msg.message });

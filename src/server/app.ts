@@ -234,8 +234,12 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       catalog: models,
       inputs,
       device,
-      onEvent: (e) =>
-        e.type === 'crash' || e.error ? logger.error({ err: e.error }, e.message) : e.type === 'warning' ? logger.warn(e.message) : logger.info(e.message),
+      onEvent: (e) => {
+        if (e.type === 'unloaded' && e.model) metrics.modelUnloads.inc({ model: e.model });
+        if (e.type === 'crash' || e.error) logger.error({ err: e.error }, e.message);
+        else if (e.type === 'warning') logger.warn(e.message);
+        else logger.info(e.message);
+      },
     }));
   const queue = options.queue ?? redisQueue ?? new InProcessQueue(runner!, { maxQueued: options.maxQueue ?? 16, priorMsPerStepMp: (spec) => prior(spec.model) });
   const store: ImageStore =

@@ -12,6 +12,7 @@ export interface Metrics {
   jobs: Counter<'kind' | 'outcome'>;
   jobWait: Histogram<'kind'>;
   jobRun: Histogram<'kind'>;
+  modelUnloads: Counter<'model'>;
 }
 
 export function createMetrics(queue: JobQueue): Metrics {
@@ -49,6 +50,12 @@ export function createMetrics(queue: JobQueue): Metrics {
     help: 'Time jobs ran (generation and encoding).',
     labelNames: ['kind'] as const,
     buckets: [0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300],
+    registers,
+  });
+  const modelUnloads = new Counter({
+    name: 'kiln_model_unloads_total',
+    help: 'Idle models unloaded by inference threads to keep within --max-models, by model.',
+    labelNames: ['model'] as const,
     registers,
   });
   new Gauge({
@@ -101,5 +108,5 @@ export function createMetrics(queue: JobQueue): Metrics {
     jobWait.observe({ kind }, queuedMs / 1000);
     if (runMs > 0) jobRun.observe({ kind }, runMs / 1000);
   });
-  return { registry, httpRequests, httpDuration, jobs, jobWait, jobRun };
+  return { registry, httpRequests, httpDuration, jobs, jobWait, jobRun, modelUnloads };
 }

@@ -46,6 +46,9 @@ test('--max-models 1: alternating models are unloaded and loaded again, the imag
   }
   assert.deepEqual(unloads(), ['model-xl', 'model-15', 'model-xl'], 'each switch unloads the other model');
   assert.match(logLines.find((l) => l.includes('unloaded '))!, /at most 1 model\(s\) loaded per inference thread/);
+  const metrics = await (await fetch(`${bounded.url}/metrics`)).text();
+  assert.match(metrics, /^kiln_model_unloads_total\{model="model-xl"\} 2$/m, metrics);
+  assert.match(metrics, /^kiln_model_unloads_total\{model="model-15"\} 1$/m);
 });
 
 test('--max-models 1: requests on both models at once all finish, with the images as alone (no model unloaded under a running job)', async () => {
