@@ -64,9 +64,8 @@ function parseMaxBatch(value: string): number {
 }
 
 function parseMaxModels(value: string): number {
-  const n = parseCount(value);
-  if (n < 1) throw new InvalidArgumentError('expected a positive integer');
-  return n;
+  if (!/^\s*\d+\s*$/.test(value) || Number(value) < 1) throw new InvalidArgumentError('expected a positive integer');
+  return Number(value);
 }
 
 function parsePort(value: string): number {
