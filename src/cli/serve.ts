@@ -29,6 +29,7 @@ export interface ServeFlags {
   workers: number;
   maxBatch: number;
   maxModels?: number;
+  unloadAfter?: number;
   timeout: number;
   shutdownTimeout: number;
   headersTimeout: number;
@@ -170,6 +171,7 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
     workers: flags.workers,
     maxBatch: flags.maxBatch,
     maxModels: flags.maxModels,
+    unloadAfterMs: flags.unloadAfter,
     requestTimeoutMs: flags.timeout,
     shutdownTimeoutMs: flags.shutdownTimeout,
     headersTimeoutMs: flags.headersTimeout,
@@ -236,6 +238,7 @@ export function registerServeCommand(program: Command): void {
     .option('--workers <n>', 'inference worker threads', parseCount, 1)
     .option('--max-batch <n>', "jobs each worker runs at once, their denoising steps batched into shared UNet runs (images byte for byte as alone); 1: one at a time", parseMaxBatch, 1)
     .option('--max-models <n>', 'models each worker keeps loaded; the least recently used idle one is unloaded to load another (default: $KILN_MAX_MODELS, else no bound)', parseMaxModels)
+    .addOption(new Option('--unload-after <duration>', 'unload a model no request has used for this long (default: never)').argParser(parseDuration))
     .addOption(new Option('--timeout <duration>', 'per-request limit, waiting included (answered 504 past it)').argParser(parseDuration).default(300_000, '5m'))
     .addOption(
       new Option('--shutdown-timeout <duration>', 'on SIGTERM, how long running jobs may take before they are cancelled')

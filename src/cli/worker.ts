@@ -19,6 +19,7 @@ export interface WorkerFlags {
   workers: number;
   maxBatch: number;
   maxModels?: number;
+  unloadAfter?: number;
   lockDuration: number;
   stalledInterval: number;
   heartbeat: number;
@@ -74,6 +75,7 @@ export async function workerCommand(flags: WorkerFlags): Promise<void> {
     workers: flags.workers,
     maxBatch: flags.maxBatch,
     maxModels: flags.maxModels,
+    unloadAfterMs: flags.unloadAfter,
     lockDurationMs: flags.lockDuration,
     stalledIntervalMs: flags.stalledInterval,
     heartbeatMs: flags.heartbeat,
@@ -120,6 +122,7 @@ export function registerWorkerCommand(program: Command): void {
     .option('--workers <n>', 'inference threads', parseCount, 1)
     .option('--max-batch <n>', 'jobs each thread runs at once, their denoising steps batched (as kiln serve --max-batch)', parseCount, 1)
     .option('--max-models <n>', 'models each thread keeps loaded, the least recently used idle one unloaded first (as kiln serve --max-models)', parseCount)
+    .addOption(new Option('--unload-after <duration>', 'unload a model no job has used for this long (default: never)').argParser(parseDuration))
     .addOption(new Option('--lock-duration <duration>', "a job's lock, renewed every half of it while it runs; a dead worker's job is run again after it").argParser(parseDuration).default(60_000, '60s'))
     .addOption(new Option('--stalled-interval <duration>', 'how often jobs whose worker died are looked for').argParser(parseDuration).default(30_000, '30s'))
     .addOption(new Option('--heartbeat <duration>', 'how often this worker announces itself and its models (it counts as gone after three)').argParser(parseDuration).default(5_000, '5s'))

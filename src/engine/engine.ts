@@ -19,7 +19,7 @@ import { DiffusionModel, isSafetensorsLayout } from './model.js';
 import { builtinModelsDir, isModelPath, locateModel } from './locate.js';
 import { InvalidOptionError, ModelLoadError } from './errors.js';
 import { attachLoras, isValidLoraName, mergeLoras, type AppliedLora, type LoraLease } from './loras.js';
-import { LeaseCache } from './lease-cache.js';
+import { LeaseCache, type FreeReason } from './lease-cache.js';
 import { OnnxModel } from './onnx.js';
 import { BUILD_INFO, ensureBuilt } from '../graphs/cache.js';
 import { readKilnJson } from '../graphs/checkpoint.js';
@@ -48,8 +48,10 @@ export interface EngineOptions {
   loraCacheSize?: number;
   /** Models kept loaded, idle ones unloaded least recently used first (default: no bound); a model in use is never unloaded. */
   maxModels?: number;
-  /** Told each time the cache unloads a model (the name it was loaded under), for the logs. */
-  onUnload?: (model: string) => void;
+  /** Models nobody has used for this long are unloaded (default: never). */
+  unloadAfterMs?: number;
+  /** Told each time the cache unloads a model (the name it was loaded under) and why, for the logs (not when the engine closes). */
+  onUnload?: (model: string, why: UnloadReason) => void;
   /** The share of a run's time tiny-decoder previews may take (default 0.05; see preview.ts withinBudget). */
   previewBudget?: number;
   /** Progress of a graph build (first use of a safetensors folder). */
@@ -116,7 +118,7 @@ export class Engine {
     this.lorasDir = options.lorasDir === undefined ? undefined : resolve(options.lorasDir);
     this.previewBudget = options.previewBudget;
     this.variants = new LeaseCache(options.loraCacheSize ?? 2, (v) => v.release());
-    this.models = new LeaseCache(options.maxModels ?? Infinity, (m) => this.unload(m));
+    this.models = new LeaseCache(options.maxModels ?? Infinity, (m, why) => this.unload(m, why), options.unloadAfterMs ?? Infinity);
     this.onUnload = options.onUnload;
     this.onBuildProgress = options.onBuildProgress;
     this.warn = options.onWarning ?? ((m) => process.stderr.write(`kiln: warning: ${m}\n`));
@@ -188,13 +190,13 @@ export class Engine {
   }
 
   /** Frees a model the cache let go of: its kiln.json variant, its other LoRA variants (idle: no request runs on the model), its sessions. */
-  private async unload(loaded: LoadedModel): Promise<void> {
+  private async unload(loaded: LoadedModel, why: FreeReason): Promise<void> {
     try {
       (await loaded.defaultVariant?.catch(() => undefined))?.release();
       await this.variants.evict((k) => k.startsWith(`${loaded.key}\n`));
       await loaded.base.release();
       for (const listener of this.unloadListeners) listener(loaded.base);
-      this.onUnload?.(loaded.base.name);
+      if (why !== 'cleared') this.onUnload?.(loaded.base.name, why === 'evicted' ? 'replaced' : why);
     } catch (err) {
       this.warn(`${loaded.base.name}: unloading failed: ${(err as Error).message}`);
     }
@@ -329,6 +331,9 @@ export class Engine {
     await this.variants.clear();
   }
 }
+
+/** Why a model was unloaded: to keep within maxModels, idle past unloadAfterMs, or its folder replaced (a re-pull). */
+export type UnloadReason = 'capacity' | 'idle' | 'replaced';
 
 /** A model held until `release()` (see Engine.lease); releasing twice is harmless. */
 export interface ModelLease {

@@ -4,8 +4,11 @@
  * used first, before anything new is built (its memory is freed first), and an entry taken out
  * while leased is freed when its last lease ends. So the cache may briefly hold more than
  * `capacity` (everything in use), never frees what a request is running on, and keeps nothing
- * that failed to build.
+ * that failed to build. With `idleMs`, an entry nobody has leased for that long is freed too.
  */
+
+/** Why the cache let a value go: beyond the capacity, idle past `idleMs`, taken out by `evict`, or the cache cleared. */
+export type FreeReason = 'capacity' | 'idle' | 'evicted' | 'cleared';
 
 /** A value held until `release()` (idempotent); the cache frees it only after. */
 export interface Lease<T> {
@@ -16,8 +19,10 @@ export interface Lease<T> {
 interface Entry<T> {
   promise: Promise<T>;
   refs: number;
-  /** Out of the cache: freed when its last lease ends. */
-  evicted: boolean;
+  /** Out of the cache (and why): freed when its last lease ends. */
+  evicted?: FreeReason;
+  /** Frees the entry once idle for `idleMs` (set while nobody leases it). */
+  idleTimer?: NodeJS.Timeout;
 }
 
 export class LeaseCache<T> {
@@ -26,7 +31,8 @@ export class LeaseCache<T> {
   /** `free` releases a value the cache let go of (its errors are the caller's to log inside it). */
   constructor(
     readonly capacity: number,
-    private readonly free: (value: T) => Promise<void>,
+    private readonly free: (value: T, why: FreeReason) => Promise<void>,
+    private readonly idleMs = Infinity,
   ) {}
 
   get size(): number {
@@ -41,10 +47,11 @@ export class LeaseCache<T> {
   async acquire(key: string, build: () => Promise<T>): Promise<Lease<T>> {
     let entry = this.entries.get(key);
     if (entry) {
+      clearTimeout(entry.idleTimer);
       this.entries.delete(key); // most recently used last
       this.entries.set(key, entry);
     } else {
-      const created: Entry<T> = { promise: undefined as unknown as Promise<T>, refs: 0, evicted: false };
+      const created: Entry<T> = { promise: undefined as unknown as Promise<T>, refs: 0 };
       this.entries.set(key, created);
       created.refs++; // not trimmed while it is built
       const freeing = this.trim();
@@ -71,8 +78,11 @@ export class LeaseCache<T> {
         if (released) return;
         released = true;
         held.refs--;
-        if (held.evicted && held.refs === 0) void this.free(value);
-        else void this.trim();
+        if (held.evicted && held.refs === 0) void this.free(value, held.evicted);
+        else {
+          if (held.refs === 0) this.startIdleTimer(key, held);
+          void this.trim();
+        }
       },
     };
   }
@@ -81,7 +91,7 @@ export class LeaseCache<T> {
   evict(match: (key: string) => boolean): Promise<void> {
     const freeing: Promise<void>[] = [];
     for (const [key, entry] of this.entries) {
-      if (match(key)) freeing.push(this.drop(key, entry));
+      if (match(key)) freeing.push(this.drop(key, entry, 'evicted'));
     }
     return Promise.all(freeing).then(() => undefined);
   }
@@ -89,8 +99,9 @@ export class LeaseCache<T> {
   /** Frees every entry (the owner is closing: nothing runs). */
   async clear(): Promise<void> {
     const all = [...this.entries.values()];
+    for (const e of all) clearTimeout(e.idleTimer);
     this.entries.clear();
-    await Promise.all(all.map((e) => e.promise.then((v) => this.free(v)).catch(() => {})));
+    await Promise.all(all.map((e) => e.promise.then((v) => this.free(v, 'cleared')).catch(() => {})));
   }
 
   /** Drops idle entries, oldest first, beyond the capacity; resolves once they are freed. */
@@ -98,15 +109,25 @@ export class LeaseCache<T> {
     const freeing: Promise<void>[] = [];
     for (const [key, entry] of this.entries) {
       if (this.entries.size <= this.capacity) break;
-      if (entry.refs === 0) freeing.push(this.drop(key, entry));
+      if (entry.refs === 0) freeing.push(this.drop(key, entry, 'capacity'));
     }
     return Promise.all(freeing).then(() => undefined);
   }
 
-  private drop(key: string, entry: Entry<T>): Promise<void> {
+  private startIdleTimer(key: string, entry: Entry<T>): void {
+    if (!Number.isFinite(this.idleMs)) return;
+    clearTimeout(entry.idleTimer);
+    entry.idleTimer = setTimeout(() => {
+      if (entry.refs === 0 && this.entries.get(key) === entry) void this.drop(key, entry, 'idle');
+    }, this.idleMs);
+    entry.idleTimer.unref(); // an idle cache keeps no process alive
+  }
+
+  private drop(key: string, entry: Entry<T>, why: FreeReason): Promise<void> {
+    clearTimeout(entry.idleTimer);
     this.entries.delete(key);
-    entry.evicted = true;
+    entry.evicted = why;
     if (entry.refs > 0) return Promise.resolve();
-    return entry.promise.then((v) => this.free(v)).catch(() => {});
+    return entry.promise.then((v) => this.free(v, why)).catch(() => {});
   }
 }

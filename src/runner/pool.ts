@@ -8,6 +8,7 @@ import { Worker } from 'node:worker_threads';
 import { availableParallelism } from 'node:os';
 import { EventEmitter } from 'node:events';
 import type { Device } from '../engine/onnx.js';
+import type { UnloadReason } from '../engine/engine.js';
 import { GenerationCancelledError } from '../engine/errors.js';
 import type { JobOutput, JobRunner, JobSpec, RunContext } from '../queue/types.js';
 import type { ModelCatalog } from '../catalog/catalog.js';
@@ -33,6 +34,8 @@ export interface EnginePoolOptions {
   loraCacheSize?: number;
   /** Models each thread's engine keeps loaded, idle ones unloaded least recently used first (default: $KILN_MAX_MODELS, else no bound). */
   maxModels?: number;
+  /** Models unused this long are unloaded (default: never). */
+  unloadAfterMs?: number;
   /** The share of a run's time tiny-decoder previews may take (default: $KILN_PREVIEW_BUDGET, else 0.05). */
   previewBudget?: number;
   /** Worker lifecycle messages (crashes, preload results) and the engine's warnings. */
@@ -160,7 +163,7 @@ class WorkerSlot {
         });
         break;
       case 'unloaded':
-        this.pool.options.onEvent?.({ type: 'unloaded', model: msg.model, message: `unloaded ${msg.model} (idle; at most ${this.pool.tuning.maxModels} model(s) loaded per inference thread)` });
+        this.pool.options.onEvent?.({ type: 'unloaded', model: msg.model, message: `unloaded ${msg.model} (${this.unloadReason(msg.why)})` });
         break;
       case 'warning':
         this.pool.options.onEvent?.({ type: 'warning', message: msg.message });
@@ -168,6 +171,13 @@ class WorkerSlot {
       case 'ready':
         break;
     }
+  }
+
+  private unloadReason(why: UnloadReason): string {
+    const { maxModels, unloadAfterMs } = this.pool.tuning;
+    if (why === 'capacity') return `idle; at most ${maxModels} model(s) loaded per inference thread`;
+    if (why === 'idle') return `unused for ${unloadAfterMs! < 10_000 ? `${unloadAfterMs} ms` : `${Math.round(unloadAfterMs! / 1000)} s`}`;
+    return 'its folder was replaced';
   }
 
   private onExit(err: Error): void {
@@ -205,7 +215,7 @@ export class EnginePool extends EventEmitter implements JobRunner {
     const size = Math.max(1, options.size ?? 1);
     this.maxBatch = Math.max(1, options.maxBatch ?? 1);
     // The environment's tuning is read here, once, on the runner's side: the threads' engines get values.
-    this.tuning = { loraCacheSize: options.loraCacheSize ?? loraCacheSize(), maxModels: options.maxModels ?? maxModels(), previewBudget: options.previewBudget ?? previewBudget() };
+    this.tuning = { loraCacheSize: options.loraCacheSize ?? loraCacheSize(), maxModels: options.maxModels ?? maxModels(), unloadAfterMs: options.unloadAfterMs, previewBudget: options.previewBudget ?? previewBudget() };
     this.slots = size * this.maxBatch;
     // One thread: ONNX Runtime's default (every physical core). Several: the cores shared among them.
     this.sessionThreads = size > 1 ? Math.max(1, Math.floor(availableParallelism() / size)) : 0;

@@ -15,6 +15,7 @@ import type { Device } from '../engine/onnx.js';
 import type { EffectiveSettings, Progress, Timings } from '../engine/pipeline.js';
 import type { OutputFormat } from '../engine/image-codec.js';
 import type { EngineJob } from '../engine/run-job.js';
+import type { UnloadReason } from '../engine/engine.js';
 import type { EngineFolders } from '../catalog/catalog.js';
 import { AssetUnavailableError } from '../catalog/errors.js';
 import { ImagePromptUnavailableError } from '../catalog/image-prompt-assets.js';
@@ -46,6 +47,7 @@ export interface WorkerInit {
 export interface EngineTuning {
   loraCacheSize?: number;
   maxModels?: number;
+  unloadAfterMs?: number;
   previewBudget?: number;
 }
 
@@ -83,8 +85,8 @@ export type FromWorker =
     }
   | { type: 'failed'; id: number; error: SerializedError; cancelled: boolean }
   | { type: 'preloaded'; model: string; error?: SerializedError }
-  /** The engine unloaded an idle model to keep within maxModels. */
-  | { type: 'unloaded'; model: string }
+  /** The engine unloaded an idle model (to keep within maxModels, idle past unloadAfterMs, or replaced). */
+  | { type: 'unloaded'; model: string; why: UnloadReason }
   /** Something the engine reports that does not stop a job (LoRA modules matching nothing, ...). */
   | { type: 'warning'; message: string };
 

@@ -24,7 +24,7 @@ const { home, searchDirs, cacheDir, lorasDir } = init.folders;
 // Warnings (LoRA modules that match nothing, unused checkpoint tensors) go to the server's log.
 const warn = (message: string) => post({ type: 'warning', message });
 setSessionThreads(init.sessionThreads);
-const engine = new Engine({ device: init.device, home, searchDirs, cacheDir, lorasDir, ...init.tuning, onWarning: warn, onUnload: (model) => post({ type: 'unloaded', model }) });
+const engine = new Engine({ device: init.device, home, searchDirs, cacheDir, lorasDir, ...init.tuning, onWarning: warn, onUnload: (model, why) => post({ type: 'unloaded', model, why }) });
 const jobs = new JobEngine(engine, init.device, { maxBatch: init.maxBatch, onWarning: warn });
 const controllers = new Map<number, AbortController>();
 

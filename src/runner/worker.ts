@@ -40,6 +40,8 @@ export interface QueueWorkerOptions {
   maxBatch?: number;
   /** Models each thread keeps loaded (EnginePoolOptions.maxModels). */
   maxModels?: number;
+  /** Models unused this long are unloaded (EnginePoolOptions.unloadAfterMs). */
+  unloadAfterMs?: number;
   /**
    * The bucket's uploads (`--store s3://`, the API host's S3Store). Jobs whose uploads the API
    * host kept in Redis (keys `in_...`) are read from Redis either way.
@@ -94,6 +96,7 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
     size: threads,
     maxBatch: options.maxBatch,
     maxModels: options.maxModels,
+    unloadAfterMs: options.unloadAfterMs,
     catalog: options.catalog,
     inputs,
     device: options.device,

@@ -77,6 +77,8 @@ export interface ServerOptions {
   maxBatch?: number;
   /** Models each worker thread keeps loaded (EnginePoolOptions.maxModels: default $KILN_MAX_MODELS, else no bound). */
   maxModels?: number;
+  /** Models unused this long are unloaded (EnginePoolOptions.unloadAfterMs; default never). */
+  unloadAfterMs?: number;
   /** Per-request limit, queueing included (default 5 min); past it: 504. */
   requestTimeoutMs?: number;
   /** On close: how long running jobs may take to finish before they are cancelled (default 30 s). */
@@ -231,6 +233,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       size: options.workers ?? 1,
       maxBatch: options.maxBatch,
       maxModels: options.maxModels,
+      unloadAfterMs: options.unloadAfterMs,
       catalog: models,
       inputs,
       device,

@@ -160,3 +160,38 @@ test('JobEngine: an unloaded model\'s image prompt (adapter UNet, image encoder)
     rmSync(scratch, { recursive: true, force: true });
   }
 });
+
+/** Polls `check` every 20 ms until it holds (a state, never a fixed wait), for at most 10 s. */
+async function until(check: () => boolean, what: string): Promise<void> {
+  for (let i = 0; i < 500; i++) {
+    if (check()) return;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  assert.fail(`gave up waiting for ${what}`);
+}
+
+test('unloadAfterMs: a model nobody uses is unloaded once idle that long; one still leased is not, however long it runs', async () => {
+  const unloaded: string[] = [];
+  const engine = new Engine({ searchDirs: [builtinModelsDir()], unloadAfterMs: 150, onUnload: (name, why) => unloaded.push(`${name}:${why}`) });
+  try {
+    const idle = await engine.lease('kiln-tiny');
+    const busy = await engine.lease('kiln-tiny-xl');
+    idle.release();
+    await until(() => unloaded.length > 0, 'the idle model to be unloaded');
+    assert.deepEqual(unloaded, ['kiln-tiny:idle']);
+    assert.ok(sessions(idle.model).every((s) => s.released));
+    // The leased one has been held past the idle time meanwhile, and runs.
+    await draw(busy.model);
+    await draw(busy.model);
+    assert.deepEqual(unloaded, ['kiln-tiny:idle'], 'a leased model is not idle');
+    busy.release();
+    await until(() => unloaded.length > 1, 'the second model to be unloaded once released');
+    assert.deepEqual(unloaded, ['kiln-tiny:idle', 'kiln-tiny-xl:idle']);
+    assert.equal(engine.loadedModels, 0);
+    const again = await engine.lease('kiln-tiny');
+    assert.notEqual(again.model, idle.model, 'loaded afresh');
+    again.release();
+  } finally {
+    await engine.close();
+  }
+});

@@ -62,3 +62,26 @@ test('--max-models 1: requests on both models at once all finish, with the image
   }
   assert.ok(unloads().length > before, 'models were unloaded between the requests');
 });
+
+test('--unload-after: a model no request used for that long is unloaded (logged and counted), and serves again the same image', async () => {
+  const lines: string[] = [];
+  const stream = new Writable({
+    write(chunk, _encoding, done) {
+      lines.push(...String(chunk).split('\n').filter(Boolean));
+      done();
+    },
+  });
+  const server = await startTestServer({ models: MODELS, unloadAfterMs: 200, logger: pino({ level: 'info' }, stream) });
+  try {
+    const first = await generate(server, 'model-xl', 5);
+    assert.equal(first.status, 200, first.text);
+    for (let i = 0; i < 250 && !lines.some((l) => l.includes('unloaded model-xl')); i++) await new Promise((r) => setTimeout(r, 20));
+    assert.ok(lines.some((l) => /unloaded model-xl \(unused for 200 ms\)/.test(l)), lines.join('\n'));
+    assert.match(await (await fetch(`${server.url}/metrics`)).text(), /^kiln_model_unloads_total\{model="model-xl"\} 1$/m);
+    const again = await generate(server, 'model-xl', 5);
+    assert.equal(again.status, 200, again.text);
+    assert.equal(again.json.data[0].b64_json, first.json.data[0].b64_json);
+  } finally {
+    await server.close();
+  }
+});
