@@ -2,7 +2,8 @@
  * The engine facade: resolves model names, keeps loaded models (their sessions) by folder, and
  * runs generations on them. Models are leased (`lease`) by whoever runs on them; at most
  * `maxModels` stay loaded (default: no bound), the least recently used idle one unloaded first,
- * never one a request runs on; `model()` loads one for the engine's life. A diffusers folder
+ * and with `unloadAfterMs` one unused that long goes too, never one a request runs on;
+ * `model()` loads one for the engine's life. A diffusers folder
  * with safetensors weights (or a single-file checkpoint, src/graphs/checkpoint.ts) is first
  * built into ONNX graphs (once, cached: src/graphs/cache.ts).
  *
@@ -129,7 +130,8 @@ export class Engine {
    * is replaced (a re-pull swaps the files under the same name) or its kiln.json changes: then
    * it is loaded afresh (the old one unloaded once nobody runs on it). With kiln.json LoRAs (or
    * `options.loras`, added to them) the model is the variant that applies them. It stays loaded
-   * until `release()`: then it may be unloaded to keep within `maxModels`.
+   * until `release()`: then it may be unloaded to keep within `maxModels`, or once unused for
+   * `unloadAfterMs`.
    */
   async lease(nameOrPath: string, options: { loras?: readonly AppliedLora[]; name?: string } = {}): Promise<ModelLease> {
     for (const l of options.loras ?? []) this.resolveLora(l, 'option'); // an unknown name fails before any load
