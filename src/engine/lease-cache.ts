@@ -50,19 +50,17 @@ export class LeaseCache<T> {
       clearTimeout(entry.idleTimer);
       this.entries.delete(key); // most recently used last
       this.entries.set(key, entry);
+      entry.refs++;
     } else {
-      const created: Entry<T> = { promise: undefined as unknown as Promise<T>, refs: 0 };
+      // Leased from the start, so the trim that makes room for it passes it by.
+      const created: Entry<T> = { promise: undefined as unknown as Promise<T>, refs: 1 };
       this.entries.set(key, created);
-      created.refs++; // not trimmed while it is built
-      const freeing = this.trim();
-      created.refs--;
-      created.promise = freeing.then(build);
+      created.promise = this.trim().then(build);
       created.promise.catch(() => {
         if (this.entries.get(key) === created) this.entries.delete(key);
       });
       entry = created;
     }
-    entry.refs++;
     let value: T;
     try {
       value = await entry.promise;
