@@ -229,3 +229,37 @@ test('an Engine given no cacheDir or lorasDir names the option a safetensors mod
     await bare.close();
   }
 });
+
+test('maxModels 1: an unloaded model takes its LoRA variants (kiln.json\'s and a prompt\'s) with it; loaded again, the same bits', async () => {
+  const models = join(scratch, 'models-capped');
+  const dir = join(models, 'capped-lora');
+  mkdirSync(dir, { recursive: true });
+  for (const f of readdirSync(SD15)) symlinkSync(join(SD15, f), join(dir, f));
+  writeFileSync(join(dir, 'kiln.json'), JSON.stringify({ loras: [{ name: 'sd15-lora', scale: 0.7 }] }));
+  const unloaded: string[] = [];
+  const capped = new Engine({ cacheDir: join(scratch, 'cache'), searchDirs: [models], lorasDir, maxModels: 1, onWarning: () => {}, onUnload: (name) => unloaded.push(name) });
+  try {
+    const a = await capped.lease('capped-lora');
+    const byDefault = await run(a.model);
+    assert.deepEqual(byDefault.settings.loras, [{ name: 'sd15-lora', scale: 0.7 }]);
+    const variantUnet = a.model.unet;
+    a.release();
+    assert.equal(capped.loraVariants, 1, "kiln.json's variant");
+    const b = await capped.lease(SD15);
+    const tagged = await run(b.model, `${sd15Case.prompt} <lora:sd15-lora:0.5>`);
+    b.release();
+    assert.deepEqual(unloaded, ['capped-lora']);
+    assert.ok(variantUnet.released, "the kiln.json variant's UNet session went with its model");
+    assert.equal(capped.loraVariants, 1, 'only the prompt variant of the model loaded now');
+    const again = await capped.lease('capped-lora');
+    assert.deepEqual(unloaded, ['capped-lora', 'sd15']);
+    assert.equal(capped.loraVariants, 1, "the prompt variant went with sd15; kiln.json's is back");
+    assert.deepEqual(bits((await run(again.model)).latents), bits(byDefault.latents), 'the same bits as before the unload');
+    again.release();
+    const b2 = await capped.lease(SD15);
+    assert.deepEqual(bits((await run(b2.model, `${sd15Case.prompt} <lora:sd15-lora:0.5>`)).latents), bits(tagged.latents));
+    b2.release();
+  } finally {
+    await capped.close();
+  }
+});
