@@ -99,6 +99,8 @@ export class Engine {
   readonly lorasDir: string | undefined;
   readonly home: string | undefined;
   readonly previewBudget: number | undefined;
+  /** How long a model may go unused before it is unloaded (Infinity: never). */
+  readonly unloadAfterMs: number;
   private readonly onBuildProgress: EngineOptions['onBuildProgress'];
   private readonly warn: (message: string) => void;
   /** Keyed by `${dir}\n${folderVersion(dir)}`: a replaced folder is another entry. */
@@ -119,7 +121,8 @@ export class Engine {
     this.lorasDir = options.lorasDir === undefined ? undefined : resolve(options.lorasDir);
     this.previewBudget = options.previewBudget;
     this.variants = new LeaseCache(options.loraCacheSize ?? 2, (v) => v.release());
-    this.models = new LeaseCache(options.maxModels ?? Infinity, (m, why) => this.unload(m, why), options.unloadAfterMs ?? Infinity);
+    this.unloadAfterMs = options.unloadAfterMs ?? Infinity;
+    this.models = new LeaseCache(options.maxModels ?? Infinity, (m, why) => this.unload(m, why), this.unloadAfterMs);
     this.onUnload = options.onUnload;
     this.onBuildProgress = options.onBuildProgress;
     this.warn = options.onWarning ?? ((m) => process.stderr.write(`kiln: warning: ${m}\n`));

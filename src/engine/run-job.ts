@@ -20,6 +20,7 @@ import { loadPoseModels, type PoseModels } from './pose/index.js';
 import { InvalidOptionError, ModelLoadError } from './errors.js';
 import { loadImagePrompt, type ImagePrompt, type ImagePromptRunner } from './image-prompt.js';
 import { UnetBatcher } from './unet-batcher.js';
+import { LeaseCache, type Lease } from './lease-cache.js';
 import { OnnxModel, type Device } from './onnx.js';
 import type { DiffusionModel } from './model.js';
 import type { RgbImage } from './vae.js';
@@ -86,18 +87,15 @@ function fileVersion(path: string): string {
   }
 }
 
-type Cache<T> = Map<string, { version: string; loading: Promise<T> }>;
-
-function cached<T>(cache: Cache<T>, key: string, version: string, load: () => Promise<T>): Promise<T> {
-  const hit = cache.get(key);
-  if (hit && hit.version === version) return hit.loading;
-  const loading = load();
-  // A failed load is not kept: a fixed install is picked up by the next request.
-  loading.catch(() => {
-    if (cache.get(key)?.loading === loading) cache.delete(key);
-  });
-  cache.set(key, { version, loading });
-  return loading;
+/**
+ * The sessions of the file (or folder) at `path` as it is now: a re-pulled one is loaded afresh
+ * and the old sessions freed once no job holds them; a failed load is not kept (a fixed install
+ * is picked up by the next request).
+ */
+function leaseFile<T>(cache: LeaseCache<T>, path: string, load: () => Promise<T>): Promise<Lease<T>> {
+  const key = `${path}\n${fileVersion(path)}`;
+  void cache.evict((k) => k !== key && k.startsWith(`${path}\n`));
+  return cache.acquire(key, load);
 }
 
 /**
@@ -140,9 +138,9 @@ const toBuffer = (bytes: Uint8Array) => Buffer.from(bytes.buffer, bytes.byteOffs
  * denoising steps share UNet runs (unet-batcher.ts).
  */
 export class JobEngine {
-  // ---- pose assets: loaded once, kept until their files change ------------------------------
-  private readonly controlNets: Cache<OnnxModel> = new Map();
-  private readonly poseNets: Cache<PoseModels> = new Map();
+  // ---- pose assets: loaded once, kept until their files change (or unused for the engine's unloadAfterMs)
+  private readonly controlNets: LeaseCache<OnnxModel>;
+  private readonly poseNets: LeaseCache<PoseModels>;
   // ---- image prompts: each model's adapters loaded once, again when their files change -------
   private readonly runners = new Map<string, { version: string; runner: ImagePromptRunner }>();
   /** Loads under way: jobs running at once (--max-batch) that need the same adapters share one. */
@@ -159,6 +157,9 @@ export class JobEngine {
     options: { maxBatch?: number; onWarning?: (message: string) => void } = {},
   ) {
     this.onWarning = options.onWarning;
+    // Shared by every model of a family, so not counted by maxModels; gone when unused as long as an idle model.
+    this.controlNets = new LeaseCache(Infinity, (m) => m.release(), engine.unloadAfterMs);
+    this.poseNets = new LeaseCache(Infinity, (p) => Promise.all([p.detector.release(), p.poseNet.release()]).then(() => undefined), engine.unloadAfterMs);
     // An unloaded model's image-prompt sessions (its adapter UNet, the image encoder) go with it.
     engine.onModelUnloaded((unloaded) => {
       for (const [key, { runner }] of this.runners) {
@@ -180,13 +181,26 @@ export class JobEngine {
     (await this.engine.lease(model.dir, { name: model.name })).release();
   }
 
-  private async poseAssets(paths: NonNullable<EngineJob['pose']>): Promise<PoseAssets> {
+  /** The pose networks of a job, held until `release()` (at the job's end). */
+  private async poseAssets(paths: NonNullable<EngineJob['pose']>): Promise<{ assets: PoseAssets; release(): void }> {
     const options = { device: this.device };
-    const [controlNet, pose] = await Promise.all([
-      cached(this.controlNets, paths.controlNet, fileVersion(paths.controlNet), () => OnnxModel.load(paths.controlNet, dirname(paths.controlNet), options)),
-      cached(this.poseNets, paths.dwpose, fileVersion(paths.dwpose), () => loadPoseModels(paths.dwpose, paths.dwpose, options)),
+    const [controlNet, pose] = await Promise.allSettled([
+      leaseFile(this.controlNets, paths.controlNet, () => OnnxModel.load(paths.controlNet, dirname(paths.controlNet), options)),
+      leaseFile(this.poseNets, paths.dwpose, () => loadPoseModels(paths.dwpose, paths.dwpose, options)),
     ]);
-    return { controlNet, detector: pose.detector, poseNet: pose.poseNet };
+    if (controlNet.status === 'rejected' || pose.status === 'rejected') {
+      for (const r of [controlNet, pose]) if (r.status === 'fulfilled') r.value.release();
+      throw controlNet.status === 'rejected' ? controlNet.reason : (pose as PromiseRejectedResult).reason;
+    }
+    return {
+      assets: { controlNet: controlNet.value.value, detector: pose.value.value.detector, poseNet: pose.value.value.poseNet },
+      release: () => (controlNet.value.release(), pose.value.release()),
+    };
+  }
+
+  /** Pose networks (ControlNets, DWPose folders) loaded now. */
+  get loadedPoseNetworks(): number {
+    return this.controlNets.size + this.poseNets.size;
   }
 
   private async imagePromptRunner(model: DiffusionModel, spec: NonNullable<EngineJob['imagePrompt']>): Promise<ImagePromptRunner> {
@@ -301,14 +315,18 @@ export class JobEngine {
         const { width, height } = resolveModelSize(model, spec.options);
         if (spec.mode === 'pose') {
           if (!spec.pose) throw new Error('a pose job needs its pose assets');
-          const assets = await this.poseAssets(spec.pose);
-          const image = await poseInput(upload, width, height);
-          // `face:0.5,style:0.6,pose:1.0`: the pose and the image prompt together (pipeline.ts).
-          const imagePrompt = await this.imagePromptFor(model, spec, upload);
-          checkCancel();
-          const posed = await poseGenerate(model, assets, { ...options, image, controlScale: spec.pose.scale, imagePrompt });
-          ({ pose, people } = posed);
-          result = posed;
+          const networks = await this.poseAssets(spec.pose);
+          try {
+            const image = await poseInput(upload, width, height);
+            // `face:0.5,style:0.6,pose:1.0`: the pose and the image prompt together (pipeline.ts).
+            const imagePrompt = await this.imagePromptFor(model, spec, upload);
+            checkCancel();
+            const posed = await poseGenerate(model, networks.assets, { ...options, image, controlScale: spec.pose.scale, imagePrompt });
+            ({ pose, people } = posed);
+            result = posed;
+          } finally {
+            networks.release();
+          }
         } else {
           if (spec.mode !== 'inpaint') refuseInpaintOnly(model, 'mask');
           const imagePrompt = await this.imagePromptFor(model, spec, upload);
@@ -360,12 +378,9 @@ export class JobEngine {
     await Promise.allSettled([...this.running]);
     await Promise.allSettled([
       this.engine.close(),
-      ...[...this.controlNets.values()].map(async (c) => (await c.loading).release()),
+      this.controlNets.clear(),
       ...[...this.runners.values()].map((r) => r.runner.release()),
-      ...[...this.poseNets.values()].map(async (p) => {
-        const { detector, poseNet } = await p.loading;
-        await Promise.all([detector.release(), poseNet.release()]);
-      }),
+      this.poseNets.clear(),
     ]);
   }
 }

@@ -2,8 +2,9 @@
  * The Engine's model cache with `maxModels`: idle models are unloaded least recently used first
  * (their sessions released), a model a lease holds is never unloaded, `model()` keeps one for the
  * engine's life, a replaced folder's old model goes once idle, and a model loaded again draws the
- * same bytes; an unloaded model's image prompt sessions go with it. On the shipped kiln-tiny
- * models (real ONNX graphs) and the golden SD 1.5 pipeline with the golden IP-Adapter.
+ * same bytes; an unloaded model's image prompt sessions go with it; with `unloadAfterMs` models
+ * and pose networks unused that long go. On the shipped kiln-tiny models (real ONNX graphs), the
+ * golden SD 1.5 pipeline with the golden IP-Adapter, and the ControlNet / DWPose fixtures.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -17,6 +18,7 @@ import type { DiffusionModel } from '../../src/engine/model.js';
 import { JobEngine, type EngineJob } from '../../src/engine/run-job.js';
 import sharp from 'sharp';
 import { GOLDEN_DIR } from '../graphs/golden.js';
+import { ensureControlNetFixture, ensureFixture, ensurePoseFixture } from '../../tools/fixtures/variants.js';
 
 const draw = async (model: DiffusionModel) => Buffer.from((await generate(model, { prompt: 'a red kiln', seed: 7, size: '256x256', steps: 2 })).latents.buffer);
 
@@ -193,5 +195,36 @@ test('unloadAfterMs: a model nobody uses is unloaded once idle that long; one st
     again.release();
   } finally {
     await engine.close();
+  }
+});
+
+test('JobEngine with unloadAfterMs: the pose networks (ControlNet, DWPose) held by a job stay; unused that long they go, and come back for the next pose job', async () => {
+  const unloaded: string[] = [];
+  const engine = new Engine({ searchDirs: [], unloadAfterMs: 150, onUnload: (name) => unloaded.push(name) });
+  const jobs = new JobEngine(engine, 'cpu');
+  try {
+    const controlNetDir = await ensureControlNetFixture('sd15-openpose');
+    // A bright upright rectangle on a dark picture: a "person" for the stand-in detector.
+    const person = await sharp({ create: { width: 320, height: 320, channels: 3, background: { r: 20, g: 20, b: 20 } } })
+      .composite([{ input: { create: { width: 80, height: 220, channels: 3, background: { r: 240, g: 240, b: 240 } } }, left: 120, top: 60 }])
+      .png()
+      .toBuffer();
+    const posed: EngineJob = {
+      mode: 'pose',
+      model: { dir: await ensureFixture('sd15-controlnet'), name: 'posed' },
+      options: { prompt: 'a dancer', seed: 11, size: '256x256', steps: 2 },
+      image: person,
+      pose: { scale: 1, controlNet: join(controlNetDir, 'model.onnx'), dwpose: await ensurePoseFixture() },
+      output: { format: 'png' },
+    };
+    const first = await jobs.run(posed);
+    assert.equal(first.people, 1);
+    await until(() => jobs.loadedPoseNetworks === 0 && unloaded.includes('posed'), 'the model and its pose networks to be unloaded');
+    const again = await jobs.run(posed);
+    assert.ok(again.bytes.equals(first.bytes), 'loaded again: the same image');
+    assert.ok(again.pose!.equals(first.pose!), 'and the same skeleton');
+    assert.equal(jobs.loadedPoseNetworks, 2, 'ControlNet and DWPose back while recently used');
+  } finally {
+    await jobs.close();
   }
 });
