@@ -51,6 +51,8 @@ export interface EngineOptions {
   maxModels?: number;
   /** Models nobody has used for this long are unloaded (default: never). */
   unloadAfterMs?: number;
+  /** Told each time a model has loaded (the name it was loaded under), for the logs and /ping. */
+  onLoad?: (model: string) => void;
   /** Told each time the cache unloads a model (the name it was loaded under) and why, for the logs (not when the engine closes). */
   onUnload?: (model: string, why: UnloadReason) => void;
   /** The share of a run's time tiny-decoder previews may take (default 0.05; see preview.ts withinBudget). */
@@ -110,6 +112,7 @@ export class Engine {
   /** Leases of `model()` callers (one per model they were given), released when the engine closes. */
   private readonly held = new Map<DiffusionModel, ModelLease>();
   private readonly onUnload: EngineOptions['onUnload'];
+  private readonly onLoad: EngineOptions['onLoad'];
   private readonly unloadListeners: ((model: DiffusionModel) => void)[] = [];
 
   constructor(options: EngineOptions = {}) {
@@ -124,6 +127,7 @@ export class Engine {
     this.unloadAfterMs = options.unloadAfterMs ?? Infinity;
     this.models = new LeaseCache(options.maxModels ?? Infinity, (m, why) => this.unload(m, why), this.unloadAfterMs);
     this.onUnload = options.onUnload;
+    this.onLoad = options.onLoad;
     this.onBuildProgress = options.onBuildProgress;
     this.warn = options.onWarning ?? ((m) => process.stderr.write(`kiln: warning: ${m}\n`));
   }
@@ -191,6 +195,7 @@ export class Engine {
         throw err;
       }
     }
+    this.onLoad?.(name);
     return loaded;
   }
 

@@ -218,7 +218,7 @@ export class BullJobQueue implements JobQueue {
   }
 
   fleet(): FleetStatus {
-    return { reachable: this.reachable, workers: this.workers.map(({ id, host, pid, device, slots, active, models }) => ({ id, host, pid, device, slots, active, models })) };
+    return { reachable: this.reachable, workers: this.workers.map(({ id, host, pid, device, slots, active, models, loaded }) => ({ id, host, pid, device, slots, active, models, loaded: loaded ?? {} })) };
   }
 
   private async fleetNow(): Promise<WorkerInfo[]> {

@@ -41,6 +41,8 @@ export interface WorkerInfo {
   active: number;
   /** The model names its catalog serves (installed models and aliases). */
   models: string[];
+  /** The models loaded now, each with the number of its inference threads holding it. */
+  loaded?: Record<string, number>;
   startedAt: number;
 }
 

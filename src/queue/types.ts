@@ -126,6 +126,8 @@ export interface JobRunner {
   run(spec: JobSpec, context: RunContext): Promise<JobOutput>;
   /** Loads a model ahead of the first request (errors are reported, not thrown). */
   preload?(model: string): void;
+  /** The models loaded now, each with the number of inference threads holding it. */
+  loadedModels?(): Record<string, number>;
   close(): Promise<void>;
 }
 
@@ -184,5 +186,6 @@ export class NoWorkerError extends Error {
 export interface FleetStatus {
   /** Whether the queue's backing store answers. */
   reachable: boolean;
-  workers: { id: string; host: string; pid: number; device: string; slots: number; active: number; models: string[] }[];
+  /** `loaded`: the models each holds now, with the number of its inference threads holding each. */
+  workers: { id: string; host: string; pid: number; device: string; slots: number; active: number; models: string[]; loaded: Record<string, number> }[];
 }

@@ -70,6 +70,8 @@ class WorkerSlot {
   cancelCell!: Int32Array;
   /** The jobs it runs (up to the pool's maxBatch), by id. */
   readonly pending = new Map<number, Pending>();
+  /** The models its engine holds now (by the name each was loaded under; a replaced folder briefly twice). */
+  readonly loaded = new Map<string, number>();
   exited = false;
 
   constructor(private readonly pool: EnginePool) {
@@ -162,9 +164,16 @@ class WorkerSlot {
           error: msg.error ? deserializeError(msg.error) : undefined,
         });
         break;
-      case 'unloaded':
+      case 'loaded':
+        this.loaded.set(msg.model, (this.loaded.get(msg.model) ?? 0) + 1);
+        break;
+      case 'unloaded': {
+        const left = (this.loaded.get(msg.model) ?? 1) - 1;
+        if (left > 0) this.loaded.set(msg.model, left);
+        else this.loaded.delete(msg.model);
         this.pool.options.onEvent?.({ type: 'unloaded', model: msg.model, message: `unloaded ${msg.model} (${this.unloadReason(msg.why)})` });
         break;
+      }
       case 'warning':
         this.pool.options.onEvent?.({ type: 'warning', message: msg.message });
         break;
@@ -183,6 +192,7 @@ class WorkerSlot {
   private onExit(err: Error): void {
     if (this.exited) return;
     this.exited = true;
+    this.loaded.clear();
     const jobs = [...this.pending.values()];
     this.pending.clear();
     if (this.pool.closing) {
@@ -244,6 +254,13 @@ export class EnginePool extends EventEmitter implements JobRunner {
       return;
     }
     for (const w of this.workers) w.post({ type: 'preload', model: found });
+  }
+
+  /** The models loaded now: each name with the number of inference threads holding it. */
+  loadedModels(): Record<string, number> {
+    const out: Record<string, number> = {};
+    for (const w of this.workers) for (const name of w.loaded.keys()) out[name] = (out[name] ?? 0) + 1;
+    return Object.fromEntries(Object.entries(out).sort(([a], [b]) => a.localeCompare(b)));
   }
 
   /** @internal */

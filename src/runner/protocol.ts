@@ -3,7 +3,7 @@
  *
  *   runner -> thread   run {id, job}   cancel {id}   preload {model}   close
  *   thread -> runner   ready   progress {id, progress}   partial {id, index, ...}   done {id, bytes, ...}   failed {id, error}
- *                      preloaded {model, error?}   unloaded {model}   warning {message}
+ *                      preloaded {model, error?}   loaded {model}   unloaded {model, why}   warning {message}
  *
  * A thread runs up to `maxBatch` jobs at once (their UNet steps batched; one by default). Besides
  * `cancel`, the runner writes the id of a job to stop into the shared Int32 cell `cancel`
@@ -85,6 +85,8 @@ export type FromWorker =
     }
   | { type: 'failed'; id: number; error: SerializedError; cancelled: boolean }
   | { type: 'preloaded'; model: string; error?: SerializedError }
+  /** The engine loaded a model. */
+  | { type: 'loaded'; model: string }
   /** The engine unloaded an idle model (to keep within maxModels, idle past unloadAfterMs, or replaced). */
   | { type: 'unloaded'; model: string; why: UnloadReason }
   /** Something the engine reports that does not stop a job (LoRA modules matching nothing, ...). */

@@ -24,7 +24,17 @@ const { home, searchDirs, cacheDir, lorasDir } = init.folders;
 // Warnings (LoRA modules that match nothing, unused checkpoint tensors) go to the server's log.
 const warn = (message: string) => post({ type: 'warning', message });
 setSessionThreads(init.sessionThreads);
-const engine = new Engine({ device: init.device, home, searchDirs, cacheDir, lorasDir, ...init.tuning, onWarning: warn, onUnload: (model, why) => post({ type: 'unloaded', model, why }) });
+const engine = new Engine({
+  device: init.device,
+  home,
+  searchDirs,
+  cacheDir,
+  lorasDir,
+  ...init.tuning,
+  onWarning: warn,
+  onLoad: (model) => post({ type: 'loaded', model }),
+  onUnload: (model, why) => post({ type: 'unloaded', model, why }),
+});
 const jobs = new JobEngine(engine, init.device, { maxBatch: init.maxBatch, onWarning: warn });
 const controllers = new Map<number, AbortController>();
 

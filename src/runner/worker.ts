@@ -188,7 +188,7 @@ export async function startQueueWorker(options: QueueWorkerOptions): Promise<Que
     } catch {
       models = [];
     }
-    const info: WorkerInfo = { id, host: hostname(), pid: process.pid, device: options.device ?? 'cpu', slots, active: running.size, models, startedAt };
+    const info: WorkerInfo = { id, host: hostname(), pid: process.pid, device: options.device ?? 'cpu', slots, active: running.size, models, loaded: pool.loadedModels(), startedAt };
     await redis.set(k.worker(id), JSON.stringify(info), 'PX', heartbeatMs * 3);
   };
   const heartbeat = setInterval(() => void beat().catch(() => {}), heartbeatMs);

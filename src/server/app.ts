@@ -253,7 +253,8 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       onError: (err) => logger.warn({ err }, 'image sweep failed'),
     }).start();
   const signer = new UrlSigner(options.urlSecret ?? loadOrCreateSecret(join(home, 'secret')));
-  const metrics = createMetrics(queue);
+  const localRunner = options.queue ? undefined : runner;
+  const metrics = createMetrics(queue, localRunner?.loadedModels ? () => localRunner.loadedModels!() : undefined);
 
   const bodyTimeoutMs = options.bodyTimeoutMs ?? DEFAULT_SLOW_CLIENT_LIMITS.bodyTimeoutMs;
   const slow: SlowClientLimits = {
@@ -355,7 +356,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   await app.register(imageRoutes, { images, limits, maxFiles, budget, nMeaning: options.nMeaning ?? 'seed' });
   await app.register(fileRoutes, { store, signer });
   await app.register(modelRoutes, { models });
-  await app.register(opsRoutes, { queue, metrics });
+  await app.register(opsRoutes, { queue, metrics, runner: localRunner });
   await app.register(playgroundRoutes);
 
   let closePromise: Promise<void> | undefined;

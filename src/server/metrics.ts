@@ -15,7 +15,8 @@ export interface Metrics {
   modelUnloads: Counter<'model'>;
 }
 
-export function createMetrics(queue: JobQueue): Metrics {
+/** `loadedModels`: one machine's loaded models (the in-process runner's), for kiln_models_loaded. */
+export function createMetrics(queue: JobQueue, loadedModels?: () => Record<string, number>): Metrics {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: 'kiln_' });
   const registers = [registry];
@@ -58,6 +59,18 @@ export function createMetrics(queue: JobQueue): Metrics {
     labelNames: ['model'] as const,
     registers,
   });
+  if (loadedModels) {
+    new Gauge({
+      name: 'kiln_models_loaded',
+      help: 'Inference threads holding each model now.',
+      labelNames: ['model'] as const,
+      registers,
+      collect() {
+        this.reset();
+        for (const [model, threads] of Object.entries(loadedModels())) this.set({ model }, threads);
+      },
+    });
+  }
   new Gauge({
     name: 'kiln_queue_active',
     help: 'Jobs being run now.',

@@ -101,6 +101,11 @@ test('jobs spread over the two workers, each image delivered to its request', as
   const ran = workers.map((w, i) => w.jobsDone - before[i]!);
   assert.equal(ran[0]! + ran[1]!, 6, `jobs per worker: ${ran}`);
   assert.ok(ran[0]! > 0 && ran[1]! > 0, `both workers ran jobs: ${ran}`);
+  // Each worker's heartbeat says which models its threads hold now.
+  await until(async () => {
+    const ping = (await getJson(`${api.url}/ping`)).json as { workers: { loaded_models: Record<string, number> }[] };
+    return ping.workers.length === 2 && ping.workers.every((w) => w.loaded_models['kiln-tiny'] === 1) ? true : undefined;
+  }, 'kiln-tiny loaded on both workers in /ping');
 });
 
 test('every denoising step reaches the waiting job handle (BullMQ job progress)', async () => {

@@ -9,7 +9,7 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Writable } from 'node:stream';
 import { pino } from 'pino';
-import { postJson, startTestServer, type ModelSpec, type TestServer } from './helpers.js';
+import { getJson, postJson, startTestServer, type ModelSpec, type TestServer } from './helpers.js';
 
 const MODELS: Record<string, ModelSpec> = { 'model-xl': 'sdxl', 'model-15': 'sd15-optimum' };
 let bounded: TestServer;
@@ -36,7 +36,10 @@ const generate = (server: TestServer, model: string, seed: number) =>
   postJson(`${server.url}/v1/images/generations`, { prompt: 'a kiln at night', model, n: seed, size: '256x256', steps: 2, response_format: 'b64_json' });
 const unloads = () => logLines.map((l) => JSON.parse(l) as { msg: string }).filter((l) => /^unloaded /.test(l.msg)).map((l) => l.msg.split(' ')[1]);
 
+const loadedNow = async (server: TestServer) => (await getJson(`${server.url}/ping`)).json.loaded_models as Record<string, number>;
+
 test('--max-models 1: alternating models are unloaded and loaded again, the images as with both kept', async () => {
+  assert.deepEqual(await loadedNow(bounded), {}, 'nothing loaded before the first request');
   const order = ['model-xl', 'model-15', 'model-xl', 'model-15'];
   for (const [i, model] of order.entries()) {
     const [r, ref] = await Promise.all([generate(bounded, model, 10 + i), generate(unbounded, model, 10 + i)]);
@@ -46,7 +49,11 @@ test('--max-models 1: alternating models are unloaded and loaded again, the imag
   }
   assert.deepEqual(unloads(), ['model-xl', 'model-15', 'model-xl'], 'each switch unloads the other model');
   assert.match(logLines.find((l) => l.includes('unloaded '))!, /at most 1 model\(s\) loaded per inference thread/);
+  assert.deepEqual(await loadedNow(bounded), { 'model-15': 1 }, 'the last one used, in its one thread');
+  assert.deepEqual(await loadedNow(unbounded), { 'model-15': 1, 'model-xl': 1 });
   const metrics = await (await fetch(`${bounded.url}/metrics`)).text();
+  assert.match(metrics, /^kiln_models_loaded\{model="model-15"\} 1$/m);
+  assert.doesNotMatch(metrics, /^kiln_models_loaded\{model="model-xl"\}/m);
   assert.match(metrics, /^kiln_model_unloads_total\{model="model-xl"\} 2$/m, metrics);
   assert.match(metrics, /^kiln_model_unloads_total\{model="model-15"\} 1$/m);
 });
@@ -78,6 +85,7 @@ test('--unload-after: a model no request used for that long is unloaded (logged 
     for (let i = 0; i < 250 && !lines.some((l) => l.includes('unloaded model-xl')); i++) await new Promise((r) => setTimeout(r, 20));
     assert.ok(lines.some((l) => /unloaded model-xl \(unused for 200 ms\)/.test(l)), lines.join('\n'));
     assert.match(await (await fetch(`${server.url}/metrics`)).text(), /^kiln_model_unloads_total\{model="model-xl"\} 1$/m);
+    assert.deepEqual(await loadedNow(server), {});
     const again = await generate(server, 'model-xl', 5);
     assert.equal(again.status, 200, again.text);
     assert.equal(again.json.data[0].b64_json, first.json.data[0].b64_json);

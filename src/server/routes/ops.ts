@@ -1,6 +1,6 @@
 /** For operators and monitors, no API key: GET /ping (queue), /health (liveness), /metrics (Prometheus), /openapi.json. */
 import type { FastifyInstance } from 'fastify';
-import type { JobQueue } from '../../queue/types.js';
+import type { JobQueue, JobRunner } from '../../queue/types.js';
 import type { Metrics } from '../metrics.js';
 
 /** Scale-out: the queue (Redis) and its live workers with their models. */
@@ -9,14 +9,16 @@ function fleetFields(queue: JobQueue) {
   if (!fleet) return {};
   return {
     queue: { backend: 'redis', reachable: fleet.reachable },
-    workers: fleet.workers.map((w) => ({ id: w.id, host: w.host, pid: w.pid, device: w.device, slots: w.slots, active: w.active, models: w.models })),
+    workers: fleet.workers.map((w) => ({ id: w.id, host: w.host, pid: w.pid, device: w.device, slots: w.slots, active: w.active, models: w.models, loaded_models: w.loaded })),
   };
 }
 
-export async function opsRoutes(app: FastifyInstance, { queue, metrics }: { queue: JobQueue; metrics: Metrics }): Promise<void> {
+export async function opsRoutes(app: FastifyInstance, { queue, metrics, runner }: { queue: JobQueue; metrics: Metrics; runner?: JobRunner }): Promise<void> {
   app.get('/ping', { schema: { summary: 'Jobs running and waiting' } }, async () => {
     const s = queue.stats();
-    return { active: s.active, queued: s.queued, max_queued: s.maxQueued, concurrency: s.concurrency, ...fleetFields(queue) };
+    // One machine: the models its inference threads hold now (scaled out: per worker, below).
+    const loaded = runner?.loadedModels ? { loaded_models: runner.loadedModels() } : {};
+    return { active: s.active, queued: s.queued, max_queued: s.maxQueued, concurrency: s.concurrency, ...loaded, ...fleetFields(queue) };
   });
 
   const started = Date.now();
