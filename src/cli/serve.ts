@@ -23,6 +23,7 @@ export interface ServeFlags {
   modelAlias?: Record<string, string>;
   nAs: NMeaning;
   apiKey?: string[];
+  corsOrigin?: string[];
   publicUrl?: string;
   urlTtl: number;
   maxQueue: number;
@@ -81,6 +82,23 @@ function storeArg(value: string): string {
   } catch (err) {
     throw new InvalidArgumentError((err as Error).message);
   }
+}
+
+/** `*`, or an origin as browsers send it: scheme://host[:port], nothing after. */
+export function collectCorsOrigin(value: string, previous: string[] = []): string[] {
+  if (value !== '*') {
+    let url: URL;
+    try {
+      url = new URL(value);
+    } catch {
+      throw new InvalidArgumentError('expected * or an origin such as https://app.example.com');
+    }
+    if (!/^https?:$/.test(url.protocol) || url.origin !== value.replace(/\/$/, '')) {
+      throw new InvalidArgumentError(`expected * or an origin (scheme://host[:port], no path), such as ${url.origin === 'null' ? 'https://app.example.com' : url.origin}`);
+    }
+    value = url.origin;
+  }
+  return [...previous, value];
 }
 
 function collect(value: string, previous: string[] = []): string[] {
@@ -166,6 +184,7 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
     modelAliases: flags.modelAlias,
     nMeaning: flags.nAs,
     apiKeys,
+    corsOrigins: flags.corsOrigin,
     urlTtlMs: flags.urlTtl,
     maxQueue: flags.maxQueue,
     workers: flags.workers,
@@ -232,6 +251,7 @@ export function registerServeCommand(program: Command): void {
         .default('seed'),
     )
     .option('--api-key <key>', 'require this bearer key on /v1/* (repeatable; also KILN_API_KEYS=k1,k2)', collect)
+    .option('--cors-origin <origin>', 'let web pages from this origin call the API from the browser (repeatable; * for any)', collectCorsOrigin)
     .option('--public-url <url>', 'base URL clients reach this server at, for image URLs (behind a reverse proxy)', parseUrl)
     .addOption(new Option('--url-ttl <duration>', 'lifetime of image URLs and their files').argParser(parseDuration).default(3_600_000, '60m'))
     .option('--max-queue <n>', 'requests that may wait for a worker; more are answered 429', parseCount, 16)

@@ -29,6 +29,7 @@ import type { JobQueue, JobRunner } from '../queue/types.js';
 import { LocalDiskStore } from '../store/local.js';
 import type { ImageStore, InputStore } from '../store/types.js';
 import { addApiKeyAuth } from './auth.js';
+import cors from '@fastify/cors';
 import { EnginePool } from '../runner/pool.js';
 import { answerAndClose, clientErrorHandler, frameworkErrors, setErrorHandlers } from './error-handlers.js';
 import { ApiError, SHUTTING_DOWN_HEADERS } from './errors.js';
@@ -45,6 +46,7 @@ import { imageRoutes } from './routes/images.js';
 import { UploadBudget } from './upload-budget.js';
 import { modelRoutes } from './routes/models.js';
 import { opsRoutes } from './routes/ops.js';
+import { corsOptions } from './cors.js';
 import { playgroundRoutes } from './routes/playground.js';
 import { loadOrCreateSecret, UrlSigner } from './signing.js';
 import { BodyRateGuard, connectionsCheckingInterval, DEFAULT_SLOW_CLIENT_LIMITS, type SlowClientLimits } from './slow-clients.js';
@@ -67,6 +69,8 @@ export interface ServerOptions {
   searchDirs?: string[];
   /** When non-empty, /v1/* requires `Authorization: Bearer <one of these>`. */
   apiKeys?: string[];
+  /** Origins whose web pages may call the API from a browser (CORS); `*` for any. None: no CORS headers. */
+  corsOrigins?: string[];
   /** Lifetime of image URLs and their files (default 60 min). */
   urlTtlMs?: number;
   /** Jobs that may wait for a worker; more answer 429 (default 16). */
@@ -331,6 +335,8 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
       throw new ApiError(503, 'The server is shutting down.', null, 'shutting_down', { headers: { ...SHUTTING_DOWN_HEADERS } });
     }
   });
+  // Before the key check: a browser's preflight carries no key, and errors need the headers too.
+  if (options.corsOrigins?.length) await app.register(cors, corsOptions(options.corsOrigins));
   addApiKeyAuth(app, options.apiKeys ?? []);
   app.addHook('onResponse', async (request, reply) => {
     const route = request.routeOptions.url ?? 'unmatched';

@@ -1,5 +1,6 @@
 /**
- * Options every `kiln` command shares: --version, and --home (which wins over $KILN_HOME).
+ * Options every `kiln` command shares: --version, and --home (which wins over $KILN_HOME); and
+ * the parsing of serve's and worker's --max-models and serve's --cors-origin.
  */
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -9,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { ensureFixture } from '../../tools/fixtures/variants.js';
+import { collectCorsOrigin } from '../../src/cli/serve.js';
 
 const run = promisify(execFile);
 const scratch = mkdtempSync(join(tmpdir(), 'kiln-cli-options-'));
@@ -53,5 +55,13 @@ test('--max-models takes a positive count on kiln serve and kiln worker; 0 or a 
   // The refusal names the flag, so each command is shown to take it.
   for (const [command, bad, extra] of [['serve', '0', ['--port', '0']], ['worker', 'two', ['--queue', 'redis://127.0.0.1:1']]] as const) {
     await assert.rejects(kiln([command, ...extra, '--max-models', bad]), (e: { stderr: string }) => /--max-models <n>.*expected a positive integer/.test(e.stderr), `kiln ${command} --max-models ${bad}`);
+  }
+});
+
+test('--cors-origin takes * or an origin (scheme://host[:port]); a path, another scheme or a non-URL is refused', () => {
+  assert.deepEqual(collectCorsOrigin('https://app.example', collectCorsOrigin('*')), ['*', 'https://app.example']);
+  assert.deepEqual(collectCorsOrigin('http://127.0.0.1:5173/'), ['http://127.0.0.1:5173'], 'a trailing slash is the origin');
+  for (const bad of ['https://app.example/path', 'ftp://app.example', 'app.example', '']) {
+    assert.throws(() => collectCorsOrigin(bad), /expected \* or an origin/, bad);
   }
 });
