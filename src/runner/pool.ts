@@ -185,7 +185,7 @@ class WorkerSlot {
   private unloadReason(why: UnloadReason): string {
     const { maxModels, unloadAfterMs } = this.pool.tuning;
     if (why === 'capacity') return `idle; at most ${maxModels} model(s) loaded per inference thread`;
-    if (why === 'idle') return `unused for ${unloadAfterMs! < 10_000 ? `${unloadAfterMs} ms` : `${Math.round(unloadAfterMs! / 1000)} s`}`;
+    if (why === 'idle') return `unused for ${unloadAfterMs! % 1000 === 0 ? `${unloadAfterMs! / 1000} s` : `${unloadAfterMs} ms`}`;
     return 'its folder was replaced';
   }
 

@@ -55,7 +55,7 @@ export function createMetrics(queue: JobQueue, loadedModels?: () => Record<strin
   });
   const modelUnloads = new Counter({
     name: 'kiln_model_unloads_total',
-    help: 'Idle models unloaded by inference threads to keep within --max-models, by model.',
+    help: 'Models unloaded by inference threads (beyond --max-models, unused for --unload-after, or replaced), by model.',
     labelNames: ['model'] as const,
     registers,
   });
