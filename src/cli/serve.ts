@@ -5,7 +5,7 @@ import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { builtinModelsDir, isModelPath } from '../engine/locate.js';
-import { kilnHome, modelSearchDirs } from '../catalog/home.js';
+import { kilnHome, maxModels as maxModelsFromEnv, modelSearchDirs } from '../catalog/home.js';
 import { defaultModelName, locateModel, REFERENCE_DEFAULT_MODEL } from '../catalog/installed-models.js';
 import { MODEL_NAME, OPENAI_IMAGE_MODELS } from '../catalog/catalog.js';
 import type { Device } from '../engine/onnx.js';
@@ -232,8 +232,19 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
       Object.entries(flags.modelAlias ?? {})
         .map(([name, model]) => `kiln: model alias ${name} -> ${model}\n`)
         .join('') +
-      (flags.store ? `kiln: images and uploads in ${flags.store}${flags.s3PresignedUrls ? ' (url responses: presigned S3 URLs)' : ''}\n` : ''),
+      (flags.store ? `kiln: images and uploads in ${flags.store}${flags.s3PresignedUrls ? ' (url responses: presigned S3 URLs)' : ''}\n` : '') +
+      (flags.corsOrigin?.length ? `kiln: browser pages from ${flags.corsOrigin.join(', ')} may call the API (CORS)\n` : '') +
+      modelMemoryLine(flags.queue ? undefined : (flags.maxModels ?? maxModelsFromEnv()), flags.queue ? undefined : flags.unloadAfter),
   );
+}
+
+/** The banner's line on model memory, when either bound is set. */
+export function modelMemoryLine(maxModels: number | undefined, unloadAfterMs: number | undefined): string {
+  const parts = [
+    maxModels !== undefined ? `at most ${maxModels} model(s) loaded per worker` : '',
+    unloadAfterMs !== undefined ? `models unused for ${unloadAfterMs % 60_000 === 0 ? `${unloadAfterMs / 60_000} min` : `${Math.round(unloadAfterMs / 1000)} s`} unloaded` : '',
+  ].filter(Boolean);
+  return parts.length ? `kiln: ${parts.join('; ')}\n` : '';
 }
 
 export function registerServeCommand(program: Command): void {

@@ -5,11 +5,11 @@
  */
 import { resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { kilnHome, modelSearchDirs } from '../catalog/home.js';
+import { kilnHome, maxModels as maxModelsFromEnv, modelSearchDirs } from '../catalog/home.js';
 import type { Device } from '../engine/onnx.js';
 import { createModelCatalog } from '../catalog/catalog.js';
 import { describeRedis, parseRedisUrl } from '../queue/redis-url.js';
-import { parseDuration } from './serve.js';
+import { modelMemoryLine, parseDuration } from './serve.js';
 import { checkStoreUrl, createStore } from '../store/index.js';
 
 export interface WorkerFlags {
@@ -84,7 +84,8 @@ export async function workerCommand(flags: WorkerFlags): Promise<void> {
   });
   process.stderr.write(
     `kiln worker: ${worker.id} takes jobs from ${describeRedis(target)} with ${flags.workers} inference thread(s) on ${flags.device}; ` +
-      `serves ${catalog.installed().map((m) => m.id).join(', ') || 'no installed model'} (Ctrl-C to stop)\n`,
+      `serves ${catalog.installed().map((m) => m.id).join(', ') || 'no installed model'} (Ctrl-C to stop)\n` +
+      modelMemoryLine(flags.maxModels ?? maxModelsFromEnv(), flags.unloadAfter).replace(/^kiln:/, 'kiln worker:'),
   );
   // First signal: finish what runs (up to --shutdown-timeout), give the rest back to the queue, exit 0.
   // Second: give running jobs back now (at their next step). Third: exit at once; the jobs' locks

@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { ensureFixture } from '../../tools/fixtures/variants.js';
-import { collectCorsOrigin } from '../../src/cli/serve.js';
+import { collectCorsOrigin, modelMemoryLine } from '../../src/cli/serve.js';
 
 const run = promisify(execFile);
 const scratch = mkdtempSync(join(tmpdir(), 'kiln-cli-options-'));
@@ -64,4 +64,10 @@ test('--cors-origin takes * or an origin (scheme://host[:port]); a path, another
   for (const bad of ['https://app.example/path', 'ftp://app.example', 'app.example', '']) {
     assert.throws(() => collectCorsOrigin(bad), /expected \* or an origin/, bad);
   }
+});
+
+test('the start-up banner states the model memory bounds when set, and nothing otherwise', () => {
+  assert.equal(modelMemoryLine(2, 600_000), 'kiln: at most 2 model(s) loaded per worker; models unused for 10 min unloaded\n');
+  assert.equal(modelMemoryLine(undefined, 45_000), 'kiln: models unused for 45 s unloaded\n');
+  assert.equal(modelMemoryLine(undefined, undefined), '');
 });
