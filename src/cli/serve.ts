@@ -234,7 +234,10 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
         .join('') +
       (flags.store ? `kiln: images and uploads in ${flags.store}${flags.s3PresignedUrls ? ' (url responses: presigned S3 URLs)' : ''}\n` : '') +
       (flags.corsOrigin?.length ? `kiln: browser pages from ${flags.corsOrigin.join(', ')} may call the API (CORS)\n` : '') +
-      modelMemoryLine(flags.queue ? undefined : (flags.maxModels ?? maxModelsFromEnv()), flags.queue ? undefined : flags.unloadAfter),
+      modelMemoryLine(flags.queue ? undefined : (flags.maxModels ?? maxModelsFromEnv()), flags.queue ? undefined : flags.unloadAfter) +
+      (flags.queue && (flags.maxModels !== undefined || flags.unloadAfter !== undefined)
+        ? 'kiln: warning: --max-models and --unload-after bound the models of inference threads; scaled out, pass them to `kiln worker`\n'
+        : ''),
   );
 }
 
