@@ -5,8 +5,9 @@
  * folder takes its port. Both requests must end with the OpenAI envelope's 503
  * `queue_unavailable` saying the job was lost (not hang until --timeout, which here is minutes
  * away and answers 504 `timeout`), the worker must stop the lost job it was running (nobody waits
- * for it), and the server must serve a new request afterwards. Waits poll for states, never for a
- * time.
+ * for it), and the server must serve a new request afterwards (the worker keeps one model
+ * loaded, `--max-models 1`: the next job's model unloads the stopped one's). Waits poll for
+ * states, never for a time.
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -28,7 +29,8 @@ before(async () => {
   redis = await RedisServer.start();
   workerHome = await makeHome({ 'kiln-slow': SLOW });
   api = await startTestServer({ models: { 'kiln-slow': SLOW }, searchDirs: undefined, redisQueue: { url: redis.url }, maxQueue: 8, requestTimeoutMs: 240_000 });
-  worker = await WorkerProcess.start(redis.url, workerHome);
+  // One model kept loaded: the worker's --max-models reaches its engine (checked at the end).
+  worker = await WorkerProcess.start(redis.url, workerHome, ['--max-models', '1']);
   await until(async () => ((await fleet()).workers?.length === 1 ? true : undefined), 'the worker in /ping');
 });
 
@@ -79,4 +81,10 @@ test('Redis restarted empty: the running and the waiting request answer 503 (job
   }, 'a 200 on the new Redis');
   assert.equal(ok.json.data[0].seed, 3);
   assert.equal((await getJson(`${api.url}/health`)).status, 200);
+  // kiln-tiny's job made room: the stopped job's model was unloaded, and the heartbeat says so.
+  assert.match(worker!.log, /unloaded kiln-slow \(idle; at most 1 model\(s\) loaded per inference thread\)/, worker!.log);
+  await until(async () => {
+    const w = ((await getJson(`${api.url}/ping`)).json as { workers?: { loaded_models: Record<string, number> }[] }).workers?.[0];
+    return w && JSON.stringify(w.loaded_models) === JSON.stringify({ 'kiln-tiny': 1 }) ? true : undefined;
+  }, 'loaded_models {"kiln-tiny": 1} in the heartbeat');
 });
