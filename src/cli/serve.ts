@@ -24,6 +24,7 @@ export interface ServeFlags {
   nAs: NMeaning;
   apiKey?: string[];
   corsOrigin?: string[];
+  maxRequestsPerKey?: number;
   publicUrl?: string;
   urlTtl: number;
   maxQueue: number;
@@ -65,7 +66,7 @@ function parseMaxBatch(value: string): number {
   return n;
 }
 
-function parseMaxModels(value: string): number {
+function parsePositiveCount(value: string): number {
   if (!/^\s*\d+\s*$/.test(value) || Number(value) < 1) throw new InvalidArgumentError('expected a positive integer');
   return Number(value);
 }
@@ -163,6 +164,7 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
       ? fileModelFolder(flags.defaultModel, join(home, 'cache'))
       : flags.defaultModel;
   if (flags.s3PresignedUrls && !flags.store) throw new Error('--s3-presigned-urls needs --store s3://BUCKET[/PREFIX]');
+  if (flags.maxRequestsPerKey !== undefined && apiKeys.length === 0) throw new Error('--max-requests-per-key needs API keys (--api-key or KILN_API_KEYS): it counts requests per key');
   // The server's logger exists once it is made; the store's sweeper reports through it.
   let storeLog: (err: unknown) => void = () => {};
   const store = flags.store
@@ -185,6 +187,7 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
     nMeaning: flags.nAs,
     apiKeys,
     corsOrigins: flags.corsOrigin,
+    maxRequestsPerKey: flags.maxRequestsPerKey,
     urlTtlMs: flags.urlTtl,
     maxQueue: flags.maxQueue,
     workers: flags.workers,
@@ -265,13 +268,14 @@ export function registerServeCommand(program: Command): void {
         .default('seed'),
     )
     .option('--api-key <key>', 'require this bearer key on /v1/* (repeatable; also KILN_API_KEYS=k1,k2)', collect)
+    .option('--max-requests-per-key <n>', 'image requests each API key may have in flight (queued, running or streaming); one more is answered 429 with retry-after', parsePositiveCount)
     .option('--cors-origin <origin>', 'let web pages from this origin call the API from the browser (repeatable; * for any)', collectCorsOrigin)
     .option('--public-url <url>', 'base URL clients reach this server at, for image URLs (behind a reverse proxy)', parseUrl)
     .addOption(new Option('--url-ttl <duration>', 'lifetime of image URLs and their files').argParser(parseDuration).default(3_600_000, '60m'))
     .option('--max-queue <n>', 'requests that may wait for a worker; more are answered 429', parseCount, 16)
     .option('--workers <n>', 'inference worker threads', parseCount, 1)
     .option('--max-batch <n>', "jobs each worker runs at once, their denoising steps batched into shared UNet runs (images byte for byte as alone); 1: one at a time", parseMaxBatch, 1)
-    .option('--max-models <n>', 'models each worker keeps loaded; the least recently used idle one is unloaded to load another (default: $KILN_MAX_MODELS, else no bound)', parseMaxModels)
+    .option('--max-models <n>', 'models each worker keeps loaded; the least recently used idle one is unloaded to load another (default: $KILN_MAX_MODELS, else no bound)', parsePositiveCount)
     .addOption(new Option('--unload-after <duration>', 'unload a model no request has used for this long (default: never)').argParser(parseDuration))
     .addOption(new Option('--timeout <duration>', 'per-request limit, waiting included (answered 504 past it)').argParser(parseDuration).default(300_000, '5m'))
     .addOption(

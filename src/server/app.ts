@@ -29,6 +29,7 @@ import type { JobQueue, JobRunner } from '../queue/types.js';
 import { LocalDiskStore } from '../store/local.js';
 import type { ImageStore, InputStore } from '../store/types.js';
 import { addApiKeyAuth } from './auth.js';
+import { addPerKeyRequestLimit } from './key-limits.js';
 import cors from '@fastify/cors';
 import { EnginePool } from '../runner/pool.js';
 import { answerAndClose, clientErrorHandler, frameworkErrors, setErrorHandlers } from './error-handlers.js';
@@ -69,6 +70,8 @@ export interface ServerOptions {
   searchDirs?: string[];
   /** When non-empty, /v1/* requires `Authorization: Bearer <one of these>`. */
   apiKeys?: string[];
+  /** With API keys: image requests each key may have in flight (queued, running or streaming); one more is a 429. Default: no bound. */
+  maxRequestsPerKey?: number;
   /** Origins whose web pages may call the API from a browser (CORS); `*` for any. None: no CORS headers. */
   corsOrigins?: string[];
   /** Lifetime of image URLs and their files (default 60 min). */
@@ -338,6 +341,7 @@ export async function createServer(options: ServerOptions): Promise<KilnServer> 
   // Before the key check: a browser's preflight carries no key, and errors need the headers too.
   if (options.corsOrigins?.length) await app.register(cors, corsOptions(options.corsOrigins));
   addApiKeyAuth(app, options.apiKeys ?? []);
+  if (options.maxRequestsPerKey !== undefined) addPerKeyRequestLimit(app, options.maxRequestsPerKey, () => queue.estimatedWaitSeconds());
   app.addHook('onResponse', async (request, reply) => {
     const route = request.routeOptions.url ?? 'unmatched';
     metrics.httpRequests.inc({ method: request.method, route, status: String(reply.statusCode) });

@@ -3,19 +3,29 @@
  * ones alike) must carry `Authorization: Bearer <one of them>`; 401 otherwise.
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
-import type { FastifyInstance } from 'fastify';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { ApiError } from './errors.js';
 
 function sha256(text: string): Buffer {
   return createHash('sha256').update(text).digest();
 }
 
-/** Constant-time check of a bearer token against the configured keys (hashes have equal lengths). */
-function keyMatches(token: string, keyHashes: Buffer[]): boolean {
+/** Constant-time check of a bearer token against the configured keys (hashes have equal lengths): the matching key's index, or -1. */
+function keyIndex(token: string, keyHashes: Buffer[]): number {
   const given = sha256(token);
-  let ok = false;
-  for (const h of keyHashes) ok = timingSafeEqual(given, h) || ok;
-  return ok;
+  let found = -1;
+  keyHashes.forEach((h, i) => {
+    if (timingSafeEqual(given, h)) found = i;
+  });
+  return found;
+}
+
+/** Which configured key (by its index, never the key) a request authenticated with. */
+const keyOfRequest = new WeakMap<object, number>();
+
+/** The index of the API key `request` carried, when keys are configured and it carried one. */
+export function apiKeyIndex(request: FastifyRequest): number | undefined {
+  return keyOfRequest.get(request.raw);
 }
 
 /**
@@ -59,8 +69,10 @@ export function addApiKeyAuth(app: FastifyInstance, apiKeys: string[]): void {
         headers: { 'www-authenticate': 'Bearer' },
       });
     }
-    if (!keyMatches(match[1]!, keyHashes)) {
+    const index = keyIndex(match[1]!, keyHashes);
+    if (index < 0) {
       throw new ApiError(401, 'Incorrect API key provided.', null, 'invalid_api_key', { headers: { 'www-authenticate': 'Bearer' } });
     }
+    keyOfRequest.set(request.raw, index);
   });
 }

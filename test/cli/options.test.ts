@@ -71,3 +71,10 @@ test('the start-up banner states the model memory bounds when set, and nothing o
   assert.equal(modelMemoryLine(undefined, 45_000), 'kiln: models unused for 45 s unloaded\n');
   assert.equal(modelMemoryLine(undefined, undefined), '');
 });
+
+test('kiln serve --max-requests-per-key without API keys is refused, saying why', { timeout: 60_000 }, async () => {
+  await assert.rejects(
+    run(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'serve', '--port', '0', '--home', join(scratch, 'no-keys'), '--max-requests-per-key', '2'], { env: { ...process.env, KILN_API_KEYS: '' } }),
+    (e: { stderr: string }) => /--max-requests-per-key needs API keys \(--api-key or KILN_API_KEYS\)/.test(e.stderr),
+  );
+});
