@@ -227,7 +227,7 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
   // For people (stderr, whatever the log level); the JSON logs go to stdout.
   process.stderr.write(
     `kiln: serving the images API at ${url}/v1 (image URLs at ${server.publicUrl}; ` +
-      `${apiKeys.length ? `${apiKeys.length} API key(s) required` : 'no API key required'}; Ctrl-C to stop)\n` +
+      `${apiKeys.length ? `${apiKeys.length} API key(s) required${flags.maxRequestsPerKey ? `, ${flags.maxRequestsPerKey} request(s) in flight each` : ''}` : 'no API key required'}; Ctrl-C to stop)\n` +
       (flags.queue ? `kiln: scaled out: jobs go to the queue at ${describeRedis(parseRedisUrl(flags.queue))}; \`kiln worker --queue ...\` processes run them\n` : '') +
       (flags.nAs === 'count' ? `kiln: n is the number of images (1 to ${MAX_IMAGES}, each with its own seed; --n-as count)\n` : '') +
       `kiln: default model ${describeDefaultModel(flags.defaultModel, home)}; it also serves OpenAI's model names ` +
