@@ -237,6 +237,9 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
         .join('') +
       (flags.store ? `kiln: images and uploads in ${flags.store}${flags.s3PresignedUrls ? ' (url responses: presigned S3 URLs)' : ''}\n` : '') +
       (flags.corsOrigin?.length ? `kiln: browser pages from ${flags.corsOrigin.join(', ')} may call the API (CORS)\n` : '') +
+      (flags.corsOrigin?.includes('*') && apiKeys.length === 0
+        ? 'kiln: warning: --cors-origin * without an API key: any web page a visitor of this network opens may generate images here\n'
+        : '') +
       modelMemoryLine(flags.queue ? undefined : (flags.maxModels ?? maxModelsFromEnv()), flags.queue ? undefined : flags.unloadAfter) +
       (flags.queue && (flags.maxModels !== undefined || flags.unloadAfter !== undefined)
         ? 'kiln: warning: --max-models and --unload-after bound the models of inference threads; scaled out, pass them to `kiln worker`\n'
