@@ -200,7 +200,8 @@ test('unloadAfterMs: a model nobody uses is unloaded once idle that long; one st
 
 test('JobEngine with unloadAfterMs: the pose networks (ControlNet, DWPose) held by a job stay; unused that long they go, and come back for the next pose job', async () => {
   const unloaded: string[] = [];
-  const engine = new Engine({ searchDirs: [], unloadAfterMs: 150, onUnload: (name) => unloaded.push(name) });
+  // Long enough that the networks, released at the end of the denoising, are still there when the job returns (PNG encoding comes after).
+  const engine = new Engine({ searchDirs: [], unloadAfterMs: 1000, onUnload: (name) => unloaded.push(name) });
   const jobs = new JobEngine(engine, 'cpu');
   try {
     const controlNetDir = await ensureControlNetFixture('sd15-openpose');

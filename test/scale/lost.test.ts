@@ -82,7 +82,7 @@ test('Redis restarted empty: the running and the waiting request answer 503 (job
   assert.equal(ok.json.data[0].seed, 3);
   assert.equal((await getJson(`${api.url}/health`)).status, 200);
   // kiln-tiny's job made room: the stopped job's model was unloaded, and the heartbeat says so.
-  assert.match(worker!.log, /unloaded kiln-slow \(idle; at most 1 model\(s\) loaded per inference thread\)/, worker!.log);
+  await until(async () => /unloaded kiln-slow \(idle; at most 1 model\(s\) loaded per inference thread\)/.test(worker!.log), () => `the unload in the worker's log:\n${worker!.log}`);
   await until(async () => {
     const w = ((await getJson(`${api.url}/ping`)).json as { workers?: { loaded_models: Record<string, number> }[] }).workers?.[0];
     return w && JSON.stringify(w.loaded_models) === JSON.stringify({ 'kiln-tiny': 1 }) ? true : undefined;
