@@ -105,7 +105,7 @@ export class Engine {
   readonly unloadAfterMs: number;
   private readonly onBuildProgress: EngineOptions['onBuildProgress'];
   private readonly warn: (message: string) => void;
-  /** Keyed by `${dir}\n${folderVersion(dir)}`: a replaced folder is another entry. */
+  /** By folder and folderVersion (LeaseCache.acquireCurrent): a replaced folder is another entry. */
   private readonly models: LeaseCache<LoadedModel>;
   /** LoRA variants, keyed by `${their model's key}\n${LoRA stamps}`. */
   private readonly variants: LeaseCache<{ model: DiffusionModel; release(): Promise<void> }>;
@@ -143,11 +143,9 @@ export class Engine {
   async lease(nameOrPath: string, options: { loras?: readonly AppliedLora[]; name?: string } = {}): Promise<ModelLease> {
     for (const l of options.loras ?? []) this.resolveLora(l, 'option'); // an unknown name fails before any load
     const dir = locateModel(nameOrPath, this.searchDirs, { cacheDir: this.cacheDir });
-    const key = `${dir}\n${folderVersion(dir)}`;
-    // A replaced folder's old entry goes (freed once no request runs on it).
-    void this.models.evict((k) => k !== key && k.slice(0, k.indexOf('\n')) === dir);
     const name = options.name ?? (isModelPath(nameOrPath) ? basename(dir) : nameOrPath);
-    const held = await this.models.acquire(key, () => this.loadFolder(key, dir, name));
+    // A replaced folder's old entry goes (freed once no request runs on it).
+    const held = await this.models.acquireCurrent(dir, folderVersion(dir), (key) => this.loadFolder(key, dir, name));
     const loaded = held.value;
     try {
       if (options.loras?.length) {

@@ -85,6 +85,17 @@ export class LeaseCache<T> {
     };
   }
 
+  /**
+   * The value of `name` (a folder, a file) as it is now, `version` (its stamp): keyed
+   * `${name}\n${version}`, passed to `build`. Entries of its other versions (a re-pulled folder)
+   * are taken out, freed once no lease holds them.
+   */
+  acquireCurrent(name: string, version: string, build: (key: string) => Promise<T>): Promise<Lease<T>> {
+    const key = `${name}\n${version}`;
+    void this.evict((k) => k !== key && k.slice(0, k.indexOf('\n')) === name);
+    return this.acquire(key, () => build(key));
+  }
+
   /** Takes the entries whose keys match out of the cache: idle ones are freed now, leased ones when their last lease ends. */
   evict(match: (key: string) => boolean): Promise<void> {
     const freeing: Promise<void>[] = [];

@@ -20,7 +20,7 @@ import { loadPoseModels, type PoseModels } from './pose/index.js';
 import { InvalidOptionError, ModelLoadError } from './errors.js';
 import { loadImagePrompt, type ImagePrompt, type ImagePromptRunner } from './image-prompt.js';
 import { UnetBatcher } from './unet-batcher.js';
-import { LeaseCache, type Lease } from './lease-cache.js';
+import { LeaseCache } from './lease-cache.js';
 import { OnnxModel, type Device } from './onnx.js';
 import type { DiffusionModel } from './model.js';
 import type { RgbImage } from './vae.js';
@@ -85,17 +85,6 @@ function fileVersion(path: string): string {
   } catch {
     return 'missing';
   }
-}
-
-/**
- * The sessions of the file (or folder) at `path` as it is now: a re-pulled one is loaded afresh
- * and the old sessions freed once no job holds them; a failed load is not kept (a fixed install
- * is picked up by the next request).
- */
-function leaseFile<T>(cache: LeaseCache<T>, path: string, load: () => Promise<T>): Promise<Lease<T>> {
-  const key = `${path}\n${fileVersion(path)}`;
-  void cache.evict((k) => k !== key && k.startsWith(`${path}\n`));
-  return cache.acquire(key, load);
 }
 
 /**
@@ -181,12 +170,16 @@ export class JobEngine {
     (await this.engine.lease(model.dir, { name: model.name })).release();
   }
 
-  /** The pose networks of a job, held until `release()` (at the job's end). */
+  /**
+   * The pose networks of a job, held until `release()` (at the job's end): their files as they are
+   * now (a re-pulled one is loaded afresh, the old sessions freed once no job holds them; a failed
+   * load is not kept, so a fixed install is picked up by the next request).
+   */
   private async poseAssets(paths: NonNullable<EngineJob['pose']>): Promise<{ assets: PoseAssets; release(): void }> {
     const options = { device: this.device };
     const [controlNet, pose] = await Promise.allSettled([
-      leaseFile(this.controlNets, paths.controlNet, () => OnnxModel.load(paths.controlNet, dirname(paths.controlNet), options)),
-      leaseFile(this.poseNets, paths.dwpose, () => loadPoseModels(paths.dwpose, paths.dwpose, options)),
+      this.controlNets.acquireCurrent(paths.controlNet, fileVersion(paths.controlNet), () => OnnxModel.load(paths.controlNet, dirname(paths.controlNet), options)),
+      this.poseNets.acquireCurrent(paths.dwpose, fileVersion(paths.dwpose), () => loadPoseModels(paths.dwpose, paths.dwpose, options)),
     ]);
     if (controlNet.status === 'rejected' || pose.status === 'rejected') {
       for (const r of [controlNet, pose]) if (r.status === 'fulfilled') r.value.release();
