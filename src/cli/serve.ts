@@ -10,6 +10,7 @@ import { defaultModelName, locateModel, REFERENCE_DEFAULT_MODEL } from '../catal
 import { MODEL_NAME, OPENAI_IMAGE_MODELS } from '../catalog/catalog.js';
 import type { Device } from '../engine/onnx.js';
 import { createServer } from '../server/app.js';
+import { describeDuration } from '../runner/pool.js';
 import { fileModelFolder, isWeightsFilePath } from '../graphs/checkpoint.js';
 import { MAX_IMAGES, N_MEANINGS, type NMeaning } from '../server/params.js';
 import { describeRedis, parseRedisUrl } from '../queue/redis-url.js';
@@ -66,7 +67,7 @@ function parseMaxBatch(value: string): number {
   return n;
 }
 
-function parsePositiveCount(value: string): number {
+export function parsePositiveCount(value: string): number {
   if (!/^\s*\d+\s*$/.test(value) || Number(value) < 1) throw new InvalidArgumentError('expected a positive integer');
   return Number(value);
 }
@@ -102,7 +103,7 @@ export function collectCorsOrigin(value: string, previous: string[] = []): strin
   return [...previous, value];
 }
 
-function collect(value: string, previous: string[] = []): string[] {
+export function collect(value: string, previous: string[] = []): string[] {
   return [...previous, value];
 }
 
@@ -251,7 +252,7 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
 export function modelMemoryLine(maxModels: number | undefined, unloadAfterMs: number | undefined): string {
   const parts = [
     maxModels !== undefined ? `at most ${maxModels} model(s) loaded per worker` : '',
-    unloadAfterMs !== undefined ? `models unused for ${unloadAfterMs % 60_000 === 0 ? `${unloadAfterMs / 60_000} min` : `${Math.round(unloadAfterMs / 1000)} s`} unloaded` : '',
+    unloadAfterMs !== undefined ? `models unused for ${describeDuration(unloadAfterMs)} unloaded` : '',
   ].filter(Boolean);
   return parts.length ? `kiln: ${parts.join('; ')}\n` : '';
 }

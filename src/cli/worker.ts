@@ -9,7 +9,7 @@ import { kilnHome, maxModels as maxModelsFromEnv, modelSearchDirs } from '../cat
 import type { Device } from '../engine/onnx.js';
 import { createModelCatalog } from '../catalog/catalog.js';
 import { describeRedis, parseRedisUrl } from '../queue/redis-url.js';
-import { modelMemoryLine, parseDuration } from './serve.js';
+import { collect, modelMemoryLine, parseDuration, parsePositiveCount } from './serve.js';
 import { checkStoreUrl, createStore } from '../store/index.js';
 
 export interface WorkerFlags {
@@ -29,10 +29,6 @@ export interface WorkerFlags {
   preload: string[];
 }
 
-function parseCount(value: string): number {
-  if (!/^\s*\d+\s*$/.test(value) || Number(value) < 1) throw new InvalidArgumentError('expected a positive integer');
-  return Number(value);
-}
 
 function parseQueue(value: string): string {
   try {
@@ -120,16 +116,16 @@ export function registerWorkerCommand(program: Command): void {
     .requiredOption('--queue <redis-url>', 'the queue: redis://HOST:PORT[/DB] (the same as kiln serve --queue)', parseQueue)
     .option('--home <dir>', "Kiln's home folder: the models this worker serves (default $KILN_HOME or ~/.local/share/kiln)")
     .addOption(new Option('--device <device>', 'execution provider').choices(['cpu', 'cuda']).default('cpu'))
-    .option('--workers <n>', 'inference threads', parseCount, 1)
-    .option('--max-batch <n>', 'jobs each thread runs at once, their denoising steps batched (as kiln serve --max-batch)', parseCount, 1)
-    .option('--max-models <n>', 'models each thread keeps loaded, the least recently used idle one unloaded first (as kiln serve --max-models)', parseCount)
+    .option('--workers <n>', 'inference threads', parsePositiveCount, 1)
+    .option('--max-batch <n>', 'jobs each thread runs at once, their denoising steps batched (as kiln serve --max-batch)', parsePositiveCount, 1)
+    .option('--max-models <n>', 'models each thread keeps loaded, the least recently used idle one unloaded first (as kiln serve --max-models)', parsePositiveCount)
     .addOption(new Option('--unload-after <duration>', 'unload a model no job has used for this long (default: never)').argParser(parseDuration))
     .addOption(new Option('--lock-duration <duration>', "a job's lock, renewed every half of it while it runs; a dead worker's job is run again after it").argParser(parseDuration).default(60_000, '60s'))
     .addOption(new Option('--stalled-interval <duration>', 'how often jobs whose worker died are looked for').argParser(parseDuration).default(30_000, '30s'))
     .addOption(new Option('--heartbeat <duration>', 'how often this worker announces itself and its models (it counts as gone after three)').argParser(parseDuration).default(5_000, '5s'))
     .addOption(new Option('--shutdown-timeout <duration>', 'on SIGTERM/SIGINT, how long running jobs may take to finish here; then they stop at their next step and go back to the queue for another worker (a second signal: at once)').argParser(parseDuration).default(30_000, '30s'))
     .addOption(new Option('--log-level <level>', 'log level').choices(['error', 'warn', 'info', 'silent']).default('info'))
-    .option('--preload <model>', 'load a model (an installed name, one of this home\'s aliases, or a folder) in every inference thread at start; repeatable', (v: string, prev: string[]) => [...prev, v], [] as string[])
+    .option('--preload <model>', 'load a model (an installed name, one of this home\'s aliases, or a folder) in every inference thread at start; repeatable', collect, [] as string[])
     .option('--store <s3://bucket[/prefix]>', 'the bucket of `kiln serve --store s3://...`, where the API hosts keep uploads (AWS_REGION, AWS_ENDPOINT_URL_S3, the AWS credentials chain)', parseStore)
     .action(workerCommand);
 }

@@ -65,6 +65,13 @@ function startWorker(init: WorkerInit): Worker {
   return new Worker(new URL('./thread.js', here), { workerData: init });
 }
 
+/** A duration (--unload-after) as people wrote it: `10 min`, `45 s`, `200 ms`. */
+export function describeDuration(ms: number): string {
+  if (ms >= 60_000 && ms % 60_000 === 0) return `${ms / 60_000} min`;
+  if (ms % 1000 === 0) return `${ms / 1000} s`;
+  return `${ms} ms`;
+}
+
 class WorkerSlot {
   worker!: Worker;
   cancelCell!: Int32Array;
@@ -185,7 +192,7 @@ class WorkerSlot {
   private unloadReason(why: UnloadReason): string {
     const { maxModels, unloadAfterMs } = this.pool.tuning;
     if (why === 'capacity') return `idle; at most ${maxModels} model(s) loaded per inference thread`;
-    if (why === 'idle') return `unused for ${unloadAfterMs! % 1000 === 0 ? `${unloadAfterMs! / 1000} s` : `${unloadAfterMs} ms`}`;
+    if (why === 'idle') return `unused for ${describeDuration(unloadAfterMs!)}`;
     return 'its folder was replaced';
   }
 
