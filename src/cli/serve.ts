@@ -165,6 +165,8 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
       ? fileModelFolder(flags.defaultModel, join(home, 'cache'))
       : flags.defaultModel;
   if (flags.s3PresignedUrls && !flags.store) throw new Error('--s3-presigned-urls needs --store s3://BUCKET[/PREFIX]');
+  // Resolved once here, for the inference threads and the banner alike.
+  const maxModels = flags.maxModels ?? maxModelsFromEnv();
   if (flags.maxRequestsPerKey !== undefined && apiKeys.length === 0) throw new Error('--max-requests-per-key needs API keys (--api-key or KILN_API_KEYS): it counts requests per key');
   // The server's logger exists once it is made; the store's sweeper reports through it.
   let storeLog: (err: unknown) => void = () => {};
@@ -193,7 +195,7 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
     maxQueue: flags.maxQueue,
     workers: flags.workers,
     maxBatch: flags.maxBatch,
-    maxModels: flags.maxModels,
+    maxModels,
     unloadAfterMs: flags.unloadAfter,
     requestTimeoutMs: flags.timeout,
     shutdownTimeoutMs: flags.shutdownTimeout,
@@ -241,7 +243,7 @@ export async function serveCommand(flags: ServeFlags): Promise<void> {
       (flags.corsOrigin?.includes('*') && apiKeys.length === 0
         ? 'kiln: warning: --cors-origin * without an API key: any web page a visitor of this network opens may generate images here\n'
         : '') +
-      modelMemoryLine(flags.queue ? undefined : (flags.maxModels ?? maxModelsFromEnv()), flags.queue ? undefined : flags.unloadAfter) +
+      modelMemoryLine(flags.queue ? undefined : maxModels, flags.queue ? undefined : flags.unloadAfter) +
       (flags.queue && (flags.maxModels !== undefined || flags.unloadAfter !== undefined)
         ? 'kiln: warning: --max-models and --unload-after bound the models of inference threads; scaled out, pass them to `kiln worker`\n'
         : ''),

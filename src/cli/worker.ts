@@ -63,6 +63,8 @@ export async function workerCommand(flags: WorkerFlags): Promise<void> {
   const { startQueueWorker } = await import('../runner/worker.js');
   // The bucket the API hosts keep uploads in (--store s3:// on both); its sweeping is left to them.
   const bucket = flags.store ? createStore(flags.store, { ttlMs: 3_600_000, sweep: false }) : undefined;
+  // Resolved once here, for the inference threads and the banner alike.
+  const maxModels = flags.maxModels ?? maxModelsFromEnv();
   const worker = await startQueueWorker({
     inputs: bucket,
     redis: target,
@@ -70,7 +72,7 @@ export async function workerCommand(flags: WorkerFlags): Promise<void> {
     device: flags.device,
     workers: flags.workers,
     maxBatch: flags.maxBatch,
-    maxModels: flags.maxModels,
+    maxModels,
     unloadAfterMs: flags.unloadAfter,
     lockDurationMs: flags.lockDuration,
     stalledIntervalMs: flags.stalledInterval,
@@ -81,7 +83,7 @@ export async function workerCommand(flags: WorkerFlags): Promise<void> {
   process.stderr.write(
     `kiln worker: ${worker.id} takes jobs from ${describeRedis(target)} with ${flags.workers} inference thread(s) on ${flags.device}; ` +
       `serves ${catalog.installed().map((m) => m.id).join(', ') || 'no installed model'} (Ctrl-C to stop)\n` +
-      modelMemoryLine(flags.maxModels ?? maxModelsFromEnv(), flags.unloadAfter).replace(/^kiln:/, 'kiln worker:'),
+      modelMemoryLine(maxModels, flags.unloadAfter).replace(/^kiln:/, 'kiln worker:'),
   );
   // First signal: finish what runs (up to --shutdown-timeout), give the rest back to the queue, exit 0.
   // Second: give running jobs back now (at their next step). Third: exit at once; the jobs' locks
